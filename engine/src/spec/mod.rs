@@ -1,0 +1,731 @@
+//! Pipeline specs: YAML text -> validated [`Pipeline`].
+//!
+//! Parsing collects *every* problem before any compute: syntax (with serde_yaml's position),
+//! duplicate keys, unknown top-level or stage fields, unknown kinds, inputs that name an unknown
+//! stage or slot, missing required inputs, cycles (naming every stage on the cycle) and, through
+//! each kind's typed params, unknown / mistyped / out-of-range params. Each error carries the
+//! file, the line and column (from [`locate::Locator`]), the YAML path and what was expected.
+//!
+//! Params of one stage are layered, later wins: `defaults.<kind>` < `params` < a variant <
+//! a sweep point < `--set`. Each point of a stage's own grid (variants x sweep) is normalized
+//! here once; fan-out over upstream variants happens in [`crate::graph`].
+
+pub mod locate;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+
+use petgraph::graph::DiGraph;
+use serde::Deserialize;
+use serde_json::{Map, Value};
+
+use crate::error::{Error, ParamError, SpecError, SpecErrors};
+use crate::registry::Registry;
+use crate::stage::Slots;
+use crate::value::{label, parse_scalar, yaml_to_json};
+use locate::Locator;
+
+/// One axis of a stage's own grid.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Axis {
+    /// Stage that declares it.
+    pub stage: String,
+    /// Param name, or `None` for the stage's `variants:`.
+    pub param: Option<String>,
+}
+
+/// One coordinate: an axis and the label of its value (`m` = `3`, or the variant name).
+pub type Coord = (Axis, String);
+
+/// A point of a stage's own grid, with its normalized params.
+#[derive(Clone, Debug)]
+pub struct GridPoint {
+    /// Coordinates along the stage's own axes.
+    pub coords: Vec<Coord>,
+    /// Params after layering and the kind's normalization: what is keyed.
+    pub params: Value,
+}
+
+/// One source feeding an input slot.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Source {
+    /// Upstream stage id.
+    pub stage: String,
+    /// `stage[*]`: gather all its variants instead of fanning out with them.
+    pub gather: bool,
+}
+
+/// A validated stage.
+#[derive(Clone, Debug)]
+pub struct StageSpec {
+    /// Stage id (the key under `stages:`).
+    pub id: String,
+    /// Kind name.
+    pub kind: String,
+    /// Slot -> sources, in the order written.
+    pub inputs: Vec<(String, Vec<Source>)>,
+    /// The stage's own grid (one point when it has no sweep or variants).
+    pub grid: Vec<GridPoint>,
+}
+
+/// A validated pipeline.
+#[derive(Clone, Debug)]
+pub struct Pipeline {
+    /// `name:` or the file stem.
+    pub name: String,
+    /// The pipeline file.
+    pub file: PathBuf,
+    /// Its folder (working directory of shell stages, base of relative paths).
+    pub dir: PathBuf,
+    /// Stages in topological order (ties in file order).
+    pub stages: Vec<StageSpec>,
+}
+
+/// Command-line overrides: `--set stage.param=value` and `--sweep stage.param=v1,v2`.
+#[derive(Clone, Debug, Default)]
+pub struct Overrides {
+    /// (stage, param, value).
+    pub set: Vec<(String, String, Value)>,
+    /// (stage, param, values).
+    pub sweep: Vec<(String, String, Vec<Value>)>,
+}
+
+fn split_assignment(text: &str, flag: &str) -> Result<(String, String, String), Error> {
+    let (lhs, rhs) = text
+        .split_once('=')
+        .ok_or_else(|| Error::Usage(format!("{flag} {text}: expected STAGE.PARAM=VALUE")))?;
+    let (stage, param) = lhs
+        .split_once('.')
+        .ok_or_else(|| Error::Usage(format!("{flag} {text}: expected STAGE.PARAM=VALUE")))?;
+    if stage.is_empty() || param.is_empty() {
+        return Err(Error::Usage(format!("{flag} {text}: expected STAGE.PARAM=VALUE")));
+    }
+    Ok((stage.to_string(), param.to_string(), rhs.to_string()))
+}
+
+impl Overrides {
+    /// Adds a `--set stage.param=value` (value parsed as a YAML scalar).
+    ///
+    /// # Errors
+    /// A malformed assignment.
+    pub fn add_set(&mut self, text: &str) -> Result<(), Error> {
+        let (stage, param, v) = split_assignment(text, "--set")?;
+        let v = parse_scalar(&v).map_err(|e| Error::Usage(format!("--set {text}: {e}")))?;
+        self.set.push((stage, param, v));
+        Ok(())
+    }
+    /// Adds a `--sweep stage.param=v1,v2,v3`.
+    ///
+    /// # Errors
+    /// A malformed assignment or an empty list.
+    pub fn add_sweep(&mut self, text: &str) -> Result<(), Error> {
+        let (stage, param, v) = split_assignment(text, "--sweep")?;
+        let mut values = Vec::new();
+        for item in v.split(',') {
+            if item.trim().is_empty() {
+                return Err(Error::Usage(format!("--sweep {text}: empty value in the list")));
+            }
+            values.push(parse_scalar(item.trim()).map_err(|e| Error::Usage(format!("--sweep {text}: {e}")))?);
+        }
+        self.sweep.push((stage, param, values));
+        Ok(())
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawStage {
+    kind: String,
+    #[serde(default)]
+    inputs: serde_yaml::Mapping,
+    #[serde(default)]
+    params: serde_yaml::Mapping,
+    #[serde(default)]
+    sweep: serde_yaml::Mapping,
+    #[serde(default)]
+    variants: serde_yaml::Mapping,
+    #[serde(default)]
+    #[allow(dead_code)]
+    description: Option<String>,
+}
+
+struct Ctx<'a> {
+    file: &'a Path,
+    loc: Locator,
+    errors: Vec<SpecError>,
+}
+
+impl Ctx<'_> {
+    fn err(&mut self, path: impl Into<String>, message: impl Into<String>) {
+        let path = path.into();
+        let pos = self.loc.locate(&path);
+        self.errors.push(SpecError {
+            file: self.file.to_path_buf(),
+            line: pos.map(|p| p.0),
+            col: pos.map(|p| p.1),
+            path,
+            message: message.into(),
+        });
+    }
+}
+
+/// True for ids and slot names we accept: letters, digits, `_` and `-`, not starting with `-`.
+fn valid_name(s: &str) -> bool {
+    !s.is_empty()
+        && !s.starts_with('-')
+        && s.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+}
+
+fn parse_source(text: &str) -> Option<Source> {
+    let (stage, gather) = match text.strip_suffix("[*]") {
+        Some(s) => (s, true),
+        None => (text, false),
+    };
+    valid_name(stage).then(|| Source { stage: stage.to_string(), gather })
+}
+
+/// A param layer: values and the YAML path they came from.
+struct Layer {
+    values: Map<String, Value>,
+    origin: String,
+}
+
+/// Reads and validates a pipeline file.
+///
+/// # Errors
+/// [`Error::Io`] when unreadable, [`Error::Spec`] with every problem found.
+pub fn load(file: &Path, registry: &Registry, overrides: &Overrides) -> Result<Pipeline, Error> {
+    let text = std::fs::read_to_string(file).map_err(|source| Error::Io { path: file.to_path_buf(), source })?;
+    parse(&text, file, registry, overrides).map_err(Error::Spec)
+}
+
+fn yaml_map(ctx: &mut Ctx<'_>, v: &serde_yaml::Mapping, path: &str) -> Map<String, Value> {
+    let mut out = Map::new();
+    for (k, item) in v {
+        let Some(k) = k.as_str() else {
+            ctx.err(path, "expected string keys");
+            continue;
+        };
+        let p = format!("{path}.{k}");
+        match yaml_to_json(item) {
+            Ok(j) => {
+                out.insert(k.to_string(), j);
+            }
+            Err((sub, m)) => ctx.err(if sub.is_empty() { p } else { format!("{p}.{sub}") }, m),
+        }
+    }
+    out
+}
+
+/// Parses and validates pipeline text (`file` names it in errors and anchors relative paths).
+///
+/// # Errors
+/// Every problem found, sorted by position.
+pub fn parse(text: &str, file: &Path, registry: &Registry, overrides: &Overrides) -> Result<Pipeline, SpecErrors> {
+    let mut ctx = Ctx { file, loc: Locator::new(text), errors: Vec::new() };
+    let result = parse_inner(text, file, registry, overrides, &mut ctx);
+    let mut errors = ctx.errors;
+    errors.sort();
+    errors.dedup();
+    match result {
+        Some(p) if errors.is_empty() => Ok(p),
+        _ => {
+            if errors.is_empty() {
+                errors.push(SpecError {
+                    file: file.to_path_buf(),
+                    line: None,
+                    col: None,
+                    path: String::new(),
+                    message: "invalid pipeline".into(),
+                });
+            }
+            Err(SpecErrors(errors))
+        }
+    }
+}
+
+fn parse_inner(
+    text: &str,
+    file: &Path,
+    registry: &Registry,
+    overrides: &Overrides,
+    ctx: &mut Ctx<'_>,
+) -> Option<Pipeline> {
+    let mut doc: serde_yaml::Value = match serde_yaml::from_str(text) {
+        Ok(v) => v,
+        Err(e) => {
+            if !ctx.loc.duplicates.is_empty() {
+                for d in std::mem::take(&mut ctx.loc.duplicates) {
+                    let (line, col) = d.at;
+                    ctx.errors.push(SpecError {
+                        file: file.to_path_buf(),
+                        line: Some(line),
+                        col: Some(col),
+                        path: d.path.clone(),
+                        message: format!("duplicate key (first defined at line {})", d.first.0),
+                    });
+                }
+            } else {
+                let loc = e.location();
+                let msg = e.to_string();
+                // serde_yaml appends " at line L column C"; the position is printed separately.
+                let msg = msg.split(" at line ").next().unwrap_or(&msg).to_string();
+                ctx.errors.push(SpecError {
+                    file: file.to_path_buf(),
+                    line: loc.as_ref().map(|l| l.line()),
+                    col: loc.as_ref().map(|l| l.column()),
+                    path: String::new(),
+                    message: format!("invalid YAML: {msg}"),
+                });
+            }
+            return None;
+        }
+    };
+    if let Err(e) = doc.apply_merge() {
+        ctx.err("", format!("invalid merge key (`<<`): {e}"));
+        return None;
+    }
+    let Some(top) = doc.as_mapping() else {
+        ctx.err("", "expected a mapping with `stages:` (and optionally `name:`, `defaults:`)");
+        return None;
+    };
+
+    let mut name = None;
+    let mut defaults_raw = None;
+    let mut stages_raw = None;
+    for (k, v) in top {
+        match k.as_str() {
+            Some("name") => match v.as_str() {
+                Some(s) => name = Some(s.to_string()),
+                None => ctx.err("name", "expected a string"),
+            },
+            Some("defaults") => match v.as_mapping() {
+                Some(m) => defaults_raw = Some(m),
+                None if v.is_null() => {}
+                None => ctx.err("defaults", "expected a mapping of kind -> params"),
+            },
+            Some("stages") => match v.as_mapping() {
+                Some(m) => stages_raw = Some(m),
+                None => ctx.err("stages", "expected a mapping of stage id -> stage"),
+            },
+            Some(other) => ctx.err(other, format!("unknown field `{other}`, expected one of `name`, `defaults`, `stages`")),
+            None => ctx.err("", "expected string keys at the top level"),
+        }
+    }
+    let Some(stages_raw) = stages_raw else {
+        if ctx.errors.is_empty() {
+            ctx.err("", "missing field `stages`");
+        }
+        return None;
+    };
+    if stages_raw.is_empty() {
+        ctx.err("stages", "expected at least one stage");
+    }
+
+    // defaults: kind -> params
+    let mut defaults: BTreeMap<String, Map<String, Value>> = BTreeMap::new();
+    for (k, v) in defaults_raw.into_iter().flatten() {
+        let Some(kind) = k.as_str() else {
+            ctx.err("defaults", "expected string keys (stage kinds)");
+            continue;
+        };
+        let path = format!("defaults.{kind}");
+        if registry.get(kind).is_none() {
+            ctx.err(&path, format!("unknown stage kind `{kind}` (known: {})", registry.names().join(", ")));
+            continue;
+        }
+        match v.as_mapping() {
+            Some(m) => {
+                let m = yaml_map(ctx, m, &path);
+                defaults.insert(kind.to_string(), m);
+            }
+            None => ctx.err(&path, "expected a mapping of params"),
+        }
+    }
+
+    // stages, structurally
+    struct Parsed {
+        id: String,
+        kind: String,
+        inputs: Vec<(String, Vec<Source>)>,
+        params: Map<String, Value>,
+        variants: Vec<(String, Map<String, Value>)>,
+        sweep: Vec<(String, Vec<Value>)>,
+        kind_ok: bool,
+    }
+    let mut parsed: Vec<Parsed> = Vec::new();
+    let mut ids = BTreeSet::new();
+    for (k, v) in stages_raw {
+        let Some(id) = k.as_str() else {
+            ctx.err("stages", "expected string stage ids");
+            continue;
+        };
+        let path = format!("stages.{id}");
+        if !valid_name(id) {
+            ctx.err(&path, format!("invalid stage id `{id}`: use letters, digits, `_` and `-` only"));
+            continue;
+        }
+        ids.insert(id.to_string());
+        let raw: RawStage = match serde_path_to_error::deserialize(v.clone()) {
+            Ok(r) => r,
+            Err(e) => {
+                let sub = e.path().to_string();
+                let p = if sub == "." { path.clone() } else { format!("{path}.{sub}") };
+                ctx.err(p, e.into_inner().to_string());
+                continue;
+            }
+        };
+        let kind_ok = registry.get(&raw.kind).is_some();
+        if !kind_ok {
+            ctx.err(
+                format!("{path}.kind"),
+                format!("unknown stage kind `{}` (known: {})", raw.kind, registry.names().join(", ")),
+            );
+        }
+        let mut inputs = Vec::new();
+        for (slot, src) in &raw.inputs {
+            let Some(slot) = slot.as_str() else {
+                ctx.err(format!("{path}.inputs"), "expected string slot names");
+                continue;
+            };
+            let ipath = format!("{path}.inputs.{slot}");
+            if !valid_name(slot) || slot.contains('-') {
+                ctx.err(&ipath, format!("invalid slot name `{slot}`: use letters, digits and `_`"));
+                continue;
+            }
+            let texts: Vec<Option<&str>> = match src {
+                serde_yaml::Value::String(s) => vec![Some(s.as_str())],
+                serde_yaml::Value::Sequence(seq) if !seq.is_empty() => seq.iter().map(|x| x.as_str()).collect(),
+                _ => vec![None],
+            };
+            let mut sources = Vec::new();
+            for t in texts {
+                match t.and_then(parse_source) {
+                    Some(s) => sources.push(s),
+                    None => ctx.err(&ipath, "expected a stage id, `stage[*]`, or a list of them"),
+                }
+            }
+            inputs.push((slot.to_string(), sources));
+        }
+        let params = yaml_map(ctx, &raw.params, &format!("{path}.params"));
+        let mut variants = Vec::new();
+        for (vname, vparams) in &raw.variants {
+            let Some(vname) = vname.as_str() else {
+                ctx.err(format!("{path}.variants"), "expected string variant names");
+                continue;
+            };
+            let vpath = format!("{path}.variants.{vname}");
+            if !valid_name(vname) {
+                ctx.err(&vpath, format!("invalid variant name `{vname}`: use letters, digits, `_` and `-`"));
+                continue;
+            }
+            match vparams {
+                serde_yaml::Value::Mapping(m) => variants.push((vname.to_string(), yaml_map(ctx, m, &vpath))),
+                serde_yaml::Value::Null => variants.push((vname.to_string(), Map::new())),
+                _ => ctx.err(&vpath, "expected a mapping of params"),
+            }
+        }
+        let mut sweep = Vec::new();
+        for (param, values) in &raw.sweep {
+            let Some(param) = param.as_str() else {
+                ctx.err(format!("{path}.sweep"), "expected string param names");
+                continue;
+            };
+            let spath = format!("{path}.sweep.{param}");
+            match values {
+                serde_yaml::Value::Sequence(seq) if !seq.is_empty() => {
+                    let mut vals = Vec::new();
+                    for (i, item) in seq.iter().enumerate() {
+                        match yaml_to_json(item) {
+                            Ok(j) => vals.push(j),
+                            Err((_, m)) => ctx.err(format!("{spath}[{i}]"), m),
+                        }
+                    }
+                    sweep.push((param.to_string(), vals));
+                }
+                _ => ctx.err(&spath, "expected a non-empty list of values"),
+            }
+        }
+        parsed.push(Parsed { id: id.to_string(), kind: raw.kind, inputs, params, variants, sweep, kind_ok });
+    }
+    for d in std::mem::take(&mut ctx.loc.duplicates) {
+        let (line, col) = d.at;
+        ctx.errors.push(SpecError {
+            file: file.to_path_buf(),
+            line: Some(line),
+            col: Some(col),
+            path: d.path.clone(),
+            message: format!("duplicate key (first defined at line {})", d.first.0),
+        });
+    }
+
+    // overrides name existing stages
+    let mut forced: BTreeMap<String, Map<String, Value>> = BTreeMap::new();
+    for (stage, param, v) in &overrides.set {
+        match parsed.iter_mut().find(|p| &p.id == stage) {
+            Some(p) => {
+                p.sweep.retain(|(q, _)| q != param);
+                forced.entry(stage.clone()).or_default().insert(param.clone(), v.clone());
+            }
+            None => ctx.err(format!("--set {stage}.{param}"), format!("no stage `{stage}` in this pipeline")),
+        }
+    }
+    for (stage, param, values) in &overrides.sweep {
+        match parsed.iter_mut().find(|p| &p.id == stage) {
+            Some(p) => {
+                if let Some(f) = forced.get_mut(stage) {
+                    f.remove(param);
+                }
+                match p.sweep.iter_mut().find(|(q, _)| q == param) {
+                    Some((_, vals)) => *vals = values.clone(),
+                    None => p.sweep.push((param.clone(), values.clone())),
+                }
+            }
+            None => ctx.err(format!("--sweep {stage}.{param}"), format!("no stage `{stage}` in this pipeline")),
+        }
+    }
+
+    // inputs: known stages, known slots, required slots present
+    for p in &parsed {
+        let path = format!("stages.{}", p.id);
+        for (slot, sources) in &p.inputs {
+            for s in sources {
+                if !ids.contains(&s.stage) {
+                    ctx.err(format!("{path}.inputs.{slot}"), format!("input names unknown stage `{}`", s.stage));
+                }
+            }
+        }
+        let Some(kind) = registry.get(&p.kind) else { continue };
+        if let Slots::Fixed(slots) = kind.inputs() {
+            for (slot, sources) in &p.inputs {
+                match slots.iter().find(|s| s.name == slot) {
+                    None => ctx.err(
+                        format!("{path}.inputs.{slot}"),
+                        format!(
+                            "kind `{}` has no input `{slot}` (expected: {})",
+                            p.kind,
+                            slots.iter().map(|s| s.name).collect::<Vec<_>>().join(", ")
+                        ),
+                    ),
+                    Some(s) if !s.many && (sources.len() > 1 || sources.iter().any(|x| x.gather)) => ctx.err(
+                        format!("{path}.inputs.{slot}"),
+                        format!("input `{slot}` of kind `{}` takes one artifact, not a list or `[*]`", p.kind),
+                    ),
+                    Some(_) => {}
+                }
+            }
+            for s in slots.iter().filter(|s| s.required) {
+                if !p.inputs.iter().any(|(slot, _)| slot == s.name) {
+                    ctx.err(format!("{path}.inputs"), format!("missing input `{}` (kind `{}` needs it)", s.name, p.kind));
+                }
+            }
+        }
+    }
+
+    // cycles, and the topological order
+    let mut g: DiGraph<usize, ()> = DiGraph::new();
+    let nodes: Vec<_> = (0..parsed.len()).map(|i| g.add_node(i)).collect();
+    let index: BTreeMap<&str, usize> = parsed.iter().enumerate().map(|(i, p)| (p.id.as_str(), i)).collect();
+    for (i, p) in parsed.iter().enumerate() {
+        for (_, sources) in &p.inputs {
+            for s in sources {
+                if let Some(&j) = index.get(s.stage.as_str()) {
+                    g.update_edge(nodes[j], nodes[i], ());
+                }
+            }
+        }
+    }
+    for scc in petgraph::algo::tarjan_scc(&g) {
+        let self_loop = scc.len() == 1 && g.contains_edge(scc[0], scc[0]);
+        if scc.len() < 2 && !self_loop {
+            continue;
+        }
+        let members: BTreeSet<usize> = scc.iter().map(|n| g[*n]).collect();
+        let cycle = find_cycle(&parsed.iter().map(|p| deps(&p.inputs, &index)).collect::<Vec<_>>(), &members);
+        let names: Vec<&str> = cycle.iter().map(|&i| parsed[i].id.as_str()).collect();
+        let first = names.first().copied().unwrap_or_default();
+        ctx.err(
+            format!("stages.{first}.inputs"),
+            format!("the stages form a cycle: {} -> {first}", names.join(" -> ")),
+        );
+    }
+    // stages on a cycle have no place in the order (their params go unchecked; the cycle is
+    // already an error)
+    let order = topo_order(&parsed.iter().map(|p| deps(&p.inputs, &index)).collect::<Vec<_>>());
+
+    // params: every point of each stage's own grid is normalized by its kind
+    let mut stages = Vec::new();
+    for &i in &order {
+        let p = &parsed[i];
+        if !p.kind_ok {
+            continue;
+        }
+        let Some(kind) = registry.get(&p.kind) else { continue };
+        let spath = format!("stages.{}", p.id);
+        let mut base = Vec::new();
+        if let Some(d) = defaults.get(&p.kind) {
+            base.push(Layer { values: d.clone(), origin: format!("defaults.{}", p.kind) });
+        }
+        base.push(Layer { values: p.params.clone(), origin: format!("{spath}.params") });
+        let variant_layers: Vec<Option<(String, Layer)>> = if p.variants.is_empty() {
+            vec![None]
+        } else {
+            p.variants
+                .iter()
+                .map(|(n, m)| Some((n.clone(), Layer { values: m.clone(), origin: format!("{spath}.variants.{n}") })))
+                .collect()
+        };
+        let mut grid = Vec::new();
+        let mut seen_errors = BTreeSet::new();
+        for variant in &variant_layers {
+            for point in cartesian(&p.sweep) {
+                let mut coords = Vec::new();
+                let mut layers: Vec<&Layer> = base.iter().collect();
+                if let Some((n, l)) = variant {
+                    coords.push((Axis { stage: p.id.clone(), param: None }, n.clone()));
+                    layers.push(l);
+                }
+                let mut sweep_layer = Layer { values: Map::new(), origin: format!("{spath}.sweep") };
+                for (param, v) in &point {
+                    coords.push((Axis { stage: p.id.clone(), param: Some(param.clone()) }, label(v)));
+                    sweep_layer.values.insert(param.clone(), v.clone());
+                }
+                let forced_layer =
+                    forced.get(&p.id).map(|m| Layer { values: m.clone(), origin: format!("--set {}", p.id) });
+                layers.push(&sweep_layer);
+                if let Some(f) = &forced_layer {
+                    layers.push(f);
+                }
+                let mut merged = Map::new();
+                let mut origin: BTreeMap<String, String> = BTreeMap::new();
+                for l in &layers {
+                    for (k, v) in &l.values {
+                        merged.insert(k.clone(), v.clone());
+                        origin.insert(k.clone(), l.origin.clone());
+                    }
+                }
+                match kind.normalize(Value::Object(merged)) {
+                    Ok(params) => grid.push(GridPoint { coords, params }),
+                    Err(errs) => {
+                        for ParamError { path, message } in errs {
+                            let head = path.split(['.', '[']).next().unwrap_or_default().to_string();
+                            let field = if head.is_empty() { unknown_field(&message) } else { Some(head.clone()) };
+                            let at = match field.as_ref().and_then(|f| origin.get(f).map(|o| (f, o))) {
+                                Some((f, o)) if o.ends_with(".sweep") || o.starts_with("--set") => {
+                                    format!("{o}.{f}{}", &path[head.len().min(path.len())..])
+                                }
+                                Some((_, o)) if !head.is_empty() => format!("{o}.{path}"),
+                                Some((f, o)) => format!("{o}.{f}"),
+                                None if path.is_empty() => format!("{spath}.params"),
+                                None => format!("{spath}.params.{path}"),
+                            };
+                            if seen_errors.insert((at.clone(), message.clone())) {
+                                ctx.err(at, message);
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        stages.push(StageSpec { id: p.id.clone(), kind: p.kind.clone(), inputs: p.inputs.clone(), grid });
+    }
+
+    if !ctx.errors.is_empty() {
+        return None;
+    }
+    let name = name.unwrap_or_else(|| file.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default());
+    let dir = file.parent().map(Path::to_path_buf).unwrap_or_default();
+    let dir = if dir.as_os_str().is_empty() { PathBuf::from(".") } else { dir };
+    Some(Pipeline { name, file: file.to_path_buf(), dir, stages })
+}
+
+/// `unknown field `x`, expected ...` -> `x` (serde reports unknown fields at the parent path).
+fn unknown_field(message: &str) -> Option<String> {
+    let rest = message.strip_prefix("unknown field `")?;
+    rest.split('`').next().map(str::to_string)
+}
+
+fn deps(inputs: &[(String, Vec<Source>)], index: &BTreeMap<&str, usize>) -> Vec<usize> {
+    let mut d: Vec<usize> =
+        inputs.iter().flat_map(|(_, s)| s.iter()).filter_map(|s| index.get(s.stage.as_str()).copied()).collect();
+    d.sort_unstable();
+    d.dedup();
+    d
+}
+
+/// The cartesian product of sweep axes, in the order written (last axis fastest).
+fn cartesian(axes: &[(String, Vec<Value>)]) -> Vec<Vec<(String, Value)>> {
+    let mut out: Vec<Vec<(String, Value)>> = vec![Vec::new()];
+    for (param, values) in axes {
+        let mut next = Vec::with_capacity(out.len() * values.len());
+        for prefix in &out {
+            for v in values {
+                let mut p = prefix.clone();
+                p.push((param.clone(), v.clone()));
+                next.push(p);
+            }
+        }
+        out = next;
+    }
+    out
+}
+
+/// Kahn's algorithm, ties broken by file order; stages on a cycle are left out.
+fn topo_order(deps: &[Vec<usize>]) -> Vec<usize> {
+    let n = deps.len();
+    let mut indeg: Vec<usize> = deps.iter().map(Vec::len).collect();
+    let mut users: Vec<Vec<usize>> = vec![Vec::new(); n];
+    for (i, d) in deps.iter().enumerate() {
+        for &j in d {
+            users[j].push(i);
+        }
+    }
+    let mut ready: BTreeSet<usize> = (0..n).filter(|&i| indeg[i] == 0).collect();
+    let mut order = Vec::with_capacity(n);
+    while let Some(i) = ready.pop_first() {
+        order.push(i);
+        for &u in &users[i] {
+            indeg[u] -= 1;
+            if indeg[u] == 0 {
+                ready.insert(u);
+            }
+        }
+    }
+    order
+}
+
+/// One cycle through the strongly connected `members`, as a list of stages in input order.
+fn find_cycle(deps: &[Vec<usize>], members: &BTreeSet<usize>) -> Vec<usize> {
+    let Some(&start) = members.first() else { return Vec::new() };
+    // walk "is an input of" edges inside the component until we come back to start (BFS for the
+    // shortest cycle through start, so the message is short and complete)
+    let mut users: BTreeMap<usize, Vec<usize>> = BTreeMap::new();
+    for &i in members {
+        for &j in &deps[i] {
+            if members.contains(&j) {
+                users.entry(j).or_default().push(i);
+            }
+        }
+    }
+    let mut prev: BTreeMap<usize, usize> = BTreeMap::new();
+    let mut queue = std::collections::VecDeque::from([start]);
+    while let Some(cur) = queue.pop_front() {
+        for &next in users.get(&cur).map(Vec::as_slice).unwrap_or(&[]) {
+            if next == start {
+                let mut path = vec![cur];
+                let mut c = cur;
+                while c != start {
+                    c = prev[&c];
+                    path.push(c);
+                }
+                path.reverse();
+                return path;
+            }
+            if let std::collections::btree_map::Entry::Vacant(e) = prev.entry(next) {
+                e.insert(cur);
+                queue.push_back(next);
+            }
+        }
+    }
+    vec![start]
+}

@@ -1,0 +1,253 @@
+//! The stage interface: [`StageKind`] (what the engine calls), [`TypedStage`] (what stage
+//! authors implement, with typed params) and [`StageCtx`] (what a running stage sees).
+//!
+//! A stage knows nothing of the DAG: it gets its resolved params, its input artifacts and an
+//! empty staging folder, and fills it. The engine hashes, commits and caches what it wrote.
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::io::Write;
+use std::marker::PhantomData;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use serde_json::Value;
+
+use crate::error::{BoxError, ParamError};
+use crate::key::NodeKey;
+
+/// A committed store entry handed to a stage as an input.
+pub type Artifact = pipe_cache::Entry;
+
+/// One named input slot of a kind.
+#[derive(Clone, Copy, Debug)]
+pub struct Slot {
+    /// Slot name as written under `inputs:`.
+    pub name: &'static str,
+    /// Whether the pipeline must connect it.
+    pub required: bool,
+    /// Whether it takes several artifacts (`stage[*]` or a list).
+    pub many: bool,
+}
+
+/// The input slots a kind accepts.
+#[derive(Clone, Copy, Debug)]
+pub enum Slots {
+    /// Exactly these slots.
+    Fixed(&'static [Slot]),
+    /// Any slot names (the `shell` kind); each may take one or many artifacts.
+    Any,
+}
+
+/// Scheduler resources a node claims while it runs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct Resources {
+    /// Holds one GPU exclusively.
+    pub gpu: bool,
+}
+
+/// A stage kind as the engine sees it. Implement [`TypedStage`] instead and register
+/// `Typed<YourStage>`; this trait is object-safe so the [`Registry`](crate::Registry) can hold any.
+pub trait StageKind: Send + Sync + 'static {
+    /// Kind name as written in `kind:` (`pretrain`).
+    fn name(&self) -> &'static str;
+    /// Implementation version: bump it when the kind's results change, so old entries are not reused.
+    fn version(&self) -> u32;
+    /// Input slots.
+    fn inputs(&self) -> Slots;
+    /// Deserializes params into the kind's typed params (defaults filled, unknown fields
+    /// rejected, ranges checked) and re-serializes them: the resolved params that are keyed.
+    fn normalize(&self, params: Value) -> Result<Value, Vec<ParamError>>;
+    /// Files the stage must have written (checked before commit).
+    fn outputs(&self, params: &Value) -> Vec<String>;
+    /// Resources a node of this kind claims.
+    fn resources(&self, params: &Value) -> Resources;
+    /// Runs the stage with normalized params.
+    fn run(&self, params: &Value, ctx: &mut StageCtx<'_>) -> Result<(), BoxError>;
+}
+
+/// What a stage author implements: typed params with serde defaults and
+/// `deny_unknown_fields`; [`Typed`] adapts it to [`StageKind`].
+pub trait TypedStage: Send + Sync + 'static {
+    /// Kind name.
+    const KIND: &'static str;
+    /// Implementation version (bump when results change).
+    const VERSION: u32;
+    /// Typed params; `Deserialize` fills defaults and rejects unknown fields.
+    type Params: Serialize + DeserializeOwned;
+    /// Input slots.
+    fn inputs() -> Slots;
+    /// Range checks beyond what the types say (`epochs >= 1`).
+    fn check(_params: &Self::Params) -> Vec<ParamError> {
+        Vec::new()
+    }
+    /// Drops or rewrites params that do not change results, before keying.
+    fn canonicalize(params: Self::Params) -> Self::Params {
+        params
+    }
+    /// Files the stage must write.
+    fn outputs(_params: &Self::Params) -> Vec<String> {
+        Vec::new()
+    }
+    /// Resources a node claims.
+    fn resources(_params: &Self::Params) -> Resources {
+        Resources::default()
+    }
+    /// Runs the stage.
+    fn run(params: &Self::Params, ctx: &mut StageCtx<'_>) -> Result<(), BoxError>;
+}
+
+/// Adapter from [`TypedStage`] to [`StageKind`].
+pub struct Typed<T>(PhantomData<fn() -> T>);
+
+impl<T> Default for Typed<T> {
+    fn default() -> Self {
+        Typed(PhantomData)
+    }
+}
+
+fn typed<T: TypedStage>(params: &Value) -> Result<T::Params, BoxError> {
+    serde_json::from_value(params.clone())
+        .map_err(|e| format!("params of kind {} do not deserialize: {e}", T::KIND).into())
+}
+
+impl<T: TypedStage> StageKind for Typed<T> {
+    fn name(&self) -> &'static str {
+        T::KIND
+    }
+    fn version(&self) -> u32 {
+        T::VERSION
+    }
+    fn inputs(&self) -> Slots {
+        T::inputs()
+    }
+    fn normalize(&self, params: Value) -> Result<Value, Vec<ParamError>> {
+        let p: T::Params = serde_path_to_error::deserialize(params).map_err(|e| {
+            let path = e.path().to_string();
+            let path = if path == "." { String::new() } else { path };
+            vec![ParamError::new(path, e.into_inner().to_string())]
+        })?;
+        let errors = T::check(&p);
+        if !errors.is_empty() {
+            return Err(errors);
+        }
+        let p = T::canonicalize(p);
+        serde_json::to_value(&p).map_err(|e| vec![ParamError::new("", format!("params do not serialize: {e}"))])
+    }
+    fn outputs(&self, params: &Value) -> Vec<String> {
+        typed::<T>(params).map(|p| T::outputs(&p)).unwrap_or_default()
+    }
+    fn resources(&self, params: &Value) -> Resources {
+        typed::<T>(params).map(|p| T::resources(&p)).unwrap_or_default()
+    }
+    fn run(&self, params: &Value, ctx: &mut StageCtx<'_>) -> Result<(), BoxError> {
+        let p = typed::<T>(params)?;
+        T::run(&p, ctx)
+    }
+}
+
+/// What a running stage reports to the engine.
+#[derive(Clone, Debug, PartialEq)]
+pub enum StageEvent {
+    /// Progress: `done` of `total` units, with a short message (`loss 1.23`).
+    Progress {
+        /// Units done.
+        done: u64,
+        /// Units in all.
+        total: u64,
+        /// Short status text.
+        message: String,
+    },
+    /// A log line (also written to the node's `log.txt`).
+    Log(String),
+}
+
+/// The name of the log file every entry carries.
+pub const LOG_FILE: &str = "log.txt";
+
+/// Everything a running stage can see and do.
+pub struct StageCtx<'a> {
+    pub(crate) node: &'a str,
+    pub(crate) key: NodeKey,
+    pub(crate) out: &'a Path,
+    pub(crate) scratch: PathBuf,
+    pub(crate) pipeline_dir: &'a Path,
+    pub(crate) inputs: BTreeMap<String, Vec<Artifact>>,
+    pub(crate) cancel: &'a AtomicBool,
+    pub(crate) report: &'a (dyn Fn(StageEvent) + Sync),
+    pub(crate) log: Mutex<File>,
+}
+
+impl<'a> StageCtx<'a> {
+    /// Display id of the node (`pretrain[m=3]`).
+    pub fn node_id(&self) -> &str {
+        self.node
+    }
+    /// Content key of the node.
+    pub fn key(&self) -> &NodeKey {
+        &self.key
+    }
+    /// The staging folder the stage fills (empty at start, but for `log.txt`).
+    pub fn out_dir(&self) -> &Path {
+        self.out
+    }
+    /// Path of an output file inside the staging folder.
+    pub fn out_path(&self, name: &str) -> PathBuf {
+        self.out.join(name)
+    }
+    /// A folder that survives a crash (resume checkpoints); deleted when the node commits.
+    pub fn scratch_dir(&self) -> &Path {
+        &self.scratch
+    }
+    /// The folder of the pipeline file (relative paths in params are relative to it).
+    pub fn pipeline_dir(&self) -> &Path {
+        self.pipeline_dir
+    }
+    /// The single artifact connected to `slot`.
+    ///
+    /// # Errors
+    /// When the slot is unconnected or holds several artifacts.
+    pub fn input(&self, slot: &str) -> Result<&Artifact, BoxError> {
+        match self.inputs.get(slot).map(Vec::as_slice) {
+            Some([one]) => Ok(one),
+            Some([]) | None => Err(format!("input `{slot}` is not connected").into()),
+            Some(many) => Err(format!("input `{slot}` holds {} artifacts, expected one", many.len()).into()),
+        }
+    }
+    /// All artifacts connected to `slot` (empty when unconnected).
+    pub fn inputs(&self, slot: &str) -> &[Artifact] {
+        self.inputs.get(slot).map(Vec::as_slice).unwrap_or(&[])
+    }
+    /// Every connected slot with its artifacts.
+    pub fn all_inputs(&self) -> &BTreeMap<String, Vec<Artifact>> {
+        &self.inputs
+    }
+    /// True once the run is being cancelled (Ctrl-C, or a failure elsewhere without
+    /// `--keep-going`): poll between batches and return early with an error.
+    pub fn is_cancelled(&self) -> bool {
+        self.cancel.load(Ordering::Relaxed)
+    }
+    /// Reports progress to the terminal.
+    pub fn progress(&self, done: u64, total: u64, message: impl Into<String>) {
+        (self.report)(StageEvent::Progress { done, total, message: message.into() });
+    }
+    /// Appends a line to the node's log (kept as `log.txt` in its entry).
+    pub fn log(&self, line: impl Into<String>) {
+        let line = line.into();
+        if let Ok(mut f) = self.log.lock() {
+            let _ = writeln!(f, "{line}");
+        }
+        (self.report)(StageEvent::Log(line));
+    }
+    /// A handle on the log file, for child processes to write into.
+    ///
+    /// # Errors
+    /// When the handle cannot be duplicated.
+    pub fn log_file(&self) -> std::io::Result<File> {
+        let f = self.log.lock().map_err(|_| std::io::Error::other("log lock poisoned"))?;
+        f.try_clone()
+    }
+}
