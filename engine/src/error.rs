@@ -78,12 +78,12 @@ pub enum Error {
     #[error("{0}")]
     Spec(#[from] SpecErrors),
     /// Reading a file failed.
-    #[error("{path}: {source}")]
+    #[error("{path}: {cause}")]
     Io {
         /// The file.
         path: PathBuf,
         /// The cause.
-        source: std::io::Error,
+        cause: std::io::Error,
     },
     /// The store failed.
     #[error(transparent)]

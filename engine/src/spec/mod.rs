@@ -195,7 +195,7 @@ struct Layer {
 /// # Errors
 /// [`Error::Io`] when unreadable, [`Error::Spec`] with every problem found.
 pub fn load(file: &Path, registry: &Registry, overrides: &Overrides) -> Result<Pipeline, Error> {
-    let text = std::fs::read_to_string(file).map_err(|source| Error::Io { path: file.to_path_buf(), source })?;
+    let text = std::fs::read_to_string(file).map_err(|cause| Error::Io { path: file.to_path_buf(), cause })?;
     parse(&text, file, registry, overrides).map_err(Error::Spec)
 }
 

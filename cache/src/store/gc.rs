@@ -1,0 +1,129 @@
+//! `Store::gc`: remove every entry outside a keep-set, plus staging leftovers.
+
+use std::collections::BTreeSet;
+use std::fs::{self, OpenOptions};
+
+use super::Store;
+use crate::error::{IoContext, Result};
+use crate::fsutil::{next_id, remove_file, remove_tree};
+use crate::hash::tree_size;
+use crate::key::Key;
+
+/// What [`Store::gc`] removed (or, for a dry run, would remove).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct GcReport {
+    /// Entries removed, sorted.
+    pub removed: Vec<Key>,
+    /// Number of committed entries kept.
+    pub kept: usize,
+    /// Bytes of regular files freed: removed entries, their scratch dirs and
+    /// `tmp/` leftovers.
+    pub freed_bytes: u64,
+    /// Leftover items removed from `tmp/`.
+    pub tmp_removed: usize,
+}
+
+impl Store {
+    /// Removes every committed entry whose key is not in `keep`.
+    ///
+    /// Takes the exclusive store lock first (a dry run takes it shared, so it
+    /// does not wait for running pipelines); do not call it while this process
+    /// holds a [`StoreLock`](crate::StoreLock) on the same store, or it waits
+    /// for itself. Each removed entry is first renamed out of `entries/` into
+    /// `tmp/` and only then deleted, so a crash never leaves a half entry
+    /// behind. The scratch dir, failed log and unlocked key-lock file of each
+    /// removed key go too, as does everything in `tmp/` whose key lock is not
+    /// currently held. With `dry_run`, nothing is removed and the report says
+    /// what would be.
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::Io`](crate::StoreError::Io) naming the path that could not be removed.
+    pub fn gc(&self, keep: &BTreeSet<Key>, dry_run: bool) -> Result<GcReport> {
+        let _lock = if dry_run {
+            self.lock_shared()?
+        } else {
+            self.lock_exclusive()?
+        };
+        let mut report = GcReport::default();
+        let keys = self.keys()?;
+        for key in keys {
+            if keep.contains(&key) {
+                report.kept += 1;
+                continue;
+            }
+            let dir = self.entry_dir(&key);
+            let scratch = self.scratch_path(&key);
+            report.freed_bytes += tree_size(&dir) + tree_size(&scratch);
+            report.removed.push(key);
+            if dry_run {
+                continue;
+            }
+            let doomed = self.root.join("tmp").join(format!(
+                "gc-{}.{}.{}",
+                key.hex(),
+                std::process::id(),
+                next_id()
+            ));
+            fs::rename(&dir, &doomed).at(&dir)?;
+            remove_tree(&doomed)?;
+            remove_tree(&scratch)?;
+            remove_file(&self.failed_path(&key))?;
+            self.remove_lock_file_if_free(&key)?;
+            tracing::debug!(key = %key.short(), "gc removed entry");
+        }
+
+        let tmp = self.root.join("tmp");
+        for item in fs::read_dir(&tmp).at(&tmp)? {
+            let item = item.at(&tmp)?;
+            let name = item.file_name().to_string_lossy().into_owned();
+            let in_use = name
+                .get(..64)
+                .and_then(|hex| hex.parse::<Key>().ok())
+                .is_some_and(|key| self.key_lock_held(&key));
+            if in_use {
+                continue;
+            }
+            let path = item.path();
+            report.freed_bytes += tree_size(&path);
+            report.tmp_removed += 1;
+            if dry_run {
+                continue;
+            }
+            if item.file_type().at(&path)?.is_dir() {
+                remove_tree(&path)?;
+            } else {
+                remove_file(&path)?;
+            }
+        }
+        tracing::info!(
+            removed = report.removed.len(),
+            kept = report.kept,
+            freed_bytes = report.freed_bytes,
+            tmp_removed = report.tmp_removed,
+            dry_run,
+            "gc finished"
+        );
+        Ok(report)
+    }
+
+    /// Whether some process (this one included) holds the key lock right now.
+    fn key_lock_held(&self, key: &Key) -> bool {
+        let Ok(file) = OpenOptions::new().write(true).open(self.lock_path(key)) else {
+            return false;
+        };
+        matches!(file.try_lock(), Err(fs::TryLockError::WouldBlock))
+    }
+
+    /// Deletes `locks/<hex>.lock` while holding it, unless someone else does.
+    fn remove_lock_file_if_free(&self, key: &Key) -> Result<()> {
+        let path = self.lock_path(key);
+        let Ok(file) = OpenOptions::new().write(true).open(&path) else {
+            return Ok(());
+        };
+        if file.try_lock().is_ok() {
+            remove_file(&path)?;
+        }
+        Ok(())
+    }
+}
