@@ -1,1 +1,21 @@
-//! placeholder
+//! pipe-stages: every stage kind of pipe, registered into the engine's
+//! [`Registry`](pipe_engine::Registry) by [`register_all`].
+//!
+//! # Brief overview
+//!
+//! Each kind is one [`TypedStage`](pipe_engine::TypedStage) in `kinds/`, with typed params
+//! (serde defaults, `deny_unknown_fields`, range checks) and a `run` that fills its staging
+//! folder. Today: [`kinds::shell::Shell`], a user's own command in the DAG.
+//!
+//! ```
+//! let mut reg = pipe_engine::Registry::new();
+//! pipe_stages::register_all(&mut reg);
+//! assert!(reg.get("shell").is_some());
+//! ```
+
+pub mod kinds;
+
+/// Registers every stage kind.
+pub fn register_all(reg: &mut pipe_engine::Registry) {
+    reg.register_typed::<kinds::shell::Shell>();
+}

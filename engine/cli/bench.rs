@@ -1,0 +1,127 @@
+//! `pipe bench`: the engine's own speed, on generated pipelines of shell stages.
+//!
+//! 1. plan: load + validate + expand + key + plan a generated pipeline of N nodes (a DAG where
+//!    stage i reads stage i-1 and stage i/2), against an empty store, in process.
+//! 2. cached run: a chain of M shell stages is run once, then `pipe run` (this binary, as a
+//!    child process, so process start, parse, plan and store checks all count) is timed on the
+//!    fully cached pipeline.
+
+use std::fmt::Write as _;
+use std::path::Path;
+use std::process::Command;
+use std::time::Instant;
+
+use anyhow::{Context, Result, bail};
+use pipe_cache::Store;
+use pipe_engine::Overrides;
+use serde_json::json;
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+fn dag_yaml(n: usize) -> String {
+    let mut s = String::from("name: bench_dag\nstages:\n");
+    for i in 0..n {
+        let _ = writeln!(s, "  s{i}:\n    kind: shell\n    params: {{cmd: 'true', index: {i}, lr: 0.1}}");
+        if i > 0 {
+            let _ = write!(s, "    inputs: {{prev: s{}", i - 1);
+            if i / 2 != i - 1 {
+                let _ = write!(s, ", half: s{}", i / 2);
+            }
+            s.push_str("}\n");
+        }
+    }
+    s
+}
+
+fn chain_yaml(n: usize) -> String {
+    let mut s = String::from("name: bench_chain\nstages:\n");
+    for i in 0..n {
+        let _ = writeln!(s, "  c{i}:\n    kind: shell\n    params: {{cmd: 'echo {i} > \"$PIPE_OUT/out.txt\"'}}");
+        if i > 0 {
+            let _ = writeln!(s, "    inputs: {{prev: c{}}}", i - 1);
+        }
+    }
+    s
+}
+
+pub fn run(nodes: usize, chain: usize, reps: usize, json_out: bool) -> Result<u8> {
+    let reps = reps.max(1);
+    let dir = std::env::temp_dir().join(format!("pipe-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let result = bench_in(&dir, nodes, chain, reps);
+    let _ = std::fs::remove_dir_all(&dir);
+    let (plan_ms, run_ms, first_run_s) = result?;
+    if json_out {
+        let doc = json!({
+            "plan_nodes": nodes, "plan_ms_median": median(plan_ms.clone()), "plan_ms_min": plan_ms.iter().copied().fold(f64::INFINITY, f64::min),
+            "chain_stages": chain, "cached_run_ms_median": median(run_ms.clone()), "cached_run_ms_min": run_ms.iter().copied().fold(f64::INFINITY, f64::min),
+            "first_run_s": first_run_s, "reps": reps,
+        });
+        println!("{}", serde_json::to_string_pretty(&doc)?);
+    } else {
+        println!(
+            "plan, {nodes} nodes:              median {:7.2} ms  (min {:.2} ms, {reps} reps; target < 50 ms)",
+            median(plan_ms.clone()),
+            plan_ms.iter().copied().fold(f64::INFINITY, f64::min)
+        );
+        println!(
+            "cached `pipe run`, {chain} stages: median {:7.2} ms  (min {:.2} ms, {reps} reps; target < 100 ms)",
+            median(run_ms.clone()),
+            run_ms.iter().copied().fold(f64::INFINITY, f64::min)
+        );
+        println!("(first, uncached run of the chain: {first_run_s:.2} s)");
+    }
+    Ok(0)
+}
+
+fn bench_in(dir: &Path, nodes: usize, chain: usize, reps: usize) -> Result<(Vec<f64>, Vec<f64>, f64)> {
+    let reg = crate::commands::registry();
+    let dag = dir.join("dag.yaml");
+    std::fs::write(&dag, dag_yaml(nodes))?;
+    let store = Store::open(dir.join("store"))?;
+    let mut plan_ms = Vec::new();
+    for _ in 0..reps {
+        let t0 = Instant::now();
+        let p = pipe_engine::spec::load(&dag, &reg, &Overrides::default())?;
+        let g = pipe_engine::graph::build(p, &reg);
+        let plan = pipe_engine::plan::plan(g, &store, &[])?;
+        plan_ms.push(t0.elapsed().as_secs_f64() * 1e3);
+        if plan.graph.nodes.len() != nodes {
+            bail!("expected {nodes} nodes, planned {}", plan.graph.nodes.len());
+        }
+    }
+
+    let file = dir.join("chain.yaml");
+    std::fs::write(&file, chain_yaml(chain))?;
+    let exe = std::env::current_exe()?;
+    let store_dir = dir.join("store");
+    let pipe = |args: &[&str]| -> Result<std::process::Output> {
+        Command::new(&exe)
+            .args(args)
+            .arg(&file)
+            .arg("--store")
+            .arg(&store_dir)
+            .output()
+            .context("running pipe")
+    };
+    let t0 = Instant::now();
+    let out = pipe(&["run", "--json"])?;
+    let first_run_s = t0.elapsed().as_secs_f64();
+    if !out.status.success() {
+        bail!("first run failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    let mut run_ms = Vec::new();
+    for _ in 0..reps {
+        let t0 = Instant::now();
+        let out = pipe(&["run", "--json"])?;
+        run_ms.push(t0.elapsed().as_secs_f64() * 1e3);
+        let doc: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+        if doc["cached"].as_u64() != Some(chain as u64) {
+            bail!("cached run was not fully cached: {doc}");
+        }
+    }
+    Ok((plan_ms, run_ms, first_run_s))
+}

@@ -1,0 +1,319 @@
+//! The subcommands.
+
+use std::collections::BTreeSet;
+use std::io::IsTerminal;
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use anyhow::{Context, Result};
+use pipe_cache::Store;
+use pipe_engine::{Error as EngineError, Observer, Outcome, Overrides, Plan, Registry, RunOptions, Status};
+use serde_json::{Value, json};
+
+use crate::{Cli, Command, PipelineArgs};
+
+/// Every stage kind this binary knows.
+pub fn registry() -> Registry {
+    let mut reg = Registry::new();
+    pipe_stages::register_all(&mut reg);
+    reg
+}
+
+/// Exit code for a spec / usage / store error, printed here (not through anyhow) so every
+/// spec error stands on its own line.
+const EXIT_USAGE: u8 = 2;
+const EXIT_FAILED: u8 = 1;
+const EXIT_INTERRUPTED: u8 = 130;
+
+pub fn dispatch(cli: Cli) -> Result<u8> {
+    let store_path = cli.store.clone();
+    match cli.command {
+        Command::Run { pipeline, targets, jobs, gpus, keep_going, json, no_progress } => {
+            let store = open_store(&store_path)?;
+            let _lock = store.lock_shared()?;
+            let Some(plan) = load_plan(&pipeline, &store, &targets)? else { return Ok(EXIT_USAGE) };
+            let cancel = Arc::new(AtomicBool::new(false));
+            install_signal_handler(Arc::clone(&cancel));
+            let mut opts = RunOptions { gpus, keep_going, ..RunOptions::default() };
+            if let Some(j) = jobs {
+                opts.jobs = j.max(1);
+            }
+            let reg = registry();
+            let mut observer: Box<dyn Observer> = if !no_progress && std::io::stderr().is_terminal() {
+                Box::new(crate::progress::Bars::new())
+            } else {
+                Box::new(crate::progress::Lines)
+            };
+            let summary = pipe_engine::exec::run(&plan, &reg, &store, &opts, &cancel, observer.as_mut());
+            drop(observer);
+            let (ran, cached, failed, skipped) =
+                (summary.count("ran"), summary.count("cached"), summary.count("failed"), summary.count("skipped"));
+            if json {
+                let nodes: Vec<Value> = plan
+                    .graph
+                    .nodes
+                    .iter()
+                    .zip(&summary.results)
+                    .map(|(n, r)| {
+                        let mut v = json!({
+                            "id": n.id,
+                            "stage": n.stages.first(),
+                            "key": n.key.to_string(),
+                            "status": r.outcome.as_str(),
+                            "seconds": r.seconds,
+                        });
+                        if !n.aliases.is_empty() {
+                            v["aliases"] = json!(n.aliases);
+                        }
+                        if let Outcome::Failed(m) = &r.outcome {
+                            v["error"] = json!(m);
+                        }
+                        v
+                    })
+                    .collect();
+                let doc = json!({
+                    "pipeline": plan.graph.pipeline.name,
+                    "nodes": nodes,
+                    "ran": ran, "cached": cached, "failed": failed, "skipped": skipped,
+                    "interrupted": summary.interrupted,
+                });
+                println!("{}", serde_json::to_string_pretty(&doc)?);
+            }
+            eprintln!(
+                "pipe: {ran} ran, {cached} cached, {failed} failed, {skipped} skipped{}",
+                if summary.interrupted { " (interrupted)" } else { "" }
+            );
+            for (n, r) in plan.graph.nodes.iter().zip(&summary.results) {
+                if let Outcome::Failed(m) = &r.outcome {
+                    eprintln!("failed: {}: {m}\n  (full log: pipe log {} {})", n.id, pipeline.file.display(), n.id);
+                }
+            }
+            Ok(if summary.interrupted {
+                EXIT_INTERRUPTED
+            } else if summary.failed() {
+                EXIT_FAILED
+            } else {
+                0
+            })
+        }
+        Command::Plan { pipeline, targets, json } => {
+            let store = open_store(&store_path)?;
+            let _lock = store.lock_shared()?;
+            let Some(plan) = load_plan(&pipeline, &store, &targets)? else { return Ok(EXIT_USAGE) };
+            let (cached, to_run, not_needed) = plan.counts();
+            if json {
+                let nodes: Vec<Value> = plan
+                    .graph
+                    .nodes
+                    .iter()
+                    .zip(&plan.status)
+                    .map(|(n, s)| {
+                        let mut v = json!({
+                            "id": n.id, "stage": n.stages.first(), "key": n.key.to_string(),
+                            "status": s.as_str(), "seconds": Value::Null,
+                        });
+                        if let Status::Run(r) = s {
+                            v["reason"] = json!(r.to_string());
+                        }
+                        if !n.aliases.is_empty() {
+                            v["aliases"] = json!(n.aliases);
+                        }
+                        v
+                    })
+                    .collect();
+                let doc = json!({
+                    "pipeline": plan.graph.pipeline.name, "nodes": nodes,
+                    "cached": cached, "to_run": to_run, "not_needed": not_needed,
+                });
+                println!("{}", serde_json::to_string_pretty(&doc)?);
+            } else {
+                let width = plan.graph.nodes.iter().map(|n| n.id.len()).max().unwrap_or(0);
+                for (n, s) in plan.graph.nodes.iter().zip(&plan.status) {
+                    let why = match s {
+                        Status::Run(r) => format!("  ({r})"),
+                        _ => String::new(),
+                    };
+                    println!("{:<10} {:<width$}  {}{why}", s.as_str(), n.id, n.key.short());
+                }
+                println!("{to_run} to run, {cached} cached, {not_needed} not needed");
+            }
+            Ok(0)
+        }
+        Command::Show { pipeline, stage, json } => {
+            let store = open_store(&store_path)?;
+            let Some(plan) = load_plan(&pipeline, &store, &[])? else { return Ok(EXIT_USAGE) };
+            let selected: Vec<usize> = match &stage {
+                Some(s) => {
+                    let sel = plan.graph.select(s);
+                    if sel.is_empty() {
+                        anyhow::bail!("no stage or node `{s}` in {}", pipeline.file.display());
+                    }
+                    sel
+                }
+                None => (0..plan.graph.nodes.len()).collect(),
+            };
+            let mut rows = Vec::new();
+            for i in selected {
+                let n = &plan.graph.nodes[i];
+                let entry = store.get(n.key.key())?;
+                let status = if entry.is_some() {
+                    "cached"
+                } else if store.failed_log(n.key.key()).is_some() {
+                    "failed"
+                } else {
+                    "missing"
+                };
+                let metrics = entry.as_ref().and_then(|e| {
+                    e.file("metrics.json").ok().and_then(|p| std::fs::read(p).ok()).and_then(|b| serde_json::from_slice::<Value>(&b).ok())
+                });
+                rows.push(json!({
+                    "id": n.id,
+                    "stage": n.stages.first(),
+                    "key": n.key.to_string(),
+                    "status": status,
+                    "seconds": entry.as_ref().map(|e| e.manifest.meta.seconds),
+                    "metrics": metrics,
+                    "path": entry.as_ref().map(|e| e.dir.display().to_string()),
+                    "params": n.params,
+                }));
+            }
+            if json {
+                println!("{}", serde_json::to_string_pretty(&json!({ "pipeline": plan.graph.pipeline.name, "nodes": rows }))?);
+            } else {
+                for r in &rows {
+                    let secs = r["seconds"].as_f64().map(|s| format!("{s:.2}s")).unwrap_or_else(|| "-".into());
+                    println!(
+                        "{:<8} {}  {}  {}",
+                        r["status"].as_str().unwrap_or_default(),
+                        r["id"].as_str().unwrap_or_default(),
+                        &r["key"].as_str().unwrap_or_default()[..12],
+                        secs
+                    );
+                    if let Some(m) = r["metrics"].as_object() {
+                        for (k, v) in m {
+                            println!("           {k} = {v}");
+                        }
+                    }
+                }
+            }
+            Ok(0)
+        }
+        Command::Log { pipeline, stage } => {
+            let store = open_store(&store_path)?;
+            let Some(plan) = load_plan(&pipeline, &store, &[])? else { return Ok(EXIT_USAGE) };
+            let sel = plan.graph.select(&stage);
+            if sel.is_empty() {
+                anyhow::bail!("no stage or node `{stage}` in {}", pipeline.file.display());
+            }
+            let many = sel.len() > 1;
+            for i in sel {
+                let n = &plan.graph.nodes[i];
+                if many {
+                    println!("==> {} <==", n.id);
+                }
+                if let Some(e) = store.get(n.key.key())? {
+                    let p = e.file(pipe_engine::stage::LOG_FILE)?;
+                    print!("{}", std::fs::read_to_string(&p).with_context(|| format!("reading {}", p.display()))?);
+                } else if let Some(p) = store.failed_log(n.key.key()) {
+                    println!("(last attempt failed)");
+                    print!("{}", std::fs::read_to_string(&p).with_context(|| format!("reading {}", p.display()))?);
+                } else {
+                    println!("(no log: {} has not run)", n.id);
+                }
+            }
+            Ok(0)
+        }
+        Command::Gc { files, dry_run } => {
+            let store = open_store(&store_path)?;
+            let reg = registry();
+            let mut keep = BTreeSet::new();
+            for f in &files {
+                let p = match pipe_engine::spec::load(f, &reg, &Overrides::default()) {
+                    Ok(p) => p,
+                    Err(e) => {
+                        eprintln!("error: {e}");
+                        return Ok(EXIT_USAGE);
+                    }
+                };
+                let g = pipe_engine::graph::build(p, &reg);
+                keep.extend(g.nodes.iter().map(|n| *n.key.key()));
+            }
+            let report = store.gc(&keep, dry_run)?;
+            let mb = report.freed_bytes as f64 / 1e6;
+            if dry_run {
+                for k in &report.removed {
+                    println!("would remove {k}");
+                }
+                println!("would remove {} entries ({mb:.1} MB), keep {}", report.removed.len(), report.kept);
+            } else {
+                println!(
+                    "removed {} entries ({mb:.1} MB) and {} staging folders, kept {}",
+                    report.removed.len(),
+                    report.tmp_removed,
+                    report.kept
+                );
+            }
+            Ok(0)
+        }
+        Command::Verify { json } => {
+            let store = open_store(&store_path)?;
+            let _lock = store.lock_shared()?;
+            let n = store.keys()?.len();
+            let problems = store.verify(None)?;
+            if json {
+                let list: Vec<Value> = problems
+                    .iter()
+                    .map(|p| json!({"key": p.key().to_string(), "file": p.file(), "problem": p.to_string()}))
+                    .collect();
+                println!("{}", serde_json::to_string_pretty(&json!({"entries": n, "problems": list}))?);
+            } else {
+                for p in &problems {
+                    println!("{p}");
+                }
+                println!("{n} entries checked, {} problem(s)", problems.len());
+            }
+            Ok(if problems.is_empty() { 0 } else { EXIT_FAILED })
+        }
+        Command::Bench { nodes, chain, reps, json } => crate::bench::run(nodes, chain, reps, json),
+    }
+}
+
+fn open_store(path: &Path) -> Result<Store> {
+    Store::open(path).with_context(|| format!("cannot open the store at {}", path.display()))
+}
+
+/// Loads, expands and plans a pipeline; prints spec errors and returns None on them.
+pub fn load_plan(args: &PipelineArgs, store: &Store, targets: &[String]) -> Result<Option<Plan>> {
+    let reg = registry();
+    let mut ov = Overrides::default();
+    for s in &args.set {
+        ov.add_set(s)?;
+    }
+    for s in &args.sweep {
+        ov.add_sweep(s)?;
+    }
+    let pipeline = match pipe_engine::spec::load(&args.file, &reg, &ov) {
+        Ok(p) => p,
+        Err(EngineError::Spec(errors)) => {
+            eprintln!("error: {errors}");
+            return Ok(None);
+        }
+        Err(e) => return Err(e.into()),
+    };
+    let graph = pipe_engine::graph::build(pipeline, &reg);
+    Ok(Some(pipe_engine::plan::plan(graph, store, targets)?))
+}
+
+fn install_signal_handler(cancel: Arc<AtomicBool>) {
+    let result = ctrlc::set_handler(move || {
+        if cancel.swap(true, Ordering::SeqCst) {
+            eprintln!("\npipe: interrupted again, exiting now (finished nodes are kept)");
+            std::process::exit(i32::from(EXIT_INTERRUPTED));
+        }
+        eprintln!("\npipe: interrupting: stopping running nodes (Ctrl-C again to exit at once)");
+    });
+    if let Err(e) = result {
+        tracing::warn!("cannot install the Ctrl-C handler: {e}");
+    }
+}
