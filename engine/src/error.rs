@@ -45,7 +45,11 @@ pub struct SpecErrors(pub Vec<SpecError>);
 impl fmt::Display for SpecErrors {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let n = self.0.len();
-        write!(f, "{n} error{} in pipeline spec", if n == 1 { "" } else { "s" })?;
+        write!(
+            f,
+            "{n} error{} in pipeline spec",
+            if n == 1 { "" } else { "s" }
+        )?;
         for e in &self.0 {
             write!(f, "\n  {e}")?;
         }
@@ -67,7 +71,10 @@ pub struct ParamError {
 impl ParamError {
     /// A param error at `path`.
     pub fn new(path: impl Into<String>, message: impl Into<String>) -> Self {
-        ParamError { path: path.into(), message: message.into() }
+        ParamError {
+            path: path.into(),
+            message: message.into(),
+        }
     }
 }
 

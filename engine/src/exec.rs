@@ -46,7 +46,9 @@ pub struct RunOptions {
 impl Default for RunOptions {
     fn default() -> Self {
         RunOptions {
-            jobs: std::thread::available_parallelism().map(usize::from).unwrap_or(1),
+            jobs: std::thread::available_parallelism()
+                .map(usize::from)
+                .unwrap_or(1),
             gpus: 1,
             keep_going: false,
             pipe_version: env!("CARGO_PKG_VERSION").to_string(),
@@ -135,7 +137,10 @@ pub struct Summary {
 impl Summary {
     /// Number of nodes with `outcome` (compared by kind).
     pub fn count(&self, what: &str) -> usize {
-        self.results.iter().filter(|r| r.outcome.as_str() == what).count()
+        self.results
+            .iter()
+            .filter(|r| r.outcome.as_str() == what)
+            .count()
     }
     /// Whether any node failed.
     pub fn failed(&self) -> bool {
@@ -196,15 +201,26 @@ pub fn run(
         match plan.status[i] {
             Status::Cached => {
                 cached += 1;
-                results[i] = Some(NodeResult { outcome: Outcome::Cached, seconds: 0.0 });
+                results[i] = Some(NodeResult {
+                    outcome: Outcome::Cached,
+                    seconds: 0.0,
+                });
             }
-            Status::NotNeeded => results[i] = Some(NodeResult { outcome: Outcome::NotNeeded, seconds: 0.0 }),
+            Status::NotNeeded => {
+                results[i] = Some(NodeResult {
+                    outcome: Outcome::NotNeeded,
+                    seconds: 0.0,
+                })
+            }
             Status::Run(_) => {
                 to_run += 1;
                 let mut deps: Vec<usize> = nodes[i].inputs.values().flatten().copied().collect();
                 deps.sort_unstable();
                 deps.dedup();
-                waiting_on[i] = deps.iter().filter(|&&j| matches!(plan.status[j], Status::Run(_))).count();
+                waiting_on[i] = deps
+                    .iter()
+                    .filter(|&&j| matches!(plan.status[j], Status::Run(_)))
+                    .count();
                 if waiting_on[i] == 0 {
                     ready.insert(i);
                 }
@@ -251,11 +267,19 @@ pub fn run(
                         let on_wait = &mut |pid| {
                             let _ = tx.send((i, Msg::Event(Event::Waiting(i, pid))));
                         };
-                        let outcome = match run_node(plan, i, registry, store, opts, cancel, &host, &report, on_wait) {
+                        let outcome = match run_node(
+                            plan, i, registry, store, opts, cancel, &host, &report, on_wait,
+                        ) {
                             Ok(o) => o,
                             Err(msg) => Outcome::Failed(msg),
                         };
-                        let _ = tx.send((i, Msg::Done(NodeResult { outcome, seconds: t0.elapsed().as_secs_f64() })));
+                        let _ = tx.send((
+                            i,
+                            Msg::Done(NodeResult {
+                                outcome,
+                                seconds: t0.elapsed().as_secs_f64(),
+                            }),
+                        ));
                     });
                 }
             }
@@ -273,14 +297,22 @@ pub fn run(
                     match &r.outcome {
                         Outcome::Failed(_) => {
                             if opts.keep_going {
-                                skip_dependents(i, &users, &mut results, &mut ready, plan, observer);
+                                skip_dependents(
+                                    i,
+                                    &users,
+                                    &mut results,
+                                    &mut ready,
+                                    plan,
+                                    observer,
+                                );
                             } else {
                                 stop = true;
                             }
                         }
                         _ => {
                             for &u in &users[i] {
-                                if matches!(plan.status[u], Status::Run(_)) && results[u].is_none() {
+                                if matches!(plan.status[u], Status::Run(_)) && results[u].is_none()
+                                {
                                     waiting_on[u] -= 1;
                                     if waiting_on[u] == 0 {
                                         ready.insert(u);
@@ -302,7 +334,10 @@ pub fn run(
         .enumerate()
         .map(|(i, r)| {
             r.unwrap_or_else(|| {
-                let r = NodeResult { outcome: Outcome::Skipped, seconds: 0.0 };
+                let r = NodeResult {
+                    outcome: Outcome::Skipped,
+                    seconds: 0.0,
+                };
                 observer.event(plan, &Event::Finished(i, r.clone()));
                 r
             })
@@ -311,7 +346,10 @@ pub fn run(
     if let Err(e) = RunRecord::of(&plan.graph).save(store) {
         tracing::warn!("could not save the run record: {e}");
     }
-    Summary { results, interrupted: cancel.load(Ordering::Relaxed) }
+    Summary {
+        results,
+        interrupted: cancel.load(Ordering::Relaxed),
+    }
 }
 
 fn skip_dependents(
@@ -328,7 +366,10 @@ fn skip_dependents(
             continue;
         }
         ready.remove(&u);
-        let r = NodeResult { outcome: Outcome::Skipped, seconds: 0.0 };
+        let r = NodeResult {
+            outcome: Outcome::Skipped,
+            seconds: 0.0,
+        };
         observer.event(plan, &Event::Finished(u, r.clone()));
         results[u] = Some(r);
         stack.extend(users[u].iter().copied());
@@ -348,7 +389,9 @@ fn run_node(
     on_wait: &mut dyn FnMut(Option<u32>),
 ) -> Result<Outcome, String> {
     let node = &plan.graph.nodes[i];
-    let kind = registry.get(&node.kind).ok_or_else(|| format!("unknown kind `{}`", node.kind))?;
+    let kind = registry
+        .get(&node.kind)
+        .ok_or_else(|| format!("unknown kind `{}`", node.kind))?;
     let mut inputs = BTreeMap::new();
     let mut input_keys = BTreeMap::new();
     for (slot, ins) in &node.inputs {
@@ -361,19 +404,28 @@ fn run_node(
                 .ok_or_else(|| format!("input `{slot}` ({}) is missing from the store", up.id))?;
             arts.push(entry);
         }
-        input_keys.insert(slot.clone(), ins.iter().map(|&j| *plan.graph.nodes[j].key.key()).collect());
+        input_keys.insert(
+            slot.clone(),
+            ins.iter()
+                .map(|&j| *plan.graph.nodes[j].key.key())
+                .collect(),
+        );
         inputs.insert(slot.clone(), arts);
     }
     let cancelled = || cancel.load(Ordering::Relaxed);
     let pending = match store.begin(node.key.key(), &cancelled, on_wait) {
         Ok(Begin::Cached(_)) => return Ok(Outcome::Cached),
         Ok(Begin::Pending(p)) => p,
-        Err(pipe_cache::StoreError::Cancelled) => return Err("interrupted while waiting for its lock".into()),
+        Err(pipe_cache::StoreError::Cancelled) => {
+            return Err("interrupted while waiting for its lock".into());
+        }
         Err(e) => return Err(e.to_string()),
     };
     let log_path = pending.dir().join(LOG_FILE);
     let log = File::create(&log_path).map_err(|e| format!("{}: {e}", log_path.display()))?;
-    let scratch = store.scratch_dir(node.key.key()).map_err(|e| e.to_string())?;
+    let scratch = store
+        .scratch_dir(node.key.key())
+        .map_err(|e| e.to_string())?;
     let started = now_rfc3339();
     let t0 = Instant::now();
     tracing::info!(node = %node.id, key = %node.key.short(), "start");
@@ -392,12 +444,19 @@ fn run_node(
     drop(ctx);
     let failure = match result {
         Ok(Ok(())) => {
-            let missing: Vec<&str> =
-                node.outputs.iter().map(String::as_str).filter(|f| !pending.dir().join(f).is_file()).collect();
+            let missing: Vec<&str> = node
+                .outputs
+                .iter()
+                .map(String::as_str)
+                .filter(|f| !pending.dir().join(f).is_file())
+                .collect();
             if missing.is_empty() {
                 None
             } else {
-                Some(format!("the stage did not write its declared output(s): {}", missing.join(", ")))
+                Some(format!(
+                    "the stage did not write its declared output(s): {}",
+                    missing.join(", ")
+                ))
             }
         }
         Ok(Err(e)) => Some(error_chain(e.as_ref())),
@@ -424,7 +483,9 @@ fn run_node(
         pipe_version: opts.pipe_version.clone(),
         extra: BTreeMap::new(),
     };
-    pending.commit(meta).map_err(|e| format!("commit failed: {e}"))?;
+    pending
+        .commit(meta)
+        .map_err(|e| format!("commit failed: {e}"))?;
     tracing::info!(node = %node.id, seconds = t0.elapsed().as_secs_f64(), "done");
     Ok(Outcome::Ran)
 }

@@ -75,7 +75,8 @@ pub struct Graph {
 }
 
 fn compatible(a: &[Coord], b: &[Coord]) -> bool {
-    b.iter().all(|(axis, v)| a.iter().all(|(ax, w)| ax != axis || v == w))
+    b.iter()
+        .all(|(axis, v)| a.iter().all(|(ax, w)| ax != axis || v == w))
 }
 
 fn merge(a: &[Coord], b: &[Coord]) -> Vec<Coord> {
@@ -94,7 +95,9 @@ fn display_id(stage: &str, coords: &[Coord]) -> String {
     }
     let mut names: HashMap<&str, usize> = HashMap::new();
     for (axis, _) in coords {
-        *names.entry(axis.param.as_deref().unwrap_or("")).or_default() += 1;
+        *names
+            .entry(axis.param.as_deref().unwrap_or(""))
+            .or_default() += 1;
     }
     let parts: Vec<String> = coords
         .iter()
@@ -115,11 +118,16 @@ pub fn build(pipeline: Pipeline, registry: &Registry) -> Graph {
     let mut instances: BTreeMap<String, Vec<Instance>> = BTreeMap::new();
 
     for stage in &pipeline.stages {
-        let Some(kind) = registry.get(&stage.kind) else { continue };
+        let Some(kind) = registry.get(&stage.kind) else {
+            continue;
+        };
         // 1. fan out over non-gathered sources: (coords, chosen instance per (slot, source))
         type Combo = (Vec<Coord>, Vec<Option<usize>>);
-        let flat: Vec<(&str, &crate::spec::Source)> =
-            stage.inputs.iter().flat_map(|(slot, srcs)| srcs.iter().map(move |s| (slot.as_str(), s))).collect();
+        let flat: Vec<(&str, &crate::spec::Source)> = stage
+            .inputs
+            .iter()
+            .flat_map(|(slot, srcs)| srcs.iter().map(move |s| (slot.as_str(), s)))
+            .collect();
         let mut combos: Vec<Combo> = vec![(Vec::new(), vec![None; flat.len()])];
         for (i, (_, src)) in flat.iter().enumerate() {
             if src.gather {
@@ -198,12 +206,20 @@ pub fn build(pipeline: Pipeline, registry: &Registry) -> Graph {
                         nodes.len() - 1
                     }
                 };
-                out_instances.push(Instance { id, coords: all, node: idx });
+                out_instances.push(Instance {
+                    id,
+                    coords: all,
+                    node: idx,
+                });
             }
         }
         instances.insert(stage.id.clone(), out_instances);
     }
-    Graph { pipeline, nodes, instances }
+    Graph {
+        pipeline,
+        nodes,
+        instances,
+    }
 }
 
 impl Graph {

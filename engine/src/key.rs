@@ -110,8 +110,15 @@ mod tests {
     use serde_json::json;
 
     fn key(params: &Value, inputs: BTreeMap<&str, Vec<NodeKey>>) -> NodeKey {
-        KeyPreimage { schema: KEY_SCHEMA, kind: "echo", version: 1, params, inputs, external: BTreeMap::new() }
-            .finish()
+        KeyPreimage {
+            schema: KEY_SCHEMA,
+            kind: "echo",
+            version: 1,
+            params,
+            inputs,
+            external: BTreeMap::new(),
+        }
+        .finish()
     }
 
     #[test]
@@ -123,13 +130,19 @@ mod tests {
         // s = json.dumps(d, separators=(",", ":"), sort_keys=True)
         // blake3.blake3(s.encode(), derive_key_context="pipe node key v1").hexdigest()
         let k = key(&json!({"text": "hi", "n": 3}), BTreeMap::new());
-        assert_eq!(k.to_string(), "cc636a20b2c19527777c7344da87436fc384b9bd3958bcdc3a6fd6be1b9013d6");
+        assert_eq!(
+            k.to_string(),
+            "cc636a20b2c19527777c7344da87436fc384b9bd3958bcdc3a6fd6be1b9013d6"
+        );
     }
 
     #[test]
     fn order_and_number_spelling_do_not_matter() {
         let a = key(&json!({"text": "hi", "lr": 1.0}), BTreeMap::new());
-        let b = key(&serde_json::from_str(r#"{"lr": 1, "text": "hi"}"#).expect("json"), BTreeMap::new());
+        let b = key(
+            &serde_json::from_str(r#"{"lr": 1, "text": "hi"}"#).expect("json"),
+            BTreeMap::new(),
+        );
         assert_eq!(a, b);
         let c = key(&json!({"text": "hi", "lr": 1.5}), BTreeMap::new());
         assert_ne!(a, c);

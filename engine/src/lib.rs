@@ -45,4 +45,6 @@ pub use key::NodeKey;
 pub use plan::{Plan, Reason, Status};
 pub use registry::Registry;
 pub use spec::{Overrides, Pipeline};
-pub use stage::{Artifact, Resources, Slot, Slots, StageCtx, StageEvent, StageKind, Typed, TypedStage};
+pub use stage::{
+    Artifact, Resources, Slot, Slots, StageCtx, StageEvent, StageKind, Typed, TypedStage,
+};

@@ -41,7 +41,9 @@ impl fmt::Display for Reason {
             Reason::New => write!(f, "new node"),
             Reason::ParamsChanged(d) => write!(f, "params changed: {}", d.join(", ")),
             Reason::InputsChanged(d) => write!(f, "inputs changed: {}", d.join(", ")),
-            Reason::VersionChanged { from, to } => write!(f, "kind version changed: {from} -> {to}"),
+            Reason::VersionChanged { from, to } => {
+                write!(f, "kind version changed: {from} -> {to}")
+            }
             Reason::NotInStore => write!(f, "not in the store (never finished, or removed)"),
             Reason::FailedBefore => write!(f, "failed last time"),
         }
@@ -86,9 +88,14 @@ fn diff_params(old: &Value, new: &Value) -> Vec<String> {
     let mut keys: Vec<&String> = o.keys().chain(n.keys()).collect();
     keys.sort();
     keys.dedup();
-    let show = |v: Option<&Value>| v.map(|v| crate::value::label(v)).unwrap_or_else(|| "(unset)".into());
+    let show = |v: Option<&Value>| {
+        v.map(crate::value::label)
+            .unwrap_or_else(|| "(unset)".into())
+    };
     keys.into_iter()
-        .filter(|k| o.get(*k).map(crate::value::canonical) != n.get(*k).map(crate::value::canonical))
+        .filter(|k| {
+            o.get(*k).map(crate::value::canonical) != n.get(*k).map(crate::value::canonical)
+        })
         .map(|k| format!("{k}: {} -> {}", show(o.get(k)), show(n.get(k))))
         .collect()
 }
@@ -108,14 +115,21 @@ pub fn plan(graph: Graph, store: &Store, targets: &[String]) -> Result<Plan, cra
         for t in targets {
             let sel = graph.select(t);
             if sel.is_empty() {
-                return Err(crate::Error::Usage(format!("no stage or node `{t}` in {}", graph.pipeline.file.display())));
+                return Err(crate::Error::Usage(format!(
+                    "no stage or node `{t}` in {}",
+                    graph.pipeline.file.display()
+                )));
             }
             for i in sel {
                 wanted[i] = true;
             }
         }
     }
-    let cached: Vec<bool> = graph.nodes.iter().map(|node| store.contains(node.key.key())).collect();
+    let cached: Vec<bool> = graph
+        .nodes
+        .iter()
+        .map(|node| store.contains(node.key.key()))
+        .collect();
     // reverse topological: a missing node runs if wanted or needed by a node that runs
     let mut runs = vec![false; n];
     for i in (0..n).rev() {
@@ -153,7 +167,10 @@ pub fn plan(graph: Graph, store: &Store, targets: &[String]) -> Result<Plan, cra
                 });
             }
             if old.version != node.version {
-                return Status::Run(Reason::VersionChanged { from: old.version, to: node.version });
+                return Status::Run(Reason::VersionChanged {
+                    from: old.version,
+                    to: node.version,
+                });
             }
             let d = diff_params(&old.params, &node.params);
             if !d.is_empty() {
@@ -164,13 +181,20 @@ pub fn plan(graph: Graph, store: &Store, targets: &[String]) -> Result<Plan, cra
                 .iter()
                 .filter(|(slot, ins)| {
                     let now: Vec<&str> = ins.iter().map(|&j| graph.nodes[j].id.as_str()).collect();
-                    let then: Vec<&str> =
-                        old.inputs.get(*slot).map(|v| v.iter().map(String::as_str).collect()).unwrap_or_default();
+                    let then: Vec<&str> = old
+                        .inputs
+                        .get(*slot)
+                        .map(|v| v.iter().map(String::as_str).collect())
+                        .unwrap_or_default();
                     now != then || ins.iter().any(|&j| status_changed(&graph, &record, j))
                 })
                 .map(|(slot, _)| slot.clone())
                 .collect();
-            Status::Run(Reason::InputsChanged(if changed.is_empty() { vec!["(upstream keys)".into()] } else { changed }))
+            Status::Run(Reason::InputsChanged(if changed.is_empty() {
+                vec!["(upstream keys)".into()]
+            } else {
+                changed
+            }))
         })
         .collect();
     Ok(Plan { graph, status })
@@ -178,7 +202,9 @@ pub fn plan(graph: Graph, store: &Store, targets: &[String]) -> Result<Plan, cra
 
 fn status_changed(graph: &Graph, record: &RunRecord, j: usize) -> bool {
     let n = &graph.nodes[j];
-    n.ids().find_map(|id| record.nodes.get(id)).is_none_or(|r| r.key != n.key)
+    n.ids()
+        .find_map(|id| record.nodes.get(id))
+        .is_none_or(|r| r.key != n.key)
 }
 
 impl Plan {

@@ -50,7 +50,12 @@ impl RunRecord {
             let inputs = n
                 .inputs
                 .iter()
-                .map(|(s, ins)| (s.clone(), ins.iter().map(|&i| graph.nodes[i].id.clone()).collect()))
+                .map(|(s, ins)| {
+                    (
+                        s.clone(),
+                        ins.iter().map(|&i| graph.nodes[i].id.clone()).collect(),
+                    )
+                })
                 .collect();
             let rec = NodeRecord {
                 key: n.key,
@@ -63,7 +68,10 @@ impl RunRecord {
                 nodes.insert(id.to_string(), rec.clone());
             }
         }
-        RunRecord { file: graph.pipeline.file.clone(), nodes }
+        RunRecord {
+            file: graph.pipeline.file.clone(),
+            nodes,
+        }
     }
 
     /// The last record of `file` in `store` (empty when none or unreadable: it only explains).

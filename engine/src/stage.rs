@@ -135,13 +135,18 @@ impl<T: TypedStage> StageKind for Typed<T> {
             return Err(errors);
         }
         let p = T::canonicalize(p);
-        serde_json::to_value(&p).map_err(|e| vec![ParamError::new("", format!("params do not serialize: {e}"))])
+        serde_json::to_value(&p)
+            .map_err(|e| vec![ParamError::new("", format!("params do not serialize: {e}"))])
     }
     fn outputs(&self, params: &Value) -> Vec<String> {
-        typed::<T>(params).map(|p| T::outputs(&p)).unwrap_or_default()
+        typed::<T>(params)
+            .map(|p| T::outputs(&p))
+            .unwrap_or_default()
     }
     fn resources(&self, params: &Value) -> Resources {
-        typed::<T>(params).map(|p| T::resources(&p)).unwrap_or_default()
+        typed::<T>(params)
+            .map(|p| T::resources(&p))
+            .unwrap_or_default()
     }
     fn run(&self, params: &Value, ctx: &mut StageCtx<'_>) -> Result<(), BoxError> {
         let p = typed::<T>(params)?;
@@ -214,7 +219,11 @@ impl<'a> StageCtx<'a> {
         match self.inputs.get(slot).map(Vec::as_slice) {
             Some([one]) => Ok(one),
             Some([]) | None => Err(format!("input `{slot}` is not connected").into()),
-            Some(many) => Err(format!("input `{slot}` holds {} artifacts, expected one", many.len()).into()),
+            Some(many) => Err(format!(
+                "input `{slot}` holds {} artifacts, expected one",
+                many.len()
+            )
+            .into()),
         }
     }
     /// All artifacts connected to `slot` (empty when unconnected).
@@ -232,7 +241,11 @@ impl<'a> StageCtx<'a> {
     }
     /// Reports progress to the terminal.
     pub fn progress(&self, done: u64, total: u64, message: impl Into<String>) {
-        (self.report)(StageEvent::Progress { done, total, message: message.into() });
+        (self.report)(StageEvent::Progress {
+            done,
+            total,
+            message: message.into(),
+        });
     }
     /// Appends a line to the node's log (kept as `log.txt` in its entry).
     pub fn log(&self, line: impl Into<String>) {
@@ -247,7 +260,10 @@ impl<'a> StageCtx<'a> {
     /// # Errors
     /// When the handle cannot be duplicated.
     pub fn log_file(&self) -> std::io::Result<File> {
-        let f = self.log.lock().map_err(|_| std::io::Error::other("log lock poisoned"))?;
+        let f = self
+            .log
+            .lock()
+            .map_err(|_| std::io::Error::other("log lock poisoned"))?;
         f.try_clone()
     }
 }

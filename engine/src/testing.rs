@@ -66,16 +66,24 @@ impl TypedStage for Sum {
     const VERSION: u32 = 1;
     type Params = SumParams;
     fn inputs() -> Slots {
-        const S: &[Slot] = &[Slot { name: "terms", required: false, many: true }];
+        const S: &[Slot] = &[Slot {
+            name: "terms",
+            required: false,
+            many: true,
+        }];
         Slots::Fixed(S)
     }
     fn run(p: &SumParams, ctx: &mut StageCtx<'_>) -> Result<(), BoxError> {
         let mut v = p.value;
         for a in ctx.inputs("terms") {
-            let m: serde_json::Value = serde_json::from_slice(&std::fs::read(a.file("metrics.json")?)?)?;
+            let m: serde_json::Value =
+                serde_json::from_slice(&std::fs::read(a.file("metrics.json")?)?)?;
             v += m["value"].as_f64().unwrap_or(0.0);
         }
-        std::fs::write(ctx.out_path("metrics.json"), serde_json::json!({ "value": v }).to_string())?;
+        std::fs::write(
+            ctx.out_path("metrics.json"),
+            serde_json::json!({ "value": v }).to_string(),
+        )?;
         Ok(())
     }
 }
@@ -172,7 +180,11 @@ impl TypedStage for Bounded {
     const VERSION: u32 = 1;
     type Params = BoundedParams;
     fn inputs() -> Slots {
-        const S: &[Slot] = &[Slot { name: "data", required: true, many: false }];
+        const S: &[Slot] = &[Slot {
+            name: "data",
+            required: true,
+            many: false,
+        }];
         Slots::Fixed(S)
     }
     fn check(p: &BoundedParams) -> Vec<ParamError> {
@@ -181,7 +193,10 @@ impl TypedStage for Bounded {
             e.push(ParamError::new("epochs", "expected at least 1, got 0"));
         }
         if !(0.0..=1.0).contains(&p.eps) {
-            e.push(ParamError::new("eps", format!("expected a value in [0, 1], got {}", p.eps)));
+            e.push(ParamError::new(
+                "eps",
+                format!("expected a value in [0, 1], got {}", p.eps),
+            ));
         }
         e
     }

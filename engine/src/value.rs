@@ -20,7 +20,10 @@ pub fn yaml_to_json(v: &serde_yaml::Value) -> Result<Value, (String, String)> {
                     match Number::from_f64(f) {
                         Some(n) => Value::Number(n),
                         None => {
-                            return Err((path.clone(), format!("expected a finite number, got {f}")));
+                            return Err((
+                                path.clone(),
+                                format!("expected a finite number, got {f}"),
+                            ));
                         }
                     }
                 }
@@ -43,7 +46,9 @@ pub fn yaml_to_json(v: &serde_yaml::Value) -> Result<Value, (String, String)> {
                         Y::String(s) => s.clone(),
                         Y::Number(n) => n.to_string(),
                         Y::Bool(b) => b.to_string(),
-                        _ => return Err((path.clone(), "expected string keys in a mapping".into())),
+                        _ => {
+                            return Err((path.clone(), "expected string keys in a mapping".into()));
+                        }
                     };
                     let len = path.len();
                     if !path.is_empty() {
@@ -65,9 +70,10 @@ pub fn yaml_to_json(v: &serde_yaml::Value) -> Result<Value, (String, String)> {
 
 /// Parses a command-line value as a YAML scalar (`3`, `0.1`, `true`, `cifar10`, `8/255`).
 pub fn parse_scalar(text: &str) -> Result<Value, String> {
-    let y: serde_yaml::Value =
-        serde_yaml::from_str(text).map_err(|e| format!("cannot parse `{text}` as a YAML value: {e}"))?;
-    let y = if y.is_null() && !text.trim().is_empty() && text.trim() != "null" && text.trim() != "~" {
+    let y: serde_yaml::Value = serde_yaml::from_str(text)
+        .map_err(|e| format!("cannot parse `{text}` as a YAML value: {e}"))?;
+    let y = if y.is_null() && !text.trim().is_empty() && text.trim() != "null" && text.trim() != "~"
+    {
         serde_yaml::Value::String(text.to_string())
     } else {
         y
@@ -81,17 +87,19 @@ pub fn parse_scalar(text: &str) -> Result<Value, String> {
 pub fn canonical(v: &Value) -> Value {
     match v {
         Value::Number(n) => {
-            if n.is_f64() {
-                if let Some(f) = n.as_f64() {
-                    if f.fract() == 0.0 && f.abs() < 9.0e15 {
-                        return Value::from(f as i64);
-                    }
-                }
+            if n.is_f64()
+                && let Some(f) = n.as_f64()
+                && f.fract() == 0.0
+                && f.abs() < 9.0e15
+            {
+                return Value::from(f as i64);
             }
             Value::Number(n.clone())
         }
         Value::Array(a) => Value::Array(a.iter().map(canonical).collect()),
-        Value::Object(m) => Value::Object(m.iter().map(|(k, v)| (k.clone(), canonical(v))).collect()),
+        Value::Object(m) => {
+            Value::Object(m.iter().map(|(k, v)| (k.clone(), canonical(v))).collect())
+        }
         other => other.clone(),
     }
 }
@@ -111,7 +119,10 @@ mod tests {
 
     #[test]
     fn integral_floats_become_integers() {
-        assert_eq!(canonical(&serde_json::json!({"a": 1.0, "b": [2.5, 3.0]})), serde_json::json!({"a": 1, "b": [2.5, 3]}));
+        assert_eq!(
+            canonical(&serde_json::json!({"a": 1.0, "b": [2.5, 3.0]})),
+            serde_json::json!({"a": 1, "b": [2.5, 3]})
+        );
     }
 
     #[test]

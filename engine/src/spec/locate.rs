@@ -29,14 +29,27 @@ pub struct Locator {
 }
 
 enum Frame {
-    Map { path: String, key: Option<String>, seen: HashMap<String, (usize, usize)> },
-    Seq { path: String, index: usize },
+    Map {
+        path: String,
+        key: Option<String>,
+        seen: HashMap<String, (usize, usize)>,
+    },
+    Seq {
+        path: String,
+        index: usize,
+    },
     /// A complex (non-scalar) mapping key: ignored.
-    Skip { depth: usize },
+    Skip {
+        depth: usize,
+    },
 }
 
 fn join(path: &str, key: &str) -> String {
-    if path.is_empty() { key.to_string() } else { format!("{path}.{key}") }
+    if path.is_empty() {
+        key.to_string()
+    } else {
+        format!("{path}.{key}")
+    }
 }
 
 struct Builder {
@@ -76,13 +89,19 @@ impl Builder {
             return;
         }
         // A scalar (or alias, or collection) in key position of a mapping.
-        if let Some(Frame::Map { path, key, seen }) = self.stack.last_mut() {
-            if key.is_none() {
+        if let Some(Frame::Map { path, key, seen }) = self.stack.last_mut()
+            && key.is_none()
+        {
+            {
                 match ev {
                     Event::Scalar(s, ..) => {
                         let full = join(path, s);
                         if let Some(first) = seen.get(s) {
-                            self.loc.duplicates.push(Duplicate { path: full.clone(), at: pos, first: *first });
+                            self.loc.duplicates.push(Duplicate {
+                                path: full.clone(),
+                                at: pos,
+                                first: *first,
+                            });
                         } else {
                             seen.insert(s.clone(), pos);
                         }
@@ -111,7 +130,11 @@ impl Builder {
             Event::MappingStart(..) => {
                 let p = self.value_path().unwrap_or_default();
                 self.loc.positions.entry(p.clone()).or_insert(pos);
-                self.stack.push(Frame::Map { path: p, key: None, seen: HashMap::new() });
+                self.stack.push(Frame::Map {
+                    path: p,
+                    key: None,
+                    seen: HashMap::new(),
+                });
             }
             Event::SequenceStart(..) => {
                 let p = self.value_path().unwrap_or_default();
@@ -141,7 +164,11 @@ impl Locator {
     /// Scans `text`. A syntax error yields an empty locator (serde_yaml reports it with its
     /// position).
     pub fn new(text: &str) -> Locator {
-        let mut b = Builder { stack: Vec::new(), loc: Locator::default(), docs: 0 };
+        let mut b = Builder {
+            stack: Vec::new(),
+            loc: Locator::default(),
+            docs: 0,
+        };
         let mut parser = Parser::new_from_str(text);
         if parser.load(&mut b, false).is_err() {
             return Locator::default();
@@ -184,7 +211,11 @@ mod tests {
     #[test]
     fn duplicates_are_all_found() {
         let l = Locator::new("stages:\n  a: {kind: shell}\n  a: {kind: shell}\n  b: {}\n  b: {}\n");
-        let paths: Vec<_> = l.duplicates.iter().map(|d| (d.path.as_str(), d.at.0, d.first.0)).collect();
+        let paths: Vec<_> = l
+            .duplicates
+            .iter()
+            .map(|d| (d.path.as_str(), d.at.0, d.first.0))
+            .collect();
         assert_eq!(paths, vec![("stages.a", 3, 2), ("stages.b", 5, 4)]);
     }
 }

@@ -98,7 +98,9 @@ fn split_assignment(text: &str, flag: &str) -> Result<(String, String, String), 
         .split_once('.')
         .ok_or_else(|| Error::Usage(format!("{flag} {text}: expected STAGE.PARAM=VALUE")))?;
     if stage.is_empty() || param.is_empty() {
-        return Err(Error::Usage(format!("{flag} {text}: expected STAGE.PARAM=VALUE")));
+        return Err(Error::Usage(format!(
+            "{flag} {text}: expected STAGE.PARAM=VALUE"
+        )));
     }
     Ok((stage.to_string(), param.to_string(), rhs.to_string()))
 }
@@ -123,9 +125,14 @@ impl Overrides {
         let mut values = Vec::new();
         for item in v.split(',') {
             if item.trim().is_empty() {
-                return Err(Error::Usage(format!("--sweep {text}: empty value in the list")));
+                return Err(Error::Usage(format!(
+                    "--sweep {text}: empty value in the list"
+                )));
             }
-            values.push(parse_scalar(item.trim()).map_err(|e| Error::Usage(format!("--sweep {text}: {e}")))?);
+            values.push(
+                parse_scalar(item.trim())
+                    .map_err(|e| Error::Usage(format!("--sweep {text}: {e}")))?,
+            );
         }
         self.sweep.push((stage, param, values));
         Ok(())
@@ -173,7 +180,8 @@ impl Ctx<'_> {
 fn valid_name(s: &str) -> bool {
     !s.is_empty()
         && !s.starts_with('-')
-        && s.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
 }
 
 fn parse_source(text: &str) -> Option<Source> {
@@ -181,7 +189,10 @@ fn parse_source(text: &str) -> Option<Source> {
         Some(s) => (s, true),
         None => (text, false),
     };
-    valid_name(stage).then(|| Source { stage: stage.to_string(), gather })
+    valid_name(stage).then(|| Source {
+        stage: stage.to_string(),
+        gather,
+    })
 }
 
 /// A param layer: values and the YAML path they came from.
@@ -195,7 +206,10 @@ struct Layer {
 /// # Errors
 /// [`Error::Io`] when unreadable, [`Error::Spec`] with every problem found.
 pub fn load(file: &Path, registry: &Registry, overrides: &Overrides) -> Result<Pipeline, Error> {
-    let text = std::fs::read_to_string(file).map_err(|cause| Error::Io { path: file.to_path_buf(), cause })?;
+    let text = std::fs::read_to_string(file).map_err(|cause| Error::Io {
+        path: file.to_path_buf(),
+        cause,
+    })?;
     parse(&text, file, registry, overrides).map_err(Error::Spec)
 }
 
@@ -211,7 +225,14 @@ fn yaml_map(ctx: &mut Ctx<'_>, v: &serde_yaml::Mapping, path: &str) -> Map<Strin
             Ok(j) => {
                 out.insert(k.to_string(), j);
             }
-            Err((sub, m)) => ctx.err(if sub.is_empty() { p } else { format!("{p}.{sub}") }, m),
+            Err((sub, m)) => ctx.err(
+                if sub.is_empty() {
+                    p
+                } else {
+                    format!("{p}.{sub}")
+                },
+                m,
+            ),
         }
     }
     out
@@ -221,8 +242,17 @@ fn yaml_map(ctx: &mut Ctx<'_>, v: &serde_yaml::Mapping, path: &str) -> Map<Strin
 ///
 /// # Errors
 /// Every problem found, sorted by position.
-pub fn parse(text: &str, file: &Path, registry: &Registry, overrides: &Overrides) -> Result<Pipeline, SpecErrors> {
-    let mut ctx = Ctx { file, loc: Locator::new(text), errors: Vec::new() };
+pub fn parse(
+    text: &str,
+    file: &Path,
+    registry: &Registry,
+    overrides: &Overrides,
+) -> Result<Pipeline, SpecErrors> {
+    let mut ctx = Ctx {
+        file,
+        loc: Locator::new(text),
+        errors: Vec::new(),
+    };
     let result = parse_inner(text, file, registry, overrides, &mut ctx);
     let mut errors = ctx.errors;
     errors.sort();
@@ -286,7 +316,10 @@ fn parse_inner(
         return None;
     }
     let Some(top) = doc.as_mapping() else {
-        ctx.err("", "expected a mapping with `stages:` (and optionally `name:`, `defaults:`)");
+        ctx.err(
+            "",
+            "expected a mapping with `stages:` (and optionally `name:`, `defaults:`)",
+        );
         return None;
     };
 
@@ -308,7 +341,10 @@ fn parse_inner(
                 Some(m) => stages_raw = Some(m),
                 None => ctx.err("stages", "expected a mapping of stage id -> stage"),
             },
-            Some(other) => ctx.err(other, format!("unknown field `{other}`, expected one of `name`, `defaults`, `stages`")),
+            Some(other) => ctx.err(
+                other,
+                format!("unknown field `{other}`, expected one of `name`, `defaults`, `stages`"),
+            ),
             None => ctx.err("", "expected string keys at the top level"),
         }
     }
@@ -331,7 +367,13 @@ fn parse_inner(
         };
         let path = format!("defaults.{kind}");
         if registry.get(kind).is_none() {
-            ctx.err(&path, format!("unknown stage kind `{kind}` (known: {})", registry.names().join(", ")));
+            ctx.err(
+                &path,
+                format!(
+                    "unknown stage kind `{kind}` (known: {})",
+                    registry.names().join(", ")
+                ),
+            );
             continue;
         }
         match v.as_mapping() {
@@ -362,7 +404,10 @@ fn parse_inner(
         };
         let path = format!("stages.{id}");
         if !valid_name(id) {
-            ctx.err(&path, format!("invalid stage id `{id}`: use letters, digits, `_` and `-` only"));
+            ctx.err(
+                &path,
+                format!("invalid stage id `{id}`: use letters, digits, `_` and `-` only"),
+            );
             continue;
         }
         ids.insert(id.to_string());
@@ -370,7 +415,11 @@ fn parse_inner(
             Ok(r) => r,
             Err(e) => {
                 let sub = e.path().to_string();
-                let p = if sub == "." { path.clone() } else { format!("{path}.{sub}") };
+                let p = if sub == "." {
+                    path.clone()
+                } else {
+                    format!("{path}.{sub}")
+                };
                 ctx.err(p, e.into_inner().to_string());
                 continue;
             }
@@ -379,7 +428,11 @@ fn parse_inner(
         if !kind_ok {
             ctx.err(
                 format!("{path}.kind"),
-                format!("unknown stage kind `{}` (known: {})", raw.kind, registry.names().join(", ")),
+                format!(
+                    "unknown stage kind `{}` (known: {})",
+                    raw.kind,
+                    registry.names().join(", ")
+                ),
             );
         }
         let mut inputs = Vec::new();
@@ -390,12 +443,17 @@ fn parse_inner(
             };
             let ipath = format!("{path}.inputs.{slot}");
             if !valid_name(slot) || slot.contains('-') {
-                ctx.err(&ipath, format!("invalid slot name `{slot}`: use letters, digits and `_`"));
+                ctx.err(
+                    &ipath,
+                    format!("invalid slot name `{slot}`: use letters, digits and `_`"),
+                );
                 continue;
             }
             let texts: Vec<Option<&str>> = match src {
                 serde_yaml::Value::String(s) => vec![Some(s.as_str())],
-                serde_yaml::Value::Sequence(seq) if !seq.is_empty() => seq.iter().map(|x| x.as_str()).collect(),
+                serde_yaml::Value::Sequence(seq) if !seq.is_empty() => {
+                    seq.iter().map(|x| x.as_str()).collect()
+                }
                 _ => vec![None],
             };
             let mut sources = Vec::new();
@@ -416,11 +474,16 @@ fn parse_inner(
             };
             let vpath = format!("{path}.variants.{vname}");
             if !valid_name(vname) {
-                ctx.err(&vpath, format!("invalid variant name `{vname}`: use letters, digits, `_` and `-`"));
+                ctx.err(
+                    &vpath,
+                    format!("invalid variant name `{vname}`: use letters, digits, `_` and `-`"),
+                );
                 continue;
             }
             match vparams {
-                serde_yaml::Value::Mapping(m) => variants.push((vname.to_string(), yaml_map(ctx, m, &vpath))),
+                serde_yaml::Value::Mapping(m) => {
+                    variants.push((vname.to_string(), yaml_map(ctx, m, &vpath)))
+                }
                 serde_yaml::Value::Null => variants.push((vname.to_string(), Map::new())),
                 _ => ctx.err(&vpath, "expected a mapping of params"),
             }
@@ -446,7 +509,15 @@ fn parse_inner(
                 _ => ctx.err(&spath, "expected a non-empty list of values"),
             }
         }
-        parsed.push(Parsed { id: id.to_string(), kind: raw.kind, inputs, params, variants, sweep, kind_ok });
+        parsed.push(Parsed {
+            id: id.to_string(),
+            kind: raw.kind,
+            inputs,
+            params,
+            variants,
+            sweep,
+            kind_ok,
+        });
     }
     for d in std::mem::take(&mut ctx.loc.duplicates) {
         let (line, col) = d.at;
@@ -465,9 +536,15 @@ fn parse_inner(
         match parsed.iter_mut().find(|p| &p.id == stage) {
             Some(p) => {
                 p.sweep.retain(|(q, _)| q != param);
-                forced.entry(stage.clone()).or_default().insert(param.clone(), v.clone());
+                forced
+                    .entry(stage.clone())
+                    .or_default()
+                    .insert(param.clone(), v.clone());
             }
-            None => ctx.err(format!("--set {stage}.{param}"), format!("no stage `{stage}` in this pipeline")),
+            None => ctx.err(
+                format!("--set {stage}.{param}"),
+                format!("no stage `{stage}` in this pipeline"),
+            ),
         }
     }
     for (stage, param, values) in &overrides.sweep {
@@ -481,7 +558,10 @@ fn parse_inner(
                     None => p.sweep.push((param.clone(), values.clone())),
                 }
             }
-            None => ctx.err(format!("--sweep {stage}.{param}"), format!("no stage `{stage}` in this pipeline")),
+            None => ctx.err(
+                format!("--sweep {stage}.{param}"),
+                format!("no stage `{stage}` in this pipeline"),
+            ),
         }
     }
 
@@ -491,11 +571,16 @@ fn parse_inner(
         for (slot, sources) in &p.inputs {
             for s in sources {
                 if !ids.contains(&s.stage) {
-                    ctx.err(format!("{path}.inputs.{slot}"), format!("input names unknown stage `{}`", s.stage));
+                    ctx.err(
+                        format!("{path}.inputs.{slot}"),
+                        format!("input names unknown stage `{}`", s.stage),
+                    );
                 }
             }
         }
-        let Some(kind) = registry.get(&p.kind) else { continue };
+        let Some(kind) = registry.get(&p.kind) else {
+            continue;
+        };
         if let Slots::Fixed(slots) = kind.inputs() {
             for (slot, sources) in &p.inputs {
                 match slots.iter().find(|s| s.name == slot) {
@@ -516,7 +601,10 @@ fn parse_inner(
             }
             for s in slots.iter().filter(|s| s.required) {
                 if !p.inputs.iter().any(|(slot, _)| slot == s.name) {
-                    ctx.err(format!("{path}.inputs"), format!("missing input `{}` (kind `{}` needs it)", s.name, p.kind));
+                    ctx.err(
+                        format!("{path}.inputs"),
+                        format!("missing input `{}` (kind `{}` needs it)", s.name, p.kind),
+                    );
                 }
             }
         }
@@ -525,7 +613,11 @@ fn parse_inner(
     // cycles, and the topological order
     let mut g: DiGraph<usize, ()> = DiGraph::new();
     let nodes: Vec<_> = (0..parsed.len()).map(|i| g.add_node(i)).collect();
-    let index: BTreeMap<&str, usize> = parsed.iter().enumerate().map(|(i, p)| (p.id.as_str(), i)).collect();
+    let index: BTreeMap<&str, usize> = parsed
+        .iter()
+        .enumerate()
+        .map(|(i, p)| (p.id.as_str(), i))
+        .collect();
     for (i, p) in parsed.iter().enumerate() {
         for (_, sources) in &p.inputs {
             for s in sources {
@@ -541,7 +633,13 @@ fn parse_inner(
             continue;
         }
         let members: BTreeSet<usize> = scc.iter().map(|n| g[*n]).collect();
-        let cycle = find_cycle(&parsed.iter().map(|p| deps(&p.inputs, &index)).collect::<Vec<_>>(), &members);
+        let cycle = find_cycle(
+            &parsed
+                .iter()
+                .map(|p| deps(&p.inputs, &index))
+                .collect::<Vec<_>>(),
+            &members,
+        );
         let names: Vec<&str> = cycle.iter().map(|&i| parsed[i].id.as_str()).collect();
         let first = names.first().copied().unwrap_or_default();
         ctx.err(
@@ -551,7 +649,12 @@ fn parse_inner(
     }
     // stages on a cycle have no place in the order (their params go unchecked; the cycle is
     // already an error)
-    let order = topo_order(&parsed.iter().map(|p| deps(&p.inputs, &index)).collect::<Vec<_>>());
+    let order = topo_order(
+        &parsed
+            .iter()
+            .map(|p| deps(&p.inputs, &index))
+            .collect::<Vec<_>>(),
+    );
 
     // params: every point of each stage's own grid is normalized by its kind
     let mut stages = Vec::new();
@@ -560,19 +663,35 @@ fn parse_inner(
         if !p.kind_ok {
             continue;
         }
-        let Some(kind) = registry.get(&p.kind) else { continue };
+        let Some(kind) = registry.get(&p.kind) else {
+            continue;
+        };
         let spath = format!("stages.{}", p.id);
         let mut base = Vec::new();
         if let Some(d) = defaults.get(&p.kind) {
-            base.push(Layer { values: d.clone(), origin: format!("defaults.{}", p.kind) });
+            base.push(Layer {
+                values: d.clone(),
+                origin: format!("defaults.{}", p.kind),
+            });
         }
-        base.push(Layer { values: p.params.clone(), origin: format!("{spath}.params") });
+        base.push(Layer {
+            values: p.params.clone(),
+            origin: format!("{spath}.params"),
+        });
         let variant_layers: Vec<Option<(String, Layer)>> = if p.variants.is_empty() {
             vec![None]
         } else {
             p.variants
                 .iter()
-                .map(|(n, m)| Some((n.clone(), Layer { values: m.clone(), origin: format!("{spath}.variants.{n}") })))
+                .map(|(n, m)| {
+                    Some((
+                        n.clone(),
+                        Layer {
+                            values: m.clone(),
+                            origin: format!("{spath}.variants.{n}"),
+                        },
+                    ))
+                })
                 .collect()
         };
         let mut grid = Vec::new();
@@ -582,16 +701,33 @@ fn parse_inner(
                 let mut coords = Vec::new();
                 let mut layers: Vec<&Layer> = base.iter().collect();
                 if let Some((n, l)) = variant {
-                    coords.push((Axis { stage: p.id.clone(), param: None }, n.clone()));
+                    coords.push((
+                        Axis {
+                            stage: p.id.clone(),
+                            param: None,
+                        },
+                        n.clone(),
+                    ));
                     layers.push(l);
                 }
-                let mut sweep_layer = Layer { values: Map::new(), origin: format!("{spath}.sweep") };
+                let mut sweep_layer = Layer {
+                    values: Map::new(),
+                    origin: format!("{spath}.sweep"),
+                };
                 for (param, v) in &point {
-                    coords.push((Axis { stage: p.id.clone(), param: Some(param.clone()) }, label(v)));
+                    coords.push((
+                        Axis {
+                            stage: p.id.clone(),
+                            param: Some(param.clone()),
+                        },
+                        label(v),
+                    ));
                     sweep_layer.values.insert(param.clone(), v.clone());
                 }
-                let forced_layer =
-                    forced.get(&p.id).map(|m| Layer { values: m.clone(), origin: format!("--set {}", p.id) });
+                let forced_layer = forced.get(&p.id).map(|m| Layer {
+                    values: m.clone(),
+                    origin: format!("--set {}", p.id),
+                });
                 layers.push(&sweep_layer);
                 if let Some(f) = &forced_layer {
                     layers.push(f);
@@ -608,9 +744,20 @@ fn parse_inner(
                     Ok(params) => grid.push(GridPoint { coords, params }),
                     Err(errs) => {
                         for ParamError { path, message } in errs {
-                            let head = path.split(['.', '[']).next().unwrap_or_default().to_string();
-                            let field = if head.is_empty() { unknown_field(&message) } else { Some(head.clone()) };
-                            let at = match field.as_ref().and_then(|f| origin.get(f).map(|o| (f, o))) {
+                            let head = path
+                                .split(['.', '['])
+                                .next()
+                                .unwrap_or_default()
+                                .to_string();
+                            let field = if head.is_empty() {
+                                unknown_field(&message)
+                            } else {
+                                Some(head.clone())
+                            };
+                            let at = match field
+                                .as_ref()
+                                .and_then(|f| origin.get(f).map(|o| (f, o)))
+                            {
                                 Some((f, o)) if o.ends_with(".sweep") || o.starts_with("--set") => {
                                     format!("{o}.{f}{}", &path[head.len().min(path.len())..])
                                 }
@@ -627,16 +774,34 @@ fn parse_inner(
                 }
             }
         }
-        stages.push(StageSpec { id: p.id.clone(), kind: p.kind.clone(), inputs: p.inputs.clone(), grid });
+        stages.push(StageSpec {
+            id: p.id.clone(),
+            kind: p.kind.clone(),
+            inputs: p.inputs.clone(),
+            grid,
+        });
     }
 
     if !ctx.errors.is_empty() {
         return None;
     }
-    let name = name.unwrap_or_else(|| file.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default());
+    let name = name.unwrap_or_else(|| {
+        file.file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_default()
+    });
     let dir = file.parent().map(Path::to_path_buf).unwrap_or_default();
-    let dir = if dir.as_os_str().is_empty() { PathBuf::from(".") } else { dir };
-    Some(Pipeline { name, file: file.to_path_buf(), dir, stages })
+    let dir = if dir.as_os_str().is_empty() {
+        PathBuf::from(".")
+    } else {
+        dir
+    };
+    Some(Pipeline {
+        name,
+        file: file.to_path_buf(),
+        dir,
+        stages,
+    })
 }
 
 /// `unknown field `x`, expected ...` -> `x` (serde reports unknown fields at the parent path).
@@ -646,8 +811,11 @@ fn unknown_field(message: &str) -> Option<String> {
 }
 
 fn deps(inputs: &[(String, Vec<Source>)], index: &BTreeMap<&str, usize>) -> Vec<usize> {
-    let mut d: Vec<usize> =
-        inputs.iter().flat_map(|(_, s)| s.iter()).filter_map(|s| index.get(s.stage.as_str()).copied()).collect();
+    let mut d: Vec<usize> = inputs
+        .iter()
+        .flat_map(|(_, s)| s.iter())
+        .filter_map(|s| index.get(s.stage.as_str()).copied())
+        .collect();
     d.sort_unstable();
     d.dedup();
     d
@@ -696,7 +864,9 @@ fn topo_order(deps: &[Vec<usize>]) -> Vec<usize> {
 
 /// One cycle through the strongly connected `members`, as a list of stages in input order.
 fn find_cycle(deps: &[Vec<usize>], members: &BTreeSet<usize>) -> Vec<usize> {
-    let Some(&start) = members.first() else { return Vec::new() };
+    let Some(&start) = members.first() else {
+        return Vec::new();
+    };
     // walk "is an input of" edges inside the component until we come back to start (BFS for the
     // shortest cycle through start, so the message is short and complete)
     let mut users: BTreeMap<usize, Vec<usize>> = BTreeMap::new();
