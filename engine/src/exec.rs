@@ -247,12 +247,15 @@ pub fn run(
                         break;
                     }
                     let gpu = nodes[i].resources.gpu;
-                    if gpu && free_gpus == 0 {
+                    // with no GPU tokens at all the node starts and fails at once (below) rather
+                    // than waiting forever
+                    let no_gpus = gpu && opts.gpus == 0;
+                    if gpu && !no_gpus && free_gpus == 0 {
                         continue;
                     }
                     ready.remove(&i);
                     free_jobs -= 1;
-                    if gpu {
+                    if gpu && !no_gpus {
                         free_gpus -= 1;
                     }
                     running += 1;
@@ -267,11 +270,15 @@ pub fn run(
                         let on_wait = &mut |pid| {
                             let _ = tx.send((i, Msg::Event(Event::Waiting(i, pid))));
                         };
-                        let outcome = match run_node(
-                            plan, i, registry, store, opts, cancel, &host, &report, on_wait,
-                        ) {
-                            Ok(o) => o,
-                            Err(msg) => Outcome::Failed(msg),
+                        let outcome = if no_gpus {
+                            Outcome::Failed("the node needs a GPU but --gpus is 0".into())
+                        } else {
+                            match run_node(
+                                plan, i, registry, store, opts, cancel, &host, &report, on_wait,
+                            ) {
+                                Ok(o) => o,
+                                Err(msg) => Outcome::Failed(msg),
+                            }
                         };
                         let _ = tx.send((
                             i,
@@ -291,7 +298,7 @@ pub fn run(
                 Ok((i, Msg::Done(r))) => {
                     running -= 1;
                     free_jobs += 1;
-                    if nodes[i].resources.gpu {
+                    if nodes[i].resources.gpu && opts.gpus > 0 {
                         free_gpus += 1;
                     }
                     match &r.outcome {
@@ -463,9 +470,13 @@ fn run_node(
         Err(p) => Some(format!("panicked: {}", panic_message(p.as_ref()))),
     };
     if let Some(msg) = failure {
-        let mut text = std::fs::read_to_string(&log_path).unwrap_or_default();
-        text.push_str(&format!("\nerror: {msg}\n"));
-        let _ = store.save_failed_log(node.key.key(), &text);
+        // an interrupted node did not fail: keep no failed log, so the next plan says
+        // "not in the store" rather than "failed last time"
+        if !cancelled() {
+            let mut text = std::fs::read_to_string(&log_path).unwrap_or_default();
+            text.push_str(&format!("\nerror: {msg}\n"));
+            let _ = store.save_failed_log(node.key.key(), &text);
+        }
         tracing::info!(node = %node.id, "failed: {msg}");
         return Err(msg);
     }

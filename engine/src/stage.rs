@@ -234,8 +234,9 @@ impl<'a> StageCtx<'a> {
     pub fn all_inputs(&self) -> &BTreeMap<String, Vec<Artifact>> {
         &self.inputs
     }
-    /// True once the run is being cancelled (Ctrl-C, or a failure elsewhere without
-    /// `--keep-going`): poll between batches and return early with an error.
+    /// True once the run is being cancelled (Ctrl-C or SIGTERM): poll between batches and
+    /// return early with an error. (A failure elsewhere does not cancel running nodes: they
+    /// finish and are kept.)
     pub fn is_cancelled(&self) -> bool {
         self.cancel.load(Ordering::Relaxed)
     }
