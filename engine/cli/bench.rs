@@ -24,7 +24,10 @@ fn median(mut v: Vec<f64>) -> f64 {
 fn dag_yaml(n: usize) -> String {
     let mut s = String::from("name: bench_dag\nstages:\n");
     for i in 0..n {
-        let _ = writeln!(s, "  s{i}:\n    kind: shell\n    params: {{cmd: 'true', index: {i}, lr: 0.1}}");
+        let _ = writeln!(
+            s,
+            "  s{i}:\n    kind: shell\n    params: {{cmd: 'true', index: {i}, lr: 0.1}}"
+        );
         if i > 0 {
             let _ = write!(s, "    inputs: {{prev: s{}", i - 1);
             if i / 2 != i - 1 {
@@ -39,7 +42,10 @@ fn dag_yaml(n: usize) -> String {
 fn chain_yaml(n: usize) -> String {
     let mut s = String::from("name: bench_chain\nstages:\n");
     for i in 0..n {
-        let _ = writeln!(s, "  c{i}:\n    kind: shell\n    params: {{cmd: 'echo {i} > \"$PIPE_OUT/out.txt\"'}}");
+        let _ = writeln!(
+            s,
+            "  c{i}:\n    kind: shell\n    params: {{cmd: 'echo {i} > \"$PIPE_OUT/out.txt\"'}}"
+        );
         if i > 0 {
             let _ = writeln!(s, "    inputs: {{prev: c{}}}", i - 1);
         }
@@ -77,7 +83,12 @@ pub fn run(nodes: usize, chain: usize, reps: usize, json_out: bool) -> Result<u8
     Ok(0)
 }
 
-fn bench_in(dir: &Path, nodes: usize, chain: usize, reps: usize) -> Result<(Vec<f64>, Vec<f64>, f64)> {
+fn bench_in(
+    dir: &Path,
+    nodes: usize,
+    chain: usize,
+    reps: usize,
+) -> Result<(Vec<f64>, Vec<f64>, f64)> {
     let reg = crate::commands::registry();
     let dag = dir.join("dag.yaml");
     std::fs::write(&dag, dag_yaml(nodes))?;

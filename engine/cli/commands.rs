@@ -8,7 +8,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use anyhow::{Context, Result};
 use pipe_cache::Store;
-use pipe_engine::{Error as EngineError, Observer, Outcome, Overrides, Plan, Registry, RunOptions, Status};
+use pipe_engine::{
+    Error as EngineError, Observer, Outcome, Overrides, Plan, Registry, RunOptions, StatCache,
+    Status,
+};
 use serde_json::{Value, json};
 
 use crate::{Cli, Command, PipelineArgs};
@@ -29,26 +32,46 @@ const EXIT_INTERRUPTED: u8 = 130;
 pub fn dispatch(cli: Cli) -> Result<u8> {
     let store_path = cli.store.clone();
     match cli.command {
-        Command::Run { pipeline, targets, jobs, gpus, keep_going, json, no_progress } => {
+        Command::Run {
+            pipeline,
+            targets,
+            jobs,
+            gpus,
+            keep_going,
+            json,
+            no_progress,
+        } => {
             let store = open_store(&store_path)?;
             let _lock = store.lock_shared()?;
-            let Some(plan) = load_plan(&pipeline, &store, &targets)? else { return Ok(EXIT_USAGE) };
+            let Some(plan) = load_plan(&pipeline, &store, &targets)? else {
+                return Ok(EXIT_USAGE);
+            };
             let cancel = Arc::new(AtomicBool::new(false));
             install_signal_handler(Arc::clone(&cancel));
-            let mut opts = RunOptions { gpus, keep_going, ..RunOptions::default() };
+            let mut opts = RunOptions {
+                gpus,
+                keep_going,
+                ..RunOptions::default()
+            };
             if let Some(j) = jobs {
                 opts.jobs = j.max(1);
             }
             let reg = registry();
-            let mut observer: Box<dyn Observer> = if !no_progress && std::io::stderr().is_terminal() {
+            let mut observer: Box<dyn Observer> = if !no_progress && std::io::stderr().is_terminal()
+            {
                 Box::new(crate::progress::Bars::new())
             } else {
                 Box::new(crate::progress::Lines)
             };
-            let summary = pipe_engine::exec::run(&plan, &reg, &store, &opts, &cancel, observer.as_mut());
+            let summary =
+                pipe_engine::exec::run(&plan, &reg, &store, &opts, &cancel, observer.as_mut());
             drop(observer);
-            let (ran, cached, failed, skipped) =
-                (summary.count("ran"), summary.count("cached"), summary.count("failed"), summary.count("skipped"));
+            let (ran, cached, failed, skipped) = (
+                summary.count("ran"),
+                summary.count("cached"),
+                summary.count("failed"),
+                summary.count("skipped"),
+            );
             if json {
                 let nodes: Vec<Value> = plan
                     .graph
@@ -82,11 +105,20 @@ pub fn dispatch(cli: Cli) -> Result<u8> {
             }
             eprintln!(
                 "pipe: {ran} ran, {cached} cached, {failed} failed, {skipped} skipped{}",
-                if summary.interrupted { " (interrupted)" } else { "" }
+                if summary.interrupted {
+                    " (interrupted)"
+                } else {
+                    ""
+                }
             );
             for (n, r) in plan.graph.nodes.iter().zip(&summary.results) {
                 if let Outcome::Failed(m) = &r.outcome {
-                    eprintln!("failed: {}: {m}\n  (full log: pipe log {} {})", n.id, pipeline.file.display(), n.id);
+                    eprintln!(
+                        "failed: {}: {m}\n  (full log: pipe log {} {})",
+                        n.id,
+                        pipeline.file.display(),
+                        n.id
+                    );
                 }
             }
             Ok(if summary.interrupted {
@@ -97,10 +129,16 @@ pub fn dispatch(cli: Cli) -> Result<u8> {
                 0
             })
         }
-        Command::Plan { pipeline, targets, json } => {
+        Command::Plan {
+            pipeline,
+            targets,
+            json,
+        } => {
             let store = open_store(&store_path)?;
             let _lock = store.lock_shared()?;
-            let Some(plan) = load_plan(&pipeline, &store, &targets)? else { return Ok(EXIT_USAGE) };
+            let Some(plan) = load_plan(&pipeline, &store, &targets)? else {
+                return Ok(EXIT_USAGE);
+            };
             let (cached, to_run, not_needed) = plan.counts();
             if json {
                 let nodes: Vec<Value> = plan
@@ -128,21 +166,38 @@ pub fn dispatch(cli: Cli) -> Result<u8> {
                 });
                 println!("{}", serde_json::to_string_pretty(&doc)?);
             } else {
-                let width = plan.graph.nodes.iter().map(|n| n.id.len()).max().unwrap_or(0);
+                let width = plan
+                    .graph
+                    .nodes
+                    .iter()
+                    .map(|n| n.id.len())
+                    .max()
+                    .unwrap_or(0);
                 for (n, s) in plan.graph.nodes.iter().zip(&plan.status) {
                     let why = match s {
                         Status::Run(r) => format!("  ({r})"),
                         _ => String::new(),
                     };
-                    println!("{:<10} {:<width$}  {}{why}", s.as_str(), n.id, n.key.short());
+                    println!(
+                        "{:<10} {:<width$}  {}{why}",
+                        s.as_str(),
+                        n.id,
+                        n.key.short()
+                    );
                 }
                 println!("{to_run} to run, {cached} cached, {not_needed} not needed");
             }
             Ok(0)
         }
-        Command::Show { pipeline, stage, json } => {
+        Command::Show {
+            pipeline,
+            stage,
+            json,
+        } => {
             let store = open_store(&store_path)?;
-            let Some(plan) = load_plan(&pipeline, &store, &[])? else { return Ok(EXIT_USAGE) };
+            let Some(plan) = load_plan(&pipeline, &store, &[])? else {
+                return Ok(EXIT_USAGE);
+            };
             let selected: Vec<usize> = match &stage {
                 Some(s) => {
                     let sel = plan.graph.select(s);
@@ -165,7 +220,10 @@ pub fn dispatch(cli: Cli) -> Result<u8> {
                     "missing"
                 };
                 let metrics = entry.as_ref().and_then(|e| {
-                    e.file("metrics.json").ok().and_then(|p| std::fs::read(p).ok()).and_then(|b| serde_json::from_slice::<Value>(&b).ok())
+                    e.file("metrics.json")
+                        .ok()
+                        .and_then(|p| std::fs::read(p).ok())
+                        .and_then(|b| serde_json::from_slice::<Value>(&b).ok())
                 });
                 rows.push(json!({
                     "id": n.id,
@@ -179,10 +237,18 @@ pub fn dispatch(cli: Cli) -> Result<u8> {
                 }));
             }
             if json {
-                println!("{}", serde_json::to_string_pretty(&json!({ "pipeline": plan.graph.pipeline.name, "nodes": rows }))?);
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(
+                        &json!({ "pipeline": plan.graph.pipeline.name, "nodes": rows })
+                    )?
+                );
             } else {
                 for r in &rows {
-                    let secs = r["seconds"].as_f64().map(|s| format!("{s:.2}s")).unwrap_or_else(|| "-".into());
+                    let secs = r["seconds"]
+                        .as_f64()
+                        .map(|s| format!("{s:.2}s"))
+                        .unwrap_or_else(|| "-".into());
                     println!(
                         "{:<8} {}  {}  {}",
                         r["status"].as_str().unwrap_or_default(),
@@ -201,7 +267,9 @@ pub fn dispatch(cli: Cli) -> Result<u8> {
         }
         Command::Log { pipeline, stage } => {
             let store = open_store(&store_path)?;
-            let Some(plan) = load_plan(&pipeline, &store, &[])? else { return Ok(EXIT_USAGE) };
+            let Some(plan) = load_plan(&pipeline, &store, &[])? else {
+                return Ok(EXIT_USAGE);
+            };
             let sel = plan.graph.select(&stage);
             if sel.is_empty() {
                 anyhow::bail!("no stage or node `{stage}` in {}", pipeline.file.display());
@@ -214,10 +282,18 @@ pub fn dispatch(cli: Cli) -> Result<u8> {
                 }
                 if let Some(e) = store.get(n.key.key())? {
                     let p = e.file(pipe_engine::stage::LOG_FILE)?;
-                    print!("{}", std::fs::read_to_string(&p).with_context(|| format!("reading {}", p.display()))?);
+                    print!(
+                        "{}",
+                        std::fs::read_to_string(&p)
+                            .with_context(|| format!("reading {}", p.display()))?
+                    );
                 } else if let Some(p) = store.failed_log(n.key.key()) {
                     println!("(last attempt failed)");
-                    print!("{}", std::fs::read_to_string(&p).with_context(|| format!("reading {}", p.display()))?);
+                    print!(
+                        "{}",
+                        std::fs::read_to_string(&p)
+                            .with_context(|| format!("reading {}", p.display()))?
+                    );
                 } else {
                     println!("(no log: {} has not run)", n.id);
                 }
@@ -229,7 +305,13 @@ pub fn dispatch(cli: Cli) -> Result<u8> {
             let reg = registry();
             let mut keep = BTreeSet::new();
             for f in &files {
-                let p = match pipe_engine::spec::load(f, &reg, &Overrides::default()) {
+                let mut stats = StatCache::open(store.root().join("statcache.json"));
+                let p = match pipe_engine::spec::load_with(
+                    f,
+                    &reg,
+                    &Overrides::default(),
+                    &mut stats,
+                ) {
                     Ok(p) => p,
                     Err(e) => {
                         eprintln!("error: {e}");
@@ -245,7 +327,11 @@ pub fn dispatch(cli: Cli) -> Result<u8> {
                 for k in &report.removed {
                     println!("would remove {k}");
                 }
-                println!("would remove {} entries ({mb:.1} MB), keep {}", report.removed.len(), report.kept);
+                println!(
+                    "would remove {} entries ({mb:.1} MB), keep {}",
+                    report.removed.len(),
+                    report.kept
+                );
             } else {
                 println!(
                     "removed {} entries ({mb:.1} MB) and {} staging folders, kept {}",
@@ -266,7 +352,10 @@ pub fn dispatch(cli: Cli) -> Result<u8> {
                     .iter()
                     .map(|p| json!({"key": p.key().to_string(), "file": p.file(), "problem": p.to_string()}))
                     .collect();
-                println!("{}", serde_json::to_string_pretty(&json!({"entries": n, "problems": list}))?);
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&json!({"entries": n, "problems": list}))?
+                );
             } else {
                 for p in &problems {
                     println!("{p}");
@@ -275,7 +364,12 @@ pub fn dispatch(cli: Cli) -> Result<u8> {
             }
             Ok(if problems.is_empty() { 0 } else { EXIT_FAILED })
         }
-        Command::Bench { nodes, chain, reps, json } => crate::bench::run(nodes, chain, reps, json),
+        Command::Bench {
+            nodes,
+            chain,
+            reps,
+            json,
+        } => crate::bench::run(nodes, chain, reps, json),
     }
 }
 
@@ -293,7 +387,10 @@ pub fn load_plan(args: &PipelineArgs, store: &Store, targets: &[String]) -> Resu
     for s in &args.sweep {
         ov.add_sweep(s)?;
     }
-    let pipeline = match pipe_engine::spec::load(&args.file, &reg, &ov) {
+    let mut stats = StatCache::open(store.root().join("statcache.json"));
+    let loaded = pipe_engine::spec::load_with(&args.file, &reg, &ov, &mut stats);
+    stats.save();
+    let pipeline = match loaded {
         Ok(p) => p,
         Err(EngineError::Spec(errors)) => {
             eprintln!("error: {errors}");

@@ -15,7 +15,11 @@ pub struct Bars {
 
 impl Bars {
     pub fn new() -> Self {
-        Bars { mp: MultiProgress::with_draw_target(ProgressDrawTarget::stderr()), overall: None, nodes: HashMap::new() }
+        Bars {
+            mp: MultiProgress::with_draw_target(ProgressDrawTarget::stderr()),
+            overall: None,
+            nodes: HashMap::new(),
+        }
     }
 }
 
@@ -25,9 +29,11 @@ fn node_style() -> ProgressStyle {
 }
 
 fn node_bar_style() -> ProgressStyle {
-    ProgressStyle::with_template("  {spinner} {prefix:.bold} [{bar:25}] {pos}/{len} {msg} {per_sec} eta {eta}")
-        .unwrap_or_else(|_| ProgressStyle::default_bar())
-        .progress_chars("=> ")
+    ProgressStyle::with_template(
+        "  {spinner} {prefix:.bold} [{bar:25}] {pos}/{len} {msg} {per_sec} eta {eta}",
+    )
+    .unwrap_or_else(|_| ProgressStyle::default_bar())
+    .progress_chars("=> ")
 }
 
 impl Observer for Bars {
@@ -40,9 +46,11 @@ impl Observer for Bars {
                 }
                 let bar = self.mp.add(ProgressBar::new(*to_run as u64));
                 bar.set_style(
-                    ProgressStyle::with_template("{prefix:.bold} [{bar:30}] {pos}/{len} nodes {elapsed}")
-                        .unwrap_or_else(|_| ProgressStyle::default_bar())
-                        .progress_chars("=> "),
+                    ProgressStyle::with_template(
+                        "{prefix:.bold} [{bar:30}] {pos}/{len} nodes {elapsed}",
+                    )
+                    .unwrap_or_else(|_| ProgressStyle::default_bar())
+                    .progress_chars("=> "),
                 );
                 bar.set_prefix("pipe");
                 bar.enable_steady_tick(Duration::from_millis(200));
@@ -58,11 +66,20 @@ impl Observer for Bars {
             }
             Event::Waiting(i, pid) => {
                 if let Some(b) = self.nodes.get(i) {
-                    let who = pid.map(|p| format!(" (held by pid {p})")).unwrap_or_default();
+                    let who = pid
+                        .map(|p| format!(" (held by pid {p})"))
+                        .unwrap_or_default();
                     b.set_message(format!("waiting for its lock{who}"));
                 }
             }
-            Event::Stage(i, StageEvent::Progress { done, total, message }) => {
+            Event::Stage(
+                i,
+                StageEvent::Progress {
+                    done,
+                    total,
+                    message,
+                },
+            ) => {
                 if let Some(b) = self.nodes.get(i) {
                     if b.length() != Some(*total) {
                         b.set_style(node_bar_style());
@@ -89,8 +106,10 @@ impl Observer for Bars {
                 if let Some(line) = line {
                     let _ = self.mp.println(line);
                 }
-                if matches!(r.outcome, Outcome::Ran | Outcome::Cached | Outcome::Failed(_))
-                    && let Some(o) = &self.overall
+                if matches!(
+                    r.outcome,
+                    Outcome::Ran | Outcome::Cached | Outcome::Failed(_)
+                ) && let Some(o) = &self.overall
                 {
                     o.inc(1);
                 }
@@ -114,12 +133,15 @@ impl Observer for Lines {
     fn event(&mut self, plan: &Plan, event: &Event) {
         let nodes = &plan.graph.nodes;
         match event {
-            Event::Start { to_run, cached } => eprintln!("pipe: {to_run} node(s) to run, {cached} cached"),
+            Event::Start { to_run, cached } => {
+                eprintln!("pipe: {to_run} node(s) to run, {cached} cached")
+            }
             Event::Started(i) => eprintln!("  start   {}", nodes[*i].id),
             Event::Waiting(i, pid) => eprintln!(
                 "  waiting {} for its lock{}",
                 nodes[*i].id,
-                pid.map(|p| format!(" (held by pid {p})")).unwrap_or_default()
+                pid.map(|p| format!(" (held by pid {p})"))
+                    .unwrap_or_default()
             ),
             Event::Stage(..) => {}
             Event::Finished(i, r) => {

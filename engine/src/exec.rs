@@ -486,7 +486,7 @@ fn run_node(
         node: node.id.clone(),
         params: node.params.clone(),
         inputs: input_keys,
-        external: BTreeMap::new(),
+        external: node.external.clone(),
         started,
         finished: now_rfc3339(),
         seconds: t0.elapsed().as_secs_f64(),

@@ -37,6 +37,8 @@ pub struct Node {
     pub stages: Vec<String>,
     /// Resolved params.
     pub params: Value,
+    /// External name -> content hash (keyed).
+    pub external: BTreeMap<String, String>,
     /// Slot -> indices of input nodes (into [`Graph::nodes`]).
     pub inputs: BTreeMap<String, Vec<usize>>,
     /// Resources it claims.
@@ -173,9 +175,9 @@ pub fn build(pipeline: Pipeline, registry: &Registry) -> Graph {
                     schema: KEY_SCHEMA,
                     kind: kind.name(),
                     version: kind.version(),
-                    params: &point.params,
+                    params: &point.key_params,
                     inputs: input_keys,
-                    external: BTreeMap::new(),
+                    external: point.external.clone(),
                 }
                 .finish();
                 let idx = match by_key.get(&key) {
@@ -198,6 +200,7 @@ pub fn build(pipeline: Pipeline, registry: &Registry) -> Graph {
                             aliases: Vec::new(),
                             stages: vec![stage.id.clone()],
                             params: point.params.clone(),
+                            external: point.external.clone(),
                             inputs: slots.clone(),
                             resources: kind.resources(&point.params),
                             outputs: kind.outputs(&point.params),

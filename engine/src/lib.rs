@@ -35,6 +35,7 @@ pub mod record;
 pub mod registry;
 pub mod spec;
 pub mod stage;
+pub mod statcache;
 pub mod testing;
 pub mod value;
 
@@ -46,5 +47,7 @@ pub use plan::{Plan, Reason, Status};
 pub use registry::Registry;
 pub use spec::{Overrides, Pipeline};
 pub use stage::{
-    Artifact, Resources, Slot, Slots, StageCtx, StageEvent, StageKind, Typed, TypedStage,
+    Artifact, External, NormalizeCtx, Resources, Slot, Slots, StageCtx, StageEvent, StageKind,
+    Typed, TypedStage,
 };
+pub use statcache::StatCache;

@@ -49,6 +49,27 @@ pub struct Resources {
     pub gpu: bool,
 }
 
+/// What a kind may use while normalizing params at plan time.
+#[derive(Clone, Copy, Debug)]
+pub struct NormalizeCtx<'a> {
+    /// Folder of the pipeline file: relative paths in params are relative to it.
+    pub pipeline_dir: &'a Path,
+}
+
+/// A file or folder outside the store that a node reads (a dataset archive). Its content hash
+/// goes into the node's key under `name`, so the key follows the content, not the path.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct External {
+    /// Logical name in the key (and the param the path came from, for error messages).
+    pub name: String,
+    /// Resolved path.
+    pub path: PathBuf,
+    /// The content hash to key when the path does not exist yet (e.g. an official archive that
+    /// the stage downloads and verifies against a known checksum); `None`: a missing path is a
+    /// spec error.
+    pub pinned: Option<String>,
+}
+
 /// A stage kind as the engine sees it. Implement [`TypedStage`] instead and register
 /// `Typed<YourStage>`; this trait is object-safe so the [`Registry`](crate::Registry) can hold any.
 pub trait StageKind: Send + Sync + 'static {
@@ -60,7 +81,12 @@ pub trait StageKind: Send + Sync + 'static {
     fn inputs(&self) -> Slots;
     /// Deserializes params into the kind's typed params (defaults filled, unknown fields
     /// rejected, ranges checked) and re-serializes them: the resolved params that are keyed.
-    fn normalize(&self, params: Value) -> Result<Value, Vec<ParamError>>;
+    fn normalize(&self, params: Value, ctx: &NormalizeCtx<'_>) -> Result<Value, Vec<ParamError>>;
+    /// External files the node reads (hashed into its key).
+    fn externals(&self, params: &Value) -> Vec<External>;
+    /// The part of the normalized params that is keyed (paths of externals are left out:
+    /// their content is keyed instead).
+    fn key_params(&self, params: &Value) -> Value;
     /// Files the stage must have written (checked before commit).
     fn outputs(&self, params: &Value) -> Vec<String>;
     /// Resources a node of this kind claims.
@@ -84,9 +110,23 @@ pub trait TypedStage: Send + Sync + 'static {
     fn check(_params: &Self::Params) -> Vec<ParamError> {
         Vec::new()
     }
-    /// Drops or rewrites params that do not change results, before keying.
-    fn canonicalize(params: Self::Params) -> Self::Params {
-        params
+    /// Resolves params at plan time (environment variables, paths relative to the pipeline
+    /// file) and drops or rewrites params that do not change results (`m` when there is no
+    /// free-adversarial training), so equivalent sweep points share one node.
+    fn canonicalize(
+        params: Self::Params,
+        _ctx: &NormalizeCtx<'_>,
+    ) -> Result<Self::Params, Vec<ParamError>> {
+        Ok(params)
+    }
+    /// External files read by the node (see [`External`]).
+    fn externals(_params: &Self::Params) -> Vec<External> {
+        Vec::new()
+    }
+    /// The params that are keyed; default: all of them. Leave out paths whose content is
+    /// keyed through [`TypedStage::externals`].
+    fn key_params(params: &Self::Params) -> Value {
+        serde_json::to_value(params).unwrap_or(Value::Null)
     }
     /// Files the stage must write.
     fn outputs(_params: &Self::Params) -> Vec<String> {
@@ -124,7 +164,7 @@ impl<T: TypedStage> StageKind for Typed<T> {
     fn inputs(&self) -> Slots {
         T::inputs()
     }
-    fn normalize(&self, params: Value) -> Result<Value, Vec<ParamError>> {
+    fn normalize(&self, params: Value, ctx: &NormalizeCtx<'_>) -> Result<Value, Vec<ParamError>> {
         let p: T::Params = serde_path_to_error::deserialize(params).map_err(|e| {
             let path = e.path().to_string();
             let path = if path == "." { String::new() } else { path };
@@ -134,9 +174,19 @@ impl<T: TypedStage> StageKind for Typed<T> {
         if !errors.is_empty() {
             return Err(errors);
         }
-        let p = T::canonicalize(p);
+        let p = T::canonicalize(p, ctx)?;
         serde_json::to_value(&p)
             .map_err(|e| vec![ParamError::new("", format!("params do not serialize: {e}"))])
+    }
+    fn externals(&self, params: &Value) -> Vec<External> {
+        typed::<T>(params)
+            .map(|p| T::externals(&p))
+            .unwrap_or_default()
+    }
+    fn key_params(&self, params: &Value) -> Value {
+        typed::<T>(params)
+            .map(|p| T::key_params(&p))
+            .unwrap_or_else(|_| params.clone())
     }
     fn outputs(&self, params: &Value) -> Vec<String> {
         typed::<T>(params)

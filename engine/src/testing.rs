@@ -5,7 +5,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{BoxError, ParamError};
 use crate::registry::Registry;
-use crate::stage::{Resources, Slot, Slots, StageCtx, TypedStage};
+use crate::stage::{External, NormalizeCtx, Resources, Slot, Slots, StageCtx, TypedStage};
 
 /// Registers every fake kind.
 pub fn register(reg: &mut Registry) {
@@ -14,7 +14,8 @@ pub fn register(reg: &mut Registry) {
         .register_typed::<Fail>()
         .register_typed::<Panic>()
         .register_typed::<Sleep>()
-        .register_typed::<Bounded>();
+        .register_typed::<Bounded>()
+        .register_typed::<Read>();
 }
 
 /// Writes `out.txt`: its `text` followed by the `out.txt` of every input.
@@ -202,6 +203,51 @@ impl TypedStage for Bounded {
     }
     fn run(_: &BoundedParams, ctx: &mut StageCtx<'_>) -> Result<(), BoxError> {
         std::fs::write(ctx.out_path("ok"), "")?;
+        Ok(())
+    }
+}
+
+/// Copies an external file (`path`, `${VAR}` expanded, relative to the pipeline file) to
+/// `out.txt`. Its key follows the file's content, not its path.
+pub struct Read;
+/// Params of [`Read`].
+#[derive(Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct ReadParams {
+    /// File to read.
+    pub path: String,
+}
+impl TypedStage for Read {
+    const KIND: &'static str = "read";
+    const VERSION: u32 = 1;
+    type Params = ReadParams;
+    fn inputs() -> Slots {
+        Slots::Any
+    }
+    fn canonicalize(
+        mut p: ReadParams,
+        ctx: &NormalizeCtx<'_>,
+    ) -> Result<ReadParams, Vec<ParamError>> {
+        let expanded =
+            crate::value::expand_env(&p.path).map_err(|e| vec![ParamError::new("path", e)])?;
+        p.path = ctx.pipeline_dir.join(expanded).display().to_string();
+        Ok(p)
+    }
+    fn externals(p: &ReadParams) -> Vec<External> {
+        vec![External {
+            name: "path".into(),
+            path: p.path.clone().into(),
+            pinned: None,
+        }]
+    }
+    fn key_params(_: &ReadParams) -> serde_json::Value {
+        serde_json::json!({})
+    }
+    fn outputs(_: &ReadParams) -> Vec<String> {
+        vec!["out.txt".into()]
+    }
+    fn run(p: &ReadParams, ctx: &mut StageCtx<'_>) -> Result<(), BoxError> {
+        std::fs::copy(&p.path, ctx.out_path("out.txt")).map_err(|e| format!("{}: {e}", p.path))?;
         Ok(())
     }
 }

@@ -113,6 +113,47 @@ pub fn label(v: &Value) -> String {
     }
 }
 
+/// Expands `${VAR}` and `${VAR:-default}` from the environment (`$$` is a literal `$`).
+///
+/// # Errors
+/// An unset variable without a default, or an unclosed `${`.
+pub fn expand_env(text: &str) -> Result<String, String> {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(i) = rest.find('$') {
+        out.push_str(&rest[..i]);
+        let after = &rest[i + 1..];
+        if let Some(r) = after.strip_prefix('$') {
+            out.push('$');
+            rest = r;
+        } else if let Some(r) = after.strip_prefix('{') {
+            let end = r
+                .find('}')
+                .ok_or_else(|| format!("unclosed `${{` in `{text}`"))?;
+            let inner = &r[..end];
+            let (name, default) = match inner.split_once(":-") {
+                Some((n, d)) => (n, Some(d)),
+                None => (inner, None),
+            };
+            match (std::env::var(name).ok().filter(|v| !v.is_empty()), default) {
+                (Some(v), _) => out.push_str(&v),
+                (None, Some(d)) => out.push_str(d),
+                (None, None) => {
+                    return Err(format!(
+                        "environment variable `{name}` is not set (write `${{{name}:-default}}` to give a default)"
+                    ));
+                }
+            }
+            rest = &r[end + 1..];
+        } else {
+            out.push('$');
+            rest = after;
+        }
+    }
+    out.push_str(rest);
+    Ok(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -133,6 +174,23 @@ mod tests {
         assert_eq!(parse_scalar("crop").ok(), Some(serde_json::json!("crop")));
         assert_eq!(parse_scalar("8/255").ok(), Some(serde_json::json!("8/255")));
         assert!(parse_scalar(".nan").is_err());
+    }
+
+    #[test]
+    fn env_expansion() {
+        let home = std::env::var("HOME").unwrap_or_default();
+        assert_eq!(expand_env("${HOME}/x").ok(), Some(format!("{home}/x")));
+        assert_eq!(
+            expand_env("${PIPE_SURELY_UNSET_VAR:-data}/c").ok(),
+            Some("data/c".into())
+        );
+        assert_eq!(expand_env("a$$b$c").ok(), Some("a$b$c".into()));
+        assert!(
+            expand_env("${PIPE_SURELY_UNSET_VAR}")
+                .expect_err("unset")
+                .contains("PIPE_SURELY_UNSET_VAR")
+        );
+        assert!(expand_env("${X").is_err());
     }
 
     #[test]

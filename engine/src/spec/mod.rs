@@ -21,7 +21,8 @@ use serde_json::{Map, Value};
 
 use crate::error::{Error, ParamError, SpecError, SpecErrors};
 use crate::registry::Registry;
-use crate::stage::Slots;
+use crate::stage::{NormalizeCtx, Slots};
+use crate::statcache::StatCache;
 use crate::value::{label, parse_scalar, yaml_to_json};
 use locate::Locator;
 
@@ -42,8 +43,12 @@ pub type Coord = (Axis, String);
 pub struct GridPoint {
     /// Coordinates along the stage's own axes.
     pub coords: Vec<Coord>,
-    /// Params after layering and the kind's normalization: what is keyed.
+    /// Params after layering and the kind's normalization: what the stage runs with.
     pub params: Value,
+    /// The keyed part of `params` (see [`crate::StageKind::key_params`]).
+    pub key_params: Value,
+    /// External name -> blake3 of its content.
+    pub external: BTreeMap<String, String>,
 }
 
 /// One source feeding an input slot.
@@ -206,11 +211,24 @@ struct Layer {
 /// # Errors
 /// [`Error::Io`] when unreadable, [`Error::Spec`] with every problem found.
 pub fn load(file: &Path, registry: &Registry, overrides: &Overrides) -> Result<Pipeline, Error> {
+    load_with(file, registry, overrides, &mut StatCache::in_memory())
+}
+
+/// [`load`] with a stat cache for hashing external files (the CLI keeps one in the store).
+///
+/// # Errors
+/// As [`load`].
+pub fn load_with(
+    file: &Path,
+    registry: &Registry,
+    overrides: &Overrides,
+    stats: &mut StatCache,
+) -> Result<Pipeline, Error> {
     let text = std::fs::read_to_string(file).map_err(|cause| Error::Io {
         path: file.to_path_buf(),
         cause,
     })?;
-    parse(&text, file, registry, overrides).map_err(Error::Spec)
+    parse_with(&text, file, registry, overrides, stats).map_err(Error::Spec)
 }
 
 fn yaml_map(ctx: &mut Ctx<'_>, v: &serde_yaml::Mapping, path: &str) -> Map<String, Value> {
@@ -248,12 +266,26 @@ pub fn parse(
     registry: &Registry,
     overrides: &Overrides,
 ) -> Result<Pipeline, SpecErrors> {
+    parse_with(text, file, registry, overrides, &mut StatCache::in_memory())
+}
+
+/// [`parse`] with a stat cache for hashing external files.
+///
+/// # Errors
+/// As [`parse`].
+pub fn parse_with(
+    text: &str,
+    file: &Path,
+    registry: &Registry,
+    overrides: &Overrides,
+    stats: &mut StatCache,
+) -> Result<Pipeline, SpecErrors> {
     let mut ctx = Ctx {
         file,
         loc: Locator::new(text),
         errors: Vec::new(),
     };
-    let result = parse_inner(text, file, registry, overrides, &mut ctx);
+    let result = parse_inner(text, file, registry, overrides, &mut ctx, stats);
     let mut errors = ctx.errors;
     errors.sort();
     errors.dedup();
@@ -280,7 +312,15 @@ fn parse_inner(
     registry: &Registry,
     overrides: &Overrides,
     ctx: &mut Ctx<'_>,
+    stats: &mut StatCache,
 ) -> Option<Pipeline> {
+    let dir = file.parent().map(Path::to_path_buf).unwrap_or_default();
+    let dir = if dir.as_os_str().is_empty() {
+        PathBuf::from(".")
+    } else {
+        dir
+    };
+    let nctx = NormalizeCtx { pipeline_dir: &dir };
     let mut doc: serde_yaml::Value = match serde_yaml::from_str(text) {
         Ok(v) => v,
         Err(e) => {
@@ -740,8 +780,37 @@ fn parse_inner(
                         origin.insert(k.clone(), l.origin.clone());
                     }
                 }
-                match kind.normalize(Value::Object(merged)) {
-                    Ok(params) => grid.push(GridPoint { coords, params }),
+                match kind.normalize(Value::Object(merged), &nctx) {
+                    Ok(params) => {
+                        let mut external = BTreeMap::new();
+                        for ext in kind.externals(&params) {
+                            let hash = match &ext.pinned {
+                                Some(pinned) if !ext.path.exists() => Ok(pinned.clone()),
+                                _ => stats.hash(&ext.path),
+                            };
+                            match hash {
+                                Ok(h) => {
+                                    external.insert(ext.name.clone(), h);
+                                }
+                                Err(e) => {
+                                    let at = match origin.get(&ext.name) {
+                                        Some(o) => format!("{o}.{}", ext.name),
+                                        None => format!("{spath}.params.{}", ext.name),
+                                    };
+                                    if seen_errors.insert((at.clone(), e.clone())) {
+                                        ctx.err(at, e);
+                                    }
+                                }
+                            }
+                        }
+                        let key_params = kind.key_params(&params);
+                        grid.push(GridPoint {
+                            coords,
+                            params,
+                            key_params,
+                            external,
+                        });
+                    }
                     Err(errs) => {
                         for ParamError { path, message } in errs {
                             let head = path
@@ -790,12 +859,6 @@ fn parse_inner(
             .map(|s| s.to_string_lossy().into_owned())
             .unwrap_or_default()
     });
-    let dir = file.parent().map(Path::to_path_buf).unwrap_or_default();
-    let dir = if dir.as_os_str().is_empty() {
-        PathBuf::from(".")
-    } else {
-        dir
-    };
     Some(Pipeline {
         name,
         file: file.to_path_buf(),

@@ -62,7 +62,9 @@ impl TypedStage for Shell {
             let path = std::path::Path::new(o);
             if o.is_empty()
                 || path.is_absolute()
-                || path.components().any(|c| !matches!(c, std::path::Component::Normal(_)))
+                || path
+                    .components()
+                    .any(|c| !matches!(c, std::path::Component::Normal(_)))
             {
                 e.push(ParamError::new(
                     format!("outputs[{i}]"),
@@ -140,7 +142,9 @@ impl TypedStage for Shell {
                         signal_group(pid, Signal::Term);
                         cancelled_at = Some(Instant::now());
                     }
-                    Some(t) if t.elapsed() > Duration::from_secs(2) => signal_group(pid, Signal::Kill),
+                    Some(t) if t.elapsed() > Duration::from_secs(2) => {
+                        signal_group(pid, Signal::Kill)
+                    }
                     Some(_) => {}
                 }
             }
@@ -153,8 +157,13 @@ impl TypedStage for Shell {
             return Err("interrupted".into());
         }
         if !status.success() {
-            let tail: Vec<String> = tail.lock().map(|t| t.iter().cloned().collect()).unwrap_or_default();
-            let code = status.code().map_or_else(|| "a signal".to_string(), |c| format!("code {c}"));
+            let tail: Vec<String> = tail
+                .lock()
+                .map(|t| t.iter().cloned().collect())
+                .unwrap_or_default();
+            let code = status
+                .code()
+                .map_or_else(|| "a signal".to_string(), |c| format!("code {c}"));
             let mut msg = format!("command exited with {code}");
             if !tail.is_empty() {
                 msg.push_str("; stderr ends with:\n    ");
@@ -197,7 +206,16 @@ mod tests {
             crate::register_all(&mut r);
             r
         };
-        reg.get("shell").map(|k| k.normalize(v)).unwrap_or_else(|| Err(vec![]))
+        reg.get("shell")
+            .map(|k| {
+                k.normalize(
+                    v,
+                    &pipe_engine::NormalizeCtx {
+                        pipeline_dir: std::path::Path::new("."),
+                    },
+                )
+            })
+            .unwrap_or_else(|| Err(vec![]))
     }
 
     #[test]
@@ -206,7 +224,8 @@ mod tests {
         assert_eq!(v, serde_json::json!({"cmd": "echo", "lr": 0.1}));
         let e = normalize(serde_json::json!({"lr": 0.1})).expect_err("cmd missing");
         assert!(e[0].message.contains("cmd"), "{e:?}");
-        let e = normalize(serde_json::json!({"cmd": "x", "outputs": ["../escape"]})).expect_err("bad output");
+        let e = normalize(serde_json::json!({"cmd": "x", "outputs": ["../escape"]}))
+            .expect_err("bad output");
         assert_eq!(e[0].path, "outputs[0]");
     }
 }
