@@ -13,7 +13,10 @@
 //! assert!(reg.get("shell").is_some());
 //! ```
 
+pub mod data;
 pub mod kinds;
+pub mod nn;
+pub mod rng;
 
 /// Registers every stage kind.
 pub fn register_all(reg: &mut pipe_engine::Registry) {

@@ -1,0 +1,1 @@
+//! Neural-network building blocks (candle-nn style): augmentation today.
