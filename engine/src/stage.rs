@@ -64,10 +64,6 @@ pub struct External {
     pub name: String,
     /// Resolved path.
     pub path: PathBuf,
-    /// The content hash to key when the path does not exist yet (e.g. an official archive that
-    /// the stage downloads and verifies against a known checksum); `None`: a missing path is a
-    /// spec error.
-    pub pinned: Option<String>,
 }
 
 /// A stage kind as the engine sees it. Implement [`TypedStage`] instead and register

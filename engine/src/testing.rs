@@ -237,7 +237,6 @@ impl TypedStage for Read {
         vec![External {
             name: "path".into(),
             path: p.path.clone().into(),
-            pinned: None,
         }]
     }
     fn key_params(_: &ReadParams) -> serde_json::Value {

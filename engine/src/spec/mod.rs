@@ -784,10 +784,7 @@ fn parse_inner(
                     Ok(params) => {
                         let mut external = BTreeMap::new();
                         for ext in kind.externals(&params) {
-                            let hash = match &ext.pinned {
-                                Some(pinned) if !ext.path.exists() => Ok(pinned.clone()),
-                                _ => stats.hash(&ext.path),
-                            };
+                            let hash = stats.hash(&ext.path);
                             match hash {
                                 Ok(h) => {
                                     external.insert(ext.name.clone(), h);
