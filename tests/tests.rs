@@ -1,1 +1,12 @@
+//! End-to-end tests of the `pipe` binary: each module drives `env!("CARGO_BIN_EXE_pipe")` on
+//! pipelines of `shell` stages written into a temporary work dir with its own store.
 
+mod util;
+
+mod caching;
+mod cli;
+mod concurrency;
+mod crash;
+mod errors;
+mod failures;
+mod gc;

@@ -93,6 +93,9 @@ impl Store {
     /// [`StoreError::Io`] naming the path that could not be created or written.
     pub fn open(root: impl Into<PathBuf>) -> Result<Store> {
         let root = root.into();
+        // Absolute, so every path handed out (staging dirs, entries) stays valid for a stage
+        // that runs in another working directory (shell stages run in the pipeline's folder).
+        let root = std::path::absolute(&root).at(&root)?;
         fs::create_dir_all(&root).at(&root)?;
         for d in DIRS {
             let p = root.join(d);

@@ -277,6 +277,8 @@ pub fn run(
                                 plan, i, registry, store, opts, cancel, &host, &report, on_wait,
                             ) {
                                 Ok(o) => o,
+                                // stopped by Ctrl-C: discarded, not a failure of the node
+                                Err(_) if cancel.load(Ordering::Relaxed) => Outcome::Skipped,
                                 Err(msg) => Outcome::Failed(msg),
                             }
                         };

@@ -1,0 +1,338 @@
+//! The CLI surface: `show --json` (metrics, path), `--sweep`/`--set` from the command line,
+//! targets, `log`, the shell stage's environment, and where the store is.
+
+use std::path::Path;
+
+use crate::util::{Dir, PIPE, expect, key_of, node, statuses};
+
+fn read(path: &str, file: &str) -> String {
+    std::fs::read_to_string(Path::new(path).join(file))
+        .unwrap_or_else(|e| panic!("{path}/{file}: {e}"))
+}
+
+#[test]
+fn show_json_has_metrics_and_path() {
+    let dir = Dir::new("show");
+    let p = dir.pipeline(
+        "show.yaml",
+        r#"
+name: show
+stages:
+  train:
+    kind: shell
+    params:
+      cmd: |
+        printf '{"acc": 0.875, "loss": 1.5, "epochs": 3}' > "$PIPE_OUT/metrics.json"
+  plain:
+    kind: shell
+    params:
+      cmd: echo hi > "$PIPE_OUT/x.txt"
+"#,
+    );
+    let before = dir.json(&["show", &p], 0);
+    assert_eq!(before["pipeline"], "show");
+    assert_eq!(
+        statuses(&before),
+        expect(&[("plain", "missing"), ("train", "missing")])
+    );
+    assert!(node(&before, "train")["path"].is_null());
+    assert!(node(&before, "train")["metrics"].is_null());
+
+    let run = dir.json(&["run", &p], 0);
+    let show = dir.json(&["show", &p], 0);
+    let train = node(&show, "train");
+    assert_eq!(train["status"], "cached");
+    assert_eq!(train["stage"], "train");
+    assert_eq!(train["key"], key_of(&run, "train").as_str());
+    assert_eq!(
+        train["metrics"],
+        serde_json::json!({"acc": 0.875, "loss": 1.5, "epochs": 3})
+    );
+    assert!(
+        train["seconds"].as_f64().is_some_and(|s| s >= 0.0),
+        "{train:#}"
+    );
+    let path = train["path"].as_str().expect("path of a cached node");
+    assert!(
+        Path::new(path).starts_with(dir.store.join("entries")),
+        "{path}"
+    );
+    assert!(path.ends_with(key_of(&run, "train").as_str()), "{path}");
+    assert_eq!(
+        read(path, "metrics.json"),
+        r#"{"acc": 0.875, "loss": 1.5, "epochs": 3}"#
+    );
+    assert!(Path::new(path).join("manifest.json").is_file());
+    let plain = node(&show, "plain");
+    assert!(plain["metrics"].is_null(), "no metrics.json: {plain:#}");
+    assert_eq!(read(plain["path"].as_str().expect("path"), "x.txt"), "hi\n");
+
+    // one stage selected
+    let one = dir.json(&["show", &p, "train"], 0);
+    assert_eq!(one["nodes"].as_array().map(Vec::len), Some(1));
+    // the human table lists the metrics
+    let text = dir.pipe(&["show", &p]).code(0);
+    assert!(text.stdout.contains("acc = 0.875"), "{}", text.stdout);
+    // an unknown stage is a usage error
+    let out = dir.pipe(&["show", &p, "nope"]).code(2);
+    assert!(out.stderr.contains("nope"), "{}", out.stderr);
+}
+
+const SWEEPABLE: &str = r#"
+name: sweepable
+stages:
+  a:
+    kind: shell
+    params:
+      n: 0
+      cmd: echo "a $PIPE_PARAM_n" >> runs.log; echo "$PIPE_PARAM_n" > "$PIPE_OUT/v"
+  b:
+    kind: shell
+    inputs: {up: a}
+    params:
+      scale: 1
+      cmd: echo $(( $(cat "$PIPE_IN_up/v") * PIPE_PARAM_scale )) > "$PIPE_OUT/v"
+"#;
+
+#[test]
+fn sweep_and_set_from_the_command_line() {
+    let dir = Dir::new("cli-sweep");
+    let p = dir.pipeline("sweepable.yaml", SWEEPABLE);
+    let plan = dir.json(&["plan", &p, "--sweep", "a.n=1,2"], 0);
+    assert_eq!(
+        statuses(&plan),
+        expect(&[
+            ("a[n=1]", "to-run"),
+            ("a[n=2]", "to-run"),
+            ("b[n=1]", "to-run"),
+            ("b[n=2]", "to-run")
+        ])
+    );
+    assert!(
+        node(&plan, "a[n=1]")["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("new")),
+        "{plan:#}"
+    );
+    let doc = dir.json(&["run", &p, "--sweep", "a.n=1,2", "--set", "b.scale=7"], 0);
+    assert_eq!(doc["ran"], 4);
+    assert_eq!(
+        (dir.count("runs.log", "a 1"), dir.count("runs.log", "a 2")),
+        (1, 1)
+    );
+    let show = dir.json(
+        &["show", &p, "b", "--sweep", "a.n=1,2", "--set", "b.scale=7"],
+        0,
+    );
+    for n in [1, 2] {
+        let b = node(&show, &format!("b[n={n}]"));
+        assert_eq!(
+            read(b["path"].as_str().expect("committed"), "v"),
+            format!("{}\n", 7 * n)
+        );
+        assert_eq!(
+            b["params"]["scale"], 7,
+            "--set values are YAML scalars: {b:#}"
+        );
+    }
+    // a sweep value that was in the file's sweep is shared: n=2 is cached
+    let doc = dir.json(&["run", &p, "--sweep", "a.n=2,3", "--set", "b.scale=7"], 0);
+    assert_eq!(node(&doc, "a[n=2]")["status"], "cached");
+    assert_eq!(node(&doc, "a[n=3]")["status"], "ran");
+    // --set a.n=2 without a sweep is the same node as the sweep's n=2 variant
+    let doc = dir.json(&["run", &p, "--set", "a.n=2", "--set", "b.scale=7"], 0);
+    assert_eq!(statuses(&doc), expect(&[("a", "cached"), ("b", "cached")]));
+}
+
+#[test]
+fn targets_build_only_what_they_need() {
+    let dir = Dir::new("targets");
+    let p = dir.pipeline("sweepable.yaml", SWEEPABLE);
+    let doc = dir.json(&["run", &p, "a"], 0);
+    assert_eq!(node(&doc, "a")["status"], "ran");
+    assert_ne!(node(&doc, "b")["status"], "ran", "{doc:#}");
+    assert_eq!(dir.entries().len(), 1);
+    let doc = dir.json(&["run", &p], 0);
+    assert_eq!(statuses(&doc), expect(&[("a", "cached"), ("b", "ran")]));
+    dir.pipe(&["run", &p, "nosuch"]).code(2);
+}
+
+#[test]
+fn identical_stages_are_one_node() {
+    let dir = Dir::new("dedup");
+    let p = dir.pipeline(
+        "dedup.yaml",
+        r#"
+stages:
+  first:
+    kind: shell
+    params: {cmd: "echo same >> runs.log; echo 1 > \"$PIPE_OUT/v\""}
+  second:
+    kind: shell
+    params: {cmd: "echo same >> runs.log; echo 1 > \"$PIPE_OUT/v\""}
+  both:
+    kind: shell
+    inputs: {x: first, y: second}
+    params: {cmd: "cat \"$PIPE_IN_x/v\" \"$PIPE_IN_y/v\" > \"$PIPE_OUT/v\""}
+"#,
+    );
+    let doc = dir.json(&["run", &p], 0);
+    assert_eq!(doc["ran"], 2, "{doc:#}");
+    assert_eq!(dir.count("runs.log", "same"), 1);
+    let ids: Vec<&str> = doc["nodes"]
+        .as_array()
+        .expect("nodes")
+        .iter()
+        .filter_map(|n| n["id"].as_str())
+        .collect();
+    assert_eq!(ids.len(), 2, "{doc:#}");
+    let show = dir.json(&["show", &p, "both"], 0);
+    assert_eq!(
+        read(
+            node(&show, "both")["path"].as_str().expect("committed"),
+            "v"
+        ),
+        "1\n1\n"
+    );
+}
+
+#[test]
+fn the_shell_stage_sees_its_environment_and_runs_in_the_pipeline_folder() {
+    let dir = Dir::new("env");
+    let p = dir.pipeline(
+        "sub/env.yaml",
+        r#"
+stages:
+  up:
+    kind: shell
+    params:
+      cmd: echo upstream > "$PIPE_OUT/u.txt"
+  probe:
+    kind: shell
+    inputs: {data: up}
+    params:
+      lr: 0.25
+      name: crop
+      flag: true
+      list: [1, 2]
+      cmd: |
+        pwd > "$PIPE_OUT/pwd"
+        echo local > written-here.txt
+        cat "$PIPE_IN_data/u.txt" > "$PIPE_OUT/in"
+        cp "$PIPE_PARAMS" "$PIPE_OUT/params.json"
+        echo "$PIPE_NODE $PIPE_KEY" > "$PIPE_OUT/ids"
+        echo "$PIPE_PARAM_lr|$PIPE_PARAM_name|$PIPE_PARAM_flag|${PIPE_PARAM_list-unset}" > "$PIPE_OUT/scalars"
+        echo "to the log"
+        echo "to stderr" >&2
+"#,
+    );
+    let run = dir.json(&["run", &p], 0);
+    let show = dir.json(&["show", &p, "probe"], 0);
+    let path = node(&show, "probe")["path"]
+        .as_str()
+        .expect("committed")
+        .to_string();
+    let sub = dir.path("sub").canonicalize().expect("sub/");
+    assert_eq!(
+        Path::new(read(&path, "pwd").trim())
+            .canonicalize()
+            .expect("pwd"),
+        sub
+    );
+    assert_eq!(dir.read("sub/written-here.txt"), "local\n");
+    assert_eq!(read(&path, "in"), "upstream\n");
+    let params: serde_json::Value =
+        serde_json::from_str(&read(&path, "params.json")).expect("PIPE_PARAMS is JSON");
+    assert_eq!(params["lr"], 0.25);
+    assert_eq!(params["name"], "crop");
+    assert_eq!(params["flag"], true);
+    assert_eq!(params["list"], serde_json::json!([1, 2]));
+    assert!(
+        params["cmd"]
+            .as_str()
+            .is_some_and(|c| c.contains("PIPE_PARAMS"))
+    );
+    assert_eq!(
+        read(&path, "ids"),
+        format!("probe {}\n", key_of(&run, "probe"))
+    );
+    assert_eq!(read(&path, "scalars"), "0.25|crop|true|unset\n");
+    let log = dir.pipe(&["log", &p, "probe"]).code(0);
+    assert!(log.stdout.contains("to the log"), "{}", log.stdout);
+    assert!(log.stdout.contains("to stderr"), "{}", log.stdout);
+}
+
+#[test]
+fn the_store_comes_from_pipe_store_when_no_flag_is_given() {
+    let dir = Dir::new("env-store");
+    let p = dir.pipeline("sweepable.yaml", SWEEPABLE);
+    let elsewhere = dir.path("elsewhere");
+    let out = std::process::Command::new(PIPE)
+        .args(["run", &p, "--json"])
+        .current_dir(&dir.root)
+        .env("PIPE_STORE", &elsewhere)
+        .output()
+        .expect("run pipe");
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(elsewhere.join("entries").is_dir());
+    assert!(!dir.store.exists(), "--store's default dir was used");
+    assert!(!dir.path(".pipe").exists(), "the default store was used");
+}
+
+/// `--store` given as a relative path while the pipeline file lives in another folder: the
+/// shell command runs in the pipeline's folder, so `$PIPE_OUT` etc. must be absolute.
+#[test]
+fn a_relative_store_path_works_with_a_pipeline_in_another_folder() {
+    let dir = Dir::new("relative-store");
+    dir.pipeline(
+        "pipelines/rel.yaml",
+        r#"
+stages:
+  a:
+    kind: shell
+    params:
+      cmd: echo 41 > "$PIPE_OUT/v"
+  b:
+    kind: shell
+    inputs: {up: a}
+    params:
+      cmd: echo $(( $(cat "$PIPE_IN_up/v") + 1 )) > "$PIPE_OUT/v"
+"#,
+    );
+    let args = [
+        "--store",
+        "rel-store",
+        "run",
+        "pipelines/rel.yaml",
+        "--json",
+    ];
+    let out = std::process::Command::new(PIPE)
+        .args(args)
+        .current_dir(&dir.root)
+        .env_remove("PIPE_STORE")
+        .output()
+        .expect("run pipe");
+    let out = crate::util::Output::from_process(&args, out).code(0);
+    assert_eq!(statuses(&out.json()), expect(&[("a", "ran"), ("b", "ran")]));
+    assert!(dir.path("rel-store/entries").is_dir());
+}
+
+#[test]
+fn plan_text_says_what_and_why() {
+    let dir = Dir::new("plan-text");
+    let p = dir.pipeline("sweepable.yaml", SWEEPABLE);
+    let out = dir.pipe(&["plan", &p]).code(0);
+    assert!(out.stdout.contains("2 to run, 0 cached"), "{}", out.stdout);
+    assert!(out.stdout.contains("new node"), "{}", out.stdout);
+    dir.json(&["run", &p], 0);
+    let out = dir.pipe(&["plan", &p, "--set", "a.n=5"]).code(0);
+    assert!(out.stdout.contains("n: 0 -> 5"), "{}", out.stdout);
+    assert!(out.stdout.contains("2 to run, 0 cached"), "{}", out.stdout);
+    let out = dir.pipe(&["run", &p]).code(0);
+    assert!(out.stderr.contains("0 ran, 2 cached"), "{}", out.stderr);
+}

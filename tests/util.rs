@@ -1,0 +1,316 @@
+//! Shared helpers: a temporary work dir with its own store, and a runner for the `pipe` binary.
+//!
+//! Each test gets a fresh [`Dir`] (ripgrep's `Dir`): `<tmp>/pipe-it-<pid>-<n>-<name>/`, with the
+//! store at `store/` inside it, removed on drop. Pipelines are written into the work dir, so
+//! shell stages (which run in the pipeline file's folder) can append to counter files there,
+//! outside `$PIPE_OUT`, to show how often a command really ran.
+
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+static NEXT_ID: AtomicUsize = AtomicUsize::new(0);
+
+/// The binary under test.
+pub const PIPE: &str = env!("CARGO_BIN_EXE_pipe");
+
+/// A temporary work dir holding pipelines, counter files and a store; removed on drop.
+pub struct Dir {
+    /// The work dir (absolute).
+    pub root: PathBuf,
+    /// `<root>/store`, passed as `--store` to every command.
+    pub store: PathBuf,
+}
+
+impl Dir {
+    /// A fresh, empty work dir; `name` only makes it recognisable.
+    pub fn new(name: &str) -> Dir {
+        let id = NEXT_ID.fetch_add(1, Ordering::SeqCst);
+        let root = std::env::temp_dir().join(format!("pipe-it-{}-{id}-{name}", std::process::id()));
+        if root.exists() {
+            std::fs::remove_dir_all(&root).expect("remove a stale test dir");
+        }
+        std::fs::create_dir_all(&root).expect("create the test dir");
+        let store = root.join("store");
+        Dir { root, store }
+    }
+
+    /// `<root>/<rel>`.
+    pub fn path(&self, rel: &str) -> PathBuf {
+        self.root.join(rel)
+    }
+
+    /// Writes `contents` to `<root>/<rel>` (creating parent folders) and returns the path.
+    pub fn write(&self, rel: &str, contents: &str) -> PathBuf {
+        let p = self.path(rel);
+        if let Some(parent) = p.parent() {
+            std::fs::create_dir_all(parent).expect("create parent dir");
+        }
+        std::fs::write(&p, contents).unwrap_or_else(|e| panic!("write {}: {e}", p.display()));
+        p
+    }
+
+    /// Writes a pipeline YAML as `<root>/<name>` and returns its path (a `&str`, ready for args).
+    pub fn pipeline(&self, name: &str, yaml: &str) -> String {
+        self.write(name, yaml)
+            .to_str()
+            .expect("temp paths are UTF-8")
+            .to_string()
+    }
+
+    /// Contents of `<root>/<rel>`, or "" when it does not exist.
+    pub fn read(&self, rel: &str) -> String {
+        std::fs::read_to_string(self.path(rel)).unwrap_or_default()
+    }
+
+    /// Lines of `<root>/<rel>` (a counter file the stage commands append to).
+    pub fn lines(&self, rel: &str) -> Vec<String> {
+        self.read(rel).lines().map(str::to_string).collect()
+    }
+
+    /// How many lines of `<root>/<rel>` equal `line`.
+    pub fn count(&self, rel: &str, line: &str) -> usize {
+        self.lines(rel)
+            .iter()
+            .filter(|l| l.as_str() == line)
+            .count()
+    }
+
+    /// `pipe --store <root>/store ARGS`, run in the work dir, with no stray env.
+    pub fn command(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(PIPE);
+        c.arg("--store")
+            .arg(&self.store)
+            .args(args)
+            .current_dir(&self.root);
+        c.env_remove("PIPE_STORE")
+            .env_remove("PIPE_LOG")
+            .env_remove("RUST_LOG");
+        c.stdin(Stdio::null());
+        c
+    }
+
+    /// Runs `pipe ARGS` to completion.
+    pub fn pipe(&self, args: &[&str]) -> Output {
+        let out = self.command(args).output().expect("start pipe");
+        Output::from_process(args, out)
+    }
+
+    /// Starts `pipe ARGS` in the background, stdout and stderr piped.
+    pub fn spawn(&self, args: &[&str]) -> Child {
+        self.command(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start pipe")
+    }
+
+    /// Runs `pipe ARGS --json`, checks the exit code and returns the parsed document.
+    pub fn json(&self, args: &[&str], code: i32) -> Value {
+        let mut a = args.to_vec();
+        a.push("--json");
+        self.pipe(&a).code(code).json()
+    }
+
+    /// Committed entry folders in the store (`entries/<xx>/<hex>`), sorted.
+    pub fn entries(&self) -> Vec<PathBuf> {
+        let mut out = Vec::new();
+        let Ok(shards) = std::fs::read_dir(self.store.join("entries")) else {
+            return out;
+        };
+        for shard in shards {
+            let shard = shard.expect("read entries/").path();
+            if !shard.is_dir() {
+                continue;
+            }
+            for e in std::fs::read_dir(&shard).expect("read a shard") {
+                out.push(e.expect("read a shard entry").path());
+            }
+        }
+        out.sort();
+        out
+    }
+
+    /// Keys (folder names) of the committed entries.
+    pub fn entry_keys(&self) -> Vec<String> {
+        self.entries().iter().map(|p| file_name(p)).collect()
+    }
+}
+
+impl Drop for Dir {
+    fn drop(&mut self) {
+        // entries may be read-only; make everything writable so removal succeeds
+        make_writable(&self.root);
+        let _ = std::fs::remove_dir_all(&self.root);
+    }
+}
+
+fn make_writable(p: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    let Ok(meta) = std::fs::symlink_metadata(p) else {
+        return;
+    };
+    if meta.file_type().is_symlink() {
+        return;
+    }
+    let mode = meta.permissions().mode();
+    let _ = std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode | 0o700));
+    if meta.is_dir()
+        && let Ok(rd) = std::fs::read_dir(p)
+    {
+        for e in rd.flatten() {
+            make_writable(&e.path());
+        }
+    }
+}
+
+/// The last component of a path, as a String.
+pub fn file_name(p: &Path) -> String {
+    p.file_name()
+        .expect("a file name")
+        .to_string_lossy()
+        .into_owned()
+}
+
+/// What a finished `pipe` command left.
+#[derive(Debug)]
+pub struct Output {
+    /// The arguments (for messages).
+    pub args: String,
+    /// Exit code (-1 when killed by a signal).
+    pub code: i32,
+    /// Stdout.
+    pub stdout: String,
+    /// Stderr.
+    pub stderr: String,
+}
+
+impl Output {
+    /// From a finished process.
+    pub fn from_process(args: &[&str], out: std::process::Output) -> Output {
+        Output {
+            args: args.join(" "),
+            code: out.status.code().unwrap_or(-1),
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        }
+    }
+
+    /// Asserts the exit code (showing stdout and stderr when it differs).
+    #[track_caller]
+    pub fn code(self, expected: i32) -> Output {
+        assert_eq!(
+            self.code, expected,
+            "`pipe {}` exited with {} (expected {expected})\n--- stdout:\n{}\n--- stderr:\n{}",
+            self.args, self.code, self.stdout, self.stderr
+        );
+        self
+    }
+
+    /// Stdout parsed as one JSON document.
+    #[track_caller]
+    pub fn json(&self) -> Value {
+        serde_json::from_str(&self.stdout).unwrap_or_else(|e| {
+            panic!(
+                "`pipe {}`: stdout is not JSON ({e}):\n{}\n--- stderr:\n{}",
+                self.args, self.stdout, self.stderr
+            )
+        })
+    }
+}
+
+/// The node with `id` in a `--json` document.
+#[track_caller]
+pub fn node<'a>(doc: &'a Value, id: &str) -> &'a Value {
+    doc["nodes"]
+        .as_array()
+        .expect("`nodes` is an array")
+        .iter()
+        .find(|n| n["id"] == id)
+        .unwrap_or_else(|| panic!("no node `{id}` in {doc:#}"))
+}
+
+/// `id -> status` of every node in a `--json` document.
+#[track_caller]
+pub fn statuses(doc: &Value) -> BTreeMap<String, String> {
+    doc["nodes"]
+        .as_array()
+        .expect("`nodes` is an array")
+        .iter()
+        .map(|n| {
+            let id = n["id"].as_str().expect("node id is a string").to_string();
+            let st = n["status"]
+                .as_str()
+                .expect("node status is a string")
+                .to_string();
+            (id, st)
+        })
+        .collect()
+}
+
+/// Builds an expected `id -> status` map.
+pub fn expect(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+    pairs
+        .iter()
+        .map(|(a, b)| ((*a).to_string(), (*b).to_string()))
+        .collect()
+}
+
+/// The `key` of node `id` in a `--json` document.
+#[track_caller]
+pub fn key_of(doc: &Value, id: &str) -> String {
+    node(doc, id)["key"]
+        .as_str()
+        .expect("key is a string")
+        .to_string()
+}
+
+/// Polls `cond` every 10 ms until it holds; panics with `what` after `limit`.
+#[track_caller]
+pub fn wait_until(limit: Duration, what: &str, mut cond: impl FnMut() -> bool) {
+    let t0 = Instant::now();
+    while !cond() {
+        assert!(
+            t0.elapsed() < limit,
+            "timed out after {limit:?} waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Waits for `child` to exit for at most `limit`; kills it and panics past that.
+#[track_caller]
+pub fn wait_exit(child: &mut Child, limit: Duration) -> ExitStatus {
+    let t0 = Instant::now();
+    loop {
+        if let Some(s) = child.try_wait().expect("try_wait") {
+            return s;
+        }
+        if t0.elapsed() > limit {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("pipe did not exit within {limit:?}");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Collects the rest of a finished (or killed) child's output.
+pub fn drain(child: Child, args: &[&str]) -> Output {
+    let out = child.wait_with_output().expect("collect output");
+    Output::from_process(args, out)
+}
+
+/// Sends `sig` to `pid` (a negative pid: a process group). Returns whether it was delivered.
+pub fn signal(pid: i32, sig: i32) -> bool {
+    // SAFETY: kill(2) only sends a signal; it reads or writes none of our memory.
+    #[allow(unsafe_code)]
+    let rc = unsafe { libc::kill(pid, sig) };
+    rc == 0
+}
