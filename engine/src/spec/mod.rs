@@ -168,6 +168,19 @@ struct Ctx<'a> {
 }
 
 impl Ctx<'_> {
+    /// Reports every duplicate key the locator found (serde_yaml stops at the first).
+    fn duplicates(&mut self) {
+        for d in std::mem::take(&mut self.loc.duplicates) {
+            self.errors.push(SpecError {
+                file: self.file.to_path_buf(),
+                line: Some(d.at.0),
+                col: Some(d.at.1),
+                path: d.path,
+                message: format!("duplicate key (first defined at line {})", d.first.0),
+            });
+        }
+    }
+
     fn err(&mut self, path: impl Into<String>, message: impl Into<String>) {
         let path = path.into();
         let pos = self.loc.locate(&path);
@@ -325,16 +338,7 @@ fn parse_inner(
         Ok(v) => v,
         Err(e) => {
             if !ctx.loc.duplicates.is_empty() {
-                for d in std::mem::take(&mut ctx.loc.duplicates) {
-                    let (line, col) = d.at;
-                    ctx.errors.push(SpecError {
-                        file: file.to_path_buf(),
-                        line: Some(line),
-                        col: Some(col),
-                        path: d.path.clone(),
-                        message: format!("duplicate key (first defined at line {})", d.first.0),
-                    });
-                }
+                ctx.duplicates();
             } else {
                 let loc = e.location();
                 let msg = e.to_string();
@@ -559,16 +563,7 @@ fn parse_inner(
             kind_ok,
         });
     }
-    for d in std::mem::take(&mut ctx.loc.duplicates) {
-        let (line, col) = d.at;
-        ctx.errors.push(SpecError {
-            file: file.to_path_buf(),
-            line: Some(line),
-            col: Some(col),
-            path: d.path.clone(),
-            message: format!("duplicate key (first defined at line {})", d.first.0),
-        });
-    }
+    ctx.duplicates();
 
     // overrides name existing stages
     let mut forced: BTreeMap<String, Map<String, Value>> = BTreeMap::new();
