@@ -20,5 +20,6 @@ pub mod rng;
 
 /// Registers every stage kind.
 pub fn register_all(reg: &mut pipe_engine::Registry) {
+    reg.register_typed::<kinds::dataset::Dataset>();
     reg.register_typed::<kinds::shell::Shell>();
 }

@@ -1,3 +1,4 @@
 //! Stage kinds, one module each.
 
+pub mod dataset;
 pub mod shell;
