@@ -3,7 +3,7 @@
 //! The coordinator (this thread) keeps the ready set (nodes whose inputs are all available,
 //! started in topological order, ties by index, so runs are deterministic), the free CPU slots
 //! (`-j`) and GPU tokens (`--gpus`), and the results. Workers are scoped threads, one per
-//! running node; they report through a channel ([`Msg`]), as cargo's job queue does. Cached
+//! running node; they report through a channel (`Msg`), as cargo's job queue does. Cached
 //! nodes never take a worker.
 //!
 //! A worker takes the node's key lock ([`Store::begin`]): if another `pipe run` committed the

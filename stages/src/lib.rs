@@ -5,12 +5,19 @@
 //!
 //! Each kind is one [`TypedStage`](pipe_engine::TypedStage) in `kinds/`, with typed params
 //! (serde defaults, `deny_unknown_fields`, range checks) and a `run` that fills its staging
-//! folder. Today: [`kinds::shell::Shell`], a user's own command in the DAG.
+//! folder:
+//!
+//! - [`kinds::dataset`]: CIFAR-10/100, ImageFolder trees (folders or `.tar.gz`), synthetic data,
+//!   into a `data.safetensors` artifact ([`data`] holds the readers and the format);
+//! - [`kinds::shell`]: a user's own command in the DAG.
+//!
+//! Shared building blocks: [`rng`] (our seeded generator: results never change because a
+//! dependency changed its algorithms) and [`nn::augment`] (the multi-view augmentation engine).
 //!
 //! ```
 //! let mut reg = pipe_engine::Registry::new();
 //! pipe_stages::register_all(&mut reg);
-//! assert!(reg.get("shell").is_some());
+//! assert!(reg.get("shell").is_some() && reg.get("dataset").is_some());
 //! ```
 
 pub mod data;
