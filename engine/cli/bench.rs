@@ -1,10 +1,15 @@
-//! `pipe bench`: the engine's own speed, on generated pipelines of shell stages.
+//! `pipe bench`: timings reported in the issue notes.
 //!
+//! `pipe bench engine`, on generated pipelines of shell stages:
 //! 1. plan: load + validate + expand + key + plan a generated pipeline of N nodes (a DAG where
 //!    stage i reads stage i-1 and stage i/2), against an empty store, in process.
 //! 2. cached run: a chain of M shell stages is run once, then `pipe run` (this binary, as a
 //!    child process, so process start, parse, plan and store checks all count) is timed on the
 //!    fully cached pipeline.
+//!
+//! `pipe bench augment`: views/s of the 16-view EMP generator at batch 100, on the default rayon
+//! pool and on a one-thread pool (per core). `pipe bench decode`: decoding a whole ImageFolder
+//! archive (CIFAR-10 as JPEGs: 60,000 images).
 
 use std::fmt::Write as _;
 use std::path::Path;
@@ -53,7 +58,66 @@ fn chain_yaml(n: usize) -> String {
     s
 }
 
-pub fn run(nodes: usize, chain: usize, reps: usize, json_out: bool) -> Result<u8> {
+pub fn run(what: crate::BenchWhat) -> Result<u8> {
+    match what {
+        crate::BenchWhat::Engine {
+            nodes,
+            chain,
+            reps,
+            json,
+        } => engine(nodes, chain, reps, json),
+        crate::BenchWhat::Augment {
+            batch,
+            views,
+            reps,
+            json,
+        } => augment(batch, views, reps, json),
+        crate::BenchWhat::Decode { path, reps, json } => decode(&path, reps, json),
+    }
+}
+
+fn augment(batch: usize, views: usize, reps: usize, json_out: bool) -> Result<u8> {
+    let threads = rayon::current_num_threads();
+    let all = pipe_stages::nn::augment::bench_emp(batch, views, reps);
+    let one_pool = rayon::ThreadPoolBuilder::new().num_threads(1).build()?;
+    let one = one_pool.install(|| pipe_stages::nn::augment::bench_emp(batch, views, reps));
+    if json_out {
+        let doc = json!({"batch": batch, "views": views, "threads": threads, "views_per_s": all, "views_per_s_one_thread": one});
+        println!("{}", serde_json::to_string_pretty(&doc)?);
+    } else {
+        println!(
+            "EMP generator, {views} views x batch {batch}: {all:9.0} views/s on {threads} threads, {one:9.0} views/s on 1 thread (target >= 20,000 per core)"
+        );
+    }
+    Ok(0)
+}
+
+fn decode(path: &Path, reps: usize, json_out: bool) -> Result<u8> {
+    let mut secs = Vec::new();
+    let mut images = 0;
+    for _ in 0..reps.max(1) {
+        let (s, n) = pipe_stages::data::bench_decode(path)
+            .with_context(|| format!("decoding {}", path.display()))?;
+        secs.push(s);
+        images = n;
+    }
+    let m = median(secs.clone());
+    if json_out {
+        let doc = json!({"path": path.display().to_string(), "images": images, "seconds_median": m, "seconds": secs, "threads": rayon::current_num_threads()});
+        println!("{}", serde_json::to_string_pretty(&doc)?);
+    } else {
+        println!(
+            "decode {}: {images} images in {m:.2} s (median of {}), {:.0} images/s on {} threads",
+            path.display(),
+            secs.len(),
+            images as f64 / m,
+            rayon::current_num_threads()
+        );
+    }
+    Ok(0)
+}
+
+fn engine(nodes: usize, chain: usize, reps: usize, json_out: bool) -> Result<u8> {
     let reps = reps.max(1);
     let dir = std::env::temp_dir().join(format!("pipe-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;

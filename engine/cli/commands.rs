@@ -364,12 +364,7 @@ pub fn dispatch(cli: Cli) -> Result<u8> {
             }
             Ok(if problems.is_empty() { 0 } else { EXIT_FAILED })
         }
-        Command::Bench {
-            nodes,
-            chain,
-            reps,
-            json,
-        } => crate::bench::run(nodes, chain, reps, json),
+        Command::Bench { what } => crate::bench::run(what),
     }
 }
 

@@ -109,8 +109,18 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Time the engine: planning a 1,000-node pipeline, and a fully cached run of 200 stages.
+    /// Benchmarks: the engine, the augmentation engine, dataset decoding (numbers for the notes).
     Bench {
+        #[command(subcommand)]
+        what: BenchWhat,
+    },
+}
+
+/// What `pipe bench` times.
+#[derive(Subcommand, Debug)]
+pub enum BenchWhat {
+    /// Planning a generated 1,000-node pipeline, and a fully cached `pipe run` of 200 stages.
+    Engine {
         /// Nodes in the planning benchmark.
         #[arg(long, default_value_t = 1000)]
         nodes: usize,
@@ -119,6 +129,33 @@ pub enum Command {
         chain: usize,
         /// Repetitions (the median is reported).
         #[arg(long, default_value_t = 15)]
+        reps: usize,
+        /// Print one JSON document on stdout.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Views per second of the 16-view EMP generator (on all threads, then on one).
+    Augment {
+        /// Images per batch.
+        #[arg(long, default_value_t = 100)]
+        batch: usize,
+        /// Views per image.
+        #[arg(long, default_value_t = 16)]
+        views: usize,
+        /// Batches timed.
+        #[arg(long, default_value_t = 20)]
+        reps: usize,
+        /// Print one JSON document on stdout.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Time to decode an ImageFolder archive (default: ../shared/data/cifar10-jpeg.tar.gz).
+    Decode {
+        /// The archive or folder.
+        #[arg(default_value = "../shared/data/cifar10-jpeg.tar.gz")]
+        path: PathBuf,
+        /// Repetitions (the median is reported).
+        #[arg(long, default_value_t = 3)]
         reps: usize,
         /// Print one JSON document on stdout.
         #[arg(long)]
