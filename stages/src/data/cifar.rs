@@ -525,7 +525,7 @@ pub fn md5_file(path: &Path) -> Result<String> {
     }
     Err(Error::Io {
         path: path.to_path_buf(),
-        source: std::io::Error::other(format!("cannot compute md5: {last}")),
+        cause: std::io::Error::other(format!("cannot compute md5: {last}")),
     })
 }
 
@@ -606,7 +606,7 @@ pub(crate) fn fetch(
             let _ = std::fs::remove_file(&tmp);
             Error::Io {
                 path: target.clone(),
-                source: e,
+                cause: e,
             }
         })?;
         let _ = std::fs::remove_file(&part);

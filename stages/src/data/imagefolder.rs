@@ -94,7 +94,7 @@ pub fn read_image_folder(path: &Path, opts: &ReadOptions, hooks: &Hooks<'_>) -> 
         } else {
             Error::Io {
                 path: path.to_path_buf(),
-                source: e,
+                cause: e,
             }
         }
     })?;

@@ -25,6 +25,8 @@
 //! ```
 
 pub mod cifar;
+#[cfg(feature = "hub")]
+pub mod hub;
 pub mod imagefolder;
 pub mod synthetic;
 pub mod tensor_io;
@@ -44,12 +46,12 @@ pub use tensor_io::{load_dataset, write_dataset};
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// An I/O error on a file or folder.
-    #[error("{path}: {source}")]
+    #[error("{path}: {cause}")]
     Io {
         /// The file or folder.
         path: PathBuf,
         /// The cause.
-        source: std::io::Error,
+        cause: std::io::Error,
     },
     /// The given path does not exist.
     #[error("{path}: no such file or folder")]
@@ -187,7 +189,7 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 pub(crate) fn io_err(path: impl Into<PathBuf>) -> impl FnOnce(std::io::Error) -> Error {
     let path = path.into();
-    move |source| Error::Io { path, source }
+    move |cause| Error::Io { path, cause }
 }
 
 /// One split: `n` images of `3 x h x w` u8 in CHW layout, and their labels.
@@ -505,6 +507,11 @@ pub(crate) mod testutil {
         );
         p
     }
+}
+
+/// What `source: hf` fetches (keyed instead of content, which is unknown before the download).
+pub fn hub_source() -> &'static str {
+    "huggingface:cifar10@refs/convert/parquet:plain_text/{train,test}/0000.parquet"
 }
 
 #[cfg(test)]

@@ -69,9 +69,9 @@ pub fn write_dataset(path: &Path, d: &Dataset) -> Result<()> {
     // one metadata key: a HashMap of one entry serializes deterministically
     let meta = HashMap::from([("classes".to_string(), classes)]);
     safetensors::serialize_to_file(tensors, Some(meta), path).map_err(|e| match e {
-        safetensors::SafeTensorError::IoError(source) => Error::Io {
+        safetensors::SafeTensorError::IoError(cause) => Error::Io {
             path: path.to_path_buf(),
-            source,
+            cause,
         },
         other => format_err(path, other.to_string()),
     })

@@ -46,6 +46,8 @@ pub enum Source {
     Imagefolder,
     /// Seeded procedural shapes.
     Synthetic,
+    /// CIFAR-10 from the Hugging Face hub (`--features hub`; network needed).
+    Hf,
 }
 
 impl Source {
@@ -62,6 +64,7 @@ impl Source {
             Source::Cifar100 => "cifar100",
             Source::Imagefolder => "imagefolder",
             Source::Synthetic => "synthetic",
+            Source::Hf => "hf",
         }
     }
 }
@@ -144,11 +147,20 @@ impl TypedStage for Dataset {
 
     fn check(p: &DatasetParams) -> Vec<ParamError> {
         let mut e = Vec::new();
-        let synthetic = p.source == Source::Synthetic;
+        let synthetic = matches!(p.source, Source::Synthetic | Source::Hf);
+        if p.source == Source::Hf && !cfg!(feature = "hub") {
+            e.push(ParamError::new(
+                "source",
+                "source hf needs pipe built with `--features hub` (it downloads from the Hugging Face hub)",
+            ));
+        }
         let src = p.source.name();
         if synthetic {
             if p.root.is_some() {
-                e.push(ParamError::new("root", "source synthetic reads no files"));
+                e.push(ParamError::new(
+                    "root",
+                    format!("source {src} reads no `root`"),
+                ));
             }
             if p.resize {
                 e.push(ParamError::new(
@@ -228,6 +240,9 @@ impl TypedStage for Dataset {
         mut p: DatasetParams,
         ctx: &NormalizeCtx<'_>,
     ) -> Result<DatasetParams, Vec<ParamError>> {
+        if p.source == Source::Hf {
+            return Ok(p);
+        }
         if p.source == Source::Synthetic {
             // defaults written out, so `n_classes: 10` written or defaulted keys the same
             p.n_classes.get_or_insert(SYNTHETIC_CLASSES);
@@ -259,10 +274,12 @@ impl TypedStage for Dataset {
 
     fn externals(p: &DatasetParams) -> Vec<External> {
         match (&p.root, p.source, p.download) {
-            (Some(root), s, false) if s != Source::Synthetic => vec![External {
-                name: "root".into(),
-                path: root.into(),
-            }],
+            (Some(root), s, false) if !matches!(s, Source::Synthetic | Source::Hf) => {
+                vec![External {
+                    name: "root".into(),
+                    path: root.into(),
+                }]
+            }
             _ => Vec::new(),
         }
     }
@@ -275,6 +292,10 @@ impl TypedStage for Dataset {
                 && let Some(kind) = p.source.cifar()
             {
                 m.insert("archive_md5".into(), Value::from(kind.md5()));
+            }
+            if p.source == Source::Hf {
+                // the hub's content cannot be hashed before downloading: key what is fetched
+                m.insert("hub".into(), Value::from(data::hub_source()));
             }
         }
         v
@@ -302,6 +323,15 @@ impl TypedStage for Dataset {
                 image_size: p.image_size,
                 seed: p.seed,
             }),
+            Source::Hf => {
+                #[cfg(feature = "hub")]
+                {
+                    ctx.log("loading CIFAR-10 from the Hugging Face hub (candle-datasets)");
+                    data::hub::load_cifar10()?
+                }
+                #[cfg(not(feature = "hub"))]
+                return Err("source hf needs pipe built with `--features hub`".into());
+            }
             Source::Imagefolder => {
                 let root = p.root_path()?;
                 let f = read_image_folder(&root, &opts, &hooks)?;
@@ -437,8 +467,15 @@ mod tests {
         );
         let e = err(json!({"source": "synthetic", "lr": 1}));
         assert!(e[0].contains("unknown field `lr`"), "{e:?}");
-        let e = err(json!({"source": "hf", "root": "x"}));
-        assert!(e[0].starts_with("source: unknown variant `hf`"), "{e:?}");
+        let e = err(json!({"source": "hf"}));
+        if !cfg!(feature = "hub") {
+            assert!(e[0].contains("--features hub"), "{e:?}");
+        }
+        let e = err(json!({"source": "flickr", "root": "x"}));
+        assert!(
+            e[0].starts_with("source: unknown variant `flickr`"),
+            "{e:?}"
+        );
     }
 
     #[test]
