@@ -21,6 +21,7 @@
 //! ```
 
 pub mod data;
+pub mod device;
 pub mod kinds;
 pub mod nn;
 pub mod rng;

@@ -1,0 +1,1109 @@
+//! Optimizers: SGD (momentum, Nesterov, weight decay), solo-learn LARS wrapper, ACL LARS, Adam.
+//!
+//! Every optimizer works on a named parameter list `&[(String, Var)]` (the model's trainable
+//! parameters, **without** the BN running statistics, which are `Var`s in the `VarMap` but never
+//! get a gradient) and reads gradients from the `GradStore` of a `backward`. A parameter without
+//! a gradient in a step is skipped, and its state is left as is (PyTorch's `p.grad is None`).
+//! Parameter groups are per-parameter weight decays: [`Sgd::no_weight_decay_where`] (and the
+//! same on [`AclLars`] / [`Adam`]) zeroes it for the names a predicate picks, e.g.
+//! [`is_bias_or_norm`].
+//!
+//! # Update rules (`g` the gradient, `p` the parameter, `η` the current learning rate)
+//!
+//! - [`Sgd`] (`torch.optim.SGD`): `d = g + w p`; with momentum μ, `b ← d` on the first step,
+//!   then `b ← μ b + (1 − τ) d` (dampening τ); `d ← d + μ b` (Nesterov) or `d ← b`;
+//!   `p ← p − η d`.
+//! - [`Lars`] (solo-learn `LARSWrapper` around Nesterov SGD, R-CF / R-EMP, METHODS.md 2.6): for
+//!   each `p` with `ndim ≠ 1` (all `p` if `exclude_bias_n_norm` is off) and `‖p‖ ≠ 0`,
+//!   `‖g‖ ≠ 0`: `ρ = η_L ‖p‖/(‖g‖ + w ‖p‖ + ε)`, with `clip` `ρ ← min(ρ/η, 1)`, and
+//!   `g ← (g + w p) ρ`; then the SGD step **with weight decay 0**. So 1-D tensors (biases, BN
+//!   γ/β) and zero tensors get plain (Nesterov) SGD with no weight decay and no trust scaling.
+//! - [`AclLars`] (R-AIR / R-RCS): for **every** tensor `λ = η_L ‖p‖/(‖g‖ + w ‖p‖)`, or `λ = 1`
+//!   when `‖p‖ < 10⁻¹⁵` or `‖g‖ < 10⁻¹⁵`; `b ← μ b + η λ (g + w p)` from `b = 0`; `p ← p − b`.
+//!   The buffer holds learning-rate-scaled steps, so a learning-rate change acts through it
+//!   (\[Q33\]).
+//! - [`Adam`] (`torch.optim.Adam`, L2 weight decay): `g ← g + w p`, `m ← β₁ m + (1 − β₁) g`,
+//!   `v ← β₂ v + (1 − β₂) g²`, `p ← p − η/(1 − β₁ᵗ) · m/(√v/√(1 − β₂ᵗ) + ε)`, `t` counted per
+//!   parameter.
+//!
+//! Norms are Frobenius norms of the whole tensor, computed in its dtype.
+//!
+//! # State is detached
+//!
+//! Momentum buffers and moments are built from `Var::as_detached_tensor` and detached
+//! gradients, and `.detach()`ed again before they are stored: a buffer computed from
+//! `var.as_tensor()` would keep every step's autograd graph alive (CANDLE.md measured
+//! ~370 MB per step).
+//!
+//! # Traits
+//!
+//! Each optimizer has inherent `step`, `lr` and `set_lr`, implements our object-safe [`Optim`]
+//! (for `Box<dyn Optim>` in a stage) and `candle_nn::Optimizer` (whose `new(Vec<Var>, cfg)`
+//! names the parameters `"0"`, `"1"`, …, so name predicates do not apply there). The inherent
+//! methods take precedence, so `opt.step(&grads)` is never ambiguous.
+//!
+//! ```
+//! use candle::{DType, Device, Var};
+//! use pipe_stages::nn::optim::{Sgd, SgdConfig};
+//!
+//! # fn main() -> candle::Result<()> {
+//! let w = Var::ones(3, DType::F64, &Device::Cpu)?;
+//! let params = vec![("w".to_string(), w.clone())];
+//! let cfg = SgdConfig { lr: 0.1, momentum: 0.9, nesterov: true, ..SgdConfig::default() };
+//! let mut opt = Sgd::new_named(&params, cfg)?;
+//! let loss = w.as_tensor().sqr()?.sum_all()?; // ∇ = 2 w = 2
+//! opt.step(&loss.backward()?)?;
+//! // Nesterov first step: b = g, p ← p − η (g + μ b) = 1 − 0.1 · 2 · 1.9 = 0.62.
+//! assert!((w.to_vec1::<f64>()?[0] - 0.62).abs() < 1e-12);
+//! # Ok(())
+//! # }
+//! ```
+
+use candle::backprop::GradStore;
+use candle::{DType, Result, Tensor, Var, bail};
+use serde::{Deserialize, Serialize};
+
+/// The interface our training loops use (object-safe).
+pub trait Optim {
+    /// One update from the gradients of a `backward`.
+    fn step(&mut self, grads: &GradStore) -> Result<()>;
+    /// The current learning rate.
+    fn lr(&self) -> f64;
+    /// Sets the learning rate (schedules call this before each step).
+    fn set_lr(&mut self, lr: f64);
+    /// `backward` then [`Optim::step`].
+    fn backward_step(&mut self, loss: &Tensor) -> Result<()> {
+        let grads = loss.backward()?;
+        self.step(&grads)
+    }
+}
+
+/// The predicate of the usual "no weight decay on biases and BN" group: tensors of rank ≤ 1.
+pub fn is_bias_or_norm(_name: &str, var: &Var) -> bool {
+    var.rank() <= 1
+}
+
+/// One parameter with its own weight decay (a parameter group of one).
+#[derive(Debug, Clone)]
+struct Param {
+    name: String,
+    var: Var,
+    weight_decay: f64,
+}
+
+fn collect(params: &[(String, Var)], weight_decay: f64) -> Result<Vec<Param>> {
+    params
+        .iter()
+        .map(|(name, var)| {
+            if !var.dtype().is_float() {
+                bail!(
+                    "optimizer: parameter {name} has non-float dtype {:?}",
+                    var.dtype()
+                )
+            }
+            Ok(Param {
+                name: name.clone(),
+                var: var.clone(),
+                weight_decay,
+            })
+        })
+        .collect()
+}
+
+/// Names `"0"`, `"1"`, … for `candle_nn::Optimizer::new`.
+fn numbered(vars: Vec<Var>) -> Vec<(String, Var)> {
+    vars.into_iter()
+        .enumerate()
+        .map(|(i, v)| (i.to_string(), v))
+        .collect()
+}
+
+fn zero_decay_where(params: &mut [Param], pred: impl Fn(&str, &Var) -> bool) {
+    for p in params.iter_mut().filter(|p| pred(&p.name, &p.var)) {
+        p.weight_decay = 0.0;
+    }
+}
+
+/// The Frobenius norm as an `f64`.
+fn norm(t: &Tensor) -> Result<f64> {
+    Ok(t.sqr()?
+        .sum_all()?
+        .to_dtype(DType::F64)?
+        .to_scalar::<f64>()?
+        .sqrt())
+}
+
+/// The parameter's gradient, detached (`None` when it has none).
+fn grad_of(grads: &GradStore, var: &Var) -> Option<Tensor> {
+    grads.get(var).map(Tensor::detach)
+}
+
+/// `g + w p` (just `g` when `w = 0`).
+fn add_decay(g: &Tensor, p: &Tensor, w: f64) -> Result<Tensor> {
+    if w == 0.0 {
+        Ok(g.clone())
+    } else {
+        g + (p * w)?
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// SGD
+
+/// [`Sgd`] settings (`torch.optim.SGD`).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SgdConfig {
+    /// Learning rate η.
+    pub lr: f64,
+    /// Momentum μ (0: plain SGD).
+    pub momentum: f64,
+    /// Dampening τ of the momentum buffer update (the references use 0).
+    pub dampening: f64,
+    /// Nesterov momentum (needs `momentum > 0` and `dampening = 0`).
+    pub nesterov: bool,
+    /// L2 weight decay w, added to the gradient before the momentum.
+    pub weight_decay: f64,
+}
+
+impl Default for SgdConfig {
+    /// `torch.optim.SGD`'s defaults: lr 1e-3, no momentum, no weight decay.
+    fn default() -> Self {
+        Self {
+            lr: 1e-3,
+            momentum: 0.0,
+            dampening: 0.0,
+            nesterov: false,
+            weight_decay: 0.0,
+        }
+    }
+}
+
+impl SgdConfig {
+    fn validate(&self) -> Result<()> {
+        if !(self.lr >= 0.0 && self.momentum >= 0.0 && self.weight_decay >= 0.0) {
+            bail!("sgd: lr, momentum and weight_decay must be >= 0: {self:?}")
+        }
+        if self.nesterov && (self.momentum <= 0.0 || self.dampening != 0.0) {
+            bail!("sgd: nesterov momentum requires a momentum and zero dampening")
+        }
+        Ok(())
+    }
+}
+
+/// SGD with momentum, Nesterov and weight decay, PyTorch semantics.
+#[derive(Debug)]
+pub struct Sgd {
+    params: Vec<Param>,
+    bufs: Vec<Option<Tensor>>,
+    cfg: SgdConfig,
+}
+
+impl Sgd {
+    /// An optimizer over named parameters, all with `cfg.weight_decay`.
+    ///
+    /// # Errors
+    /// Invalid settings or a non-float parameter.
+    pub fn new_named(params: &[(String, Var)], cfg: SgdConfig) -> Result<Self> {
+        cfg.validate()?;
+        let params = collect(params, cfg.weight_decay)?;
+        let bufs = vec![None; params.len()];
+        Ok(Self { params, bufs, cfg })
+    }
+
+    /// Zero weight decay for the parameters the predicate picks (a second parameter group).
+    pub fn no_weight_decay_where(mut self, pred: impl Fn(&str, &Var) -> bool) -> Self {
+        zero_decay_where(&mut self.params, pred);
+        self
+    }
+
+    /// The settings.
+    pub fn config(&self) -> &SgdConfig {
+        &self.cfg
+    }
+
+    /// The weight decay of a parameter (`None` for an unknown name).
+    pub fn weight_decay_of(&self, name: &str) -> Option<f64> {
+        self.params
+            .iter()
+            .find(|p| p.name == name)
+            .map(|p| p.weight_decay)
+    }
+
+    /// The momentum buffer of a parameter (`None` before its first step or without momentum).
+    pub fn momentum_buffer(&self, name: &str) -> Option<&Tensor> {
+        let i = self.params.iter().position(|p| p.name == name)?;
+        self.bufs.get(i)?.as_ref()
+    }
+
+    /// One update from the gradients of a `backward`.
+    ///
+    /// # Errors
+    /// Tensor errors (shape or dtype mismatches between a gradient and its parameter).
+    pub fn step(&mut self, grads: &GradStore) -> Result<()> {
+        let gs: Vec<Option<Tensor>> = self.params.iter().map(|p| grad_of(grads, &p.var)).collect();
+        self.apply(gs, true)
+    }
+
+    /// The current learning rate.
+    pub fn lr(&self) -> f64 {
+        self.cfg.lr
+    }
+
+    /// Sets the learning rate.
+    pub fn set_lr(&mut self, lr: f64) {
+        self.cfg.lr = lr;
+    }
+
+    /// The SGD update with the given per-parameter gradients; `with_decay = false` is the LARS
+    /// wrapper's "weight decay temporarily 0".
+    fn apply(&mut self, grads: Vec<Option<Tensor>>, with_decay: bool) -> Result<()> {
+        let SgdConfig {
+            lr,
+            momentum,
+            dampening,
+            nesterov,
+            ..
+        } = self.cfg;
+        for ((param, buf), g) in self.params.iter().zip(self.bufs.iter_mut()).zip(grads) {
+            let Some(g) = g else { continue };
+            let p = param.var.as_detached_tensor();
+            let w = if with_decay { param.weight_decay } else { 0.0 };
+            let mut d = add_decay(&g, &p, w)?;
+            if momentum != 0.0 {
+                let b = match buf.take() {
+                    None => d.clone(),
+                    Some(b) => ((b * momentum)? + (&d * (1.0 - dampening))?)?,
+                }
+                .detach();
+                d = if nesterov {
+                    (&d + (&b * momentum)?)?
+                } else {
+                    b.clone()
+                };
+                *buf = Some(b);
+            }
+            param.var.set(&(&p - (d * lr)?)?)?;
+        }
+        Ok(())
+    }
+}
+
+impl Optim for Sgd {
+    fn step(&mut self, grads: &GradStore) -> Result<()> {
+        Sgd::step(self, grads)
+    }
+    fn lr(&self) -> f64 {
+        Sgd::lr(self)
+    }
+    fn set_lr(&mut self, lr: f64) {
+        Sgd::set_lr(self, lr)
+    }
+}
+
+impl candle_nn::Optimizer for Sgd {
+    type Config = SgdConfig;
+    fn new(vars: Vec<Var>, config: SgdConfig) -> Result<Self> {
+        Sgd::new_named(&numbered(vars), config)
+    }
+    fn step(&mut self, grads: &GradStore) -> Result<()> {
+        Sgd::step(self, grads)
+    }
+    fn learning_rate(&self) -> f64 {
+        Sgd::lr(self)
+    }
+    fn set_learning_rate(&mut self, lr: f64) {
+        Sgd::set_lr(self, lr)
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// solo-learn LARS wrapper
+
+/// [`Lars`] settings; `Default` is CF-AMC's (METHODS.md 2.6): Nesterov SGD lr 0.3, momentum 0.9,
+/// weight decay 1e-4, trust η_L = 0.005, clip, exclude biases and norms, ε = 1e-8.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LarsConfig {
+    /// The inner SGD (its weight decay is the LARS `w`).
+    pub sgd: SgdConfig,
+    /// Trust coefficient η_L.
+    pub eta: f64,
+    /// `clip`: `ρ ← min(ρ/η, 1)`.
+    pub clip: bool,
+    /// ε in the trust ratio's denominator.
+    pub eps: f64,
+    /// Skip tensors with `ndim == 1` (biases, BN γ/β): no trust scaling, no weight decay.
+    pub exclude_bias_n_norm: bool,
+}
+
+impl Default for LarsConfig {
+    fn default() -> Self {
+        Self {
+            sgd: SgdConfig {
+                lr: 0.3,
+                momentum: 0.9,
+                dampening: 0.0,
+                nesterov: true,
+                weight_decay: 1e-4,
+            },
+            eta: 0.005,
+            clip: true,
+            eps: 1e-8,
+            exclude_bias_n_norm: true,
+        }
+    }
+}
+
+/// solo-learn's `LARSWrapper` around [`Sgd`] (R-CF, R-EMP).
+#[derive(Debug)]
+pub struct Lars {
+    sgd: Sgd,
+    eta: f64,
+    clip: bool,
+    eps: f64,
+    exclude_bias_n_norm: bool,
+}
+
+impl Lars {
+    /// The wrapper over named parameters.
+    ///
+    /// # Errors
+    /// Invalid settings or a non-float parameter.
+    pub fn new_named(params: &[(String, Var)], cfg: LarsConfig) -> Result<Self> {
+        Ok(Self {
+            sgd: Sgd::new_named(params, cfg.sgd)?,
+            eta: cfg.eta,
+            clip: cfg.clip,
+            eps: cfg.eps,
+            exclude_bias_n_norm: cfg.exclude_bias_n_norm,
+        })
+    }
+
+    /// Zero weight decay (hence `w = 0` in the trust ratio too) for the parameters the
+    /// predicate picks.
+    pub fn no_weight_decay_where(mut self, pred: impl Fn(&str, &Var) -> bool) -> Self {
+        self.sgd = self.sgd.no_weight_decay_where(pred);
+        self
+    }
+
+    /// The inner SGD (its buffers).
+    pub fn inner(&self) -> &Sgd {
+        &self.sgd
+    }
+
+    /// One update: trust-scale the gradients, then the SGD step with weight decay 0.
+    ///
+    /// # Errors
+    /// Tensor errors.
+    pub fn step(&mut self, grads: &GradStore) -> Result<()> {
+        let lr = self.sgd.lr();
+        let mut scaled = Vec::with_capacity(self.sgd.params.len());
+        for param in &self.sgd.params {
+            let Some(g) = grad_of(grads, &param.var) else {
+                scaled.push(None);
+                continue;
+            };
+            if self.exclude_bias_n_norm && param.var.rank() == 1 {
+                scaled.push(Some(g));
+                continue;
+            }
+            let p = param.var.as_detached_tensor();
+            let (pn, gn) = (norm(&p)?, norm(&g)?);
+            if pn == 0.0 || gn == 0.0 {
+                scaled.push(Some(g));
+                continue;
+            }
+            let w = param.weight_decay;
+            let mut rho = self.eta * pn / (gn + pn * w + self.eps);
+            if self.clip {
+                rho = (rho / lr).min(1.0);
+            }
+            scaled.push(Some((add_decay(&g, &p, w)? * rho)?));
+        }
+        self.sgd.apply(scaled, false)
+    }
+
+    /// The current learning rate.
+    pub fn lr(&self) -> f64 {
+        self.sgd.lr()
+    }
+
+    /// Sets the learning rate.
+    pub fn set_lr(&mut self, lr: f64) {
+        self.sgd.set_lr(lr)
+    }
+}
+
+impl Optim for Lars {
+    fn step(&mut self, grads: &GradStore) -> Result<()> {
+        Lars::step(self, grads)
+    }
+    fn lr(&self) -> f64 {
+        Lars::lr(self)
+    }
+    fn set_lr(&mut self, lr: f64) {
+        Lars::set_lr(self, lr)
+    }
+}
+
+impl candle_nn::Optimizer for Lars {
+    type Config = LarsConfig;
+    fn new(vars: Vec<Var>, config: LarsConfig) -> Result<Self> {
+        Lars::new_named(&numbered(vars), config)
+    }
+    fn step(&mut self, grads: &GradStore) -> Result<()> {
+        Lars::step(self, grads)
+    }
+    fn learning_rate(&self) -> f64 {
+        Lars::lr(self)
+    }
+    fn set_learning_rate(&mut self, lr: f64) {
+        Lars::set_lr(self, lr)
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// ACL LARS
+
+/// [`AclLars`] settings; `Default` is ACL's (METHODS.md 2.6): lr 5.0, momentum 0.9,
+/// η_L = 0.001, weight decay 1e-6.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AclLarsConfig {
+    /// Learning rate η (the schedule multiplies it).
+    pub lr: f64,
+    /// Momentum μ.
+    pub momentum: f64,
+    /// Trust coefficient η_L.
+    pub eta: f64,
+    /// Weight decay w.
+    pub weight_decay: f64,
+}
+
+impl Default for AclLarsConfig {
+    fn default() -> Self {
+        Self {
+            lr: 5.0,
+            momentum: 0.9,
+            eta: 1e-3,
+            weight_decay: 1e-6,
+        }
+    }
+}
+
+/// The LARS of R-AIR / R-RCS ("ACL LARS"): trust scaling on every tensor, buffer of
+/// learning-rate-scaled steps.
+#[derive(Debug)]
+pub struct AclLars {
+    params: Vec<Param>,
+    bufs: Vec<Option<Tensor>>,
+    cfg: AclLarsConfig,
+}
+
+impl AclLars {
+    /// The optimizer over named parameters.
+    ///
+    /// # Errors
+    /// A non-float parameter.
+    pub fn new_named(params: &[(String, Var)], cfg: AclLarsConfig) -> Result<Self> {
+        let params = collect(params, cfg.weight_decay)?;
+        let bufs = vec![None; params.len()];
+        Ok(Self { params, bufs, cfg })
+    }
+
+    /// Zero weight decay for the parameters the predicate picks (not used by ACL itself).
+    pub fn no_weight_decay_where(mut self, pred: impl Fn(&str, &Var) -> bool) -> Self {
+        zero_decay_where(&mut self.params, pred);
+        self
+    }
+
+    /// The momentum buffer of a parameter (`None` before its first step).
+    pub fn momentum_buffer(&self, name: &str) -> Option<&Tensor> {
+        let i = self.params.iter().position(|p| p.name == name)?;
+        self.bufs.get(i)?.as_ref()
+    }
+
+    /// One update.
+    ///
+    /// # Errors
+    /// Tensor errors.
+    pub fn step(&mut self, grads: &GradStore) -> Result<()> {
+        let AclLarsConfig {
+            lr, momentum, eta, ..
+        } = self.cfg;
+        for (param, buf) in self.params.iter().zip(self.bufs.iter_mut()) {
+            let Some(g) = grad_of(grads, &param.var) else {
+                continue;
+            };
+            let p = param.var.as_detached_tensor();
+            let w = param.weight_decay;
+            let (pn, gn) = (norm(&p)?, norm(&g)?);
+            let local = if pn < 1e-15 || gn < 1e-15 {
+                1.0
+            } else {
+                eta * pn / (gn + w * pn)
+            };
+            let update = (add_decay(&g, &p, w)? * (lr * local))?;
+            let b = match buf.take() {
+                None => update,
+                Some(b) => ((b * momentum)? + update)?,
+            }
+            .detach();
+            param.var.set(&(&p - &b)?)?;
+            *buf = Some(b);
+        }
+        Ok(())
+    }
+
+    /// The current learning rate.
+    pub fn lr(&self) -> f64 {
+        self.cfg.lr
+    }
+
+    /// Sets the learning rate.
+    pub fn set_lr(&mut self, lr: f64) {
+        self.cfg.lr = lr;
+    }
+}
+
+impl Optim for AclLars {
+    fn step(&mut self, grads: &GradStore) -> Result<()> {
+        AclLars::step(self, grads)
+    }
+    fn lr(&self) -> f64 {
+        AclLars::lr(self)
+    }
+    fn set_lr(&mut self, lr: f64) {
+        AclLars::set_lr(self, lr)
+    }
+}
+
+impl candle_nn::Optimizer for AclLars {
+    type Config = AclLarsConfig;
+    fn new(vars: Vec<Var>, config: AclLarsConfig) -> Result<Self> {
+        AclLars::new_named(&numbered(vars), config)
+    }
+    fn step(&mut self, grads: &GradStore) -> Result<()> {
+        AclLars::step(self, grads)
+    }
+    fn learning_rate(&self) -> f64 {
+        AclLars::lr(self)
+    }
+    fn set_learning_rate(&mut self, lr: f64) {
+        AclLars::set_lr(self, lr)
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Adam
+
+/// [`Adam`] settings; `Default` is PyTorch's: lr 1e-3, betas (0.9, 0.999), eps 1e-8, no weight
+/// decay.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AdamConfig {
+    /// Learning rate η.
+    pub lr: f64,
+    /// β₁.
+    pub beta1: f64,
+    /// β₂.
+    pub beta2: f64,
+    /// ε added to `√v̂`.
+    pub eps: f64,
+    /// L2 weight decay added to the gradient (not AdamW's decoupled decay).
+    pub weight_decay: f64,
+}
+
+impl Default for AdamConfig {
+    fn default() -> Self {
+        Self {
+            lr: 1e-3,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay: 0.0,
+        }
+    }
+}
+
+/// Adam with bias correction and L2 weight decay (`torch.optim.Adam`).
+#[derive(Debug)]
+pub struct Adam {
+    params: Vec<Param>,
+    /// `(m, v, t)` per parameter.
+    state: Vec<Option<(Tensor, Tensor, i32)>>,
+    cfg: AdamConfig,
+}
+
+impl Adam {
+    /// The optimizer over named parameters.
+    ///
+    /// # Errors
+    /// A non-float parameter or betas outside [0, 1).
+    pub fn new_named(params: &[(String, Var)], cfg: AdamConfig) -> Result<Self> {
+        if !((0.0..1.0).contains(&cfg.beta1) && (0.0..1.0).contains(&cfg.beta2)) {
+            bail!("adam: betas must be in [0, 1): {cfg:?}")
+        }
+        let params = collect(params, cfg.weight_decay)?;
+        let state = vec![None; params.len()];
+        Ok(Self { params, state, cfg })
+    }
+
+    /// Zero weight decay for the parameters the predicate picks.
+    pub fn no_weight_decay_where(mut self, pred: impl Fn(&str, &Var) -> bool) -> Self {
+        zero_decay_where(&mut self.params, pred);
+        self
+    }
+
+    /// The first and second moments of a parameter (`None` before its first step).
+    pub fn moments(&self, name: &str) -> Option<(&Tensor, &Tensor)> {
+        let i = self.params.iter().position(|p| p.name == name)?;
+        self.state.get(i)?.as_ref().map(|(m, v, _)| (m, v))
+    }
+
+    /// One update.
+    ///
+    /// # Errors
+    /// Tensor errors.
+    pub fn step(&mut self, grads: &GradStore) -> Result<()> {
+        let AdamConfig {
+            lr,
+            beta1,
+            beta2,
+            eps,
+            ..
+        } = self.cfg;
+        for (param, state) in self.params.iter().zip(self.state.iter_mut()) {
+            let Some(g) = grad_of(grads, &param.var) else {
+                continue;
+            };
+            let p = param.var.as_detached_tensor();
+            let g = add_decay(&g, &p, param.weight_decay)?;
+            let (m, v, t) = match state.take() {
+                None => ((&g * (1.0 - beta1))?, (g.sqr()? * (1.0 - beta2))?, 1),
+                Some((m, v, t)) => (
+                    ((m * beta1)? + (&g * (1.0 - beta1))?)?,
+                    ((v * beta2)? + (g.sqr()? * (1.0 - beta2))?)?,
+                    t + 1,
+                ),
+            };
+            let (m, v) = (m.detach(), v.detach());
+            let bc1 = 1.0 - beta1.powi(t);
+            let bc2 = 1.0 - beta2.powi(t);
+            let denom = (v.sqrt()? / bc2.sqrt())?.affine(1.0, eps)?;
+            let update = (m.div(&denom)? * (lr / bc1))?;
+            param.var.set(&(&p - update)?)?;
+            *state = Some((m, v, t));
+        }
+        Ok(())
+    }
+
+    /// The current learning rate.
+    pub fn lr(&self) -> f64 {
+        self.cfg.lr
+    }
+
+    /// Sets the learning rate.
+    pub fn set_lr(&mut self, lr: f64) {
+        self.cfg.lr = lr;
+    }
+}
+
+impl Optim for Adam {
+    fn step(&mut self, grads: &GradStore) -> Result<()> {
+        Adam::step(self, grads)
+    }
+    fn lr(&self) -> f64 {
+        Adam::lr(self)
+    }
+    fn set_lr(&mut self, lr: f64) {
+        Adam::set_lr(self, lr)
+    }
+}
+
+impl candle_nn::Optimizer for Adam {
+    type Config = AdamConfig;
+    fn new(vars: Vec<Var>, config: AdamConfig) -> Result<Self> {
+        Adam::new_named(&numbered(vars), config)
+    }
+    fn step(&mut self, grads: &GradStore) -> Result<()> {
+        Adam::step(self, grads)
+    }
+    fn learning_rate(&self) -> f64 {
+        Adam::lr(self)
+    }
+    fn set_learning_rate(&mut self, lr: f64) {
+        Adam::set_lr(self, lr)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! Reference values: PyTorch 2.x, float64, with fixed gradients set by hand
+    //! (`p.grad = ...`) so every step is reproducible:
+    //!
+    //! ```python
+    //! import torch
+    //! d = torch.float64
+    //! def init():
+    //!     w = torch.tensor([[0.5, -1.0], [2.0, 0.25]], dtype=d, requires_grad=True)
+    //!     b = torch.tensor([0.1, -0.2], dtype=d, requires_grad=True)
+    //!     z = torch.zeros(2, 1, dtype=d, requires_grad=True)
+    //!     return w, b, z
+    //! GW = [[[0.3, -0.2], [0.1, 0.4]], [[-0.1, 0.5], [0.2, -0.3]], [[0.25, 0.15], [-0.35, 0.05]]]
+    //! GB = [[0.05, -0.1], [0.2, 0.3], None]
+    //! GZ = [[[0.7], [-0.4]], [[0.1], [0.2]], [[-0.3], [0.6]]]
+    //! def setg(ps, k):
+    //!     for p, g in zip(ps, (GW[k], GB[k], GZ[k])):
+    //!         p.grad = None if g is None else torch.tensor(g, dtype=d)
+    //! # SGD
+    //! ps = init()
+    //! opt = torch.optim.SGD(ps, lr=0.1, momentum=0.9, weight_decay=0.01, nesterov=True)
+    //! for k in range(3): setg(ps, k); opt.step()
+    //! # solo-learn LARSWrapper (the formula of its step / update_p) around that SGD
+    //! def lars_step(opt, eta=0.005, clip=True, eps=1e-8, exclude=True):
+    //!     wds = []
+    //!     for group in opt.param_groups:
+    //!         wd = group.get("weight_decay", 0); wds.append(wd); group["weight_decay"] = 0
+    //!         for p in group["params"]:
+    //!             if p.grad is not None and (p.ndim != 1 or not exclude):
+    //!                 pn = torch.norm(p.data); gn = torch.norm(p.grad.data)
+    //!                 if pn != 0 and gn != 0:
+    //!                     nl = (eta * pn) / (gn + pn * wd + eps)
+    //!                     if clip: nl = min(nl / group["lr"], 1)
+    //!                     p.grad.data += wd * p.data
+    //!                     p.grad.data *= nl
+    //!     opt.step()
+    //!     for group, wd in zip(opt.param_groups, wds): group["weight_decay"] = wd
+    //! ps = init()
+    //! opt = torch.optim.SGD(ps, lr=0.3, momentum=0.9, weight_decay=1e-4, nesterov=True)
+    //! for k, lr in enumerate([0.3, 0.001]):   # clip < 1 at 0.3, clip = 1 at 0.001
+    //!     for g in opt.param_groups: g["lr"] = lr
+    //!     setg(ps, k); lars_step(opt)
+    //! # ACL LARS, lr 5.0 then 2.5
+    //! ps = init(); bufs = [torch.zeros_like(p) for p in ps]
+    //! for k, lr in enumerate([5.0, 2.5]):
+    //!     setg(ps, k)
+    //!     with torch.no_grad():
+    //!         for p, buf in zip(ps, bufs):
+    //!             if p.grad is None: continue
+    //!             pn = torch.norm(p); gn = torch.norm(p.grad); wd = 1e-6
+    //!             lam = 1.0 if (pn < 1e-15 or gn < 1e-15) else 1e-3 * pn / (gn + wd * pn)
+    //!             buf.mul_(0.9).add_(lr * lam * (p.grad + wd * p)); p.sub_(buf)
+    //! # Adam
+    //! ps = init()
+    //! opt = torch.optim.Adam(ps, lr=0.01, weight_decay=0.01)
+    //! for k in range(2): setg(ps, k); opt.step()
+    //! ```
+
+    use super::*;
+    use candle::Device;
+
+    type TestResult = std::result::Result<(), Box<dyn std::error::Error>>;
+
+    const GW: [[[f64; 2]; 2]; 3] = [
+        [[0.3, -0.2], [0.1, 0.4]],
+        [[-0.1, 0.5], [0.2, -0.3]],
+        [[0.25, 0.15], [-0.35, 0.05]],
+    ];
+    const GB: [Option<[f64; 2]>; 3] = [Some([0.05, -0.1]), Some([0.2, 0.3]), None];
+    const GZ: [[[f64; 1]; 2]; 3] = [[[0.7], [-0.4]], [[0.1], [0.2]], [[-0.3], [0.6]]];
+
+    fn init() -> Result<Vec<(String, Var)>> {
+        let dev = Device::Cpu;
+        Ok(vec![
+            ("w".into(), Var::new(&[[0.5f64, -1.0], [2.0, 0.25]], &dev)?),
+            ("b".into(), Var::new(&[0.1f64, -0.2], &dev)?),
+            ("z".into(), Var::zeros((2, 1), DType::F64, &dev)?),
+        ])
+    }
+
+    /// The hand-set gradients of step `k` as a `GradStore`.
+    fn grads(params: &[(String, Var)], k: usize) -> Result<GradStore> {
+        let dev = Device::Cpu;
+        let mut g = GradStore::default();
+        g.insert(&params[0].1, Tensor::new(&GW[k], &dev)?);
+        if let Some(gb) = GB[k] {
+            g.insert(&params[1].1, Tensor::new(&gb, &dev)?);
+        }
+        g.insert(&params[2].1, Tensor::new(&GZ[k], &dev)?);
+        Ok(g)
+    }
+
+    fn values(params: &[(String, Var)]) -> Result<Vec<Vec<f64>>> {
+        params
+            .iter()
+            .map(|(_, v)| v.flatten_all()?.to_vec1::<f64>())
+            .collect()
+    }
+
+    fn assert_close(got: &[Vec<f64>], want: &[&[f64]], tol: f64) {
+        assert_eq!(got.len(), want.len());
+        for (g, w) in got.iter().zip(want) {
+            assert_eq!(g.len(), w.len());
+            for (a, b) in g.iter().zip(w.iter()) {
+                assert!((a - b).abs() <= tol, "{got:?} vs {want:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn sgd_nesterov_weight_decay_matches_torch() -> TestResult {
+        let params = init()?;
+        let cfg = SgdConfig {
+            lr: 0.1,
+            momentum: 0.9,
+            nesterov: true,
+            weight_decay: 0.01,
+            ..SgdConfig::default()
+        };
+        let mut opt = Sgd::new_named(&params, cfg)?;
+        let want: [[&[f64]; 3]; 3] = [
+            [
+                &[0.44205, -0.9601, 1.9772, 0.17352499999999998],
+                &[0.09031, -0.18062],
+                &[-0.13299999999999998, 0.07600000000000001],
+            ],
+            [
+                &[
+                    0.435505105,
+                    -1.03626581,
+                    1.9257233200000001,
+                    0.19759280249999997,
+                ],
+                &[0.048007411, -0.229014822],
+                &[-0.2084473, 0.07025560000000002],
+            ],
+            [
+                &[
+                    0.3726850848005,
+                    -1.087210223961,
+                    1.9620149136920002,
+                    0.18253457092524997,
+                ],
+                // No gradient for b in step 3: untouched.
+                &[0.048007411, -0.229014822],
+                &[-0.21007352013000002, -0.03097944564],
+            ],
+        ];
+        for (k, w) in want.iter().enumerate() {
+            opt.step(&grads(&params, k)?)?;
+            assert_close(&values(&params)?, w, 1e-14);
+            if k == 0 {
+                // By hand for w[0][0]: d = 0.3 + 0.01·0.5 = 0.305, b = d,
+                // p = 0.5 − 0.1 (0.305 + 0.9·0.305) = 0.44205.
+                let b = opt.momentum_buffer("w").ok_or("buffer")?.flatten_all()?;
+                assert!((b.to_vec1::<f64>()?[0] - 0.305).abs() < 1e-15);
+            }
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn momentum_buffers_are_detached() -> TestResult {
+        // Gradients from a real graph: loss = Σ (w x)², three steps.
+        let dev = Device::Cpu;
+        let w = Var::new(&[[0.5f64, -1.0], [2.0, 0.25]], &dev)?;
+        let x = Tensor::new(&[1.0f64, 2.0], &dev)?.reshape((2, 1))?;
+        let params = vec![("w".to_string(), w.clone())];
+        let cfg = SgdConfig {
+            lr: 0.01,
+            momentum: 0.9,
+            nesterov: true,
+            weight_decay: 1e-4,
+            ..SgdConfig::default()
+        };
+        let mut sgd = Sgd::new_named(&params, cfg)?;
+        let mut lars = Lars::new_named(&params, LarsConfig::default())?;
+        let mut acl = AclLars::new_named(&params, AclLarsConfig::default())?;
+        let mut adam = Adam::new_named(&params, AdamConfig::default())?;
+        for _ in 0..3 {
+            let loss = w.matmul(&x)?.sqr()?.sum_all()?;
+            let g = loss.backward()?;
+            sgd.step(&g)?;
+            lars.step(&g)?;
+            acl.step(&g)?;
+            adam.step(&g)?;
+        }
+        let bufs = [
+            sgd.momentum_buffer("w").ok_or("sgd buffer")?,
+            lars.inner().momentum_buffer("w").ok_or("lars buffer")?,
+            acl.momentum_buffer("w").ok_or("acl buffer")?,
+            adam.moments("w").ok_or("adam m")?.0,
+            adam.moments("w").ok_or("adam v")?.1,
+        ];
+        for b in bufs {
+            assert!(!b.track_op(), "an optimizer state keeps the autograd graph");
+        }
+        // The control: a tensor computed from the Var itself does track.
+        assert!((w.as_tensor() * 0.9)?.track_op());
+        Ok(())
+    }
+
+    #[test]
+    fn solo_learn_lars_matches_reference() -> TestResult {
+        let params = init()?;
+        let mut opt = Lars::new_named(&params, LarsConfig::default())?;
+        // Step 1 at lr 0.3 (clip ratio < 1), step 2 at lr 0.001 (clip saturates at 1).
+        let want: [[&[f64]; 3]; 2] = [
+            [
+                &[
+                    0.4880098848370554,
+                    -0.9920039258653384,
+                    1.9959959688740976,
+                    0.23401484479901039,
+                ],
+                // 1-D: plain Nesterov SGD, no decay: 0.1 − 0.3·1.9·0.05 = 0.0715.
+                &[0.07150000000000001, -0.14300000000000002],
+                // ‖p‖ = 0: no scaling, no decay: −0.3·1.9·0.7 = −0.399.
+                &[-0.39899999999999997, 0.22799999999999998],
+            ],
+            [
+                &[
+                    0.488182753530472,
+                    -0.9929423745424011,
+                    1.995609899695895,
+                    0.23456208458932531,
+                ],
+                &[0.0710795, -0.143489],
+                &[-0.39975692419, 0.22794395667999998],
+            ],
+        ];
+        for (k, (w, lr)) in want.iter().zip([0.3, 0.001]).enumerate() {
+            opt.set_lr(lr);
+            opt.step(&grads(&params, k)?)?;
+            assert_close(&values(&params)?, w, 1e-14);
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn acl_lars_matches_reference() -> TestResult {
+        let params = init()?;
+        let mut opt = AclLars::new_named(&params, AclLarsConfig::default())?;
+        let want: [[&[f64]; 3]; 2] = [
+            [
+                &[
+                    0.49368782545563855,
+                    -0.9957918696100612,
+                    1.9978959032442105,
+                    0.24158377604107922,
+                ],
+                &[0.0995, -0.199],
+                // ‖p‖ = 0: λ = 1, so b = 5.0 · g.
+                &[-3.5, 2.0],
+            ],
+            [
+                &[
+                    0.4889271864527384,
+                    -0.9966061562473482,
+                    1.9941615525158198,
+                    0.23677014014633824,
+                ],
+                &[0.09874146363460189, -0.19856280401085852],
+                &[-6.65450670010577, 3.7909861941712535],
+            ],
+        ];
+        for (k, (w, lr)) in want.iter().zip([5.0, 2.5]).enumerate() {
+            opt.set_lr(lr);
+            opt.step(&grads(&params, k)?)?;
+            assert_close(&values(&params)?, w, 1e-13);
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn adam_matches_torch() -> TestResult {
+        let params = init()?;
+        let cfg = AdamConfig {
+            lr: 0.01,
+            weight_decay: 0.01,
+            ..AdamConfig::default()
+        };
+        let mut opt = Adam::new_named(&params, cfg)?;
+        let want: [[&[f64]; 3]; 2] = [
+            [
+                &[
+                    0.49000000032786883,
+                    -0.9900000004761904,
+                    1.9900000008333332,
+                    0.2400000002484472,
+                ],
+                &[0.09000000196078393, -0.19000000098039208],
+                &[-0.009999999857142857, 0.009999999750000004],
+            ],
+            [
+                &[
+                    0.4858195192585543,
+                    -0.9942025255808822,
+                    1.9802587133843033,
+                    0.2390386193792861,
+                ],
+                &[0.08113926623571073, -0.1948727156535319],
+                &[-0.017685156921772253, 0.012661439045709084],
+            ],
+        ];
+        for (k, w) in want.iter().enumerate() {
+            opt.step(&grads(&params, k)?)?;
+            assert_close(&values(&params)?, w, 1e-14);
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn weight_decay_groups_by_name() -> TestResult {
+        // With b excluded from decay, SGD without momentum gives p − η g for b and
+        // p − η (g + w p) for w.
+        let params = init()?;
+        let cfg = SgdConfig {
+            lr: 0.1,
+            weight_decay: 0.5,
+            ..SgdConfig::default()
+        };
+        let mut opt = Sgd::new_named(&params, cfg)?.no_weight_decay_where(is_bias_or_norm);
+        assert_eq!(opt.weight_decay_of("b"), Some(0.0));
+        assert_eq!(opt.weight_decay_of("w"), Some(0.5));
+        assert_eq!(opt.weight_decay_of("nope"), None);
+        opt.step(&grads(&params, 0)?)?;
+        let v = values(&params)?;
+        assert!((v[1][0] - (0.1 - 0.1 * 0.05)).abs() < 1e-15);
+        assert!((v[0][0] - (0.5 - 0.1 * (0.3 + 0.5 * 0.5))).abs() < 1e-15);
+        // By name too.
+        let params = init()?;
+        let opt = Sgd::new_named(&params, cfg)?.no_weight_decay_where(|n, _| n == "w");
+        assert_eq!(opt.weight_decay_of("w"), Some(0.0));
+        assert_eq!(opt.weight_decay_of("z"), Some(0.5));
+        Ok(())
+    }
+
+    #[test]
+    fn traits_and_validation() -> TestResult {
+        let params = init()?;
+        let vars: Vec<Var> = params.iter().map(|(_, v)| v.clone()).collect();
+        let cfg = SgdConfig {
+            lr: 0.1,
+            momentum: 0.9,
+            nesterov: true,
+            weight_decay: 0.01,
+            ..SgdConfig::default()
+        };
+        // candle's trait: same numbers as the named constructor.
+        let mut opt = <Sgd as candle_nn::Optimizer>::new(vars, cfg)?;
+        candle_nn::Optimizer::step(&mut opt, &grads(&params, 0)?)?;
+        assert!((values(&params)?[0][0] - 0.44205).abs() < 1e-15);
+        // Ours, through a trait object.
+        let mut boxed: Box<dyn Optim> = Box::new(Adam::new_named(&params, AdamConfig::default())?);
+        boxed.set_lr(0.5);
+        assert_eq!(boxed.lr(), 0.5);
+        // Invalid settings.
+        let bad = SgdConfig {
+            nesterov: true,
+            ..SgdConfig::default()
+        };
+        assert!(Sgd::new_named(&params, bad).is_err());
+        let ints = vec![("i".to_string(), Var::zeros(2, DType::U32, &Device::Cpu)?)];
+        assert!(Sgd::new_named(&ints, SgdConfig::default()).is_err());
+        Ok(())
+    }
+}
