@@ -73,7 +73,36 @@ pub fn run(what: crate::BenchWhat) -> Result<u8> {
             json,
         } => augment(batch, views, reps, json),
         crate::BenchWhat::Decode { path, reps, json } => decode(&path, reps, json),
+        crate::BenchWhat::Nn {
+            widths,
+            batch,
+            reps,
+            json,
+        } => nn(&widths, batch, reps, json),
     }
+}
+
+fn nn(widths: &[usize], batch: usize, reps: usize, json_out: bool) -> Result<u8> {
+    let mut rows = Vec::new();
+    for &w in widths {
+        let t = pipe_stages::nn::bench::bench_resnet(w, batch, reps)?;
+        if !json_out {
+            println!(
+                "ResNet-18 width {:>3}, batch {}: forward {:8.1} ms   train step {:8.1} ms   PGD step {:8.1} ms",
+                t.width, t.batch, t.forward_ms, t.train_step_ms, t.pgd_step_ms
+            );
+        }
+        rows.push(t);
+    }
+    if json_out {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(
+                &json!({"threads": rayon::current_num_threads(), "rows": rows})
+            )?
+        );
+    }
+    Ok(0)
 }
 
 fn augment(batch: usize, views: usize, reps: usize, json_out: bool) -> Result<u8> {

@@ -149,6 +149,21 @@ pub enum BenchWhat {
         #[arg(long)]
         json: bool,
     },
+    /// ResNet-18 forward (eval), train step and PGD step on the CPU, at batch 64.
+    Nn {
+        /// ResNet widths to time (64 = the paper's).
+        #[arg(long, value_delimiter = ',', default_values_t = [16, 64])]
+        widths: Vec<usize>,
+        /// Images per batch.
+        #[arg(long, default_value_t = 64)]
+        batch: usize,
+        /// Timed repetitions (the median is reported).
+        #[arg(long, default_value_t = 3)]
+        reps: usize,
+        /// Print one JSON document on stdout.
+        #[arg(long)]
+        json: bool,
+    },
     /// Time to decode an ImageFolder archive (default: ../shared/data/cifar10-jpeg.tar.gz).
     Decode {
         /// The archive or folder.

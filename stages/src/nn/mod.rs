@@ -11,6 +11,7 @@
 
 pub mod attacks;
 pub mod augment;
+pub mod bench;
 pub mod checkpoint;
 pub mod heads;
 pub mod init;
