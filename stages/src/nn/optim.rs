@@ -147,6 +147,40 @@ fn add_decay(g: &Tensor, p: &Tensor, w: f64) -> Result<Tensor> {
     }
 }
 
+/// Implements [`Optim`] and [`candle_nn::Optimizer`] for an optimizer with inherent `step`,
+/// `lr`, `set_lr` and `new_named` (the latter numbers unnamed vars "0", "1", ...).
+macro_rules! impl_optimizer_traits {
+    ($t:ident, $c:ident) => {
+        impl Optim for $t {
+            fn step(&mut self, grads: &GradStore) -> Result<()> {
+                $t::step(self, grads)
+            }
+            fn lr(&self) -> f64 {
+                $t::lr(self)
+            }
+            fn set_lr(&mut self, lr: f64) {
+                $t::set_lr(self, lr)
+            }
+        }
+
+        impl candle_nn::Optimizer for $t {
+            type Config = $c;
+            fn new(vars: Vec<Var>, config: $c) -> Result<Self> {
+                $t::new_named(&numbered(vars), config)
+            }
+            fn step(&mut self, grads: &GradStore) -> Result<()> {
+                $t::step(self, grads)
+            }
+            fn learning_rate(&self) -> f64 {
+                $t::lr(self)
+            }
+            fn set_learning_rate(&mut self, lr: f64) {
+                $t::set_lr(self, lr)
+            }
+        }
+    };
+}
+
 // ---------------------------------------------------------------------------------------------
 // SGD
 
@@ -289,33 +323,7 @@ impl Sgd {
     }
 }
 
-impl Optim for Sgd {
-    fn step(&mut self, grads: &GradStore) -> Result<()> {
-        Sgd::step(self, grads)
-    }
-    fn lr(&self) -> f64 {
-        Sgd::lr(self)
-    }
-    fn set_lr(&mut self, lr: f64) {
-        Sgd::set_lr(self, lr)
-    }
-}
-
-impl candle_nn::Optimizer for Sgd {
-    type Config = SgdConfig;
-    fn new(vars: Vec<Var>, config: SgdConfig) -> Result<Self> {
-        Sgd::new_named(&numbered(vars), config)
-    }
-    fn step(&mut self, grads: &GradStore) -> Result<()> {
-        Sgd::step(self, grads)
-    }
-    fn learning_rate(&self) -> f64 {
-        Sgd::lr(self)
-    }
-    fn set_learning_rate(&mut self, lr: f64) {
-        Sgd::set_lr(self, lr)
-    }
-}
+impl_optimizer_traits!(Sgd, SgdConfig);
 
 // ---------------------------------------------------------------------------------------------
 // solo-learn LARS wrapper
@@ -435,33 +443,7 @@ impl Lars {
     }
 }
 
-impl Optim for Lars {
-    fn step(&mut self, grads: &GradStore) -> Result<()> {
-        Lars::step(self, grads)
-    }
-    fn lr(&self) -> f64 {
-        Lars::lr(self)
-    }
-    fn set_lr(&mut self, lr: f64) {
-        Lars::set_lr(self, lr)
-    }
-}
-
-impl candle_nn::Optimizer for Lars {
-    type Config = LarsConfig;
-    fn new(vars: Vec<Var>, config: LarsConfig) -> Result<Self> {
-        Lars::new_named(&numbered(vars), config)
-    }
-    fn step(&mut self, grads: &GradStore) -> Result<()> {
-        Lars::step(self, grads)
-    }
-    fn learning_rate(&self) -> f64 {
-        Lars::lr(self)
-    }
-    fn set_learning_rate(&mut self, lr: f64) {
-        Lars::set_lr(self, lr)
-    }
-}
+impl_optimizer_traits!(Lars, LarsConfig);
 
 // ---------------------------------------------------------------------------------------------
 // ACL LARS
@@ -567,33 +549,7 @@ impl AclLars {
     }
 }
 
-impl Optim for AclLars {
-    fn step(&mut self, grads: &GradStore) -> Result<()> {
-        AclLars::step(self, grads)
-    }
-    fn lr(&self) -> f64 {
-        AclLars::lr(self)
-    }
-    fn set_lr(&mut self, lr: f64) {
-        AclLars::set_lr(self, lr)
-    }
-}
-
-impl candle_nn::Optimizer for AclLars {
-    type Config = AclLarsConfig;
-    fn new(vars: Vec<Var>, config: AclLarsConfig) -> Result<Self> {
-        AclLars::new_named(&numbered(vars), config)
-    }
-    fn step(&mut self, grads: &GradStore) -> Result<()> {
-        AclLars::step(self, grads)
-    }
-    fn learning_rate(&self) -> f64 {
-        AclLars::lr(self)
-    }
-    fn set_learning_rate(&mut self, lr: f64) {
-        AclLars::set_lr(self, lr)
-    }
-}
+impl_optimizer_traits!(AclLars, AclLarsConfig);
 
 // ---------------------------------------------------------------------------------------------
 // Adam
@@ -710,33 +666,7 @@ impl Adam {
     }
 }
 
-impl Optim for Adam {
-    fn step(&mut self, grads: &GradStore) -> Result<()> {
-        Adam::step(self, grads)
-    }
-    fn lr(&self) -> f64 {
-        Adam::lr(self)
-    }
-    fn set_lr(&mut self, lr: f64) {
-        Adam::set_lr(self, lr)
-    }
-}
-
-impl candle_nn::Optimizer for Adam {
-    type Config = AdamConfig;
-    fn new(vars: Vec<Var>, config: AdamConfig) -> Result<Self> {
-        Adam::new_named(&numbered(vars), config)
-    }
-    fn step(&mut self, grads: &GradStore) -> Result<()> {
-        Adam::step(self, grads)
-    }
-    fn learning_rate(&self) -> f64 {
-        Adam::lr(self)
-    }
-    fn set_learning_rate(&mut self, lr: f64) {
-        Adam::set_lr(self, lr)
-    }
-}
+impl_optimizer_traits!(Adam, AdamConfig);
 
 #[cfg(test)]
 mod tests {
