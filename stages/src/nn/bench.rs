@@ -5,7 +5,12 @@
 //! - **forward**: eval-mode forward of the backbone + classifier;
 //! - **train step**: train-mode forward, backward, one SGD (momentum 0.9, Nesterov, wd 5e-4) step;
 //! - **PGD step**: one l_inf PGD step (eval-mode forward, backward to the input, sign step,
-//!   projections) through [`crate::nn::attacks::pgd`] with `steps = 1`, no random start.
+//!   projections) through [`crate::nn::attacks::pgd`] with `steps = 1`, no random start, on
+//!   the frozen backbone ([`crate::nn::resnet::ResNet::frozen`]: no parameter gradients), as
+//!   the stages run attacks.
+//!
+//! The convolutions are [`crate::nn::conv`]'s fast CPU op; `PIPE_CONV=candle` times candle's
+//! own conv instead.
 //!
 //! Each number is the median of `reps` timed repetitions after one warm-up.
 
@@ -105,9 +110,11 @@ pub fn bench_resnet(width: usize, batch: usize, reps: usize) -> candle::Result<M
         ..PgdConfig::new(Norm::Linf, 8.0 / 255.0, 2.0 / 255.0, 1)
     };
     let pgd_step_ms = time(reps, || {
+        // Built inside the timed step, as a stage would per attack batch (it copies no data).
+        let frozen = net.frozen()?;
         let r = pgd(
             &x,
-            |xa| cross_entropy_per_example(&head.forward(&net.forward_t(xa, false)?)?, &y),
+            |xa| cross_entropy_per_example(&head.forward(&frozen.forward_t(xa, false)?)?, &y),
             &pgd_cfg,
             &mut rng,
         )?;

@@ -11,8 +11,10 @@
 
 pub mod attacks;
 pub mod augment;
+pub mod batch_norm;
 pub mod bench;
 pub mod checkpoint;
+pub mod conv;
 pub mod heads;
 pub mod init;
 pub mod linalg;

@@ -16,8 +16,13 @@
 //! A basic block with stride `s` computes
 //! `relu(bn2(conv2(relu(bn1(conv1_s(x))))) + shortcut(x))`, where the shortcut is
 //! `bn(conv1x1_s(x))` when the shape changes and the identity otherwise. All convolutions have
-//! no bias. The global pool is a mean over (2, 3), not `avg_pool2d`, whose backward is wrong in
-//! candle 0.11 (CANDLE.md).
+//! no bias and run [`crate::nn::conv`]'s im2col + gemm op on the CPU; BN (+ ReLU) and the
+//! residual add + ReLU run [`crate::nn::batch_norm`]'s fused ops (candle's ops elsewhere, or
+//! everywhere with [`ResNet::with_kernels`]). The global pool is a mean over (2, 3), not
+//! `avg_pool2d`, whose backward is wrong in candle 0.11 (CANDLE.md).
+//!
+//! [`ResNet::frozen`] is the same network on detached weights: attacks on it compute only the
+//! input gradient (candle has no `no_grad`).
 //!
 //! Parameter count (convolutions and BN affine parameters, running statistics excluded, one BN
 //! branch): 11,168,832 at w = 64 (torchvision's `resnet18` with the 3x3 stem and no `fc`),
@@ -79,8 +84,11 @@
 //! ```
 
 use candle::{DType, Module, ModuleT, Result, Tensor, Var};
-use candle_nn::{BatchNorm, BatchNormConfig, Conv2d, Conv2dConfig, Init, VarBuilder};
+use candle_nn::{BatchNorm, BatchNormConfig, Init, VarBuilder};
 use serde::{Deserialize, Serialize};
+
+use crate::nn::batch_norm::{add_relu, batch_norm};
+use crate::nn::conv::{Conv2d, Conv2dConfig, KernelImpl, conv2d_no_bias};
 
 /// The BN branch whose tensors keep torchvision's plain names.
 pub const DEFAULT_BRANCH: &str = "normal";
@@ -178,6 +186,7 @@ struct BnBranch {
 #[derive(Debug, Clone)]
 pub struct BranchBatchNorm {
     branches: Vec<BnBranch>,
+    imp: KernelImpl,
 }
 
 /// Builds a [`BranchBatchNorm`] over `num_features` channels with one BN per branch.
@@ -227,7 +236,10 @@ pub fn branch_batch_norm(
             num_batches_tracked: counter,
         });
     }
-    Ok(BranchBatchNorm { branches: out })
+    Ok(BranchBatchNorm {
+        branches: out,
+        imp: KernelImpl::from_env(),
+    })
 }
 
 impl BranchBatchNorm {
@@ -255,8 +267,17 @@ impl BranchBatchNorm {
     /// # Errors
     /// On an unknown branch or a channel-count mismatch.
     pub fn forward_branch(&self, x: &Tensor, branch: &str, train: bool) -> Result<Tensor> {
+        self.forward_act(x, branch, train, false)
+    }
+
+    /// [`BranchBatchNorm::forward_branch`], followed by a ReLU when `relu` (one fused op on the
+    /// CPU, see [`crate::nn::batch_norm`]).
+    ///
+    /// # Errors
+    /// On an unknown branch or a channel-count mismatch.
+    pub fn forward_act(&self, x: &Tensor, branch: &str, train: bool, relu: bool) -> Result<Tensor> {
         let b = self.get(branch)?;
-        let y = b.bn.forward_t(x, train)?;
+        let y = batch_norm(x, &b.bn, train, relu, self.imp)?;
         if train {
             let next = (b.num_batches_tracked.as_tensor() + 1.0)?;
             b.num_batches_tracked.set(&next)?;
@@ -270,6 +291,56 @@ impl BranchBatchNorm {
     /// On an unknown branch.
     pub fn branch(&self, branch: &str) -> Result<&BatchNorm> {
         Ok(&self.get(branch)?.bn)
+    }
+
+    /// The same layer on detached affine parameters (shared storage, no gradient), sharing the
+    /// running statistics and counters with `self` (a train-mode forward still updates them).
+    ///
+    /// # Errors
+    /// Never in practice (the shapes were checked when `self` was built).
+    pub fn frozen(&self) -> Result<Self> {
+        let branches = self
+            .branches
+            .iter()
+            .map(|b| {
+                let (rm, rv) = (b.bn.running_mean(), b.bn.running_var());
+                let n = rm.dim(0)?;
+                // `Var::from_tensor` on a variable's tensor shares it: the running statistics
+                // stay the live ones.
+                let bn = match b.bn.weight_and_bias() {
+                    Some((w, bias)) => BatchNorm::new_with_momentum(
+                        n,
+                        rm.clone(),
+                        rv.clone(),
+                        w.detach(),
+                        bias.detach(),
+                        b.bn.eps(),
+                        b.bn.momentum(),
+                    )?,
+                    None => BatchNorm::new_no_bias_with_momentum(
+                        n,
+                        rm.clone(),
+                        rv.clone(),
+                        b.bn.eps(),
+                        b.bn.momentum(),
+                    )?,
+                };
+                Ok(BnBranch {
+                    name: b.name.clone(),
+                    bn,
+                    num_batches_tracked: b.num_batches_tracked.clone(),
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self {
+            branches,
+            imp: self.imp,
+        })
+    }
+
+    /// The same layer running `imp` (fused CPU op or candle-nn's `BatchNorm`).
+    pub fn with_kernels(self, imp: KernelImpl) -> Self {
+        Self { imp, ..self }
     }
 
     /// How many train-mode forwards the branch has seen (torch's `num_batches_tracked`).
@@ -299,15 +370,7 @@ fn conv_no_bias(
     padding: usize,
     vb: VarBuilder,
 ) -> Result<Conv2d> {
-    let w = vb.get_with_hints((c_out, c_in, kernel, kernel), "weight", Init::Const(0.))?;
-    let cfg = Conv2dConfig {
-        padding,
-        stride,
-        dilation: 1,
-        groups: 1,
-        cudnn_fwd_algo: None,
-    };
-    Ok(Conv2d::new(w, None, cfg))
+    conv2d_no_bias(c_in, c_out, kernel, Conv2dConfig { stride, padding }, vb)
 }
 
 /// torchvision's `BasicBlock`: two 3x3 convolutions with BN, plus the shortcut.
@@ -361,14 +424,44 @@ impl BasicBlock {
     /// On an unknown branch or shape errors.
     pub fn forward_branch(&self, x: &Tensor, branch: &str, train: bool) -> Result<Tensor> {
         let out = self.conv1.forward(x)?;
-        let out = self.bn1.forward_branch(&out, branch, train)?.relu()?;
+        let out = self.bn1.forward_act(&out, branch, train, true)?;
         let out = self.conv2.forward(&out)?;
         let out = self.bn2.forward_branch(&out, branch, train)?;
         let shortcut = match &self.downsample {
             Some((conv, bn)) => bn.forward_branch(&conv.forward(x)?, branch, train)?,
             None => x.clone(),
         };
-        (out + shortcut)?.relu()
+        add_relu(&out, &shortcut, self.bn2.imp)
+    }
+
+    /// The block on detached weights (see [`ResNet::frozen`]).
+    ///
+    /// # Errors
+    /// As [`BranchBatchNorm::frozen`].
+    pub fn frozen(&self) -> Result<Self> {
+        Ok(Self {
+            conv1: self.conv1.detached(),
+            bn1: self.bn1.frozen()?,
+            conv2: self.conv2.detached(),
+            bn2: self.bn2.frozen()?,
+            downsample: match &self.downsample {
+                Some((conv, bn)) => Some((conv.detached(), bn.frozen()?)),
+                None => None,
+            },
+        })
+    }
+
+    /// The block with every convolution, BN and ReLU running `imp`.
+    pub fn with_kernels(self, imp: KernelImpl) -> Self {
+        Self {
+            conv1: self.conv1.with_impl(imp),
+            bn1: self.bn1.with_kernels(imp),
+            conv2: self.conv2.with_impl(imp),
+            bn2: self.bn2.with_kernels(imp),
+            downsample: self
+                .downsample
+                .map(|(conv, bn)| (conv.with_impl(imp), bn.with_kernels(imp))),
+        }
     }
 }
 
@@ -431,6 +524,44 @@ impl ResNet {
         &self.branches
     }
 
+    /// The network on frozen weights, for attacks: every convolution and BN affine parameter
+    /// is a detached copy (shared storage, so later optimizer steps show through), so a
+    /// backward through it computes only the input gradient, no parameter gradient. The BN
+    /// running statistics and counters are shared with `self` (attacks normally run in eval
+    /// mode, which leaves them alone). Cheap: no tensor data is copied.
+    ///
+    /// # Errors
+    /// Never in practice (the shapes were checked when `self` was built).
+    pub fn frozen(&self) -> Result<Self> {
+        Ok(Self {
+            conv1: self.conv1.detached(),
+            bn1: self.bn1.frozen()?,
+            layers: self
+                .layers
+                .iter()
+                .map(|l| l.iter().map(BasicBlock::frozen).collect())
+                .collect::<Result<_>>()?,
+            branches: self.branches.clone(),
+            width: self.width,
+        })
+    }
+
+    /// The network with every convolution, BN and ReLU running `imp`: this crate's fused CPU
+    /// ops ([`crate::nn::conv`], [`crate::nn::batch_norm`]) or candle's reference ops. The
+    /// weights are shared.
+    pub fn with_kernels(self, imp: KernelImpl) -> Self {
+        Self {
+            conv1: self.conv1.with_impl(imp),
+            bn1: self.bn1.with_kernels(imp),
+            layers: self
+                .layers
+                .into_iter()
+                .map(|l| l.into_iter().map(|b| b.with_kernels(imp)).collect())
+                .collect(),
+            ..self
+        }
+    }
+
     /// The stem BN (for inspecting running statistics).
     pub fn stem_bn(&self) -> &BranchBatchNorm {
         &self.bn1
@@ -449,7 +580,7 @@ impl ResNet {
             )
         }
         let mut x = self.conv1.forward(x)?;
-        x = self.bn1.forward_branch(&x, branch, train)?.relu()?;
+        x = self.bn1.forward_act(&x, branch, train, true)?;
         for layer in &self.layers {
             for block in layer {
                 x = block.forward_branch(&x, branch, train)?;
@@ -650,6 +781,103 @@ mod tests {
             y_pgd
         );
         assert!(net.forward_branch(&x, "pgd_ce", false).is_err());
+        Ok(())
+    }
+
+    /// max |a - b| / max(max |b|, 1e-30).
+    fn rel_err(a: &Tensor, b: &Tensor) -> Result<f64> {
+        assert_eq!(a.dims(), b.dims());
+        let diff = (a - b)?.abs()?.max_all()?.to_scalar::<f32>()?;
+        let scale = b.abs()?.max_all()?.to_scalar::<f32>()?;
+        Ok(f64::from(diff / scale.max(1e-30)))
+    }
+
+    /// Features, input gradient and every trainable gradient of `sum(net(x) · r)`.
+    fn features_and_grads(
+        net: &ResNet,
+        varmap: &VarMap,
+        x: &Var,
+        train: bool,
+    ) -> Result<Vec<(String, Option<Tensor>)>> {
+        let y = net.forward_t(x.as_tensor(), train)?;
+        // A fixed, sign-changing weight per feature: sin(0.37 i) + 0.2.
+        let r = ((Tensor::arange(0f32, y.elem_count() as f32, &Device::Cpu)? * 0.37)?.sin()?
+            + 0.2)?
+            .reshape(y.shape())?;
+        let grads = (&y * &r)?.sum_all()?.backward()?;
+        let mut out = vec![
+            ("features".to_string(), Some(y.clone())),
+            ("input".to_string(), grads.get(x.as_tensor()).cloned()),
+        ];
+        for (name, var) in trainable(varmap) {
+            out.push((name, grads.get(var.as_tensor()).cloned()));
+        }
+        Ok(out)
+    }
+
+    #[test]
+    fn fast_kernels_match_candle_ops_in_value_and_every_gradient() -> Result<()> {
+        let (varmap, net) = build(4, &["normal"], 11)?;
+        let fast = net.clone().with_kernels(KernelImpl::Fast);
+        let reference = net.with_kernels(KernelImpl::Candle);
+        // 10x10 goes through 10 -> 5 -> 3 -> 2 in the stride-2 stages.
+        let x = Var::from_tensor(&input(3, 10, 0.4)?)?;
+        for train in [true, false] {
+            let a = features_and_grads(&fast, &varmap, &x, train)?;
+            let b = features_and_grads(&reference, &varmap, &x, train)?;
+            assert_eq!(a.len(), 2 + 60);
+            for ((name, ga), (_, gb)) in a.iter().zip(&b) {
+                let (Some(ga), Some(gb)) = (ga, gb) else {
+                    panic!("train={train} {name}: missing gradient")
+                };
+                let e = rel_err(ga, gb)?;
+                assert!(e < 1e-4, "train={train} {name}: relative error {e:e}");
+            }
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn frozen_network_computes_only_the_input_gradient() -> Result<()> {
+        let (varmap, net) = build(4, &["normal"], 13)?;
+        net.forward_t(&input(4, 8, 0.9)?, true)?; // non-trivial running statistics
+        let frozen = net.frozen()?;
+        let x = Var::from_tensor(&input(2, 8, 0.2)?)?;
+        let live = features_and_grads(&net, &varmap, &x, false)?;
+        let cold = features_and_grads(&frozen, &varmap, &x, false)?;
+        // Same features and input gradient, bit for bit.
+        for i in 0..2 {
+            let (Some(a), Some(b)) = (&live[i].1, &cold[i].1) else {
+                panic!("{}: missing", live[i].0)
+            };
+            assert_eq!(rel_err(a, b)?, 0.0, "{}", live[i].0);
+        }
+        // No parameter gradient on the frozen copy; all of them on the live network.
+        for ((name, a), (_, b)) in live.iter().zip(&cold).skip(2) {
+            assert!(a.is_some(), "{name}");
+            assert!(b.is_none(), "{name}");
+        }
+        // The frozen copy shares storage: a parameter update shows through.
+        let w = varmap
+            .data()
+            .lock()
+            .map_err(|_| candle::Error::Msg("poisoned".into()))?
+            .get("encoder.layer1.0.conv1.weight")
+            .cloned()
+            .ok_or_else(|| candle::Error::Msg("missing".into()))?;
+        w.set(&(w.as_tensor() * 1.5)?)?;
+        let after_live = net.forward_t(x.as_tensor(), false)?;
+        let after_cold = frozen.forward_t(x.as_tensor(), false)?;
+        assert_eq!(rel_err(&after_cold, &after_live)?, 0.0);
+        if let Some(before) = &live[0].1 {
+            assert!(
+                rel_err(before, &after_live)? > 1e-4,
+                "the update must change the output"
+            );
+        }
+        // It shares the running statistics and counters too.
+        frozen.forward_t(x.as_tensor(), true)?;
+        assert_eq!(net.stem_bn().num_batches_tracked("normal")?, 2);
         Ok(())
     }
 
