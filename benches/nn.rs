@@ -3,6 +3,7 @@
 //! The same numbers come from `pipe bench nn`; `benches/torch_resnet.py` times PyTorch.
 
 fn main() {
+    pipe_stages::tune::reexec_tuned();
     let reps = std::env::var("PIPE_BENCH_REPS")
         .ok()
         .and_then(|s| s.parse().ok())

@@ -179,6 +179,7 @@ pub enum BenchWhat {
 }
 
 fn main() -> ExitCode {
+    pipe_stages::tune::reexec_tuned();
     let cli = Cli::parse();
     let level = match cli.verbose {
         0 => "warn",

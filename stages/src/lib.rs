@@ -25,6 +25,7 @@ pub mod device;
 pub mod kinds;
 pub mod nn;
 pub mod rng;
+pub mod tune;
 
 /// Registers every stage kind.
 pub fn register_all(reg: &mut pipe_engine::Registry) {
