@@ -9,6 +9,7 @@
 //!
 //! - [`kinds::dataset`]: CIFAR-10/100, ImageFolder trees (folders or `.tar.gz`), synthetic data,
 //!   into a `data.safetensors` artifact ([`data`] holds the readers and the format);
+//! - [`kinds::pretrain`]: SimCLR and EMP-SSL pretraining, standard, PGD- or free-adversarial;
 //! - [`kinds::shell`]: a user's own command in the DAG.
 //!
 //! Shared building blocks: [`rng`] (our seeded generator: results never change because a
@@ -24,6 +25,7 @@ pub mod data;
 pub mod device;
 pub mod kinds;
 pub mod nn;
+pub mod params;
 pub mod rng;
 pub mod tune;
 
@@ -31,4 +33,5 @@ pub mod tune;
 pub fn register_all(reg: &mut pipe_engine::Registry) {
     reg.register_typed::<kinds::dataset::Dataset>();
     reg.register_typed::<kinds::shell::Shell>();
+    reg.register_typed::<kinds::pretrain::Pretrain>();
 }

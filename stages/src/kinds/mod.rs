@@ -1,4 +1,5 @@
 //! Stage kinds, one module each.
 
 pub mod dataset;
+pub mod pretrain;
 pub mod shell;

@@ -531,6 +531,14 @@ impl FreeDelta {
         })
     }
 
+    /// A perturbation resumed from a saved `delta` (see [`FreeDelta::delta`]).
+    pub fn from_tensor(delta: &Tensor, reproject_on_new_batch: bool) -> Self {
+        Self {
+            delta: delta.detach(),
+            reproject_on_new_batch,
+        }
+    }
+
     /// [`FreeDelta::zeros`] with the shape, dtype and device of `x`.
     pub fn zeros_like(x: &Tensor, reproject_on_new_batch: bool) -> Result<Self> {
         Self::zeros(x.shape(), x.dtype(), x.device(), reproject_on_new_batch)

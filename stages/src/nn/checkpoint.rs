@@ -103,6 +103,17 @@ pub fn save(varmap: &VarMap, path: impl AsRef<Path>, prefix: &str) -> Result<usi
             path.display()
         )
     }
+    save_tensors(&tensors, path)?;
+    Ok(tensors.len())
+}
+
+/// Writes named tensors to a safetensors file atomically (temporary file in the same folder,
+/// fsync, rename, folder fsync).
+///
+/// # Errors
+/// On I/O errors (naming the path).
+pub fn save_tensors(tensors: &HashMap<String, Tensor>, path: impl AsRef<Path>) -> Result<()> {
+    let path = path.as_ref();
     static COUNTER: AtomicU64 = AtomicU64::new(0);
     let file_name = path
         .file_name()
@@ -121,7 +132,7 @@ pub fn save(varmap: &VarMap, path: impl AsRef<Path>, prefix: &str) -> Result<usi
         COUNTER.fetch_add(1, Ordering::Relaxed)
     ));
     let mut guard = TmpGuard(Some(tmp.clone()));
-    candle::safetensors::save(&tensors, &tmp)
+    candle::safetensors::save(tensors, &tmp)
         .map_err(|e| candle::Error::Msg(format!("checkpoint: writing {}: {e}", tmp.display())))?;
     File::open(&tmp)
         .and_then(|f| f.sync_all())
@@ -132,7 +143,7 @@ pub fn save(varmap: &VarMap, path: impl AsRef<Path>, prefix: &str) -> Result<usi
     if let Ok(d) = File::open(&dir) {
         let _ = d.sync_all();
     }
-    Ok(tensors.len())
+    Ok(())
 }
 
 /// The sorted tensor names of a safetensors file.

@@ -156,6 +156,25 @@ pub fn pre_feature(in_dim: usize, cfg: &HeadConfig, vb: VarBuilder) -> Result<Pr
     })
 }
 
+/// `layer` on detached weights (shared storage, no gradient).
+fn detached_linear(layer: &Linear) -> Linear {
+    Linear::new(layer.weight().detach(), layer.bias().map(Tensor::detach))
+}
+
+impl PreFeature {
+    /// The head on detached weights, sharing the BN running statistics (see
+    /// [`ResNet::frozen`]).
+    ///
+    /// # Errors
+    /// Never in practice.
+    pub fn frozen(&self) -> Result<Self> {
+        Ok(Self {
+            linear: detached_linear(&self.linear),
+            bn: self.bn.frozen()?,
+        })
+    }
+}
+
 impl ModuleT for PreFeature {
     /// (b, in) → (b, H).
     fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
@@ -184,6 +203,21 @@ pub fn projection(cfg: &HeadConfig, vb: VarBuilder) -> Result<Projection> {
         bn: branch_batch_norm(cfg.hidden_dim, &single_branch(), vb.pp("1"))?,
         fc2: linear_layer(cfg.hidden_dim, cfg.z_dim, true, vb.pp("3"))?,
     })
+}
+
+impl Projection {
+    /// The head on detached weights, sharing the BN running statistics (see
+    /// [`ResNet::frozen`]).
+    ///
+    /// # Errors
+    /// Never in practice.
+    pub fn frozen(&self) -> Result<Self> {
+        Ok(Self {
+            fc1: detached_linear(&self.fc1),
+            bn: self.bn.frozen()?,
+            fc2: detached_linear(&self.fc2),
+        })
+    }
 }
 
 impl ModuleT for Projection {
@@ -268,6 +302,20 @@ impl Encoder {
     pub fn features(&self, x: &Tensor, train: bool) -> Result<Tensor> {
         let f = self.backbone.forward_t(x, train)?;
         self.pre_feature.forward_t(&f, train)
+    }
+
+    /// The encoder on detached weights: a backward through it computes only the input
+    /// gradient (attacks); the BN running statistics are shared with `self`, so a train-mode
+    /// forward still updates them ([`ResNet::frozen`]).
+    ///
+    /// # Errors
+    /// Never in practice.
+    pub fn frozen(&self) -> Result<Self> {
+        Ok(Self {
+            backbone: self.backbone.frozen()?,
+            pre_feature: self.pre_feature.frozen()?,
+            projection: self.projection.frozen()?,
+        })
     }
 
     /// The backbone.

@@ -76,6 +76,67 @@ pub trait Optim {
         let grads = loss.backward()?;
         self.step(&grads)
     }
+    /// The optimizer's state (momentum buffers, moments, step counts) as named tensors, for a
+    /// resumable checkpoint: `momentum.<param>`, `adam_m.<param>`, `adam_v.<param>`,
+    /// `adam_t.<param>`. Parameters without state yet are absent.
+    fn state(&self) -> Vec<(String, Tensor)>;
+    /// Restores what [`Optim::state`] returned. Every entry must name a parameter of this
+    /// optimizer with the parameter's shape; parameters absent from `state` get no state.
+    ///
+    /// # Errors
+    /// An unknown name or a shape mismatch (before anything is changed).
+    fn load_state(&mut self, state: &std::collections::HashMap<String, Tensor>) -> Result<()>;
+}
+
+const MOMENTUM: &str = "momentum.";
+
+/// The per-parameter buffers as `prefix + name` tensors.
+fn bufs_state(params: &[Param], bufs: &[Option<Tensor>]) -> Vec<(String, Tensor)> {
+    params
+        .iter()
+        .zip(bufs)
+        .filter_map(|(p, b)| b.as_ref().map(|b| (format!("{MOMENTUM}{}", p.name), b.clone())))
+        .collect()
+}
+
+/// Checks that every entry of `state` is `<known prefix><param name>` with the param's shape.
+fn check_state(
+    params: &[Param],
+    state: &std::collections::HashMap<String, Tensor>,
+    prefixes: &[&str],
+) -> Result<()> {
+    for (key, t) in state {
+        let param = prefixes.iter().find_map(|pre| {
+            let name = key.strip_prefix(pre)?;
+            params.iter().find(|p| p.name == name).map(|p| (pre, p))
+        });
+        match param {
+            None => bail!("optimizer state: {key} names no parameter of this optimizer"),
+            Some((pre, p)) if !pre.ends_with("t.") && t.shape() != p.var.shape() => bail!(
+                "optimizer state: {key} has shape {:?}, the parameter {:?}",
+                t.dims(),
+                p.var.dims()
+            ),
+            Some(_) => {}
+        }
+    }
+    Ok(())
+}
+
+/// The buffers from `momentum.<name>` entries (after [`check_state`]).
+fn load_bufs(
+    params: &[Param],
+    bufs: &mut [Option<Tensor>],
+    state: &std::collections::HashMap<String, Tensor>,
+) -> Result<()> {
+    check_state(params, state, &[MOMENTUM])?;
+    for (p, b) in params.iter().zip(bufs.iter_mut()) {
+        *b = match state.get(&format!("{MOMENTUM}{}", p.name)) {
+            Some(t) => Some(t.to_dtype(p.var.dtype())?.to_device(p.var.device())?),
+            None => None,
+        };
+    }
+    Ok(())
 }
 
 /// The predicate of the usual "no weight decay on biases and BN" group: tensors of rank ≤ 1.
@@ -148,7 +209,7 @@ fn add_decay(g: &Tensor, p: &Tensor, w: f64) -> Result<Tensor> {
 }
 
 /// Implements [`Optim`] and [`candle_nn::Optimizer`] for an optimizer with inherent `step`,
-/// `lr`, `set_lr` and `new_named` (the latter numbers unnamed vars "0", "1", ...).
+/// `lr`, `set_lr`, `state`, `load_state` and `new_named` (the latter numbers unnamed vars "0", "1", ...).
 macro_rules! impl_optimizer_traits {
     ($t:ident, $c:ident) => {
         impl Optim for $t {
@@ -160,6 +221,15 @@ macro_rules! impl_optimizer_traits {
             }
             fn set_lr(&mut self, lr: f64) {
                 $t::set_lr(self, lr)
+            }
+            fn state(&self) -> Vec<(String, Tensor)> {
+                $t::state(self)
+            }
+            fn load_state(
+                &mut self,
+                state: &std::collections::HashMap<String, Tensor>,
+            ) -> Result<()> {
+                $t::load_state(self, state)
             }
         }
 
@@ -287,6 +357,19 @@ impl Sgd {
     /// Sets the learning rate.
     pub fn set_lr(&mut self, lr: f64) {
         self.cfg.lr = lr;
+    }
+
+    /// The momentum buffers (see [`Optim::state`]).
+    pub fn state(&self) -> Vec<(String, Tensor)> {
+        bufs_state(&self.params, &self.bufs)
+    }
+
+    /// Restores [`Sgd::state`].
+    ///
+    /// # Errors
+    /// See [`Optim::load_state`].
+    pub fn load_state(&mut self, state: &std::collections::HashMap<String, Tensor>) -> Result<()> {
+        load_bufs(&self.params, &mut self.bufs, state)
     }
 
     /// The SGD update with the given per-parameter gradients; `with_decay = false` is the LARS
@@ -441,6 +524,19 @@ impl Lars {
     pub fn set_lr(&mut self, lr: f64) {
         self.sgd.set_lr(lr)
     }
+
+    /// The inner SGD's momentum buffers (see [`Optim::state`]).
+    pub fn state(&self) -> Vec<(String, Tensor)> {
+        self.sgd.state()
+    }
+
+    /// Restores [`Lars::state`].
+    ///
+    /// # Errors
+    /// See [`Optim::load_state`].
+    pub fn load_state(&mut self, state: &std::collections::HashMap<String, Tensor>) -> Result<()> {
+        self.sgd.load_state(state)
+    }
 }
 
 impl_optimizer_traits!(Lars, LarsConfig);
@@ -546,6 +642,19 @@ impl AclLars {
     /// Sets the learning rate.
     pub fn set_lr(&mut self, lr: f64) {
         self.cfg.lr = lr;
+    }
+
+    /// The momentum buffers (see [`Optim::state`]).
+    pub fn state(&self) -> Vec<(String, Tensor)> {
+        bufs_state(&self.params, &self.bufs)
+    }
+
+    /// Restores [`AclLars::state`].
+    ///
+    /// # Errors
+    /// See [`Optim::load_state`].
+    pub fn load_state(&mut self, state: &std::collections::HashMap<String, Tensor>) -> Result<()> {
+        load_bufs(&self.params, &mut self.bufs, state)
     }
 }
 
@@ -663,6 +772,47 @@ impl Adam {
     /// Sets the learning rate.
     pub fn set_lr(&mut self, lr: f64) {
         self.cfg.lr = lr;
+    }
+
+    /// The moments and step counts (see [`Optim::state`]).
+    pub fn state(&self) -> Vec<(String, Tensor)> {
+        let mut out = Vec::new();
+        for (p, st) in self.params.iter().zip(&self.state) {
+            if let Some((m, v, t)) = st {
+                out.push((format!("adam_m.{}", p.name), m.clone()));
+                out.push((format!("adam_v.{}", p.name), v.clone()));
+                if let Ok(t) = Tensor::new(i64::from(*t), p.var.device()) {
+                    out.push((format!("adam_t.{}", p.name), t));
+                }
+            }
+        }
+        out
+    }
+
+    /// Restores [`Adam::state`].
+    ///
+    /// # Errors
+    /// See [`Optim::load_state`]; also a parameter with only some of its three entries.
+    pub fn load_state(&mut self, state: &std::collections::HashMap<String, Tensor>) -> Result<()> {
+        check_state(&self.params, state, &["adam_m.", "adam_v.", "adam_t."])?;
+        let mut next = Vec::with_capacity(self.params.len());
+        for p in &self.params {
+            let get = |pre: &str| state.get(&format!("{pre}{}", p.name));
+            next.push(match (get("adam_m."), get("adam_v."), get("adam_t.")) {
+                (None, None, None) => None,
+                (Some(m), Some(v), Some(t)) => {
+                    let t = t.to_dtype(DType::I64)?.to_scalar::<i64>()?;
+                    let t = i32::try_from(t)
+                        .map_err(|_| candle::Error::Msg(format!("adam: step count {t} out of range")))?;
+                    let dev = p.var.device();
+                    let dt = p.var.dtype();
+                    Some((m.to_dtype(dt)?.to_device(dev)?, v.to_dtype(dt)?.to_device(dev)?, t))
+                }
+                _ => bail!("optimizer state: parameter {} has only part of its Adam state", p.name),
+            });
+        }
+        self.state = next;
+        Ok(())
     }
 }
 

@@ -1,0 +1,623 @@
+//! `pretrain`: SimCLR and EMP-SSL, each standard, PGD-adversarial or free-adversarial (the six
+//! training scripts of CF-AMC-SSL; METHODS.md sections 3 and 4).
+//!
+//! # Params
+//!
+//! | param | default | meaning |
+//! |---|---|---|
+//! | `method` | (required) | `simclr` or `emp_ssl` |
+//! | `attack` | `none` | `none`, `pgd` (T-step l_inf PGD per batch) or `free` (m replays with a persistent δ) |
+//! | `views` | `patch` for standard EMP-SSL, else `crop` | `crop`: scale [0.08, 1], ratio [3/4, 4/3]; `patch`: scale 0.25, ratio 1 |
+//! | `scale`, `ratio` | from `views` | explicit `[lo, hi]` overrides of the crop |
+//! | `n_views` | 2 SimCLR; 64 standard EMP-SSL, 16 adversarial EMP-SSL | views per image (SimCLR must be 2) |
+//! | `epochs` | SimCLR 500 (free 167), EMP-SSL 30 (free 10) | epochs, as the YAML says (free modes divide nothing) |
+//! | `batch_size` | SimCLR 512, EMP-SSL 128 (free 100) | source images per batch (`drop_last`) |
+//! | `m` | 3 | free replays per batch (paper; the scripts default to 5, \[Q1\]) |
+//! | `eps`, `alpha` | 8/255, 0.01 | l_inf radius and step (fractions allowed) |
+//! | `pgd_steps` | 5 | PGD steps (`attack: pgd`), zero init |
+//! | `lr` | 0.3 | base rate of the cosine schedule (one step per optimiser update) |
+//! | `momentum`, `nesterov`, `weight_decay` | 0.9, true, 1e-4 | the SGD inside the LARS wrapper |
+//! | `lars` | true | solo-learn's LARS wrapper (`false`: plain SGD with these settings) |
+//! | `lars_eta`, `lars_clip`, `lars_eps`, `lars_exclude_bias_n_norm` | 0.005, true, 1e-8, true | its settings |
+//! | `width` | 64 | ResNet-18 width (64 = the paper's) |
+//! | `hidden_dim`, `z_dim` | 4096; 1024 EMP-SSL, 128 SimCLR | `pre_feature` width and projection output |
+//! | `temperature`, `base_temperature` | 0.07, 0.07 | SimCLR's NT-Xent |
+//! | `patch_sim`, `tcr`, `tcr_eps` | 200, 1, 0.2 | EMP-SSL's loss weights and TCR ε (\[Q21\]) |
+//! | `seed` | 0 | every random number of the run |
+//! | `device` | `auto` | `auto`, `cpu` or `cuda:N` (the backend is keyed, the ordinal is not) |
+//! | `faithful` | `true` | the reference-code quirks, `true` / `false` for all or a map `{q6, q7, q8, q10}` |
+//!
+//! The `faithful` switches (METHODS.md section 17):
+//! - `q6` (free only): the cosine's `T_max` is `⌊n/B⌋·epochs` although the scheduler steps `m`
+//!   times per batch, so the rate goes 0.3 → 0 → 0.3 → 0 for m = 3; clean: `T_max` = all steps.
+//! - `q7` (pgd only): the 5 attack back-props add their parameter gradients to the training
+//!   gradient; clean: the update uses the training loss only (and the attack runs on a frozen
+//!   copy of the weights, which also saves the parameter-gradient kernels).
+//! - `q8` (pgd only): the attack forwards run in train mode and update the BN running
+//!   statistics; clean: they still use batch statistics but leave the running statistics and
+//!   counters as they were.
+//! - `q10` (free only): δ is re-projected into the box of the previous batch only, so the first
+//!   replay of a batch may see pixels in `[−ε, 1 + ε]`; clean: re-projected when a batch arrives.
+//!
+//! Params that do not apply are dropped before keying (`m` without `attack: free`, `eps` without
+//! an attack, `temperature` for EMP-SSL, the switches of other attacks), so sweeping them
+//! recomputes nothing. Method-dependent defaults are written out, so writing a default or leaving
+//! it out gives the same key.
+//!
+//! # Outputs
+//!
+//! - `encoder.safetensors`: backbone under `encoder.` (torchvision names), heads under
+//!   `pre_feature.` and `projection.` ([`crate::nn::heads`]), BN running statistics included.
+//! - `curve.jsonl`: one line per epoch: `epoch`, `loss` (mean over batches), the loss terms
+//!   (`invariance`, `tcr` for EMP-SSL), `lr` (at the end of the epoch), `seconds`,
+//!   `images_per_second` (source images).
+//! - `metrics.json`: `final_loss` (+ terms), `train_seconds`, `train_minutes`,
+//!   `images_per_second`, `device`, `epochs`, `steps`, `n_train`, `threads`.
+//!
+//! # Resume
+//!
+//! After every epoch the full training state (weights, BN statistics, optimiser buffers, the
+//! free-adversarial δ, step counters, the curve) is written atomically to the node's scratch
+//! folder; a killed run restarted with the same key continues from the last finished epoch.
+//! Shuffling and augmentation draw from streams derived from `(seed, epoch)` and `(seed, step)`,
+//! so the resumed run is bit-identical on the CPU to an uninterrupted one (same thread count).
+
+mod trainer;
+
+pub use trainer::{
+    AttackMode, EpochStats, Faithful, Method, PretrainConfig, Pretrainer, TrainHooks, ViewKind,
+};
+
+use std::path::Path;
+
+use pipe_engine::{BoxError, NormalizeCtx, ParamError, Resources, Slots, StageCtx, TypedStage};
+use serde::{Deserialize, Deserializer, Serialize};
+use serde_json::{Value, json};
+
+use crate::data::{self, tensor_io::DATA_FILE};
+use crate::device::DeviceSpec;
+use crate::params::{Checks, de_real, de_real_opt, de_real_pair_opt};
+
+/// The `pretrain` kind.
+pub struct Pretrain;
+
+/// The encoder checkpoint.
+pub const ENCODER_FILE: &str = "encoder.safetensors";
+/// The per-epoch training curve.
+pub const CURVE_FILE: &str = "curve.jsonl";
+/// The resumable state in the scratch folder.
+pub const STATE_FILE: &str = "state.safetensors";
+
+fn yes() -> bool {
+    true
+}
+
+/// The `faithful` param as written: a bool for all switches or a map of some of them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub struct FaithfulParam {
+    /// \[Q6\] free-adversarial cosine period.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub q6: Option<bool>,
+    /// \[Q7\] attack gradients leak into the update.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub q7: Option<bool>,
+    /// \[Q8\] attack forwards update BN running statistics.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub q8: Option<bool>,
+    /// \[Q10\] δ re-projected against the previous batch only.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub q10: Option<bool>,
+}
+
+impl FaithfulParam {
+    fn all(v: bool) -> Self {
+        Self {
+            q6: Some(v),
+            q7: Some(v),
+            q8: Some(v),
+            q10: Some(v),
+        }
+    }
+}
+
+impl Default for FaithfulParam {
+    fn default() -> Self {
+        Self::all(true)
+    }
+}
+
+impl<'de> Deserialize<'de> for FaithfulParam {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let expected = "expected true, false or a map with some of q6, q7, q8, q10 set to true/false";
+        match Value::deserialize(d)? {
+            Value::Bool(b) => Ok(Self::all(b)),
+            Value::Object(m) => {
+                let mut out = Self::all(true);
+                for (k, v) in m {
+                    let Value::Bool(b) = v else {
+                        return Err(serde::de::Error::custom(format!(
+                            "faithful.{k}: expected true or false, got {v}"
+                        )));
+                    };
+                    let slot = match k.as_str() {
+                        "q6" => &mut out.q6,
+                        "q7" => &mut out.q7,
+                        "q8" => &mut out.q8,
+                        "q10" => &mut out.q10,
+                        _ => {
+                            return Err(serde::de::Error::custom(format!(
+                                "unknown switch faithful.{k}: {expected}"
+                            )));
+                        }
+                    };
+                    *slot = Some(b);
+                }
+                Ok(out)
+            }
+            other => Err(serde::de::Error::custom(format!("{expected}, got {other}"))),
+        }
+    }
+}
+
+/// Params of `pretrain` (see the module docs for defaults).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PretrainParams {
+    /// `simclr` or `emp_ssl`.
+    pub method: Method,
+    /// `none`, `pgd` or `free`.
+    #[serde(default)]
+    pub attack: AttackMode,
+    /// `crop` or `patch`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub views: Option<ViewKind>,
+    /// Crop scale override `[lo, hi]`.
+    #[serde(
+        default,
+        deserialize_with = "de_real_pair_opt",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub scale: Option<[f64; 2]>,
+    /// Crop aspect-ratio override `[lo, hi]`.
+    #[serde(
+        default,
+        deserialize_with = "de_real_pair_opt",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub ratio: Option<[f64; 2]>,
+    /// Views per image.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub n_views: Option<usize>,
+    /// Epochs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub epochs: Option<usize>,
+    /// Source images per batch.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub batch_size: Option<usize>,
+    /// Free replays per batch.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub m: Option<usize>,
+    /// l_inf radius.
+    #[serde(
+        default,
+        deserialize_with = "de_real_opt",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub eps: Option<f64>,
+    /// Attack step.
+    #[serde(
+        default,
+        deserialize_with = "de_real_opt",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub alpha: Option<f64>,
+    /// PGD steps.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pgd_steps: Option<usize>,
+    /// Base learning rate.
+    #[serde(default = "default_lr", deserialize_with = "de_real")]
+    pub lr: f64,
+    /// SGD momentum.
+    #[serde(default = "default_momentum", deserialize_with = "de_real")]
+    pub momentum: f64,
+    /// Nesterov momentum.
+    #[serde(default = "yes")]
+    pub nesterov: bool,
+    /// Weight decay.
+    #[serde(default = "default_weight_decay", deserialize_with = "de_real")]
+    pub weight_decay: f64,
+    /// solo-learn's LARS wrapper around the SGD.
+    #[serde(default = "yes")]
+    pub lars: bool,
+    /// LARS trust coefficient.
+    #[serde(default = "default_lars_eta", deserialize_with = "de_real")]
+    pub lars_eta: f64,
+    /// LARS `clip`.
+    #[serde(default = "yes")]
+    pub lars_clip: bool,
+    /// LARS ε.
+    #[serde(default = "default_lars_eps", deserialize_with = "de_real")]
+    pub lars_eps: f64,
+    /// LARS skips 1-d tensors.
+    #[serde(default = "yes")]
+    pub lars_exclude_bias_n_norm: bool,
+    /// ResNet-18 width.
+    #[serde(default = "default_width")]
+    pub width: usize,
+    /// `pre_feature` width.
+    #[serde(default = "default_hidden")]
+    pub hidden_dim: usize,
+    /// Projection output dimension.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub z_dim: Option<usize>,
+    /// NT-Xent temperature (SimCLR).
+    #[serde(
+        default,
+        deserialize_with = "de_real_opt",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub temperature: Option<f64>,
+    /// NT-Xent base temperature (SimCLR).
+    #[serde(
+        default,
+        deserialize_with = "de_real_opt",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub base_temperature: Option<f64>,
+    /// Invariance weight (EMP-SSL).
+    #[serde(
+        default,
+        deserialize_with = "de_real_opt",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub patch_sim: Option<f64>,
+    /// TCR weight (EMP-SSL).
+    #[serde(
+        default,
+        deserialize_with = "de_real_opt",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub tcr: Option<f64>,
+    /// TCR ε (EMP-SSL).
+    #[serde(
+        default,
+        deserialize_with = "de_real_opt",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub tcr_eps: Option<f64>,
+    /// Seed.
+    #[serde(default)]
+    pub seed: u64,
+    /// Device.
+    #[serde(default)]
+    pub device: DeviceSpec,
+    /// Reference-code quirks.
+    #[serde(default)]
+    pub faithful: FaithfulParam,
+}
+
+fn default_lr() -> f64 {
+    0.3
+}
+fn default_momentum() -> f64 {
+    0.9
+}
+fn default_weight_decay() -> f64 {
+    1e-4
+}
+fn default_lars_eta() -> f64 {
+    0.005
+}
+fn default_lars_eps() -> f64 {
+    1e-8
+}
+fn default_width() -> usize {
+    64
+}
+fn default_hidden() -> usize {
+    4096
+}
+
+impl PretrainParams {
+    /// The params with every method-dependent default written out and what does not apply
+    /// dropped (the canonical form that is keyed).
+    pub fn canonical(&self) -> PretrainParams {
+        let c = self.config();
+        let emp = c.method == Method::EmpSsl;
+        let free = c.attack == AttackMode::Free;
+        let pgd = c.attack == AttackMode::Pgd;
+        let attacked = c.attack != AttackMode::None;
+        PretrainParams {
+            method: c.method,
+            attack: c.attack,
+            views: Some(c.views),
+            scale: Some(c.scale),
+            ratio: Some(c.ratio),
+            n_views: Some(c.n_views),
+            epochs: Some(c.epochs),
+            batch_size: Some(c.batch_size),
+            m: free.then_some(c.m),
+            eps: attacked.then_some(c.eps),
+            alpha: attacked.then_some(c.alpha),
+            pgd_steps: pgd.then_some(c.pgd_steps),
+            lr: c.lr,
+            momentum: c.momentum,
+            nesterov: c.nesterov,
+            weight_decay: c.weight_decay,
+            lars: c.lars,
+            lars_eta: c.lars_eta,
+            lars_clip: c.lars_clip,
+            lars_eps: c.lars_eps,
+            lars_exclude_bias_n_norm: c.lars_exclude_bias_n_norm,
+            width: c.width,
+            hidden_dim: c.hidden_dim,
+            z_dim: Some(c.z_dim),
+            temperature: (!emp).then_some(c.temperature),
+            base_temperature: (!emp).then_some(c.base_temperature),
+            patch_sim: emp.then_some(c.emp.patch_sim),
+            tcr: emp.then_some(c.emp.tcr),
+            tcr_eps: emp.then_some(c.emp.eps),
+            seed: c.seed,
+            device: self.device,
+            faithful: FaithfulParam {
+                q6: free.then_some(c.faithful.q6),
+                q7: pgd.then_some(c.faithful.q7),
+                q8: pgd.then_some(c.faithful.q8),
+                q10: free.then_some(c.faithful.q10),
+            },
+        }
+    }
+
+    /// The resolved training configuration (defaults by method and attack, METHODS.md 15).
+    pub fn config(&self) -> PretrainConfig {
+        let emp = self.method == Method::EmpSsl;
+        let (attack, free) = (self.attack, self.attack == AttackMode::Free);
+        let views = self.views.unwrap_or(if emp && attack == AttackMode::None {
+            ViewKind::Patch
+        } else {
+            ViewKind::Crop
+        });
+        let (scale, ratio) = views.scale_ratio();
+        let n_views = self.n_views.unwrap_or(match (emp, attack) {
+            (false, _) => 2,
+            (true, AttackMode::None) => 64,
+            (true, _) => 16,
+        });
+        let epochs = self.epochs.unwrap_or(match (emp, free) {
+            (true, true) => 10,
+            (true, false) => 30,
+            (false, true) => 167,
+            (false, false) => 500,
+        });
+        let batch_size = self.batch_size.unwrap_or(match (emp, free) {
+            (true, true) => 100,
+            (true, false) => 128,
+            (false, _) => 512,
+        });
+        let f = self.faithful;
+        PretrainConfig {
+            method: self.method,
+            attack,
+            views,
+            scale: self.scale.unwrap_or(scale),
+            ratio: self.ratio.unwrap_or(ratio),
+            n_views,
+            epochs,
+            batch_size,
+            m: self.m.unwrap_or(3),
+            eps: self.eps.unwrap_or(8.0 / 255.0),
+            alpha: self.alpha.unwrap_or(0.01),
+            pgd_steps: self.pgd_steps.unwrap_or(5),
+            lr: self.lr,
+            momentum: self.momentum,
+            nesterov: self.nesterov,
+            weight_decay: self.weight_decay,
+            lars: self.lars,
+            lars_eta: self.lars_eta,
+            lars_clip: self.lars_clip,
+            lars_eps: self.lars_eps,
+            lars_exclude_bias_n_norm: self.lars_exclude_bias_n_norm,
+            width: self.width,
+            hidden_dim: self.hidden_dim,
+            z_dim: self.z_dim.unwrap_or(if emp { 1024 } else { 128 }),
+            temperature: self.temperature.unwrap_or(0.07),
+            base_temperature: self.base_temperature.unwrap_or(0.07),
+            emp: crate::nn::losses::EmpLossConfig {
+                patch_sim: self.patch_sim.unwrap_or(200.0),
+                tcr: self.tcr.unwrap_or(1.0),
+                eps: self.tcr_eps.unwrap_or(0.2),
+            },
+            seed: self.seed,
+            faithful: Faithful {
+                q6: f.q6.unwrap_or(true),
+                q7: f.q7.unwrap_or(true),
+                q8: f.q8.unwrap_or(true),
+                q10: f.q10.unwrap_or(true),
+            },
+        }
+    }
+}
+
+impl TypedStage for Pretrain {
+    const KIND: &'static str = "pretrain";
+    const VERSION: u32 = 1;
+    type Params = PretrainParams;
+
+    fn inputs() -> Slots {
+        const S: &[pipe_engine::Slot] = &[pipe_engine::Slot {
+            name: "dataset",
+            required: true,
+            many: false,
+        }];
+        Slots::Fixed(S)
+    }
+
+    fn check(p: &PretrainParams) -> Vec<ParamError> {
+        let c = p.config();
+        let mut e = Checks::default();
+        let emp = c.method == Method::EmpSsl;
+        if !emp {
+            e.require(c.n_views == 2, "n_views", || {
+                format!("SimCLR uses exactly 2 views, got {}", c.n_views)
+            });
+        } else {
+            e.positive("n_views", c.n_views);
+        }
+        e.positive("epochs", c.epochs);
+        e.positive("batch_size", c.batch_size);
+        e.require(c.batch_size >= 2, "batch_size", || {
+            format!("expected at least 2 images per batch (BN and the losses need them), got {}", c.batch_size)
+        });
+        e.positive("m", c.m);
+        e.non_negative("eps", c.eps);
+        e.non_negative("alpha", c.alpha);
+        e.positive("pgd_steps", c.pgd_steps);
+        for (name, [lo, hi], max) in [("scale", c.scale, 1.0), ("ratio", c.ratio, f64::MAX)] {
+            e.require(
+                lo.is_finite() && hi.is_finite() && lo > 0.0 && lo <= hi && hi <= max,
+                name,
+                || format!("expected 0 < lo <= hi{}, got [{lo}, {hi}]", if max == 1.0 { " <= 1" } else { "" }),
+            );
+        }
+        e.positive_real("lr", c.lr);
+        e.within("momentum", c.momentum, 0.0, 1.0);
+        e.non_negative("weight_decay", c.weight_decay);
+        e.require(!c.nesterov || c.momentum > 0.0, "nesterov", || {
+            "Nesterov momentum needs momentum > 0".into()
+        });
+        e.positive_real("lars_eta", c.lars_eta);
+        e.non_negative("lars_eps", c.lars_eps);
+        e.require(
+            (1..=1024).contains(&c.width),
+            "width",
+            || format!("expected a width in 1..=1024 (64 = the paper's), got {}", c.width),
+        );
+        e.positive("hidden_dim", c.hidden_dim);
+        e.positive("z_dim", c.z_dim);
+        e.positive_real("temperature", c.temperature);
+        e.positive_real("base_temperature", c.base_temperature);
+        e.non_negative("patch_sim", c.emp.patch_sim);
+        e.non_negative("tcr", c.emp.tcr);
+        e.positive_real("tcr_eps", c.emp.eps);
+        if let DeviceSpec::Cuda(n) = p.device
+            && !DeviceSpec::cuda_built()
+        {
+            e.require(false, "device", || {
+                format!("device cuda:{n} needs pipe built with `--features cuda`")
+            });
+        }
+        e.into_errors()
+    }
+
+    fn canonicalize(
+        p: PretrainParams,
+        _ctx: &NormalizeCtx<'_>,
+    ) -> Result<PretrainParams, Vec<ParamError>> {
+        Ok(p.canonical())
+    }
+
+    fn key_params(p: &PretrainParams) -> Value {
+        let mut v = serde_json::to_value(p).unwrap_or(Value::Null);
+        if let Value::Object(m) = &mut v {
+            // the backend changes the numbers, the ordinal does not
+            m.insert("device".into(), Value::from(p.device.backend()));
+        }
+        v
+    }
+
+    fn outputs(_: &PretrainParams) -> Vec<String> {
+        [ENCODER_FILE, CURVE_FILE, "metrics.json"]
+            .iter()
+            .map(|s| (*s).to_string())
+            .collect()
+    }
+
+    fn resources(p: &PretrainParams) -> Resources {
+        Resources {
+            gpu: p.device.backend() == "cuda",
+        }
+    }
+
+    fn run(p: &PretrainParams, ctx: &mut StageCtx<'_>) -> Result<(), BoxError> {
+        let ctx = &*ctx;
+        let cfg = p.config();
+        let data_path = ctx.input("dataset")?.file(DATA_FILE).map_err(|e| {
+            format!("the `dataset` input has no {DATA_FILE} (is it a `dataset` stage?): {e}")
+        })?;
+        let dataset = data::load_dataset(&data_path)?;
+        let device = p.device.open()?;
+        let mut trainer = Pretrainer::new(cfg, &dataset.train, &device)?;
+        let state_path = ctx.scratch_dir().join(STATE_FILE);
+        if state_path.is_file() {
+            trainer.load_state(&state_path)?;
+            ctx.log(format!(
+                "resumed from {} after epoch {} of {}",
+                state_path.display(),
+                trainer.epochs_done(),
+                trainer.config().epochs
+            ));
+        }
+        let progress = |done: u64, total: u64, msg: &str| ctx.progress(done, total, msg);
+        let log = |msg: &str| ctx.log(msg);
+        let cancelled = || ctx.is_cancelled();
+        let hooks = TrainHooks {
+            progress: &progress,
+            log: &log,
+            cancelled: &cancelled,
+        };
+        while !trainer.finished() {
+            trainer.train_epoch(&hooks)?;
+            trainer.save_state(&state_path)?;
+        }
+        trainer.save_encoder(&ctx.out_path(ENCODER_FILE))?;
+        write_curve(&ctx.out_path(CURVE_FILE), trainer.curve())?;
+        let metrics = trainer.metrics(p.device.backend());
+        write_json(&ctx.out_path("metrics.json"), &metrics)?;
+        ctx.log(format!("done: {metrics}"));
+        Ok(())
+    }
+}
+
+fn write_curve(path: &Path, curve: &[EpochStats]) -> Result<(), BoxError> {
+    let mut text = String::new();
+    for e in curve {
+        text.push_str(&serde_json::to_string(e)?);
+        text.push('\n');
+    }
+    std::fs::write(path, text).map_err(|e| format!("{}: {e}", path.display()).into())
+}
+
+fn write_json(path: &Path, v: &Value) -> Result<(), BoxError> {
+    let mut text = serde_json::to_string_pretty(v)?;
+    text.push('\n');
+    std::fs::write(path, text).map_err(|e| format!("{}: {e}", path.display()).into())
+}
+
+/// The `metrics.json` of a finished run.
+pub fn metrics_json(cfg: &PretrainConfig, curve: &[EpochStats], steps: usize, n_train: usize, device: &str) -> Value {
+    let seconds: f64 = curve.iter().map(|e| e.seconds).sum();
+    let images: f64 = curve.iter().map(|e| e.images as f64).sum();
+    let last = curve.last();
+    let mut m = json!({
+        "method": cfg.method,
+        "attack": cfg.attack,
+        "final_loss": last.map(|e| e.loss),
+        "train_seconds": seconds,
+        "train_minutes": seconds / 60.0,
+        "images_per_second": if seconds > 0.0 { images / seconds } else { 0.0 },
+        "device": device,
+        "epochs": curve.len(),
+        "steps": steps,
+        "n_train": n_train,
+        "threads": rayon::current_num_threads(),
+    });
+    if let (Some(last), Value::Object(map)) = (last, &mut m) {
+        for (k, v) in &last.terms {
+            map.insert(format!("final_{k}"), json!(v));
+        }
+    }
+    m
+}
+
+#[cfg(test)]
+mod tests;

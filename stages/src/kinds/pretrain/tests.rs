@@ -1,0 +1,307 @@
+use super::*;
+use crate::data::{SyntheticConfig, synthetic};
+use crate::nn::init::named_vars;
+use candle::{D, Device, Tensor};
+use serde_json::json;
+
+type TestResult = std::result::Result<(), Box<dyn std::error::Error + Send + Sync>>;
+
+fn params(v: Value) -> PretrainParams {
+    serde_json::from_value(v).unwrap_or_else(|e| panic!("valid params: {e}"))
+}
+
+fn normalize(v: Value) -> std::result::Result<Value, Vec<ParamError>> {
+    let mut reg = pipe_engine::Registry::new();
+    crate::register_all(&mut reg);
+    let kind = reg.get("pretrain").expect("registered");
+    kind.normalize(
+        v,
+        &NormalizeCtx {
+            pipeline_dir: Path::new("."),
+        },
+    )
+}
+
+fn errors(v: Value) -> Vec<String> {
+    match normalize(v) {
+        Ok(p) => panic!("expected errors, got {p}"),
+        Err(e) => e.into_iter().map(|e| format!("{}: {}", e.path, e.message)).collect(),
+    }
+}
+
+#[test]
+fn defaults_follow_method_and_attack() {
+    let c = params(json!({"method": "emp_ssl"})).config();
+    assert_eq!((c.views, c.n_views, c.batch_size, c.epochs, c.z_dim), (ViewKind::Patch, 64, 128, 30, 1024));
+    assert_eq!((c.scale, c.ratio), ([0.25, 0.25], [1.0, 1.0]));
+    let c = params(json!({"method": "emp_ssl", "attack": "pgd"})).config();
+    assert_eq!((c.views, c.n_views, c.batch_size, c.epochs, c.pgd_steps), (ViewKind::Crop, 16, 128, 30, 5));
+    assert!((c.eps - 8.0 / 255.0).abs() < 1e-15 && c.alpha == 0.01);
+    let c = params(json!({"method": "emp_ssl", "attack": "free"})).config();
+    assert_eq!((c.n_views, c.batch_size, c.epochs, c.m), (16, 100, 10, 3));
+    let c = params(json!({"method": "simclr", "attack": "free"})).config();
+    assert_eq!((c.n_views, c.batch_size, c.epochs, c.z_dim), (2, 512, 167, 128));
+    assert_eq!((c.temperature, c.base_temperature, c.lr, c.width), (0.07, 0.07, 0.3, 64));
+    let c = params(json!({"method": "simclr"})).config();
+    assert_eq!((c.views, c.epochs), (ViewKind::Crop, 500));
+    assert!(c.faithful.q6 && c.faithful.q7 && c.faithful.q8 && c.faithful.q10);
+}
+
+#[test]
+fn canonical_form_keys_equivalent_params_alike() -> TestResult {
+    // written defaults, fractions and params that do not apply normalise to the same value
+    let a = normalize(json!({"method": "emp_ssl", "attack": "pgd", "m": 5, "temperature": 0.5}))
+        .map_err(|e| format!("{e:?}"))?;
+    let b = normalize(json!({
+        "method": "emp_ssl", "attack": "pgd", "eps": "8/255", "alpha": 0.01, "n_views": 16,
+        "views": "crop", "faithful": {"q6": false, "q10": false}
+    }))
+    .map_err(|e| format!("{e:?}"))?;
+    assert_eq!(a, b);
+    assert!(a.get("m").is_none() && a.get("temperature").is_none());
+    assert_eq!(a["faithful"], json!({"q7": true, "q8": true}));
+    let c = normalize(json!({"method": "emp_ssl", "attack": "pgd", "faithful": {"q7": false}}))
+        .map_err(|e| format!("{e:?}"))?;
+    assert_ne!(a, c, "an applicable switch changes the params");
+    let d = normalize(json!({"method": "emp_ssl", "attack": "pgd", "eps": "4/255"}))
+        .map_err(|e| format!("{e:?}"))?;
+    assert_ne!(a, d);
+    // standard training drops every attack param
+    let s = normalize(json!({"method": "simclr", "eps": 0.1, "m": 2, "pgd_steps": 9, "faithful": false}))
+        .map_err(|e| format!("{e:?}"))?;
+    for k in ["eps", "alpha", "m", "pgd_steps", "patch_sim", "tcr"] {
+        assert!(s.get(k).is_none(), "{k} in {s}");
+    }
+    assert_eq!(s["faithful"], json!({}));
+    assert_eq!(s["temperature"], json!(0.07));
+    Ok(())
+}
+
+#[test]
+fn bad_params_are_named() {
+    let e = errors(json!({"method": "simclr", "n_views": 4, "epochs": 0, "scale": [0.5, 0.2]}));
+    assert!(e.iter().any(|m| m.starts_with("n_views: SimCLR uses exactly 2 views")), "{e:?}");
+    assert!(e.iter().any(|m| m.starts_with("epochs:")), "{e:?}");
+    assert!(e.iter().any(|m| m.starts_with("scale:")), "{e:?}");
+    let e = errors(json!({"method": "emp_ssl", "faithful": {"q9": true}}));
+    assert!(e.iter().any(|m| m.contains("unknown switch faithful.q9")), "{e:?}");
+    let e = errors(json!({"method": "emp_ssl", "eps": "8/zero"}));
+    assert!(e.iter().any(|m| m.starts_with("eps:") && m.contains("8/255")), "{e:?}");
+    let e = errors(json!({"method": "byol"}));
+    assert!(e.iter().any(|m| m.starts_with("method:")), "{e:?}");
+    let e = errors(json!({"method": "emp_ssl", "epoch": 3}));
+    assert!(e.iter().any(|m| m.contains("epoch")), "{e:?}");
+    let e = errors(json!({"method": "emp_ssl", "lr": -1, "batch_size": 1}));
+    assert!(e.iter().any(|m| m.starts_with("lr:")) && e.iter().any(|m| m.starts_with("batch_size:")), "{e:?}");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Training on synthetic data at width 8.
+
+fn data(n: usize) -> crate::data::Dataset {
+    synthetic(&SyntheticConfig {
+        n_classes: 4,
+        n_train: n,
+        n_test: 8,
+        image_size: 32,
+        seed: 3,
+    })
+}
+
+fn small(method: &str, attack: &str) -> PretrainConfig {
+    let emp = method == "emp_ssl";
+    params(json!({
+        "method": method, "attack": attack, "width": 8, "hidden_dim": 32, "z_dim": 16,
+        "n_views": if emp { 4 } else { 2 }, "batch_size": 16, "epochs": 2, "m": 2,
+        "pgd_steps": 2, "lr": 0.3, "views": "crop", "seed": 1,
+    }))
+    .config()
+}
+
+fn values(vm: &candle_nn::VarMap) -> Vec<(String, Vec<u8>)> {
+    named_vars(vm)
+        .into_iter()
+        .map(|(n, v)| {
+            let t = v.as_tensor().flatten_all().expect("flat");
+            let bytes = match t.dtype() {
+                candle::DType::I64 => t.to_vec1::<i64>().expect("i64").iter().flat_map(|x| x.to_le_bytes()).collect(),
+                _ => t.to_dtype(candle::DType::F32).expect("f32").to_vec1::<f32>().expect("f32").iter().flat_map(|x| x.to_le_bytes()).collect(),
+            };
+            (n, bytes)
+        })
+        .collect()
+}
+
+#[test]
+fn six_modes_train_with_finite_losses_and_checkpoints_load_back() -> TestResult {
+    let d = data(64);
+    let tmp = crate::data::testutil::TempDir::new("pretrain-six");
+    for method in ["simclr", "emp_ssl"] {
+        for attack in ["none", "pgd", "free"] {
+            let cfg = small(method, attack);
+            let mut t = Pretrainer::new(cfg.clone(), &d.train, &Device::Cpu)?;
+            while !t.finished() {
+                t.train_epoch(&TrainHooks::default())?;
+            }
+            let curve = t.curve();
+            assert_eq!(curve.len(), 2);
+            assert!(curve.iter().all(|e| e.loss.is_finite()), "{method}/{attack}: {curve:?}");
+            let m = if attack == "free" { 2 } else { 1 };
+            assert_eq!(t.steps(), 2 * 4 * m, "{method}/{attack}: optimiser updates");
+            if method == "emp_ssl" {
+                assert!(curve[0].terms.contains_key("invariance") && curve[0].terms.contains_key("tcr"));
+            }
+            if attack == "none" {
+                assert!(curve[1].loss < curve[0].loss, "{method}: loss did not decrease: {curve:?}");
+            }
+            // the checkpoint loads back into a fresh encoder with every tensor equal
+            let path = tmp.path().join(format!("{method}-{attack}.safetensors"));
+            t.save_encoder(&path)?;
+            let (fresh, _) = crate::nn::init::build_seeded(
+                99,
+                &crate::nn::init::InitRules::r_cf("encoder"),
+                candle::DType::F32,
+                &Device::Cpu,
+                |vb| crate::nn::heads::encoder(&cfg.encoder(), vb),
+            )?;
+            crate::nn::checkpoint::load(&fresh, &path, "", true)?;
+            assert_eq!(values(&fresh), values(t.varmap()), "{method}/{attack}");
+            let names = crate::nn::checkpoint::tensor_names(&path)?;
+            assert!(names.iter().any(|n| n == "encoder.layer4.1.bn2.running_var"));
+            assert!(names.iter().any(|n| n == "pre_feature.0.weight") && names.iter().any(|n| n == "projection.3.bias"));
+        }
+    }
+    Ok(())
+}
+
+fn max_abs(t: &Tensor) -> f64 {
+    t.abs().and_then(|a| a.flatten_all()?.max(D::Minus1)?.to_dtype(candle::DType::F64)?.to_scalar::<f64>()).expect("max")
+}
+
+fn min_max(t: &Tensor) -> (f64, f64) {
+    let f = t.flatten_all().expect("flat").to_dtype(candle::DType::F64).expect("f64");
+    (
+        f.min(0).and_then(|v| v.to_scalar::<f64>()).expect("min"),
+        f.max(0).and_then(|v| v.to_scalar::<f64>()).expect("max"),
+    )
+}
+
+#[test]
+fn free_delta_persists_stays_in_the_ball_and_in_the_box_when_clean() -> TestResult {
+    let d = data(64);
+    for (method, faithful) in [("emp_ssl", false), ("simclr", false), ("emp_ssl", true)] {
+        let mut cfg = small(method, "free");
+        cfg.faithful.q10 = faithful;
+        let mut t = Pretrainer::new(cfg.clone(), &d.train, &Device::Cpu)?;
+        let eps = cfg.eps;
+        for b in 0..3 {
+            let images = t.batch_images(0, b);
+            if b == 2 {
+                // at the start of batch 3 the perturbation built on batches 1-2 is still there
+                let delta = t.free_delta().ok_or("no delta after two batches")?;
+                assert!(max_abs(delta) > 0.0, "{method}: delta was reset");
+            }
+            t.train_batch(&images, b as u64)?;
+            let delta = t.free_delta().ok_or("no delta")?.clone();
+            assert!(max_abs(&delta) <= eps + 1e-6, "{method}: |delta| {} > eps {eps}", max_abs(&delta));
+            // after the ascent δ is re-projected into the box of the current batch (both modes)
+            let x = t.views_for(&images, b as u64)?;
+            let target = if method == "simclr" { x.narrow(0, x.dim(0)? / 2, x.dim(0)? / 2)? } else { x };
+            let (lo, hi) = min_max(&(target + &delta)?);
+            assert!(lo >= -1e-6 && hi <= 1.0 + 1e-6, "{method}: x + delta in [{lo}, {hi}]");
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn clean_free_mode_reprojects_on_a_new_batch_faithful_does_not() -> TestResult {
+    // [Q10]: the first replay of batch 2 sees x2 + δ1; only the clean mode boxes it for x2.
+    let d = data(64);
+    let mut outside = [0.0f64; 2];
+    for (i, q10) in [true, false].into_iter().enumerate() {
+        let mut cfg = small("emp_ssl", "free");
+        cfg.faithful.q10 = q10;
+        cfg.m = 1;
+        cfg.eps = 0.2; // large, so boundary pixels certainly leave the box
+        cfg.alpha = 0.2;
+        let t = &mut Pretrainer::new(cfg, &d.train, &Device::Cpu)?;
+        let b0 = t.batch_images(0, 0);
+        t.train_batch(&b0, 0)?;
+        let b1 = t.batch_images(0, 1);
+        let x1 = t.views_for(&b1, 1)?;
+        let mut fd = FreeDeltaProbe::new(t.free_delta().ok_or("delta")?, !q10);
+        fd.0.new_batch(&x1)?;
+        let (lo, hi) = min_max(&(&x1 + fd.0.delta())?);
+        outside[i] = (-lo).max(hi - 1.0).max(0.0);
+    }
+    assert!(outside[0] > 0.01, "faithful: x + delta stays inside ({})", outside[0]);
+    assert!(outside[1] < 1e-6, "clean: x + delta leaves the box ({})", outside[1]);
+    Ok(())
+}
+
+struct FreeDeltaProbe(crate::nn::attacks::FreeDelta);
+impl FreeDeltaProbe {
+    fn new(delta: &Tensor, clean: bool) -> Self {
+        Self(crate::nn::attacks::FreeDelta::from_tensor(delta, clean))
+    }
+}
+
+#[test]
+fn same_seed_same_bits_and_resume_is_bit_identical() -> TestResult {
+    let d = data(64);
+    let tmp = crate::data::testutil::TempDir::new("pretrain-resume");
+    for (method, attack) in [("emp_ssl", "free"), ("simclr", "pgd")] {
+        let cfg = small(method, attack);
+        let run = |epochs: usize| -> std::result::Result<Pretrainer<'_>, trainer::Error> {
+            let mut t = Pretrainer::new(cfg.clone(), &d.train, &Device::Cpu)?;
+            for _ in 0..epochs {
+                t.train_epoch(&TrainHooks::default())?;
+            }
+            Ok(t)
+        };
+        let a = run(2)?;
+        let b = run(2)?;
+        assert_eq!(values(a.varmap()), values(b.varmap()), "{method}/{attack}: same seed, other bits");
+        // stop after epoch 1, resume in a fresh trainer from the saved state
+        let path = tmp.path().join(format!("{method}-{attack}.state"));
+        run(1)?.save_state(&path)?;
+        let mut r = Pretrainer::new(cfg.clone(), &d.train, &Device::Cpu)?;
+        r.load_state(&path)?;
+        assert_eq!((r.epochs_done(), r.steps()), (1, a.steps() / 2));
+        r.train_epoch(&TrainHooks::default())?;
+        assert!(r.finished());
+        assert_eq!(values(r.varmap()), values(a.varmap()), "{method}/{attack}: resumed run differs");
+        let losses = |t: &Pretrainer<'_>| t.curve().iter().map(|e| e.loss).collect::<Vec<_>>();
+        assert_eq!(losses(&r), losses(&a));
+        // another seed gives other weights
+        let mut other = cfg.clone();
+        other.seed = 2;
+        let o = Pretrainer::new(other, &d.train, &Device::Cpu)?;
+        assert_ne!(values(o.varmap()), values(a.varmap()));
+    }
+    Ok(())
+}
+
+#[test]
+fn a_diverging_run_fails_naming_epoch_and_batch() -> TestResult {
+    let d = data(64);
+    let mut cfg = small("emp_ssl", "none");
+    cfg.lars = false;
+    cfg.lr = 1e30;
+    let mut t = Pretrainer::new(cfg, &d.train, &Device::Cpu)?;
+    let err = match t.train_epoch(&TrainHooks::default()) {
+        Ok(s) => panic!("expected divergence, got {s:?}"),
+        Err(e) => e.to_string(),
+    };
+    assert!(err.starts_with("epoch 0, batch "), "{err}");
+    assert!(err.contains("the loss is"), "{err}");
+    Ok(())
+}
+
+#[test]
+fn batch_larger_than_the_data_is_an_error() {
+    let d = data(8);
+    let err = Pretrainer::new(small("simclr", "none"), &d.train, &Device::Cpu).err().map(|e| e.to_string());
+    assert!(err.is_some_and(|e| e.contains("batch_size 16 is larger than the 8 training images")));
+}

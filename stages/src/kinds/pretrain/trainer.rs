@@ -1,0 +1,776 @@
+//! The pretraining loop of the `pretrain` kind, independent of the engine: a [`Pretrainer`]
+//! owns the model, the optimiser, the schedule and the free-adversarial δ, and trains epoch by
+//! epoch (or batch by batch, for tests and benchmarks) on a [`Split`] of u8 images.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+use std::time::Instant;
+
+use candle::backprop::GradStore;
+use candle::{DType, Device, Tensor, Var};
+use candle_nn::VarMap;
+use serde::{Deserialize, Serialize};
+
+use crate::data::Split;
+use crate::nn::attacks::{FreeDelta, Norm, PgdConfig, pgd, pgd_accumulate};
+use crate::nn::augment::{EmpConfig, ImageBatch, MultiView, SimClrConfig};
+use crate::nn::checkpoint;
+use crate::nn::heads::{Encoder, EncoderConfig, HeadConfig, encoder};
+use crate::nn::init::{InitRules, build_seeded, is_buffer, named_vars, trainable};
+use crate::nn::losses::{EmpLossConfig, emp_loss, nt_xent};
+use crate::nn::optim::{Lars, LarsConfig, Optim, Sgd, SgdConfig};
+use crate::nn::resnet::ResNetConfig;
+use crate::nn::schedule::{Cosine, FreeAdvLr};
+use crate::rng::Rng;
+
+/// Errors of the loop (messages for the node's log).
+pub type Error = Box<dyn std::error::Error + Send + Sync>;
+type Result<T> = std::result::Result<T, Error>;
+
+/// Stream tags of the derived random streams.
+const SHUFFLE_STREAM: u64 = 0x5348_5546; // "SHUF"
+const AUGMENT_STREAM: u64 = 0x4155_474d; // "AUGM"
+const ATTACK_STREAM: u64 = 0x4154_544b; // "ATTK"
+
+/// The self-supervised method.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Method {
+    /// SimCLR: two views, NT-Xent (METHODS.md 3).
+    Simclr,
+    /// EMP-SSL: n views, invariance + total coding rate (METHODS.md 4).
+    EmpSsl,
+}
+
+/// Adversarial training mode.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AttackMode {
+    /// Standard training.
+    #[default]
+    None,
+    /// PGD on every batch (zero init, l_inf).
+    Pgd,
+    /// Free adversarial training: m replays with a persistent δ.
+    Free,
+}
+
+/// Crop geometry of the views.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ViewKind {
+    /// Random resized crops, scale [0.08, 1], ratio [3/4, 4/3].
+    Crop,
+    /// Fixed-scale patches, scale 0.25, ratio 1.
+    Patch,
+}
+
+impl ViewKind {
+    /// `(scale, ratio)` ranges.
+    pub fn scale_ratio(self) -> ([f64; 2], [f64; 2]) {
+        match self {
+            ViewKind::Crop => ([0.08, 1.0], [3.0 / 4.0, 4.0 / 3.0]),
+            ViewKind::Patch => ([0.25, 0.25], [1.0, 1.0]),
+        }
+    }
+}
+
+/// The reference-code quirks (see the kind's docs), resolved.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Faithful {
+    /// \[Q6\] free-adversarial cosine period `⌊n/B⌋·epochs`.
+    pub q6: bool,
+    /// \[Q7\] attack parameter gradients added to the update.
+    pub q7: bool,
+    /// \[Q8\] attack forwards update the BN running statistics.
+    pub q8: bool,
+    /// \[Q10\] δ re-projected against the previous batch only.
+    pub q10: bool,
+}
+
+/// A fully resolved pretraining configuration.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct PretrainConfig {
+    /// SimCLR or EMP-SSL.
+    pub method: Method,
+    /// Adversarial mode.
+    pub attack: AttackMode,
+    /// Crop geometry (informational; `scale` and `ratio` are what is used).
+    pub views: ViewKind,
+    /// Crop scale range.
+    pub scale: [f64; 2],
+    /// Crop ratio range.
+    pub ratio: [f64; 2],
+    /// Views per image.
+    pub n_views: usize,
+    /// Epochs.
+    pub epochs: usize,
+    /// Source images per batch.
+    pub batch_size: usize,
+    /// Free replays.
+    pub m: usize,
+    /// l_inf radius.
+    pub eps: f64,
+    /// Attack step.
+    pub alpha: f64,
+    /// PGD steps.
+    pub pgd_steps: usize,
+    /// Base learning rate.
+    pub lr: f64,
+    /// SGD momentum.
+    pub momentum: f64,
+    /// Nesterov.
+    pub nesterov: bool,
+    /// Weight decay.
+    pub weight_decay: f64,
+    /// LARS wrapper on.
+    pub lars: bool,
+    /// LARS trust coefficient.
+    pub lars_eta: f64,
+    /// LARS clip.
+    pub lars_clip: bool,
+    /// LARS ε.
+    pub lars_eps: f64,
+    /// LARS skips 1-d tensors.
+    pub lars_exclude_bias_n_norm: bool,
+    /// ResNet width.
+    pub width: usize,
+    /// `pre_feature` width.
+    pub hidden_dim: usize,
+    /// Projection output.
+    pub z_dim: usize,
+    /// NT-Xent temperature.
+    pub temperature: f64,
+    /// NT-Xent base temperature.
+    pub base_temperature: f64,
+    /// EMP-SSL loss.
+    pub emp: EmpLossConfig,
+    /// Seed.
+    pub seed: u64,
+    /// Quirk switches.
+    pub faithful: Faithful,
+}
+
+impl PretrainConfig {
+    /// The encoder architecture.
+    pub fn encoder(&self) -> EncoderConfig {
+        EncoderConfig {
+            backbone: ResNetConfig {
+                width: self.width,
+                ..Default::default()
+            },
+            head: HeadConfig {
+                hidden_dim: self.hidden_dim,
+                z_dim: self.z_dim,
+            },
+        }
+    }
+
+    fn view_generator(&self) -> Result<MultiView> {
+        Ok(match self.method {
+            Method::EmpSsl => EmpConfig {
+                n_views: self.n_views,
+                scale: self.scale,
+                ratio: self.ratio,
+                ..EmpConfig::crop(self.n_views)
+            }
+            .build()?,
+            Method::Simclr => SimClrConfig {
+                scale: self.scale,
+                ratio: self.ratio,
+                ..SimClrConfig::default()
+            }
+            .build()?,
+        })
+    }
+}
+
+/// What one epoch did (a line of `curve.jsonl`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct EpochStats {
+    /// 0-based epoch index.
+    pub epoch: usize,
+    /// Mean training loss over the epoch's batches (the last replay of each batch in free mode).
+    pub loss: f64,
+    /// Mean loss terms (`invariance`, `tcr` for EMP-SSL).
+    #[serde(flatten)]
+    pub terms: BTreeMap<String, f64>,
+    /// Learning rate after the epoch's last update.
+    pub lr: f64,
+    /// Wall seconds of the epoch.
+    pub seconds: f64,
+    /// Source images trained on.
+    pub images: usize,
+    /// Source images per second.
+    pub images_per_second: f64,
+}
+
+/// What one batch did.
+#[derive(Clone, Debug, PartialEq)]
+pub struct BatchStats {
+    /// The loss (last replay in free mode).
+    pub loss: f64,
+    /// Its terms.
+    pub terms: Vec<(&'static str, f64)>,
+}
+
+/// Callbacks from the loop to its runner (no-ops by default).
+pub struct TrainHooks<'a> {
+    /// `(done, total, message)` per batch.
+    pub progress: &'a (dyn Fn(u64, u64, &str) + Sync),
+    /// A log line per epoch.
+    pub log: &'a (dyn Fn(&str) + Sync),
+    /// Polled between batches: stop with an error when true.
+    pub cancelled: &'a (dyn Fn() -> bool + Sync),
+}
+
+impl Default for TrainHooks<'_> {
+    fn default() -> Self {
+        TrainHooks {
+            progress: &|_, _, _| {},
+            log: &|_| {},
+            cancelled: &|| false,
+        }
+    }
+}
+
+/// The pretraining state machine (see the module docs).
+pub struct Pretrainer<'d> {
+    cfg: PretrainConfig,
+    images: &'d Split,
+    device: Device,
+    varmap: VarMap,
+    enc: Encoder,
+    params: Vec<(String, Var)>,
+    opt: Box<dyn Optim>,
+    sched: Cosine,
+    views: MultiView,
+    aug_seed: u64,
+    free: Option<FreeDelta>,
+    step: usize,
+    epoch: usize,
+    iters: usize,
+    curve: Vec<EpochStats>,
+}
+
+fn scalar(t: &Tensor) -> Result<f64> {
+    Ok(t.to_dtype(DType::F64)?.to_scalar::<f64>()?)
+}
+
+impl<'d> Pretrainer<'d> {
+    /// A fresh run: the encoder initialised from `cfg.seed` (R-CF's init rules), the optimiser
+    /// and schedule, no epoch done.
+    ///
+    /// # Errors
+    /// Fewer training images than one batch, images that do not fit the view generator, or
+    /// tensor errors.
+    pub fn new(cfg: PretrainConfig, images: &'d Split, device: &Device) -> Result<Self> {
+        let iters = images.n / cfg.batch_size;
+        if iters == 0 {
+            return Err(format!(
+                "batch_size {} is larger than the {} training images (batches are drop_last)",
+                cfg.batch_size, images.n
+            )
+            .into());
+        }
+        let views = cfg.view_generator()?;
+        let enc_cfg = cfg.encoder();
+        let (varmap, enc) = build_seeded(
+            cfg.seed,
+            &InitRules::r_cf(crate::nn::heads::ENCODER),
+            DType::F32,
+            device,
+            |vb| encoder(&enc_cfg, vb),
+        )?;
+        let params = trainable(&varmap);
+        let sgd = SgdConfig {
+            lr: cfg.lr,
+            momentum: cfg.momentum,
+            dampening: 0.0,
+            nesterov: cfg.nesterov,
+            weight_decay: cfg.weight_decay,
+        };
+        let opt: Box<dyn Optim> = if cfg.lars {
+            Box::new(Lars::new_named(
+                &params,
+                LarsConfig {
+                    sgd,
+                    eta: cfg.lars_eta,
+                    clip: cfg.lars_clip,
+                    eps: cfg.lars_eps,
+                    exclude_bias_n_norm: cfg.lars_exclude_bias_n_norm,
+                },
+            )?)
+        } else {
+            Box::new(Sgd::new_named(&params, sgd)?)
+        };
+        let n = images.n;
+        let sched = match cfg.attack {
+            AttackMode::Free => Cosine::free_adv(
+                cfg.lr,
+                0.0,
+                n,
+                cfg.batch_size,
+                cfg.epochs,
+                cfg.m,
+                if cfg.faithful.q6 {
+                    FreeAdvLr::Faithful
+                } else {
+                    FreeAdvLr::Clean
+                },
+            ),
+            _ => Cosine::per_iteration(cfg.lr, 0.0, n, cfg.batch_size, cfg.epochs),
+        };
+        let aug_seed = Rng::derive(cfg.seed, &[AUGMENT_STREAM]).next_u64();
+        Ok(Self {
+            cfg,
+            images,
+            device: device.clone(),
+            varmap,
+            enc,
+            params,
+            opt,
+            sched,
+            views,
+            aug_seed,
+            free: None,
+            step: 0,
+            epoch: 0,
+            iters,
+            curve: Vec::new(),
+        })
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &PretrainConfig {
+        &self.cfg
+    }
+
+    /// Epochs finished.
+    pub fn epochs_done(&self) -> usize {
+        self.epoch
+    }
+
+    /// Whether every epoch is done.
+    pub fn finished(&self) -> bool {
+        self.epoch >= self.cfg.epochs
+    }
+
+    /// Optimiser updates so far.
+    pub fn steps(&self) -> usize {
+        self.step
+    }
+
+    /// Batches per epoch (`⌊n / batch_size⌋`).
+    pub fn iters_per_epoch(&self) -> usize {
+        self.iters
+    }
+
+    /// The per-epoch curve so far.
+    pub fn curve(&self) -> &[EpochStats] {
+        &self.curve
+    }
+
+    /// The model's variables (parameters and BN buffers).
+    pub fn varmap(&self) -> &VarMap {
+        &self.varmap
+    }
+
+    /// The encoder.
+    pub fn encoder(&self) -> &Encoder {
+        &self.enc
+    }
+
+    /// The free-adversarial δ (after the first free batch).
+    pub fn free_delta(&self) -> Option<&Tensor> {
+        self.free.as_ref().map(FreeDelta::delta)
+    }
+
+    /// The images of batch `b` of epoch `epoch` (the epoch's seeded permutation, drop_last).
+    pub fn batch_images(&self, epoch: usize, b: usize) -> Vec<u8> {
+        let perm = Rng::derive(self.cfg.seed, &[SHUFFLE_STREAM, epoch as u64])
+            .permutation(self.images.n);
+        let bs = self.cfg.batch_size;
+        let mut out = Vec::with_capacity(bs * self.images.image_len());
+        for &i in &perm[b * bs..(b + 1) * bs] {
+            out.extend_from_slice(self.images.image(i));
+        }
+        out
+    }
+
+    /// Trains one epoch (the next one), calling the hooks per batch; appends to the curve.
+    ///
+    /// # Errors
+    /// A non-finite loss (naming epoch and batch), cancellation, or tensor errors.
+    pub fn train_epoch(&mut self, hooks: &TrainHooks<'_>) -> Result<EpochStats> {
+        let epoch = self.epoch;
+        let start = Instant::now();
+        let perm = Rng::derive(self.cfg.seed, &[SHUFFLE_STREAM, epoch as u64])
+            .permutation(self.images.n);
+        let bs = self.cfg.batch_size;
+        let total = (self.iters * self.cfg.epochs) as u64;
+        let mut loss_sum = 0.0;
+        let mut terms: BTreeMap<String, f64> = BTreeMap::new();
+        let mut buf = Vec::with_capacity(bs * self.images.image_len());
+        for b in 0..self.iters {
+            if (hooks.cancelled)() {
+                return Err(format!("cancelled during epoch {epoch}, batch {b}").into());
+            }
+            buf.clear();
+            for &i in &perm[b * bs..(b + 1) * bs] {
+                buf.extend_from_slice(self.images.image(i));
+            }
+            let global = (epoch * self.iters + b) as u64;
+            let stats = self
+                .train_batch(&buf, global)
+                .map_err(|e| format!("epoch {epoch}, batch {b}: {e}"))?;
+            loss_sum += stats.loss;
+            for (k, v) in &stats.terms {
+                *terms.entry((*k).to_string()).or_default() += v;
+            }
+            let secs = start.elapsed().as_secs_f64();
+            let rate = ((b + 1) * bs) as f64 / secs.max(1e-9);
+            (hooks.progress)(
+                (epoch * self.iters + b + 1) as u64,
+                total,
+                &format!(
+                    "epoch {}/{} loss {:.4} {:.0} img/s",
+                    epoch + 1,
+                    self.cfg.epochs,
+                    stats.loss,
+                    rate
+                ),
+            );
+        }
+        let n = self.iters as f64;
+        for v in terms.values_mut() {
+            *v /= n;
+        }
+        let seconds = start.elapsed().as_secs_f64();
+        let images = self.iters * bs;
+        let stats = EpochStats {
+            epoch,
+            loss: loss_sum / n,
+            terms,
+            lr: self.sched.lr(self.step),
+            seconds,
+            images,
+            images_per_second: images as f64 / seconds.max(1e-9),
+        };
+        (hooks.log)(&format!(
+            "epoch {}/{}: loss {:.5} {:?} lr {:.5} {:.1} s {:.1} img/s",
+            epoch + 1,
+            self.cfg.epochs,
+            stats.loss,
+            stats.terms,
+            stats.lr,
+            stats.seconds,
+            stats.images_per_second
+        ));
+        self.curve.push(stats.clone());
+        self.epoch += 1;
+        Ok(stats)
+    }
+
+    /// Trains on one batch of `batch_size` u8 images (CHW, concatenated); `global` is the
+    /// batch's index over the whole run (it seeds the augmentation). One optimiser update,
+    /// or `m` in free mode.
+    ///
+    /// # Errors
+    /// A non-finite loss or tensor errors.
+    pub fn train_batch(&mut self, images: &[u8], global: u64) -> Result<BatchStats> {
+        let x = self.views_for(images, global)?;
+        match self.cfg.attack {
+            AttackMode::None => self.standard(&x),
+            AttackMode::Pgd => self.adversarial(&x, global),
+            AttackMode::Free => self.free(&x),
+        }
+    }
+
+    /// The view-major views `(n_views · B, 3, 32, 32)` that [`Pretrainer::train_batch`]
+    /// draws for these images at batch index `global`.
+    ///
+    /// # Errors
+    /// Images that do not fit the generator.
+    pub fn views_for(&self, images: &[u8], global: u64) -> Result<Tensor> {
+        let (h, w) = (self.images.h, self.images.w);
+        let n = images.len() / (3 * h * w);
+        let batch = ImageBatch::new(images, n, h, w)?;
+        let views = self.views.generate(batch, self.aug_seed, global)?;
+        let shape = views.shape().to_vec();
+        Ok(Tensor::from_vec(views.data, shape, &self.device)?)
+    }
+
+    /// The SSL loss of `x` (view-major, all views) or, for SimCLR, of `(x1, x2)`.
+    fn ssl_loss(
+        &self,
+        enc: &Encoder,
+        x1: &Tensor,
+        x2: Option<&Tensor>,
+    ) -> Result<(Tensor, Vec<(&'static str, Tensor)>)> {
+        match (self.cfg.method, x2) {
+            (Method::EmpSsl, None) => {
+                let (_, z) = enc.forward_t(x1, true)?;
+                // a diverged model would only show up as a failed Cholesky in the TCR term
+                let check = scalar(&z.sum_all()?)?;
+                if !check.is_finite() {
+                    return Err(format!(
+                        "the loss is NaN: the embeddings are not finite at optimiser step {} (lr {:.6})",
+                        self.step,
+                        self.sched.lr(self.step)
+                    )
+                    .into());
+                }
+                let l = emp_loss(&z, self.cfg.n_views, &self.cfg.emp)?;
+                Ok((l.total, vec![("invariance", l.invariance), ("tcr", l.tcr)]))
+            }
+            (Method::Simclr, Some(x2)) => {
+                // two forwards: each view gets its own BN batch statistics (METHODS 3.1)
+                let (_, z1) = enc.forward_t(x1, true)?;
+                let (_, z2) = enc.forward_t(x2, true)?;
+                let z = Tensor::cat(&[&z1, &z2], 0)?;
+                Ok((
+                    nt_xent(&z, self.cfg.temperature, self.cfg.base_temperature)?,
+                    Vec::new(),
+                ))
+            }
+            _ => Err("internal: views do not match the method".into()),
+        }
+    }
+
+    /// SimCLR's two views `(x1, x2)` of view-major `x`.
+    fn split_views(&self, x: &Tensor) -> Result<(Tensor, Tensor)> {
+        let b = x.dim(0)? / 2;
+        Ok((x.narrow(0, 0, b)?, x.narrow(0, b, b)?))
+    }
+
+    fn finite(&self, loss: &Tensor, terms: &[(&'static str, Tensor)]) -> Result<BatchStats> {
+        let value = scalar(loss)?;
+        if !value.is_finite() {
+            return Err(format!(
+                "the loss is {value} at optimiser step {} (lr {:.6})",
+                self.step,
+                self.sched.lr(self.step)
+            )
+            .into());
+        }
+        let terms = terms
+            .iter()
+            .map(|(k, t)| Ok((*k, scalar(t)?)))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(BatchStats { loss: value, terms })
+    }
+
+    /// One optimiser update at the current step's rate, then the scheduler step.
+    fn update(&mut self, grads: &GradStore) -> Result<()> {
+        self.opt.set_lr(self.sched.lr(self.step));
+        self.opt.step(grads)?;
+        self.step += 1;
+        Ok(())
+    }
+
+    fn standard(&mut self, x: &Tensor) -> Result<BatchStats> {
+        let (loss, terms) = match self.cfg.method {
+            Method::EmpSsl => self.ssl_loss(&self.enc, x, None)?,
+            Method::Simclr => {
+                let (x1, x2) = self.split_views(x)?;
+                self.ssl_loss(&self.enc, &x1, Some(&x2))?
+            }
+        };
+        let stats = self.finite(&loss, &terms)?;
+        let grads = loss.backward()?;
+        self.update(&grads)?;
+        Ok(stats)
+    }
+
+    fn bn_buffers(&self) -> Vec<(Var, Tensor)> {
+        named_vars(&self.varmap)
+            .into_iter()
+            .filter(|(name, _)| is_buffer(name))
+            .map(|(_, v)| {
+                let t = v.as_tensor().copy();
+                (v, t)
+            })
+            .filter_map(|(v, t)| t.ok().map(|t| (v, t)))
+            .collect()
+    }
+
+    fn adversarial(&mut self, x: &Tensor, global: u64) -> Result<BatchStats> {
+        let cfg = PgdConfig {
+            random_start: false,
+            ..PgdConfig::new(Norm::Linf, self.cfg.eps, self.cfg.alpha, self.cfg.pgd_steps)
+        };
+        let mut rng = Rng::derive(self.cfg.seed, &[ATTACK_STREAM, global]);
+        // [Q7] faithful: the attack runs on the live weights and its parameter gradients are
+        // kept; clean: on a frozen copy (input gradient only).
+        let attack_enc = if self.cfg.faithful.q7 {
+            self.enc.clone()
+        } else {
+            self.enc.frozen()?
+        };
+        // [Q8] clean: the attack's train-mode forwards leave the running statistics alone.
+        let saved = (!self.cfg.faithful.q8).then(|| self.bn_buffers());
+        let (x1, target) = match self.cfg.method {
+            Method::EmpSsl => (None, x.clone()),
+            Method::Simclr => {
+                let (x1, x2) = self.split_views(x)?;
+                (Some(x1), x2)
+            }
+        };
+        let this = &*self;
+        let objective = |xa: &Tensor| -> candle::Result<Tensor> {
+            let r = match this.cfg.method {
+                // EMP: all n·B views jointly
+                Method::EmpSsl => this.ssl_loss(&attack_enc, xa, None),
+                // SimCLR [Q9]: the clean second view against its own perturbed copy
+                Method::Simclr => this.ssl_loss(&attack_enc, &target, Some(xa)),
+            };
+            r.map(|(l, _)| l)
+                .map_err(|e| candle::Error::Msg(e.to_string()))
+        };
+        let (adv, attack_grads) = if self.cfg.faithful.q7 {
+            let (res, g) = pgd_accumulate(&target, objective, &cfg, &mut rng, &self.params)?;
+            (res.adv, Some(g))
+        } else {
+            (pgd(&target, objective, &cfg, &mut rng)?.adv, None)
+        };
+        if let Some(saved) = saved {
+            for (v, t) in saved {
+                v.set(&t)?;
+            }
+        }
+        let (loss, terms) = match &x1 {
+            None => self.ssl_loss(&self.enc, &adv, None)?,
+            // training pairs the clean first view with the adversarial second view
+            Some(x1) => self.ssl_loss(&self.enc, x1, Some(&adv))?,
+        };
+        let stats = self.finite(&loss, &terms)?;
+        let mut grads = loss.backward()?;
+        if let Some(g) = attack_grads {
+            grads.extend(g)?;
+        }
+        self.update(&grads)?;
+        Ok(stats)
+    }
+
+    fn free(&mut self, x: &Tensor) -> Result<BatchStats> {
+        let (x1, target) = match self.cfg.method {
+            Method::EmpSsl => (None, x.clone()),
+            Method::Simclr => {
+                let (x1, x2) = self.split_views(x)?;
+                (Some(x1), x2)
+            }
+        };
+        let mut fd = match self.free.take() {
+            Some(fd) => fd,
+            None => FreeDelta::zeros_like(&target, !self.cfg.faithful.q10)?,
+        };
+        fd.new_batch(&target)?;
+        let mut last = None;
+        for _ in 0..self.cfg.m {
+            let (dv, xa) = fd.perturb(&target)?;
+            let (loss, terms) = match &x1 {
+                None => self.ssl_loss(&self.enc, &xa, None)?,
+                Some(x1) => self.ssl_loss(&self.enc, x1, Some(&xa))?,
+            };
+            let stats = match self.finite(&loss, &terms) {
+                Ok(s) => s,
+                Err(e) => {
+                    self.free = Some(fd);
+                    return Err(e);
+                }
+            };
+            let grads = loss.backward()?;
+            self.update(&grads)?;
+            let g = grads
+                .get(dv.as_tensor())
+                .ok_or("internal: no gradient reached the free-adversarial delta")?;
+            fd.ascend(g, &target, self.cfg.eps, self.cfg.alpha)?;
+            last = Some(stats);
+        }
+        self.free = Some(fd);
+        last.ok_or_else(|| "m must be >= 1".into())
+    }
+
+    /// Writes the resumable state (weights, BN statistics, optimiser state, δ, counters,
+    /// curve) atomically to `path`.
+    ///
+    /// # Errors
+    /// I/O or tensor errors.
+    pub fn save_state(&self, path: &Path) -> Result<()> {
+        let mut t: HashMap<String, Tensor> = HashMap::new();
+        for (name, v) in named_vars(&self.varmap) {
+            t.insert(format!("model/{name}"), v.as_detached_tensor());
+        }
+        for (name, v) in self.opt.state() {
+            t.insert(format!("optim/{name}"), v);
+        }
+        if let Some(fd) = &self.free {
+            t.insert("free_delta".into(), fd.delta().clone());
+        }
+        let cpu = Device::Cpu;
+        let counters = [self.epoch as i64, self.step as i64];
+        t.insert("meta/counters".into(), Tensor::new(&counters, &cpu)?);
+        let curve = serde_json::to_vec(&self.curve)?;
+        t.insert("meta/curve_json".into(), Tensor::new(curve.as_slice(), &cpu)?);
+        checkpoint::save_tensors(&t, path)?;
+        Ok(())
+    }
+
+    /// Restores [`Pretrainer::save_state`] into this (freshly built) trainer.
+    ///
+    /// # Errors
+    /// A state file that does not match this model, or I/O errors.
+    pub fn load_state(&mut self, path: &Path) -> Result<()> {
+        let t = candle::safetensors::load(path, &self.device)?;
+        let bad = |what: &str| format!("{}: {what}", path.display());
+        for (name, v) in named_vars(&self.varmap) {
+            let saved = t
+                .get(&format!("model/{name}"))
+                .ok_or_else(|| bad(&format!("has no model/{name}")))?;
+            if saved.shape() != v.shape() {
+                return Err(bad(&format!("model/{name} has shape {:?}", saved.dims())).into());
+            }
+            v.set(&saved.to_dtype(v.dtype())?)?;
+        }
+        let optim: HashMap<String, Tensor> = t
+            .iter()
+            .filter_map(|(k, v)| k.strip_prefix("optim/").map(|k| (k.to_string(), v.clone())))
+            .collect();
+        self.opt.load_state(&optim)?;
+        self.free = t
+            .get("free_delta")
+            .map(|d| FreeDelta::from_tensor(d, !self.cfg.faithful.q10));
+        let counters = t
+            .get("meta/counters")
+            .ok_or_else(|| bad("has no meta/counters"))?
+            .to_device(&Device::Cpu)?
+            .to_vec1::<i64>()?;
+        let [epoch, step] = counters[..] else {
+            return Err(bad("meta/counters is not [epoch, step]").into());
+        };
+        self.epoch = usize::try_from(epoch)?;
+        self.step = usize::try_from(step)?;
+        let curve = t
+            .get("meta/curve_json")
+            .ok_or_else(|| bad("has no meta/curve_json"))?
+            .to_device(&Device::Cpu)?
+            .to_vec1::<u8>()?;
+        self.curve = serde_json::from_slice(&curve)?;
+        Ok(())
+    }
+
+    /// Writes the encoder checkpoint (every variable: backbone, heads, BN statistics).
+    ///
+    /// # Errors
+    /// I/O errors.
+    pub fn save_encoder(&self, path: &Path) -> Result<()> {
+        checkpoint::save(&self.varmap, path, "")?;
+        Ok(())
+    }
+
+    /// The `metrics.json` of the run so far.
+    pub fn metrics(&self, device: &str) -> serde_json::Value {
+        super::metrics_json(&self.cfg, &self.curve, self.step, self.images.n, device)
+    }
+}

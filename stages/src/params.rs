@@ -1,0 +1,177 @@
+//! Helpers shared by the stage kinds' params.
+//!
+//! # Real numbers
+//!
+//! Radii and step sizes are written as the papers write them: `eps: 8/255`. The `de_*`
+//! functions (for `#[serde(deserialize_with = ...)]`) accept a number, a numeric string
+//! (`"0.5"`) or a fraction `a/b` of two numbers, and always serialize back as a plain `f64`,
+//! so `8/255` and `0.03137254901960784` give the same normalized params and the same key.
+//!
+//! ```
+//! use pipe_stages::params::parse_real;
+//! assert_eq!(parse_real("8/255"), Ok(8.0 / 255.0));
+//! assert_eq!(parse_real(" 0.5 "), Ok(0.5));
+//! assert!(parse_real("8/0").is_err());
+//! ```
+
+use pipe_engine::ParamError;
+use serde::{Deserialize, Deserializer};
+use serde_json::Value;
+
+/// Parses `x`, `a/b` (numbers) into a finite `f64`.
+///
+/// # Errors
+/// A message saying what was expected.
+pub fn parse_real(text: &str) -> Result<f64, String> {
+    let bad = || format!("expected a number or a fraction such as 8/255, got `{text}`");
+    let num = |s: &str| s.trim().parse::<f64>().map_err(|_| bad());
+    let v = match text.split_once('/') {
+        Some((a, b)) => {
+            let (a, b) = (num(a)?, num(b)?);
+            if b == 0.0 {
+                return Err(format!("`{text}` divides by zero"));
+            }
+            a / b
+        }
+        None => num(text)?,
+    };
+    if v.is_finite() {
+        Ok(v)
+    } else {
+        Err(bad())
+    }
+}
+
+fn real_of(v: &Value) -> Result<f64, String> {
+    match v {
+        Value::Number(n) => n
+            .as_f64()
+            .ok_or_else(|| format!("expected a finite number, got {n}")),
+        Value::String(s) => parse_real(s),
+        other => Err(format!(
+            "expected a number or a fraction such as 8/255, got {other}"
+        )),
+    }
+}
+
+/// Deserializes an `f64` from a number or a fraction string.
+///
+/// # Errors
+/// Anything else.
+pub fn de_real<'de, D: Deserializer<'de>>(d: D) -> Result<f64, D::Error> {
+    real_of(&Value::deserialize(d)?).map_err(serde::de::Error::custom)
+}
+
+/// [`de_real`] for an optional field (`null` is `None`).
+///
+/// # Errors
+/// Anything but null, a number or a fraction string.
+pub fn de_real_opt<'de, D: Deserializer<'de>>(d: D) -> Result<Option<f64>, D::Error> {
+    match Value::deserialize(d)? {
+        Value::Null => Ok(None),
+        v => real_of(&v).map(Some).map_err(serde::de::Error::custom),
+    }
+}
+
+/// [`de_real`] for an optional `[lo, hi]` pair.
+///
+/// # Errors
+/// Anything but null or a list of two reals.
+pub fn de_real_pair_opt<'de, D: Deserializer<'de>>(d: D) -> Result<Option<[f64; 2]>, D::Error> {
+    match Value::deserialize(d)? {
+        Value::Null => Ok(None),
+        Value::Array(items) if items.len() == 2 => {
+            let lo = real_of(&items[0]).map_err(serde::de::Error::custom)?;
+            let hi = real_of(&items[1]).map_err(serde::de::Error::custom)?;
+            Ok(Some([lo, hi]))
+        }
+        other => Err(serde::de::Error::custom(format!(
+            "expected a list [lo, hi] of two numbers, got {other}"
+        ))),
+    }
+}
+
+/// Collects range errors for a kind's `check`.
+#[derive(Debug, Default)]
+pub struct Checks {
+    errors: Vec<ParamError>,
+}
+
+impl Checks {
+    /// Records `message` at `path` unless `ok`.
+    pub fn require(&mut self, ok: bool, path: &str, message: impl FnOnce() -> String) {
+        if !ok {
+            self.errors.push(ParamError::new(path, message()));
+        }
+    }
+
+    /// `value >= 1`.
+    pub fn positive(&mut self, path: &str, value: usize) {
+        self.require(value >= 1, path, || {
+            format!("expected an integer >= 1, got {value}")
+        });
+    }
+
+    /// `lo <= value <= hi` (finite).
+    pub fn within(&mut self, path: &str, value: f64, lo: f64, hi: f64) {
+        self.require(value.is_finite() && (lo..=hi).contains(&value), path, || {
+            format!("expected a value in [{lo}, {hi}], got {value}")
+        });
+    }
+
+    /// `value > 0` (finite).
+    pub fn positive_real(&mut self, path: &str, value: f64) {
+        self.require(value.is_finite() && value > 0.0, path, || {
+            format!("expected a number > 0, got {value}")
+        });
+    }
+
+    /// `value >= 0` (finite).
+    pub fn non_negative(&mut self, path: &str, value: f64) {
+        self.require(value.is_finite() && value >= 0.0, path, || {
+            format!("expected a number >= 0, got {value}")
+        });
+    }
+
+    /// The errors found.
+    pub fn into_errors(self) -> Vec<ParamError> {
+        self.errors
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Deserialize, serde::Serialize)]
+    struct P {
+        #[serde(deserialize_with = "de_real")]
+        eps: f64,
+        #[serde(default, deserialize_with = "de_real_opt")]
+        alpha: Option<f64>,
+        #[serde(default, deserialize_with = "de_real_pair_opt")]
+        scale: Option<[f64; 2]>,
+    }
+
+    #[test]
+    fn fractions_and_numbers_normalize_alike() {
+        let a: P = serde_json::from_value(serde_json::json!({"eps": "8/255", "alpha": "1/100", "scale": ["1/4", 1]}))
+            .expect("parses");
+        let b: P = serde_json::from_value(
+            serde_json::json!({"eps": 8.0 / 255.0, "alpha": 0.01, "scale": [0.25, 1.0]}),
+        )
+        .expect("parses");
+        assert_eq!(
+            serde_json::to_value(&a).expect("ser"),
+            serde_json::to_value(&b).expect("ser")
+        );
+        for bad in [
+            serde_json::json!({"eps": "8/"}),
+            serde_json::json!({"eps": true}),
+            serde_json::json!({"eps": "1/0"}),
+            serde_json::json!({"eps": 1, "scale": [1]}),
+        ] {
+            assert!(serde_json::from_value::<P>(bad).is_err());
+        }
+    }
+}
