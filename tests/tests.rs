@@ -10,3 +10,4 @@ mod crash;
 mod errors;
 mod failures;
 mod gc;
+mod pretrain;

@@ -79,7 +79,56 @@ pub fn run(what: crate::BenchWhat) -> Result<u8> {
             reps,
             json,
         } => nn(&widths, batch, reps, json),
+        crate::BenchWhat::Pretrain {
+            widths,
+            batch,
+            views,
+            steps,
+            m,
+            json,
+        } => pretrain(&widths, batch, views, steps, m, json),
     }
+}
+
+fn pretrain(
+    widths: &[usize],
+    batch: usize,
+    views: usize,
+    steps: usize,
+    m: usize,
+    json_out: bool,
+) -> Result<u8> {
+    use pipe_stages::kinds::pretrain::{PretrainParams, bench_mode};
+    let mut rows = Vec::new();
+    for &width in widths {
+        for method in ["simclr", "emp_ssl"] {
+            for attack in ["none", "pgd", "free"] {
+                let n_views = if method == "simclr" { 2 } else { views };
+                let p: PretrainParams = serde_json::from_value(json!({
+                    "method": method, "attack": attack, "width": width, "batch_size": batch,
+                    "n_views": n_views, "m": m, "views": "crop",
+                }))?;
+                let r = bench_mode(p.config(), steps).map_err(|e| anyhow::anyhow!("{e}"))?;
+                if !json_out {
+                    println!(
+                        "width {:>3} {:>7} {:>4}: batch {} x {:>2} views  {:8.2} s/batch  {:7.1} img/s  CIFAR-10 epoch {:7.1} min",
+                        r.width, method, attack, r.batch, r.n_views, r.seconds_per_batch,
+                        r.images_per_second, r.cifar10_epoch_seconds / 60.0
+                    );
+                }
+                rows.push(r);
+            }
+        }
+    }
+    if json_out {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(
+                &json!({"threads": rayon::current_num_threads(), "rows": rows})
+            )?
+        );
+    }
+    Ok(0)
 }
 
 fn nn(widths: &[usize], batch: usize, reps: usize, json_out: bool) -> Result<u8> {

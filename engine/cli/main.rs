@@ -164,6 +164,27 @@ pub enum BenchWhat {
         #[arg(long)]
         json: bool,
     },
+    /// Images/s of the six pretraining modes (SimCLR, EMP-SSL x none, pgd, free) on the CPU.
+    Pretrain {
+        /// ResNet widths (64 = the paper's).
+        #[arg(long, value_delimiter = ',', default_values_t = [16, 64])]
+        widths: Vec<usize>,
+        /// Source images per batch.
+        #[arg(long, default_value_t = 32)]
+        batch: usize,
+        /// Views per image for EMP-SSL.
+        #[arg(long, default_value_t = 16)]
+        views: usize,
+        /// Timed batches per mode (after one warm-up batch; the median is reported).
+        #[arg(long, default_value_t = 2)]
+        steps: usize,
+        /// Free replays m.
+        #[arg(long, default_value_t = 3)]
+        m: usize,
+        /// Print one JSON document on stdout.
+        #[arg(long)]
+        json: bool,
+    },
     /// Time to decode an ImageFolder archive (default: ../shared/data/cifar10-jpeg.tar.gz).
     Decode {
         /// The archive or folder.

@@ -65,7 +65,8 @@
 mod trainer;
 
 pub use trainer::{
-    AttackMode, EpochStats, Faithful, Method, PretrainConfig, Pretrainer, TrainHooks, ViewKind,
+    AttackMode, BatchStats, BenchRow, EpochStats, Faithful, Method, PretrainConfig, Pretrainer,
+    TrainHooks, ViewKind, bench_mode,
 };
 
 use std::path::Path;

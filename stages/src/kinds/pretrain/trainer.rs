@@ -774,3 +774,67 @@ impl<'d> Pretrainer<'d> {
         super::metrics_json(&self.cfg, &self.curve, self.step, self.images.n, device)
     }
 }
+
+/// One row of `pipe bench pretrain`.
+#[derive(Clone, Debug, Serialize)]
+pub struct BenchRow {
+    /// `simclr` / `emp_ssl`.
+    pub method: Method,
+    /// `none` / `pgd` / `free`.
+    pub attack: AttackMode,
+    /// ResNet width.
+    pub width: usize,
+    /// Source images per batch.
+    pub batch: usize,
+    /// Views per image.
+    pub n_views: usize,
+    /// Median seconds per batch (all `m` replays in free mode).
+    pub seconds_per_batch: f64,
+    /// Source images per second.
+    pub images_per_second: f64,
+    /// Projected wall time of one 50,000-image CIFAR-10 epoch (`⌊50000/B⌋` batches), seconds.
+    pub cifar10_epoch_seconds: f64,
+}
+
+/// Times `steps` batches (after one warm-up batch) of a pretraining mode at full head sizes
+/// (4096-d `pre_feature`, default `z_dim`) on synthetic 32×32 images, on the CPU.
+///
+/// # Errors
+/// Invalid settings or tensor errors.
+pub fn bench_mode(
+    cfg: PretrainConfig,
+    steps: usize,
+) -> Result<BenchRow> {
+    let steps = steps.max(1);
+    let d = crate::data::synthetic(&crate::data::SyntheticConfig {
+        n_classes: 10,
+        n_train: cfg.batch_size * (steps + 1),
+        n_test: 10,
+        image_size: 32,
+        seed: 0,
+    });
+    let mut t = Pretrainer::new(cfg, &d.train, &Device::Cpu)?;
+    let mut times = Vec::with_capacity(steps);
+    for b in 0..=steps {
+        let images = t.batch_images(0, b);
+        let start = Instant::now();
+        t.train_batch(&images, b as u64)?;
+        if b > 0 {
+            times.push(start.elapsed().as_secs_f64());
+        }
+    }
+    times.sort_by(f64::total_cmp);
+    let secs = times[times.len() / 2];
+    let c = t.config();
+    let ips = c.batch_size as f64 / secs;
+    Ok(BenchRow {
+        method: c.method,
+        attack: c.attack,
+        width: c.width,
+        batch: c.batch_size,
+        n_views: c.n_views,
+        seconds_per_batch: secs,
+        images_per_second: ips,
+        cifar10_epoch_seconds: (50_000 / c.batch_size) as f64 * secs,
+    })
+}
