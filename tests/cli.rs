@@ -336,3 +336,20 @@ fn plan_text_says_what_and_why() {
     let out = dir.pipe(&["run", &p]).code(0);
     assert!(out.stderr.contains("0 ran, 2 cached"), "{}", out.stderr);
 }
+
+#[test]
+fn every_shipped_pipeline_plans_cleanly() {
+    let dir = crate::util::Dir::new("shipped");
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("pipelines");
+    let mut n = 0;
+    for e in std::fs::read_dir(&root).expect("pipelines/") {
+        let path = e.expect("entry").path();
+        if path.extension().is_some_and(|x| x == "yaml") {
+            let p = path.to_str().expect("utf-8 path");
+            let doc = dir.json(&["plan", p], 0);
+            assert!(!doc["nodes"].as_array().expect("nodes").is_empty(), "{p}");
+            n += 1;
+        }
+    }
+    assert!(n >= 3, "found {n} pipelines");
+}

@@ -345,8 +345,18 @@ impl Sgd {
     /// # Errors
     /// Tensor errors (shape or dtype mismatches between a gradient and its parameter).
     pub fn step(&mut self, grads: &GradStore) -> Result<()> {
-        let gs: Vec<Option<Tensor>> = self.params.iter().map(|p| grad_of(grads, &p.var)).collect();
-        self.apply(gs, true)
+        let gs: Vec<Option<Scaled>> = self
+            .params
+            .iter()
+            .map(|p| {
+                grad_of(grads, &p.var).map(|grad| Scaled {
+                    grad,
+                    decay: p.weight_decay,
+                    rho: 1.0,
+                })
+            })
+            .collect();
+        self.apply(gs)
     }
 
     /// The current learning rate.
@@ -372,21 +382,27 @@ impl Sgd {
         load_bufs(&self.params, &mut self.bufs, state)
     }
 
-    /// The SGD update with the given per-parameter gradients; `with_decay = false` is the LARS
-    /// wrapper's "weight decay temporarily 0".
-    fn apply(&mut self, grads: Vec<Option<Tensor>>, with_decay: bool) -> Result<()> {
-        let SgdConfig {
-            lr,
-            momentum,
-            dampening,
-            nesterov,
-            ..
-        } = self.cfg;
+    /// The SGD update with the given per-parameter effective gradients `(g + w p) ρ` (the LARS
+    /// wrapper passes its trust-scaled gradient with the inner weight decay "temporarily 0").
+    fn apply(&mut self, grads: Vec<Option<Scaled>>) -> Result<()> {
+        let cfg = self.cfg;
         for ((param, buf), g) in self.params.iter().zip(self.bufs.iter_mut()).zip(grads) {
             let Some(g) = g else { continue };
+            if fused::sgd_update(&param.var, &g, buf, &cfg)? {
+                continue;
+            }
+            let SgdConfig {
+                lr,
+                momentum,
+                dampening,
+                nesterov,
+                ..
+            } = cfg;
             let p = param.var.as_detached_tensor();
-            let w = if with_decay { param.weight_decay } else { 0.0 };
-            let mut d = add_decay(&g, &p, w)?;
+            let mut d = add_decay(&g.grad, &p, g.decay)?;
+            if g.rho != 1.0 {
+                d = (d * g.rho)?;
+            }
             if momentum != 0.0 {
                 let b = match buf.take() {
                     None => d.clone(),
@@ -406,7 +422,131 @@ impl Sgd {
     }
 }
 
+/// An effective gradient `(grad + decay · p) · rho`, not materialised.
+#[derive(Debug, Clone)]
+struct Scaled {
+    grad: Tensor,
+    decay: f64,
+    rho: f64,
+}
+
 impl_optimizer_traits!(Sgd, SgdConfig);
+
+/// The CPU fast path of the SGD / LARS update: one pass over contiguous f32 slices instead of a
+/// dozen candle ops, each allocating a parameter-sized tensor. The arithmetic (and its order) is
+/// that of the candle expressions it replaces, in f32, so the result is the same; the LARS norms
+/// are accumulated in f64 over fixed chunks (deterministic for any thread count).
+mod fused {
+    use super::{Scaled, SgdConfig};
+    use candle::{CpuStorage, DType, Result, Storage, Tensor, Var};
+    use rayon::prelude::*;
+
+    /// Elements per parallel work unit.
+    const CHUNK: usize = 1 << 15;
+
+    /// Runs `f` on the contiguous f32 CPU data of `t`, or returns `None`.
+    fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Option<R> {
+        if t.dtype() != DType::F32 {
+            return None;
+        }
+        let (storage, layout) = t.storage_and_layout();
+        let (start, end) = layout.contiguous_offsets()?;
+        match &*storage {
+            Storage::Cpu(CpuStorage::F32(v)) => Some(f(&v[start..end])),
+            _ => None,
+        }
+    }
+
+    fn sum_sq(x: &[f32]) -> f64 {
+        let parts: Vec<f64> = x
+            .par_chunks(CHUNK)
+            .map(|c| c.iter().map(|&v| f64::from(v) * f64::from(v)).sum::<f64>())
+            .collect();
+        parts.iter().sum()
+    }
+
+    /// `(‖p‖, ‖g‖)` when both are contiguous f32 on the CPU.
+    pub(super) fn norms(p: &Tensor, g: &Tensor) -> Option<(f64, f64)> {
+        let pn = with_f32(p, sum_sq)?;
+        let gn = with_f32(g, sum_sq)?;
+        Some((pn.sqrt(), gn.sqrt()))
+    }
+
+    /// The SGD update of one parameter on the fast path; `Ok(false)` when it does not apply
+    /// (another device or dtype, a non-contiguous tensor).
+    pub(super) fn sgd_update(
+        var: &Var,
+        g: &Scaled,
+        buf: &mut Option<Tensor>,
+        cfg: &SgdConfig,
+    ) -> Result<bool> {
+        let p = var.as_detached_tensor();
+        if p.shape() != g.grad.shape() {
+            return Ok(false);
+        }
+        let n = p.elem_count();
+        let (w, rho) = (g.decay as f32, g.rho as f32);
+        let (lr, mu, damp) = (cfg.lr as f32, cfg.momentum as f32, (1.0 - cfg.dampening) as f32);
+        let (use_mom, nesterov) = (cfg.momentum != 0.0, cfg.nesterov);
+        let mut new_p = vec![0f32; n];
+        let mut new_b = if use_mom { vec![0f32; n] } else { Vec::new() };
+        let done = with_f32(&p, |ps| {
+            with_f32(&g.grad, |gs| {
+                let step = |ps: &[f32], gs: &[f32], bs: Option<&[f32]>, np: &mut [f32], nb: &mut [f32]| {
+                    for i in 0..ps.len() {
+                        // d = (g + p w) ρ  (candle: g + (p * w), then * ρ)
+                        let mut d = if w == 0.0 { gs[i] } else { gs[i] + ps[i] * w };
+                        if rho != 1.0 {
+                            d *= rho;
+                        }
+                        if use_mom {
+                            let b = match bs {
+                                None => d,
+                                Some(bs) => bs[i] * mu + d * damp,
+                            };
+                            nb[i] = b;
+                            d = if nesterov { d + b * mu } else { b };
+                        }
+                        np[i] = ps[i] - d * lr;
+                    }
+                };
+                let run = |bs: Option<&[f32]>, new_p: &mut [f32], new_b: &mut [f32]| {
+                    let nb_chunks: Vec<&mut [f32]> = if use_mom {
+                        new_b.chunks_mut(CHUNK).collect()
+                    } else {
+                        (0..n.div_ceil(CHUNK)).map(|_| <&mut [f32]>::default()).collect()
+                    };
+                    new_p
+                        .par_chunks_mut(CHUNK)
+                        .zip(nb_chunks)
+                        .enumerate()
+                        .for_each(|(k, (np, nb))| {
+                            let r = k * CHUNK..(k * CHUNK + np.len());
+                            step(&ps[r.clone()], &gs[r.clone()], bs.map(|b| &b[r]), np, nb);
+                        });
+                };
+                match buf.as_ref().filter(|_| use_mom) {
+                    Some(b) => with_f32(b, |bs| run(Some(bs), &mut new_p, &mut new_b)).is_some(),
+                    None => {
+                        run(None, &mut new_p, &mut new_b);
+                        true
+                    }
+                }
+            })
+        })
+        .flatten()
+        .unwrap_or(false);
+        if !done {
+            return Ok(false);
+        }
+        let shape = p.shape().clone();
+        if use_mom {
+            *buf = Some(Tensor::from_vec(new_b, shape.clone(), p.device())?);
+        }
+        var.set(&Tensor::from_vec(new_p, shape, p.device())?)?;
+        Ok(true)
+    }
+}
 
 // ---------------------------------------------------------------------------------------------
 // solo-learn LARS wrapper
@@ -495,14 +635,22 @@ impl Lars {
                 scaled.push(None);
                 continue;
             };
+            let plain = Scaled {
+                grad: g.clone(),
+                decay: 0.0,
+                rho: 1.0,
+            };
             if self.exclude_bias_n_norm && param.var.rank() == 1 {
-                scaled.push(Some(g));
+                scaled.push(Some(plain));
                 continue;
             }
             let p = param.var.as_detached_tensor();
-            let (pn, gn) = (norm(&p)?, norm(&g)?);
+            let (pn, gn) = match fused::norms(&p, &g) {
+                Some(n) => n,
+                None => (norm(&p)?, norm(&g)?),
+            };
             if pn == 0.0 || gn == 0.0 {
-                scaled.push(Some(g));
+                scaled.push(Some(plain));
                 continue;
             }
             let w = param.weight_decay;
@@ -510,9 +658,13 @@ impl Lars {
             if self.clip {
                 rho = (rho / lr).min(1.0);
             }
-            scaled.push(Some((add_decay(&g, &p, w)? * rho)?));
+            scaled.push(Some(Scaled {
+                grad: g,
+                decay: w,
+                rho,
+            }));
         }
-        self.sgd.apply(scaled, false)
+        self.sgd.apply(scaled)
     }
 
     /// The current learning rate.
@@ -926,6 +1078,63 @@ mod tests {
                 assert!((a - b).abs() <= tol, "{got:?} vs {want:?}");
             }
         }
+    }
+
+    /// The f32 fast path (one fused pass, chunked in parallel) against the f64 candle-op path on
+    /// tensors larger than a chunk, over several steps with momentum, Nesterov and decay.
+    #[test]
+    fn fused_f32_path_matches_the_f64_candle_path() -> TestResult {
+        let dev = Device::Cpu;
+        let mut rng = crate::rng::Rng::new(7);
+        let n = 3 * ((1 << 15) + 41);
+        let vals: Vec<f64> = (0..n).map(|_| rng.uniform(-1.0, 1.0)).collect();
+        let bias: Vec<f64> = (0..17).map(|_| rng.uniform(-1.0, 1.0)).collect();
+        let grads_of = |k: usize, n: usize| -> Vec<f64> {
+            let mut r = crate::rng::Rng::derive(11, &[k as u64, n as u64]);
+            (0..n).map(|_| r.uniform(-0.5, 0.5)).collect()
+        };
+        for lars in [false, true] {
+            let mk = |dt: DType| -> Result<Vec<(String, Var)>> {
+                Ok(vec![
+                    ("w".into(), Var::from_tensor(&Tensor::new(vals.as_slice(), &dev)?.reshape((n / 3, 3))?.to_dtype(dt)?)?),
+                    ("b".into(), Var::from_tensor(&Tensor::new(bias.as_slice(), &dev)?.to_dtype(dt)?)?),
+                ])
+            };
+            let (p32, p64) = (mk(DType::F32)?, mk(DType::F64)?);
+            let sgd = SgdConfig { lr: 0.3, momentum: 0.9, dampening: 0.0, nesterov: true, weight_decay: 1e-2 };
+            let mk_opt = |p: &[(String, Var)]| -> Result<Box<dyn Optim>> {
+                Ok(if lars {
+                    Box::new(Lars::new_named(p, LarsConfig { sgd, ..LarsConfig::default() })?)
+                } else {
+                    Box::new(Sgd::new_named(p, sgd)?)
+                })
+            };
+            let (mut o32, mut o64) = (mk_opt(&p32)?, mk_opt(&p64)?);
+            for k in 0..4 {
+                for (params, opt) in [(&p32, &mut o32), (&p64, &mut o64)] {
+                    let mut g = GradStore::default();
+                    for (name, v) in params.iter() {
+                        let t = Tensor::new(grads_of(k, v.elem_count()).as_slice(), &dev)?
+                            .reshape(v.shape())?
+                            .to_dtype(v.dtype())?;
+                        let _ = name;
+                        g.insert(v, t);
+                    }
+                    opt.set_lr(0.3 / (k + 1) as f64);
+                    opt.step(&g)?;
+                }
+            }
+            for ((_, a), (_, b)) in p32.iter().zip(&p64) {
+                let a = a.flatten_all()?.to_dtype(DType::F64)?.to_vec1::<f64>()?;
+                let b = b.flatten_all()?.to_vec1::<f64>()?;
+                for (x, y) in a.iter().zip(&b) {
+                    assert!((x - y).abs() <= 1e-5 * (1.0 + y.abs()), "lars {lars}: {x} vs {y}");
+                }
+            }
+            let m32 = o32.state();
+            assert_eq!(m32.len(), 2, "momentum buffers of both parameters");
+        }
+        Ok(())
     }
 
     #[test]
