@@ -449,6 +449,15 @@ pub fn linear_classifier(cfg: &ClassifierConfig, vb: VarBuilder) -> Result<Linea
     })
 }
 
+impl LinearClassifier {
+    /// The head on detached weights (shared storage, no gradient).
+    pub fn detached(&self) -> Self {
+        Self {
+            linear: detached_linear(&self.linear),
+        }
+    }
+}
+
 impl Module for LinearClassifier {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         self.linear.forward(x)

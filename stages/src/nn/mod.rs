@@ -14,6 +14,7 @@ pub mod augment;
 pub mod batch_norm;
 pub mod bench;
 pub mod checkpoint;
+pub mod classifier;
 pub mod conv;
 pub mod heads;
 pub mod init;
