@@ -185,6 +185,25 @@ pub enum BenchWhat {
         #[arg(long)]
         json: bool,
     },
+    /// Seconds to evaluate 1,000 test images under l_inf PGD-20 (8/255, step 2/255, random
+    /// start) through a ResNet-18 + 4096-d pre_feature + linear head, on the CPU.
+    Evaluate {
+        /// ResNet widths (64 = the paper's).
+        #[arg(long, value_delimiter = ',', default_values_t = [16, 64])]
+        widths: Vec<usize>,
+        /// Test images per batch.
+        #[arg(long, default_value_t = 100)]
+        batch: usize,
+        /// Test images evaluated (the time is also reported scaled to 1,000 images).
+        #[arg(long, default_value_t = 1000)]
+        images: usize,
+        /// PGD steps.
+        #[arg(long, default_value_t = 20)]
+        steps: usize,
+        /// Print one JSON document on stdout.
+        #[arg(long)]
+        json: bool,
+    },
     /// Time to decode an ImageFolder archive (default: ../shared/data/cifar10-jpeg.tar.gz).
     Decode {
         /// The archive or folder.

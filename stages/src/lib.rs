@@ -34,4 +34,6 @@ pub fn register_all(reg: &mut pipe_engine::Registry) {
     reg.register_typed::<kinds::dataset::Dataset>();
     reg.register_typed::<kinds::shell::Shell>();
     reg.register_typed::<kinds::pretrain::Pretrain>();
+    reg.register_typed::<kinds::evaluate::Evaluate>();
+    reg.register_typed::<kinds::attack_dataset::AttackDataset>();
 }

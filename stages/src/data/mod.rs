@@ -24,6 +24,7 @@
 //! assert_eq!(d.train.counts(d.classes.len()), vec![2, 2, 2, 2]);
 //! ```
 
+pub mod adversarial;
 pub mod cifar;
 #[cfg(feature = "hub")]
 pub mod hub;

@@ -2,4 +2,6 @@
 
 pub mod dataset;
 pub mod pretrain;
+pub mod evaluate;
+pub mod attack_dataset;
 pub mod shell;

@@ -277,6 +277,99 @@ pub fn pgd_accumulate(
     Ok((res, acc))
 }
 
+/// [`pgd`] with early stop (METHODS.md 9, R-DLSP's `--eval`, Rice et al.'s
+/// `attack_pgd(early_stop=True)`): at every step only the examples that the objective marks as
+/// *active* (typically: still correctly classified) take the step; the others keep their `δ`.
+/// When no example is active the remaining steps of the restart are skipped (they would change
+/// nothing).
+///
+/// `objective(x_adv)` returns `(loss, active)`: the loss as for [`pgd`], and `active` with
+/// one value per example (`(B,)`, any dtype, non-zero = active), computed from the same
+/// forward. Restarts keep per example the restart with the best final objective (evaluated
+/// once more at the end of each restart, as [`pgd`] does); only [`Select::Last`] is supported.
+///
+/// # Errors
+/// As [`pgd`]; also an `active` that does not hold `B` values, or [`Select::BestMeasured`].
+pub fn pgd_early_stop(
+    x: &Tensor,
+    mut objective: impl FnMut(&Tensor) -> Result<(Tensor, Tensor)>,
+    cfg: &PgdConfig,
+    rng: &mut Rng,
+) -> Result<PgdResult> {
+    cfg.validate()?;
+    if cfg.select != Select::Last {
+        bail!("pgd_early_stop: only Select::Last is supported")
+    }
+    if x.rank() < 2 {
+        bail!("pgd: x must be (B, ...) with rank >= 2, got {:?}", x.dims())
+    }
+    let shape = x.shape().clone();
+    let b = x.dim(0)?;
+    let n = x.elem_count() / b.max(1);
+    let xf = x.detach().reshape((b, n))?;
+    let mut best: Option<(Tensor, Tensor)> = None;
+    let mut best_delta: Option<Tensor> = None;
+    for _ in 0..cfg.restarts {
+        let mut delta = init_delta(b, n, cfg, rng, x.dtype(), x.device())?;
+        if cfg.clamp_after_init {
+            delta = project_box(&xf, &delta)?;
+        }
+        for _ in 0..cfg.steps {
+            let dv = Var::from_tensor(&delta)?;
+            let xa = xf.add(dv.as_tensor())?.reshape(&shape)?;
+            let (loss, active) = objective(&xa)?;
+            check_loss(&loss, b)?;
+            if active.elem_count() != b {
+                bail!(
+                    "pgd_early_stop: the objective's active mask has shape {:?}; expected ({b},)",
+                    active.dims()
+                )
+            }
+            let active = active.detach().reshape(b)?.ne(0.0)?;
+            let n_active = active.to_dtype(DType::U32)?.sum_all()?.to_scalar::<u32>()?;
+            if n_active == 0 {
+                break;
+            }
+            let grads = loss.sum_all()?.backward()?;
+            let Some(g) = grads.get(dv.as_tensor()) else {
+                bail!("pgd: the objective does not depend on its input (no gradient wrt delta)")
+            };
+            let g = if cfg.minimize { g.neg()? } else { g.detach() };
+            let stepped = (&delta + (step_direction(&g, cfg.norm)? * cfg.alpha)?)?;
+            let mut moved = renorm(&stepped, cfg.norm, cfg.eps)?;
+            if cfg.project_box {
+                moved = project_box(&xf, &moved)?;
+            }
+            delta = active
+                .unsqueeze(1)?
+                .broadcast_as(moved.shape())?
+                .where_cond(&moved, &delta)?
+                .detach();
+        }
+        if cfg.needs_final_eval() {
+            let xa = xf.add(&delta)?.reshape(&shape)?;
+            let l = per_example(&objective(&xa)?.0, b)?;
+            best = Some(keep_best(best, (delta, l), cfg.minimize)?);
+        } else {
+            best_delta = Some(delta);
+        }
+    }
+    let (delta, loss) = match (best, best_delta) {
+        (Some((d, l)), _) => (d, Some(l)),
+        (None, Some(d)) => (d, None),
+        (None, None) => bail!("pgd: no restart ran"),
+    };
+    let mut adv = xf.add(&delta)?;
+    if cfg.project_box {
+        adv = adv.clamp(0.0, 1.0)?;
+    }
+    Ok(PgdResult {
+        adv: adv.reshape(&shape)?,
+        delta: delta.reshape(&shape)?,
+        loss,
+    })
+}
+
 /// `clip(δ, −ε, ε)`.
 pub fn project_linf(delta: &Tensor, eps: f64) -> Result<Tensor> {
     delta.clamp(-eps, eps)
@@ -1158,5 +1251,90 @@ mod tests {
 
     fn xa_loss(x: &Tensor, var: &Var) -> Result<Tensor> {
         x.add(var.as_tensor())?.sum_all()
+    }
+
+    #[test]
+    fn early_stop_with_every_example_active_is_plain_pgd() -> TestResult {
+        let mut rng = Rng::new(21);
+        let x = edgy_batch(4, &mut rng)?;
+        let wv: Vec<f32> = (0..48).map(|_| rng.normal() as f32).collect();
+        let w = Tensor::from_vec(wv, (1, 3, 4, 4), &cpu())?;
+        for (norm, eps, alpha) in [
+            (Norm::Linf, 8.0 / 255.0, 2.0 / 255.0),
+            (Norm::L2, 0.5, 0.2),
+            (Norm::L1, 2.0, 0.9),
+        ] {
+            for restarts in [1, 3] {
+                let cfg = PgdConfig {
+                    restarts,
+                    ..PgdConfig::new(norm, eps, alpha, 4)
+                };
+                let f = wavy(&w);
+                let plain = pgd(&x, &f, &cfg, &mut Rng::new(5))?;
+                let all = |xa: &Tensor| -> Result<(Tensor, Tensor)> {
+                    let l = f(xa)?;
+                    let on = l.ones_like()?;
+                    Ok((l, on))
+                };
+                let es = pgd_early_stop(&x, all, &cfg, &mut Rng::new(5))?;
+                assert_eq!(rows(&es.adv)?, rows(&plain.adv)?, "{norm:?} x{restarts}");
+                match (es.loss, plain.loss) {
+                    (Some(a), Some(b)) => assert_eq!(a.to_vec1::<f32>()?, b.to_vec1::<f32>()?),
+                    (None, None) => assert_eq!(restarts, 1),
+                    _ => panic!("{norm:?} x{restarts}: one returned a loss, the other not"),
+                }
+            }
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn early_stop_freezes_examples_once_they_are_inactive() -> TestResult {
+        // J = Σ w·x per example; an example is active while J < its threshold. l_inf sign steps
+        // from x = 0.5 raise J by α Σ|w| per step, so example b stops after
+        // t_b = ceil((thr_b − J₀)/(α Σ|w|)) steps (0: inactive from the start, δ stays 0).
+        let w = Tensor::new(&[1.0f64, -2.0, 0.5, 1.5], &cpu())?.reshape((1, 1, 2, 2))?;
+        let x = Tensor::full(0.5f64, (3, 1, 2, 2), &cpu())?;
+        let j0 = 0.5 * (1.0 - 2.0 + 0.5 + 1.5);
+        let (alpha, rate) = (0.01, 0.01 * 5.0);
+        let thr = [j0 - 1.0, j0 + 2.5 * rate, j0 + 100.0];
+        let thr_t = Tensor::new(&thr, &cpu())?;
+        let objective = |xa: &Tensor| -> Result<(Tensor, Tensor)> {
+            let j = xa.broadcast_mul(&w)?.flatten_from(1)?.sum(1)?;
+            let active = j.lt(&thr_t)?;
+            Ok((j, active))
+        };
+        let cfg = PgdConfig {
+            random_start: false,
+            ..PgdConfig::new(Norm::Linf, 0.3, alpha, 6)
+        };
+        let out = pgd_early_stop(&x, objective, &cfg, &mut Rng::new(0))?;
+        let sign = [1.0, -1.0, 1.0, 1.0];
+        for (b, t) in [0usize, 3, 6].into_iter().enumerate() {
+            let want: Vec<f64> = sign.iter().map(|s| s * alpha * t as f64).collect();
+            assert_close(&rows(&out.delta)?[b], &want, 1e-12);
+        }
+        // without early stop every example takes all 6 steps
+        let plain = pgd(
+            &x,
+            |xa: &Tensor| objective(xa).map(|(j, _)| j),
+            &cfg,
+            &mut Rng::new(0),
+        )?;
+        for r in rows(&plain.delta)? {
+            assert_close(&r, &sign.map(|s| s * alpha * 6.0), 1e-12);
+        }
+        // a wrong mask shape and an unsupported selection are errors
+        let bad = |xa: &Tensor| -> Result<(Tensor, Tensor)> {
+            let j = xa.flatten_from(1)?.sum(1)?;
+            Ok((j, Tensor::ones(2, DType::U8, &cpu())?))
+        };
+        assert!(pgd_early_stop(&x, bad, &cfg, &mut Rng::new(0)).is_err());
+        let best = PgdConfig {
+            select: Select::BestMeasured,
+            ..cfg
+        };
+        assert!(pgd_early_stop(&x, objective, &best, &mut Rng::new(0)).is_err());
+        Ok(())
     }
 }

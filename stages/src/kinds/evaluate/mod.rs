@@ -1,0 +1,555 @@
+//! `evaluate`: clean and PGD accuracy of a classifier on the test split (METHODS.md 11.1
+//! "Paper table metrics", 11.2, 11.3), and its accuracy on a stored adversarial set.
+//!
+//! # Inputs
+//!
+//! - `model` (required): a classifier artifact, `classifier.safetensors` + `classifier.json`
+//!   ([`crate::nn::classifier`], what `finetune` writes).
+//! - `dataset` (required): a dataset artifact; its test split is evaluated.
+//! - `adversarial` (optional): an `attack_dataset` artifact
+//!   ([`crate::data::adversarial`]); the classifier's accuracy on its stored images is reported
+//!   as `transfer_acc` (a transfer attack when the set was made against another model).
+//!
+//! # Params
+//!
+//! | param | default | meaning |
+//! |---|---|---|
+//! | `attacks` | `[{eps: 4/255}, {eps: 8/255}]` (l_inf) | the PGD attacks, one accuracy each (below) |
+//! | `preset` | `sound` | fills `alpha`, `steps`, `random_start` of the attacks that leave them out |
+//! | `test_subset` | all | a seeded balanced subset of this many test images per class |
+//! | `batch_size` | 100 | test images per batch (an n-crop head forwards `n_views` times as many rows) |
+//! | `seed` | 0 | random starts, n-crop views and the subset |
+//! | `device` | `auto` | `auto`, `cpu` or `cuda:N` (the backend is keyed, the ordinal is not) |
+//!
+//! Each attack is `{norm, eps, alpha, steps, random_start, restarts}`: `norm` is `linf`
+//! (default), `l2` or `l1`; `eps` is required; `eps` and `alpha` accept fractions (`8/255`);
+//! `restarts` defaults to 1 (per example the restart with the highest final cross-entropy is
+//! kept). What an attack leaves out comes from the preset:
+//!
+//! | preset | `steps` | `alpha` | `random_start` | reference |
+//! |---|---|---|---|---|
+//! | `faithful_emp` | 2 | 0.01 | false | R-CF's EMP evaluation script (\[Q12\]) |
+//! | `faithful_simclr` | 20 | 0.01 | false | R-CF's SimCLR evaluation script |
+//! | `sound` | 20 | ε/4 | true | PGD-20 with a random start |
+//! | `custom` | — | — | — | every attack must give all three |
+//!
+//! The PGD is METHODS.md 2.5 ([`crate::nn::attacks::pgd`]): l_inf sign steps, l_2 / l_1
+//! normalised steps, projection onto the ε-ball and the box `[0, 1]` after every step, the last
+//! iterate. The l_1 start is always zero.
+//!
+//! Params are canonicalized before keying: the preset is applied and then dropped, every
+//! attack field is written out, `random_start` is `false` where it cannot matter (l_1, ε = 0),
+//! and the attacks are sorted by (norm, ε). Equivalent configs therefore share one node: a
+//! `sound` preset and a `custom` list with the same values key alike. Two attacks with the same
+//! norm and ε would share one metric name and are refused: compare settings with one
+//! `evaluate` node per setting (a sweep over `preset`, say).
+//!
+//! # What is measured
+//!
+//! End to end through encoder and head in eval mode (BN running statistics, no update), PGD
+//! maximising the cross-entropy, on the test split (or the subset), in batches:
+//!
+//! - a full-image classifier: the logits of the 32×32 images;
+//! - an n-crop classifier (`ncrop` in its spec, METHODS.md 11.1a): for each test image
+//!   `n_views` views are drawn by the EMP view generator with the spec's scale and ratio
+//!   (seeded by `seed` and the batch index), the head sees the mean feature of the views, and
+//!   the attack perturbs all views jointly through that averaging (every view within ε in
+//!   its norm). The clean accuracy and every attack use the same views.
+//!
+//! The random start of attack `a` on batch `k` draws from `Rng::derive(seed, [.., norm, ε, k])`,
+//! so adding or removing another attack does not change an attack's result.
+//!
+//! The stored images of `adversarial` go through the full-image forward (an n-crop
+//! classifier's head on the whole image's feature, like R-CF's EMP suite item 3): the stored
+//! images are the attacked inputs themselves, and the view generator would round their
+//! perturbation to u8. When the dataset's test split is the set's source (same indices and
+//! labels), the accuracy on the clean originals of the same images is reported too.
+//!
+//! # Outputs
+//!
+//! `metrics.json`, accuracies as fractions in `[0, 1]`:
+//! - `clean_acc`;
+//! - one accuracy per attack named `pgd_<norm>_<eps>_acc`, ε printed as `k/255` when `255·ε`
+//!   is an integer (within 1e-9), else as a decimal: `pgd_linf_8/255_acc`, `pgd_l2_0.5_acc`;
+//! - `attacks`: each such name → its resolved config `{norm, eps, alpha, steps, random_start,
+//!   restarts}`;
+//! - `n_test`, `head` (`full_image` or `ncrop`), `n_views` (n-crop), `seconds`, `device`;
+//! - with `adversarial`: `transfer_acc`, `transfer_n`, `transfer_attack` (the set's config) and,
+//!   when the originals are found, `transfer_clean_acc`.
+
+mod runner;
+
+pub use runner::{
+    AttackSpec, BenchRow, Error, EvalConfig, EvalReport, Hooks, TransferReport, batch_tensor,
+    bench, count_correct, evaluate, evaluate_transfer, format_radius, metrics_json, norm_name,
+    subset_indices,
+};
+
+use std::path::Path;
+use std::time::Instant;
+
+use pipe_engine::{
+    BoxError, NormalizeCtx, ParamError, Resources, Slot, Slots, StageCtx, TypedStage,
+};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::data::adversarial::{ADVERSARIAL_FILE, AdversarialSet};
+use crate::data::{self, tensor_io::DATA_FILE};
+use crate::device::DeviceSpec;
+use crate::nn::attacks::Norm;
+use crate::nn::classifier::{Classifier, SPEC_FILE, WEIGHTS_FILE};
+use crate::params::{Checks, de_real, de_real_opt};
+
+/// The `evaluate` kind.
+pub struct Evaluate;
+
+/// How attacks that leave `alpha`, `steps` or `random_start` out are completed.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Preset {
+    /// 2 steps, α = 0.01, no random start (R-CF EMP script).
+    FaithfulEmp,
+    /// 20 steps, α = 0.01, no random start (R-CF SimCLR script).
+    FaithfulSimclr,
+    /// 20 steps, α = ε/4, random start.
+    #[default]
+    Sound,
+    /// Nothing: every attack gives all fields.
+    Custom,
+}
+
+impl Preset {
+    /// `(steps, alpha, random_start)` for radius `eps`; `None` for [`Preset::Custom`].
+    pub fn values(self, eps: f64) -> Option<(usize, f64, bool)> {
+        match self {
+            Preset::FaithfulEmp => Some((2, 0.01, false)),
+            Preset::FaithfulSimclr => Some((20, 0.01, false)),
+            Preset::Sound => Some((20, eps / 4.0, true)),
+            Preset::Custom => None,
+        }
+    }
+}
+
+fn one() -> usize {
+    1
+}
+
+/// One attack as written (fields left out come from the preset).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AttackParam {
+    /// `linf`, `l2` or `l1`.
+    #[serde(default)]
+    pub norm: Norm,
+    /// Radius ε.
+    #[serde(deserialize_with = "de_real")]
+    pub eps: f64,
+    /// Step α.
+    #[serde(
+        default,
+        deserialize_with = "de_real_opt",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub alpha: Option<f64>,
+    /// Gradient steps.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub steps: Option<usize>,
+    /// Random start.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub random_start: Option<bool>,
+    /// Restarts.
+    #[serde(default = "one")]
+    pub restarts: usize,
+}
+
+impl AttackParam {
+    /// The attack with the preset's values where this one leaves them out; `Err` names the
+    /// first field that is still missing (only with [`Preset::Custom`]).
+    ///
+    /// # Errors
+    /// The name of the missing field.
+    pub fn resolve(&self, preset: Preset) -> Result<AttackSpec, &'static str> {
+        let fill = preset.values(self.eps);
+        let steps = self.steps.or(fill.map(|f| f.0)).ok_or("steps")?;
+        let alpha = self.alpha.or(fill.map(|f| f.1)).ok_or("alpha")?;
+        let random_start = self
+            .random_start
+            .or(fill.map(|f| f.2))
+            .ok_or("random_start")?;
+        Ok(AttackSpec {
+            norm: self.norm,
+            eps: self.eps,
+            alpha,
+            steps,
+            // zero start either way: keyed alike
+            random_start: random_start && self.norm != Norm::L1 && self.eps != 0.0,
+            restarts: self.restarts,
+        })
+    }
+}
+
+impl From<AttackSpec> for AttackParam {
+    fn from(s: AttackSpec) -> Self {
+        AttackParam {
+            norm: s.norm,
+            eps: s.eps,
+            alpha: Some(s.alpha),
+            steps: Some(s.steps),
+            random_start: Some(s.random_start),
+            restarts: s.restarts,
+        }
+    }
+}
+
+fn default_attacks() -> Vec<AttackParam> {
+    [4.0, 8.0]
+        .into_iter()
+        .map(|k| AttackParam {
+            norm: Norm::Linf,
+            eps: k / 255.0,
+            alpha: None,
+            steps: None,
+            random_start: None,
+            restarts: 1,
+        })
+        .collect()
+}
+
+fn default_batch() -> usize {
+    100
+}
+
+/// Params of `evaluate` (see the module docs).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EvaluateParams {
+    /// The attacks.
+    #[serde(default = "default_attacks")]
+    pub attacks: Vec<AttackParam>,
+    /// Completes the attacks (`sound` when left out; dropped by canonicalization).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub preset: Option<Preset>,
+    /// Test images per class (a seeded balanced subset).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub test_subset: Option<usize>,
+    /// Test images per batch.
+    #[serde(default = "default_batch")]
+    pub batch_size: usize,
+    /// Seed.
+    #[serde(default)]
+    pub seed: u64,
+    /// Device.
+    #[serde(default)]
+    pub device: DeviceSpec,
+}
+
+fn norm_rank(n: Norm) -> u8 {
+    match n {
+        Norm::Linf => 0,
+        Norm::L2 => 1,
+        Norm::L1 => 2,
+    }
+}
+
+impl EvaluateParams {
+    /// The attacks completed by the preset, in the written order; errors name the field
+    /// (`attacks[1].alpha`).
+    ///
+    /// # Errors
+    /// An attack that leaves a field out under `preset: custom`.
+    pub fn resolved(&self) -> Result<Vec<AttackSpec>, Vec<ParamError>> {
+        let preset = self.preset.unwrap_or_default();
+        let mut out = Vec::new();
+        let mut errors = Vec::new();
+        for (i, a) in self.attacks.iter().enumerate() {
+            match a.resolve(preset) {
+                Ok(s) => out.push(s),
+                Err(field) => errors.push(ParamError::new(
+                    format!("attacks[{i}].{field}"),
+                    "preset `custom` needs alpha, steps and random_start in every attack (or use faithful_emp, faithful_simclr, sound)",
+                )),
+            }
+        }
+        if errors.is_empty() {
+            Ok(out)
+        } else {
+            Err(errors)
+        }
+    }
+
+    /// The canonical form that is keyed (see the module docs).
+    ///
+    /// # Errors
+    /// As [`EvaluateParams::resolved`].
+    pub fn canonical(&self) -> Result<EvaluateParams, Vec<ParamError>> {
+        let mut attacks = self.resolved()?;
+        attacks.sort_by(|a, b| {
+            norm_rank(a.norm)
+                .cmp(&norm_rank(b.norm))
+                .then(a.eps.total_cmp(&b.eps))
+        });
+        Ok(EvaluateParams {
+            attacks: attacks.into_iter().map(AttackParam::from).collect(),
+            preset: None,
+            ..self.clone()
+        })
+    }
+
+    /// The evaluation config (the attacks resolved, in the written order).
+    ///
+    /// # Errors
+    /// As [`EvaluateParams::resolved`].
+    pub fn config(&self) -> Result<EvalConfig, Vec<ParamError>> {
+        Ok(EvalConfig {
+            attacks: self.resolved()?,
+            batch_size: self.batch_size,
+            seed: self.seed,
+        })
+    }
+}
+
+/// A `device: cuda:N` in a build without CUDA.
+pub(crate) fn check_device(e: &mut Checks, device: DeviceSpec) {
+    if let DeviceSpec::Cuda(n) = device
+        && !DeviceSpec::cuda_built()
+    {
+        e.require(false, "device", || {
+            format!("device cuda:{n} needs pipe built with `--features cuda`")
+        });
+    }
+}
+
+/// Range checks of one attack at `path` (`attacks[0]`, or `""` for top-level fields).
+pub(crate) fn check_attack(
+    e: &mut Checks,
+    path: &str,
+    eps: f64,
+    alpha: Option<f64>,
+    restarts: usize,
+) {
+    let at = |f: &str| {
+        if path.is_empty() {
+            f.to_string()
+        } else {
+            format!("{path}.{f}")
+        }
+    };
+    e.non_negative(&at("eps"), eps);
+    if let Some(a) = alpha {
+        e.non_negative(&at("alpha"), a);
+    }
+    e.positive(&at("restarts"), restarts);
+}
+
+/// Loads the classifier of the `model` input.
+pub(crate) fn load_model(
+    ctx: &StageCtx<'_>,
+    device: &candle::Device,
+) -> Result<Classifier, BoxError> {
+    let model = ctx.input("model")?;
+    let file = |name: &str| {
+        model.file(name).map_err(|e| {
+            format!("the `model` input has no {name} (is it a `finetune` stage?): {e}")
+        })
+    };
+    let (_vm, clf) = Classifier::load(&file(WEIGHTS_FILE)?, &file(SPEC_FILE)?, device)?;
+    Ok(clf)
+}
+
+/// Loads the `dataset` input and checks that the classifier has its number of classes.
+pub(crate) fn load_data(ctx: &StageCtx<'_>, clf: &Classifier) -> Result<data::Dataset, BoxError> {
+    let path = ctx.input("dataset")?.file(DATA_FILE).map_err(|e| {
+        format!("the `dataset` input has no {DATA_FILE} (is it a `dataset` stage?): {e}")
+    })?;
+    let d = data::load_dataset(&path)?;
+    if clf.spec().classes != d.classes.len() {
+        return Err(format!(
+            "the classifier has {} classes but the dataset {} ({})",
+            clf.spec().classes,
+            d.classes.len(),
+            path.display()
+        )
+        .into());
+    }
+    Ok(d)
+}
+
+/// Writes pretty JSON with a final newline.
+pub(crate) fn write_json(path: &Path, v: &Value) -> Result<(), BoxError> {
+    let mut text = serde_json::to_string_pretty(v)?;
+    text.push('\n');
+    std::fs::write(path, text).map_err(|e| format!("{}: {e}", path.display()).into())
+}
+
+impl TypedStage for Evaluate {
+    const KIND: &'static str = "evaluate";
+    const VERSION: u32 = 1;
+    type Params = EvaluateParams;
+
+    fn inputs() -> Slots {
+        const S: &[Slot] = &[
+            Slot {
+                name: "model",
+                required: true,
+                many: false,
+            },
+            Slot {
+                name: "dataset",
+                required: true,
+                many: false,
+            },
+            Slot {
+                name: "adversarial",
+                required: false,
+                many: false,
+            },
+        ];
+        Slots::Fixed(S)
+    }
+
+    fn check(p: &EvaluateParams) -> Vec<ParamError> {
+        let mut e = Checks::default();
+        for (i, a) in p.attacks.iter().enumerate() {
+            check_attack(&mut e, &format!("attacks[{i}]"), a.eps, a.alpha, a.restarts);
+        }
+        e.positive("batch_size", p.batch_size);
+        if let Some(k) = p.test_subset {
+            e.positive("test_subset", k);
+        }
+        check_device(&mut e, p.device);
+        let mut errors = e.into_errors();
+        match p.resolved() {
+            Err(more) => errors.extend(more),
+            Ok(specs) => {
+                for (i, s) in specs.iter().enumerate() {
+                    if let Some(j) = specs[..i].iter().position(|o| o.metric() == s.metric()) {
+                        errors.push(ParamError::new(
+                            format!("attacks[{i}]"),
+                            format!(
+                                "same norm and eps as attacks[{j}] (both would be reported as `{}`); evaluate other settings in another evaluate node (e.g. sweep `preset`)",
+                                s.metric()
+                            ),
+                        ));
+                    }
+                }
+            }
+        }
+        errors
+    }
+
+    fn canonicalize(
+        p: EvaluateParams,
+        _ctx: &NormalizeCtx<'_>,
+    ) -> Result<EvaluateParams, Vec<ParamError>> {
+        p.canonical()
+    }
+
+    fn key_params(p: &EvaluateParams) -> Value {
+        let mut v = serde_json::to_value(p).unwrap_or(Value::Null);
+        if let Value::Object(m) = &mut v {
+            // the backend changes the numbers, the ordinal does not
+            m.insert("device".into(), Value::from(p.device.backend()));
+        }
+        v
+    }
+
+    fn outputs(_: &EvaluateParams) -> Vec<String> {
+        vec!["metrics.json".into()]
+    }
+
+    fn resources(p: &EvaluateParams) -> Resources {
+        Resources {
+            gpu: p.device.backend() == "cuda",
+        }
+    }
+
+    fn run(p: &EvaluateParams, ctx: &mut StageCtx<'_>) -> Result<(), BoxError> {
+        let ctx = &*ctx;
+        let start = Instant::now();
+        let cfg = p.config().map_err(|e| format!("{e:?}"))?;
+        let device = p.device.open()?;
+        let clf = load_model(ctx, &device)?;
+        let dataset = load_data(ctx, &clf)?;
+        let adversarial = match ctx.inputs("adversarial") {
+            [] => None,
+            [one] => {
+                let path = one.file(ADVERSARIAL_FILE).map_err(|e| {
+                    format!("the `adversarial` input has no {ADVERSARIAL_FILE} (is it an `attack_dataset` stage?): {e}")
+                })?;
+                let set = AdversarialSet::load(&path)?;
+                if set.classes.len() != clf.spec().classes {
+                    return Err(format!(
+                        "the adversarial set has {} classes but the classifier {}",
+                        set.classes.len(),
+                        clf.spec().classes
+                    )
+                    .into());
+                }
+                Some(set)
+            }
+            many => {
+                return Err(format!(
+                    "input `adversarial` holds {} artifacts, expected one",
+                    many.len()
+                )
+                .into());
+            }
+        };
+        let subset;
+        let test = match p.test_subset {
+            Some(k) => {
+                let idx = subset_indices(&dataset.test, &dataset.classes, Some(k), p.seed)?;
+                subset = dataset.test.select(&idx);
+                &subset
+            }
+            None => &dataset.test,
+        };
+        ctx.log(format!(
+            "evaluating {} test images ({} head) under {} attack(s)",
+            test.n,
+            if clf.spec().ncrop.is_some() {
+                "n-crop"
+            } else {
+                "full-image"
+            },
+            cfg.attacks.len()
+        ));
+        let progress = |done: u64, total: u64, msg: &str| ctx.progress(done, total, msg);
+        let log = |msg: &str| ctx.log(msg);
+        let cancelled = || ctx.is_cancelled();
+        let hooks = Hooks {
+            progress: &progress,
+            log: &log,
+            cancelled: &cancelled,
+        };
+        let report = evaluate(&clf, test, &cfg, &device, &hooks)?;
+        let transfer = match &adversarial {
+            Some(set) => Some(evaluate_transfer(
+                &clf,
+                set,
+                Some(&dataset.test),
+                cfg.batch_size,
+                &device,
+                &hooks,
+            )?),
+            None => None,
+        };
+        let metrics = metrics_json(
+            &cfg,
+            &report,
+            transfer.as_ref(),
+            start.elapsed().as_secs_f64(),
+            p.device.backend(),
+        );
+        write_json(&ctx.out_path("metrics.json"), &metrics)?;
+        ctx.log(format!("done: {metrics}"));
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod testutil;
+
+#[cfg(test)]
+mod tests;

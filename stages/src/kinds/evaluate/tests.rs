@@ -1,0 +1,478 @@
+use super::*;
+use crate::kinds::evaluate::testutil;
+use crate::nn::augment::{EmpConfig, ImageBatch};
+use crate::nn::classifier::NcropSpec;
+use crate::nn::losses::cross_entropy_per_example;
+use crate::rng::Rng;
+use candle::{Device, Module, Tensor};
+use serde_json::json;
+
+type TestResult = std::result::Result<(), Box<dyn std::error::Error + Send + Sync>>;
+
+fn ok(v: Value) -> Value {
+    testutil::normalize("evaluate", v).unwrap_or_else(|e| panic!("valid params: {e:?}"))
+}
+
+fn spec(norm: Norm, eps: f64, alpha: f64, steps: usize, random_start: bool) -> AttackSpec {
+    AttackSpec {
+        norm,
+        eps,
+        alpha,
+        steps,
+        random_start,
+        restarts: 1,
+    }
+}
+
+#[test]
+fn metric_names_print_radii_as_k_over_255() {
+    assert_eq!(format_radius(4.0 / 255.0), "4/255");
+    assert_eq!(format_radius(0.031_372_549_019_607_84), "8/255");
+    assert_eq!(format_radius(0.0), "0/255");
+    assert_eq!(format_radius(1.0), "255/255");
+    assert_eq!(format_radius(0.5), "0.5");
+    assert_eq!(format_radius(0.1), "0.1");
+    assert_eq!(
+        format_radius(8.0 / 255.0 + 1e-6),
+        format!("{}", 8.0 / 255.0 + 1e-6)
+    );
+    assert_eq!(
+        spec(Norm::Linf, 4.0 / 255.0, 0.01, 2, false).metric(),
+        "pgd_linf_4/255_acc"
+    );
+    assert_eq!(
+        spec(Norm::L2, 0.5, 0.1, 20, true).metric(),
+        "pgd_l2_0.5_acc"
+    );
+    assert_eq!(
+        spec(Norm::L1, 12.0 / 255.0, 0.1, 20, true).name(),
+        "pgd_l1_12/255"
+    );
+}
+
+#[test]
+fn presets_fill_attacks_and_equivalent_params_key_alike() {
+    let sound = ok(json!({"attacks": [{"eps": "8/255"}, {"eps": "4/255"}]}));
+    let custom = ok(json!({"preset": "custom", "attacks": [
+        {"norm": "linf", "eps": 4.0 / 255.0, "alpha": "1/255", "steps": 20, "random_start": true, "restarts": 1},
+        {"eps": "8/255", "alpha": "2/255", "steps": 20, "random_start": true},
+    ]}));
+    assert_eq!(
+        sound, custom,
+        "the sound preset written out, in another order"
+    );
+    assert!(sound.get("preset").is_none());
+    assert_eq!(
+        ok(json!({})),
+        sound,
+        "the default attacks are the paper table's, sound"
+    );
+    assert_eq!(sound["batch_size"], json!(100));
+    assert_eq!(sound["seed"], json!(0));
+    assert_eq!(sound["device"], json!("auto"));
+    let emp = ok(json!({"preset": "faithful_emp", "attacks": [{"eps": "4/255"}]}));
+    assert_eq!(
+        emp["attacks"],
+        json!([{"norm": "linf", "eps": 4.0 / 255.0, "alpha": 0.01, "steps": 2, "random_start": false, "restarts": 1}])
+    );
+    let simclr =
+        ok(json!({"preset": "faithful_simclr", "attacks": [{"eps": "4/255", "restarts": 3}]}));
+    assert_eq!(
+        simclr["attacks"],
+        json!([{"norm": "linf", "eps": 4.0 / 255.0, "alpha": 0.01, "steps": 20, "random_start": false, "restarts": 3}])
+    );
+    // what an attack gives wins over the preset
+    let mixed = ok(json!({"preset": "faithful_emp", "attacks": [{"eps": "4/255", "steps": 7}]}));
+    assert_eq!(mixed["attacks"][0]["steps"], json!(7));
+    assert_eq!(mixed["attacks"][0]["alpha"], json!(0.01));
+    // a random start cannot matter for l_1 or at eps 0
+    let l1 = ok(json!({"attacks": [{"norm": "l1", "eps": 1}, {"eps": 0}]}));
+    assert_eq!(l1["attacks"][0]["random_start"], json!(false));
+    assert_eq!(
+        l1["attacks"][0]["alpha"],
+        json!(0.0),
+        "eps 0, alpha eps/4 sorted first"
+    );
+    assert_eq!(l1["attacks"][1]["norm"], json!("l1"));
+    assert_eq!(l1["attacks"][1]["alpha"], json!(0.25));
+    assert_ne!(
+        sound,
+        ok(json!({"attacks": [{"eps": "8/255"}, {"eps": "4/255", "restarts": 2}]}))
+    );
+}
+
+#[test]
+fn bad_params_are_named() {
+    let e = testutil::errors(
+        "evaluate",
+        json!({"preset": "custom", "attacks": [{"eps": 0.1, "steps": 3, "random_start": false}]}),
+    );
+    assert!(
+        e.iter()
+            .any(|m| m.starts_with("attacks[0].alpha: preset `custom` needs")),
+        "{e:?}"
+    );
+    let e = testutil::errors(
+        "evaluate",
+        json!({"attacks": [{"eps": 0.1, "restarts": 0}, {"eps": -1}], "batch_size": 0, "test_subset": 0}),
+    );
+    for p in [
+        "attacks[0].restarts:",
+        "attacks[1].eps:",
+        "batch_size:",
+        "test_subset:",
+    ] {
+        assert!(e.iter().any(|m| m.starts_with(p)), "{p} {e:?}");
+    }
+    let e = testutil::errors(
+        "evaluate",
+        json!({"attacks": [{"eps": "8/255"}, {"eps": "8/255", "steps": 2}]}),
+    );
+    assert!(
+        e.iter().any(
+            |m| m.starts_with("attacks[1]: same norm and eps as attacks[0]")
+                && m.contains("pgd_linf_8/255_acc")
+        ),
+        "{e:?}"
+    );
+    let e = testutil::errors("evaluate", json!({"attacks": [{"eps": "8/zero"}]}));
+    assert!(
+        e.iter()
+            .any(|m| m.starts_with("attacks[0].eps:") && m.contains("8/255")),
+        "{e:?}"
+    );
+    let e = testutil::errors("evaluate", json!({"attacks": [{"norm": "l3", "eps": 1}]}));
+    assert!(e.iter().any(|m| m.starts_with("attacks[0].norm:")), "{e:?}");
+    let e = testutil::errors("evaluate", json!({"attacks": [{"epsilon": 1}]}));
+    assert!(
+        e.iter()
+            .any(|m| m.starts_with("attacks[0]") && m.contains("epsilon")),
+        "{e:?}"
+    );
+    let e = testutil::errors("evaluate", json!({"preset": "robust"}));
+    assert!(e.iter().any(|m| m.starts_with("preset:")), "{e:?}");
+}
+
+#[test]
+fn subset_indices_pick_the_balanced_subset() -> TestResult {
+    let d = testutil::data();
+    let idx = subset_indices(&d.test, &d.classes, Some(3), 7)?;
+    assert_eq!(idx.len(), 12);
+    assert!(idx.windows(2).all(|w| w[0] < w[1]));
+    assert_eq!(
+        d.test.select(&idx),
+        d.test.balanced_subset(&d.classes, 3, 7, "test")?
+    );
+    assert_ne!(idx, subset_indices(&d.test, &d.classes, Some(3), 8)?);
+    assert_eq!(
+        subset_indices(&d.test, &d.classes, None, 7)?,
+        (0..64).collect::<Vec<_>>()
+    );
+    assert!(subset_indices(&d.test, &d.classes, Some(17), 7).is_err());
+    Ok(())
+}
+
+fn run_eval(
+    clf: &Classifier,
+    test: &crate::data::Split,
+    attacks: Vec<AttackSpec>,
+    batch_size: usize,
+    seed: u64,
+) -> std::result::Result<EvalReport, Error> {
+    let cfg = EvalConfig {
+        attacks,
+        batch_size,
+        seed,
+    };
+    evaluate(clf, test, &cfg, &Device::Cpu, &Hooks::default())
+}
+
+#[test]
+fn accuracy_falls_with_eps_on_a_trained_model() -> TestResult {
+    let d = testutil::data();
+    let clf = testutil::trained_classifier()?;
+    // clean accuracy from one plain forward of the whole test split
+    let x = batch_tensor(&d.test, 0, d.test.n, &Device::Cpu)?;
+    let clean = count_correct(&clf.logits(&x, false)?, &d.test.labels)?;
+    let n = d.test.n as f64;
+    assert!(
+        clean as f64 / n >= 0.6,
+        "the fixture is not trained: clean accuracy {}",
+        clean as f64 / n
+    );
+    let attacks: Vec<AttackSpec> = [0.0, 2.0, 8.0]
+        .iter()
+        .map(|k| spec(Norm::Linf, k / 255.0, k / 255.0 / 4.0, 10, true))
+        .collect();
+    let cfg = EvalConfig {
+        attacks: attacks.clone(),
+        batch_size: 24,
+        seed: 1,
+    };
+    let r = evaluate(&clf, &d.test, &cfg, &Device::Cpu, &Hooks::default())?;
+    assert_eq!(r.n, 64);
+    assert_eq!(
+        r.clean_correct, clean,
+        "batched clean accuracy differs from one forward"
+    );
+    assert_eq!(
+        r.attack_correct[0], r.clean_correct,
+        "eps 0 must give the clean accuracy exactly"
+    );
+    assert!(r.attack_correct[1] < r.clean_correct, "{r:?}");
+    assert!(r.attack_correct[2] < r.attack_correct[1], "{r:?}");
+    // metrics.json
+    let m = metrics_json(&cfg, &r, None, 1.5, "cpu");
+    assert_eq!(m["clean_acc"], json!(clean as f64 / n));
+    assert_eq!(m["pgd_linf_0/255_acc"], m["clean_acc"]);
+    assert_eq!(
+        m["pgd_linf_2/255_acc"],
+        json!(r.attack_correct[1] as f64 / n)
+    );
+    assert_eq!(
+        m["pgd_linf_8/255_acc"],
+        json!(r.attack_correct[2] as f64 / n)
+    );
+    assert_eq!(
+        m["attacks"]["pgd_linf_8/255_acc"],
+        json!({"norm": "linf", "eps": 8.0 / 255.0, "alpha": 2.0 / 255.0, "steps": 10, "random_start": true, "restarts": 1})
+    );
+    assert_eq!(
+        (m["n_test"].clone(), m["head"].clone(), m["seconds"].clone()),
+        (json!(64), json!("full_image"), json!(1.5))
+    );
+    assert!(m.get("transfer_acc").is_none() && m.get("n_views").is_none());
+    // the same seed gives the same numbers; a stream per attack, so dropping one changes none
+    let again = run_eval(&clf, &d.test, attacks[1..].to_vec(), 24, 1)?;
+    assert_eq!(again.attack_correct, r.attack_correct[1..].to_vec());
+    Ok(())
+}
+
+#[test]
+fn deterministic_attacks_match_a_direct_pgd() -> TestResult {
+    // Without a random start the attack is a function of the batch: evaluate must count what
+    // a direct `pgd` call on the same batches gives (uneven last batch: 64 = 3 x 20 + 4).
+    let d = testutil::data();
+    let clf = testutil::trained_classifier()?;
+    let attacks = vec![
+        spec(Norm::L2, 0.5, 0.15, 4, false),
+        AttackSpec {
+            restarts: 2,
+            ..spec(Norm::L1, 6.0, 2.0, 3, false)
+        },
+    ];
+    let r = run_eval(&clf, &d.test, attacks.clone(), 20, 0)?;
+    let frozen = clf.frozen()?;
+    for (a, s) in attacks.iter().enumerate() {
+        let mut correct = 0;
+        for start in (0..64).step_by(20) {
+            let b = 20.min(64 - start);
+            let labels = &d.test.labels[start..start + b];
+            let y = Tensor::from_slice(labels, b, &Device::Cpu)?;
+            let x = batch_tensor(&d.test, start, b, &Device::Cpu)?;
+            let objective = |xa: &Tensor| cross_entropy_per_example(&frozen.logits(xa, false)?, &y);
+            let res = crate::nn::attacks::pgd(&x, objective, &s.pgd_config(), &mut Rng::new(99))?;
+            correct += count_correct(&frozen.logits(&res.adv, false)?, labels)?;
+        }
+        assert_eq!(r.attack_correct[a], correct, "{}", s.name());
+        assert!(
+            correct < r.clean_correct,
+            "{}: {correct} of {}",
+            s.name(),
+            r.clean_correct
+        );
+    }
+    Ok(())
+}
+
+#[test]
+fn ncrop_head_is_attacked_through_its_views() -> TestResult {
+    let d = testutil::data();
+    let nspec = crate::nn::classifier::ClassifierSpec {
+        ncrop: Some(NcropSpec {
+            n_views: 3,
+            scale: [0.5, 1.0],
+            ratio: [0.75, 4.0 / 3.0],
+        }),
+        ..testutil::spec()
+    };
+    let clf = testutil::classifier_with(Some(&nspec))?;
+    let attacks = vec![
+        spec(Norm::Linf, 0.0, 0.0, 3, true),
+        spec(Norm::Linf, 8.0 / 255.0, 2.0 / 255.0, 5, true),
+    ];
+    let r = run_eval(&clf, &d.test, attacks, 16, 9)?;
+    assert_eq!(r.n_views, Some(3));
+    // the clean accuracy recomputed from the documented view streams
+    let generator = EmpConfig {
+        n_views: 3,
+        scale: [0.5, 1.0],
+        ratio: [0.75, 4.0 / 3.0],
+        ..EmpConfig::crop(3)
+    }
+    .build()?;
+    let view_seed = Rng::derive(9, &[runner::VIEW_STREAM]).next_u64();
+    let mut clean = 0;
+    for (k, start) in (0..64).step_by(16).enumerate() {
+        let il = d.test.image_len();
+        let images = ImageBatch::new(&d.test.images[start * il..(start + 16) * il], 16, 32, 32)?;
+        let v = generator.generate(images, view_seed, k as u64)?;
+        let views = Tensor::from_vec(v.data, (48, 3, 32, 32), &Device::Cpu)?;
+        // the head on the mean feature of each image's 3 views (view-major rows)
+        let f = clf.features(&views, false)?.reshape((3, 16, 64))?.mean(0)?;
+        let logits = clf.head().forward(&f)?;
+        clean += count_correct(&logits, &d.test.labels[start..start + 16])?;
+    }
+    assert_eq!(r.clean_correct, clean);
+    assert!(
+        clean as f64 / 64.0 > 0.4,
+        "n-crop head of the fixture at chance: {clean}/64"
+    );
+    assert_eq!(
+        r.attack_correct[0], r.clean_correct,
+        "eps 0 through the views"
+    );
+    assert!(r.attack_correct[1] < r.clean_correct, "{r:?}");
+    let m = metrics_json(
+        &EvalConfig {
+            attacks: vec![],
+            batch_size: 16,
+            seed: 9,
+        },
+        &EvalReport {
+            attack_correct: vec![],
+            ..r
+        },
+        None,
+        0.0,
+        "cpu",
+    );
+    assert_eq!(
+        (m["head"].clone(), m["n_views"].clone()),
+        (json!("ncrop"), json!(3))
+    );
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Through the engine: dataset -> (fixture) classifier -> attack_dataset -> evaluate.
+
+/// Copies a classifier from `dir` (a test stand-in for `finetune`).
+struct FixtureClassifier;
+
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FixtureParams {
+    dir: String,
+}
+
+impl TypedStage for FixtureClassifier {
+    const KIND: &'static str = "fixture_classifier";
+    const VERSION: u32 = 1;
+    type Params = FixtureParams;
+    fn inputs() -> Slots {
+        Slots::Fixed(&[])
+    }
+    fn outputs(_: &FixtureParams) -> Vec<String> {
+        vec![WEIGHTS_FILE.into(), SPEC_FILE.into()]
+    }
+    fn run(p: &FixtureParams, ctx: &mut StageCtx<'_>) -> Result<(), BoxError> {
+        for f in [WEIGHTS_FILE, SPEC_FILE] {
+            std::fs::copy(Path::new(&p.dir).join(f), ctx.out_path(f))?;
+        }
+        Ok(())
+    }
+}
+
+#[test]
+fn end_to_end_through_the_engine() -> TestResult {
+    use pipe_engine::{Overrides, graph, spec};
+    use std::sync::atomic::AtomicBool;
+
+    let tmp = crate::data::testutil::TempDir::new("evaluate-e2e");
+    let dir = tmp.path();
+    let fixture = dir.join("fixture");
+    std::fs::create_dir_all(&fixture)?;
+    testutil::write_classifier(&fixture, None)?;
+    let yaml = format!(
+        "stages:
+  data:
+    kind: dataset
+    params: {{source: synthetic, n_classes: 4, n_train: 256, n_test: 64, seed: 5}}
+  clf:
+    kind: fixture_classifier
+    params: {{dir: '{}'}}
+  adv:
+    kind: attack_dataset
+    inputs: {{model: clf, dataset: data}}
+    params: {{eps: 16/255, alpha: 4/255, steps: 10, test_subset: 4, batch_size: 10}}
+  ev:
+    kind: evaluate
+    inputs: {{model: clf, dataset: data, adversarial: adv}}
+    params: {{attacks: [{{eps: 8/255, steps: 3}}, {{norm: l2, eps: 0.25}}], test_subset: 4, batch_size: 10}}
+",
+        fixture.display()
+    );
+    let mut reg = pipe_engine::Registry::new();
+    crate::register_all(&mut reg);
+    reg.register_typed::<FixtureClassifier>();
+    let store = pipe_cache::Store::open(dir.join("store"))?;
+    let file = dir.join("p.yaml");
+    std::fs::write(&file, yaml)?;
+    let p = spec::load(&file, &reg, &Overrides::default())?;
+    let plan = pipe_engine::plan::plan(graph::build(p, &reg), &store, &[])?;
+    let opts = pipe_engine::RunOptions {
+        jobs: 1,
+        gpus: 0,
+        keep_going: false,
+        pipe_version: "test".into(),
+    };
+    let cancel = AtomicBool::new(false);
+    let s = pipe_engine::exec::run(&plan, &reg, &store, &opts, &cancel, &mut pipe_engine::Quiet);
+    assert!(!s.failed(), "{:?}", s.results);
+    let entry = |id: &str| -> std::result::Result<
+        pipe_cache::Entry,
+        Box<dyn std::error::Error + Send + Sync>,
+    > {
+        let node = plan.graph.nodes.iter().find(|n| n.id == id).ok_or("node")?;
+        Ok(store.get(node.key.key())?.ok_or("committed")?)
+    };
+    let json_of = |e: &pipe_cache::Entry| -> std::result::Result<Value, Box<dyn std::error::Error + Send + Sync>> {
+        Ok(serde_json::from_slice(&std::fs::read(e.file("metrics.json")?)?)?)
+    };
+    let adv = entry("adv")?;
+    let am = json_of(&adv)?;
+    let set = AdversarialSet::load(&adv.file(ADVERSARIAL_FILE)?)?;
+    assert_eq!(set.n, 16);
+    assert_eq!(am["n"], json!(16));
+    assert_eq!(set.attack["name"], json!("pgd_linf_16/255"));
+    assert_eq!(set.attack["steps"], json!(10));
+    let (clean_acc, adv_acc) = (
+        am["clean_acc"].as_f64().ok_or("clean")?,
+        am["adv_acc"].as_f64().ok_or("adv")?,
+    );
+    assert!(
+        adv_acc < clean_acc,
+        "the stored attack fooled nothing: {am}"
+    );
+    let em = json_of(&entry("ev")?)?;
+    assert_eq!(em["n_test"], json!(16));
+    // the same subset (seed 0), the same classifier: the same clean accuracy, and the stored
+    // set's accuracy is the white-box accuracy attack_dataset measured
+    assert_eq!(em["clean_acc"], am["clean_acc"]);
+    assert_eq!(em["transfer_acc"], am["adv_acc"]);
+    assert_eq!(em["transfer_clean_acc"], am["clean_acc"]);
+    assert_eq!(em["transfer_n"], json!(16));
+    assert_eq!(em["transfer_attack"], set.attack);
+    for k in ["pgd_linf_8/255_acc", "pgd_l2_0.25_acc"] {
+        let acc = em[k].as_f64().ok_or(k)?;
+        assert!(
+            (0.0..=em["clean_acc"].as_f64().ok_or("clean")?).contains(&acc),
+            "{k}: {em}"
+        );
+        assert!(em["attacks"][k].is_object(), "{k}: {em}");
+    }
+    assert_eq!(em["attacks"]["pgd_l2_0.25_acc"]["steps"], json!(20));
+    assert_eq!(em["device"], json!("cpu"));
+    Ok(())
+}
