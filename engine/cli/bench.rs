@@ -90,8 +90,10 @@ pub fn run(what: crate::BenchWhat) -> Result<u8> {
             views,
             steps,
             m,
+            methods,
+            attacks,
             json,
-        } => pretrain(&widths, batch, views, steps, m, json),
+        } => pretrain(&widths, batch, views, steps, m, &methods, &attacks, json),
         crate::BenchWhat::Evaluate {
             widths,
             batch,
@@ -132,19 +134,26 @@ fn evaluate(
     Ok(0)
 }
 
+#[allow(clippy::too_many_arguments)]
 fn pretrain(
     widths: &[usize],
     batch: usize,
     views: usize,
     steps: usize,
     m: usize,
+    methods: &[String],
+    attacks: &[String],
     json_out: bool,
 ) -> Result<u8> {
+    let wanted = |list: &[String], x: &str| list.is_empty() || list.iter().any(|l| l == x);
     use pipe_stages::kinds::pretrain::{PretrainParams, bench_mode};
     let mut rows = Vec::new();
     for &width in widths {
         for method in ["simclr", "emp_ssl"] {
             for attack in ["none", "pgd", "free"] {
+                if !wanted(methods, method) || !wanted(attacks, attack) {
+                    continue;
+                }
                 let n_views = if method == "simclr" { 2 } else { views };
                 let p: PretrainParams = serde_json::from_value(json!({
                     "method": method, "attack": attack, "width": width, "batch_size": batch,

@@ -181,6 +181,12 @@ pub enum BenchWhat {
         /// Free replays m.
         #[arg(long, default_value_t = 3)]
         m: usize,
+        /// Only these methods (`simclr`, `emp_ssl`; default both).
+        #[arg(long, value_delimiter = ',')]
+        methods: Vec<String>,
+        /// Only these attack modes (`none`, `pgd`, `free`; default all).
+        #[arg(long, value_delimiter = ',')]
+        attacks: Vec<String>,
         /// Print one JSON document on stdout.
         #[arg(long)]
         json: bool,
