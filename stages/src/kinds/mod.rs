@@ -4,4 +4,5 @@ pub mod dataset;
 pub mod pretrain;
 pub mod evaluate;
 pub mod attack_dataset;
+pub mod finetune;
 pub mod shell;

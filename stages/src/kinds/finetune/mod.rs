@@ -1,0 +1,583 @@
+//! `finetune`: a linear head (SLF, ALF) or the whole network (AFF) trained on a pretrained
+//! encoder (METHODS.md 10, and the CF-AMC linear-evaluation heads of 11.1).
+//!
+//! Inputs: `encoder`, a `pretrain` artifact (`encoder.safetensors`: `encoder.*`,
+//! `pre_feature.*`, `projection.*`), and `dataset` (its train split is trained on).
+//!
+//! # Modes (METHODS.md 10.2)
+//!
+//! - `slf`: only the head is trained, on a frozen encoder in eval mode, with CE on clean
+//!   inputs. The encoder never runs per batch: the features of the whole split are computed
+//!   once (no augmentation, or the n-crop head, whose views are drawn once) or once per epoch
+//!   (`augment: true`), and the head trains on rows of that cache.
+//! - `alf`: the same trainable set and frozen encoder, on l_inf PGD examples (`pgd_steps`
+//!   steps of `alpha` in the `eps` ball, uniform random start clamped to the box, CE through
+//!   encoder + head in eval mode, the attack on a detached copy of the current weights).
+//! - `aff`: every parameter, TRADES (`CE(f(x), y) + beta · KL(f(x) ‖ f(x̃))`): `x̃` starts at
+//!   `x + 0.001 · N(0, 1)` and takes `pgd_steps` sign steps of `alpha` that maximise the KL,
+//!   projected onto the `eps` ball and `[0, 1]`, in eval mode. The training forward runs in
+//!   train mode with dual BN (natural inputs through `normal`, adversarial ones through `pgd`,
+//!   in the backbone and in `pre_feature`), both branches initialised from the encoder's BN;
+//!   the saved model keeps the `pgd` branch under the plain single-BN names, so `evaluate`
+//!   loads it as any classifier.
+//!
+//! An encoder with a `pgd` BN branch (ACL family) is read through that branch in every mode
+//! (\[Q34\] a; its shortcut convs and BNs are loaded too, \[Q34\] b clean).
+//!
+//! # Architecture
+//!
+//! The pretrain node's `width` and `hidden_dim` are not in the tensor names, so they are read
+//! off the shapes: `encoder.conv1.weight` is `(width, 3, 3, 3)`, `pre_feature.0.weight` is
+//! `(hidden_dim, 8 · width)` ([`EncoderWeights`]). `features: pre_feature` (CF-AMC: the head
+//! reads the `hidden_dim`-wide `pre_feature` output, \[Q19\]) needs that head in the
+//! checkpoint; ACL-family encoders use `features: backbone` (the `8 · width` pooled feature).
+//!
+//! # Params
+//!
+//! | param | default | meaning |
+//! |---|---|---|
+//! | `mode` | (required) | `slf`, `alf` or `aff` |
+//! | `features` | `pre_feature` | `pre_feature` or `backbone` |
+//! | `head` | `full` | `full` (single images) or `ncrop` (the head reads the mean feature of `n_views` random EMP views, METHODS.md 11.1a; SLF only) |
+//! | `n_views`, `views` | 4, `crop` | the n-crop draw: `crop` (scale [0.08, 1], ratio [3/4, 4/3]) or `patch` (scale 0.25, ratio 1), every colour augmentation on (\[Q20\]); drawn once per training image |
+//! | `preset` | `cf_adam` for SLF with the full head, `cf_sgd` for SLF with the n-crop head, `air` for ALF / AFF | fills in every optimisation param left out (table below) |
+//! | `optimizer` | preset | `adam` (default betas) or `sgd` (momentum, no Nesterov) |
+//! | `lr`, `momentum`, `weight_decay` | preset | L2 weight decay on every trained tensor |
+//! | `schedule` | preset | `constant`, `cosine` (`t_max` epochs, stepped per epoch, periodic beyond) or `multistep` (×0.1 from each of `milestones`, 0-based epochs) |
+//! | `t_max`, `milestones` | preset | |
+//! | `batch_size`, `epochs`, `drop_last` | preset | images per batch; the last partial batch is dropped with `drop_last` (AFF also drops a last batch of one image) |
+//! | `augment` | preset | RandomCrop(32, pad 4, zeros) + HFlip on the training images, redrawn every epoch (full head only) |
+//! | `head_init` | preset | `default` (PyTorch's Linear init, seeded) or `zeros` (METHODS.md 10.1) |
+//! | `eps`, `alpha`, `pgd_steps` | 8/255, 2/255, 10 | ALF / AFF attack (fractions allowed) |
+//! | `beta` | 6 | TRADES weight (AFF) |
+//! | `seed` | 0 | shuffles, augmentations, attacks, the default head init |
+//! | `device` | `auto` | `auto`, `cpu` or `cuda:N` (the backend is keyed, the ordinal is not) |
+//!
+//! Presets:
+//!
+//! | preset | optimizer | lr | momentum | weight decay | schedule | batch | epochs | drop_last | augment | head init | source |
+//! |---|---|---|---|---|---|---|---|---|---|---|---|
+//! | `cf_adam` | Adam | 3e-4 | - | 0 | constant | 256 | 20 | yes | no | default | R-CF full-image heads (SimCLR script's 20 epochs; the EMP script's 2 are \[Q14\]) |
+//! | `cf_sgd` | SGD | 0.03 | 0.9 | 5e-5 | cosine, `t_max` 100 | 100 | 100 | yes | no | default | R-CF `linear_train` (n-crop head) |
+//! | `air`, SLF / ALF | SGD | 0.01 | 0.9 | 2e-4 | multistep 10, 20 | 512 | 25 | no | yes | zeros | METHODS.md 10.3, the ACL / DynACL CIFAR-10 row |
+//! | `air`, AFF | SGD | 0.1 | 0.9 | 2e-4 | multistep 15, 20 | 128 | 25 | no | yes | zeros | METHODS.md 10.3, the fallback row (= DynACL's AFF) |
+//!
+//! The `air` preset picks, per mode, the 10.3 row that most pretraining labels share; for
+//! another row (e.g. ACL's AFF, 128 / 0.1 / 40,60 / 100) write its values out.
+//!
+//! Canonical form: the preset's values are written out and `preset` itself is dropped, so a
+//! preset and the same values written by hand key alike; params that do not apply are dropped
+//! (`eps`, `alpha`, `pgd_steps` for SLF; `beta` unless AFF; `n_views`, `views` unless
+//! `ncrop`; `augment` for `ncrop`; `momentum` for Adam; `t_max` unless cosine; `milestones`
+//! unless multistep), so sweeping them recomputes nothing.
+//!
+//! # Outputs
+//!
+//! - `classifier.safetensors`: `encoder.*` (torchvision `resnet18` names, single BN, running
+//!   statistics included), `pre_feature.0.*`, `pre_feature.1.*` (with `features:
+//!   pre_feature`), `classifier.weight`, `classifier.bias`; and `classifier.json`, the
+//!   [`ClassifierSpec`](crate::nn::classifier::ClassifierSpec) (width, hidden_dim, features,
+//!   classes, n-crop geometry) — both written by
+//!   [`Classifier::save`](crate::nn::classifier::Classifier::save).
+//! - `metrics.json`: `mode`, `features`, `head`, `train_loss` and `train_acc` of the last
+//!   epoch (SLF: clean (augmented) inputs; ALF: the PGD examples; AFF: the TRADES loss and the
+//!   `pgd` branch's accuracy on the TRADES examples, plus `train_acc_natural`, the `normal`
+//!   branch on natural inputs), `seconds` (all epochs, feature passes included),
+//!   `feature_seconds`, `feature_passes` (encoder passes over the split that filled the SLF
+//!   feature cache: 1, or one per epoch with `augment`), `epochs`, `steps`, `n_train`, `classes`, `width`, `feature_dim`,
+//!   `device`, `threads`, and `curve` (per epoch: `loss`, `acc`, `lr`, `seconds`, `images`).
+//!
+//! Progress is reported per batch (and per chunk of the feature pass); the run polls for
+//! cancellation between batches. A non-finite loss fails the node naming epoch and batch.
+
+mod trainer;
+
+pub use trainer::{
+    AFF_INIT_NOISE, DUAL_BRANCHES, EncoderWeights, EpochStats, FEATURE_CHUNK, FinetuneConfig,
+    Finetuned, Finetuner, HeadInit, Mode, OptimizerKind, PGD_BRANCH, Schedule, accuracy, finetune,
+    ncrop_pipeline, ncrop_spec, render_views,
+};
+
+use std::path::Path;
+
+use pipe_engine::{BoxError, NormalizeCtx, ParamError, Resources, Slots, StageCtx, TypedStage};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::data::{self, tensor_io::DATA_FILE};
+use crate::device::DeviceSpec;
+use crate::kinds::pretrain::{ENCODER_FILE, TrainHooks, ViewKind};
+use crate::nn::classifier::{FeatureKind, SPEC_FILE, WEIGHTS_FILE};
+use crate::params::{Checks, de_real_opt};
+
+/// The `finetune` kind.
+pub struct Finetune;
+
+/// The head under the features.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum HeadKind {
+    /// Single full images.
+    #[default]
+    Full,
+    /// The bag-of-features head over `n_views` random views.
+    Ncrop,
+}
+
+/// A bundle of optimisation defaults (see the module docs).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Preset {
+    /// R-CF's full-image heads: Adam 3e-4, batch 256, `drop_last`, 20 epochs.
+    CfAdam,
+    /// R-CF's n-crop head: SGD 0.03, momentum 0.9, wd 5e-5, batch 100, cosine `T_max` 100.
+    CfSgd,
+    /// R-AIR / R-RCS fine-tuning: SGD, momentum 0.9, wd 2e-4, multistep, augmentation.
+    Air,
+}
+
+/// The `schedule` param.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ScheduleKind {
+    /// Constant rate.
+    Constant,
+    /// Per-epoch cosine with `t_max`.
+    Cosine,
+    /// Per-epoch ×0.1 at `milestones`.
+    Multistep,
+}
+
+/// Params of `finetune` (see the module docs for defaults).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FinetuneParams {
+    /// `slf`, `alf` or `aff`.
+    pub mode: Mode,
+    /// `pre_feature` or `backbone`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub features: Option<FeatureKind>,
+    /// `full` or `ncrop`.
+    #[serde(default)]
+    pub head: HeadKind,
+    /// Views per image of the n-crop head.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub n_views: Option<usize>,
+    /// Geometry of the n-crop views.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub views: Option<ViewKind>,
+    /// Defaults of the optimisation params.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub preset: Option<Preset>,
+    /// `adam` or `sgd`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub optimizer: Option<OptimizerKind>,
+    /// Base learning rate.
+    #[serde(
+        default,
+        deserialize_with = "de_real_opt",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub lr: Option<f64>,
+    /// SGD momentum.
+    #[serde(
+        default,
+        deserialize_with = "de_real_opt",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub momentum: Option<f64>,
+    /// L2 weight decay.
+    #[serde(
+        default,
+        deserialize_with = "de_real_opt",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub weight_decay: Option<f64>,
+    /// `constant`, `cosine` or `multistep`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub schedule: Option<ScheduleKind>,
+    /// Cosine half period (epochs).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub t_max: Option<usize>,
+    /// Multistep milestones (0-based epochs).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub milestones: Option<Vec<usize>>,
+    /// Images per batch.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub batch_size: Option<usize>,
+    /// Epochs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub epochs: Option<usize>,
+    /// Drop the last partial batch.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub drop_last: Option<bool>,
+    /// RandomCrop + HFlip on the training images.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub augment: Option<bool>,
+    /// `default` or `zeros`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub head_init: Option<HeadInit>,
+    /// l_inf radius (ALF / AFF).
+    #[serde(
+        default,
+        deserialize_with = "de_real_opt",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub eps: Option<f64>,
+    /// Attack step (ALF / AFF).
+    #[serde(
+        default,
+        deserialize_with = "de_real_opt",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub alpha: Option<f64>,
+    /// Attack steps (ALF / AFF).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pgd_steps: Option<usize>,
+    /// TRADES β (AFF).
+    #[serde(
+        default,
+        deserialize_with = "de_real_opt",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub beta: Option<f64>,
+    /// Seed.
+    #[serde(default)]
+    pub seed: u64,
+    /// Device.
+    #[serde(default)]
+    pub device: DeviceSpec,
+}
+
+/// The values a preset fills in.
+struct PresetValues {
+    optimizer: OptimizerKind,
+    lr: f64,
+    momentum: f64,
+    weight_decay: f64,
+    schedule: ScheduleKind,
+    t_max: usize,
+    milestones: Vec<usize>,
+    batch_size: usize,
+    epochs: usize,
+    drop_last: bool,
+    augment: bool,
+    head_init: HeadInit,
+}
+
+impl Preset {
+    fn values(self, mode: Mode) -> PresetValues {
+        match self {
+            Preset::CfAdam => PresetValues {
+                optimizer: OptimizerKind::Adam,
+                lr: 3e-4,
+                momentum: 0.9,
+                weight_decay: 0.0,
+                schedule: ScheduleKind::Constant,
+                t_max: 100,
+                milestones: Vec::new(),
+                batch_size: 256,
+                epochs: 20,
+                drop_last: true,
+                augment: false,
+                head_init: HeadInit::Default,
+            },
+            Preset::CfSgd => PresetValues {
+                optimizer: OptimizerKind::Sgd,
+                lr: 0.03,
+                momentum: 0.9,
+                weight_decay: 5e-5,
+                schedule: ScheduleKind::Cosine,
+                t_max: 100,
+                milestones: Vec::new(),
+                batch_size: 100,
+                epochs: 100,
+                drop_last: true,
+                augment: false,
+                head_init: HeadInit::Default,
+            },
+            Preset::Air => {
+                let aff = mode == Mode::Aff;
+                PresetValues {
+                    optimizer: OptimizerKind::Sgd,
+                    lr: if aff { 0.1 } else { 0.01 },
+                    momentum: 0.9,
+                    weight_decay: 2e-4,
+                    schedule: ScheduleKind::Multistep,
+                    t_max: 100,
+                    milestones: if aff { vec![15, 20] } else { vec![10, 20] },
+                    batch_size: if aff { 128 } else { 512 },
+                    epochs: 25,
+                    drop_last: false,
+                    augment: true,
+                    head_init: HeadInit::Zeros,
+                }
+            }
+        }
+    }
+}
+
+impl FinetuneParams {
+    /// The preset that fills in what is left out (the written one, else by mode and head).
+    pub fn preset(&self) -> Preset {
+        self.preset.unwrap_or(match (self.mode, self.head) {
+            (Mode::Slf, HeadKind::Full) => Preset::CfAdam,
+            (Mode::Slf, HeadKind::Ncrop) => Preset::CfSgd,
+            _ => Preset::Air,
+        })
+    }
+
+    /// The params with every default written out, `preset` dropped and what does not apply
+    /// dropped (the canonical form that is keyed).
+    pub fn canonical(&self) -> FinetuneParams {
+        let c = self.config();
+        let ncrop = self.head == HeadKind::Ncrop;
+        let attacked = c.mode != Mode::Slf;
+        let schedule = self.schedule_kind();
+        FinetuneParams {
+            mode: c.mode,
+            features: Some(c.features),
+            head: self.head,
+            n_views: ncrop.then(|| self.n_views.unwrap_or(4)),
+            views: ncrop.then(|| self.views.unwrap_or(ViewKind::Crop)),
+            preset: None,
+            optimizer: Some(c.optimizer),
+            lr: Some(c.lr),
+            momentum: (c.optimizer == OptimizerKind::Sgd).then_some(c.momentum),
+            weight_decay: Some(c.weight_decay),
+            schedule: Some(schedule),
+            t_max: match &c.schedule {
+                Schedule::Cosine { t_max } => Some(*t_max),
+                _ => None,
+            },
+            milestones: match &c.schedule {
+                Schedule::Multistep { milestones } => Some(milestones.clone()),
+                _ => None,
+            },
+            batch_size: Some(c.batch_size),
+            epochs: Some(c.epochs),
+            drop_last: Some(c.drop_last),
+            augment: (!ncrop).then_some(c.augment),
+            head_init: Some(c.head_init),
+            eps: attacked.then_some(c.eps),
+            alpha: attacked.then_some(c.alpha),
+            pgd_steps: attacked.then_some(c.pgd_steps),
+            beta: (c.mode == Mode::Aff).then_some(c.beta),
+            seed: c.seed,
+            device: self.device,
+        }
+    }
+
+    fn schedule_kind(&self) -> ScheduleKind {
+        self.schedule
+            .unwrap_or_else(|| self.preset().values(self.mode).schedule)
+    }
+
+    /// The resolved training configuration.
+    pub fn config(&self) -> FinetuneConfig {
+        let d = self.preset().values(self.mode);
+        let ncrop = (self.head == HeadKind::Ncrop).then(|| {
+            ncrop_spec(
+                self.n_views.unwrap_or(4),
+                self.views.unwrap_or(ViewKind::Crop),
+            )
+        });
+        let schedule = match self.schedule_kind() {
+            ScheduleKind::Constant => Schedule::Constant,
+            ScheduleKind::Cosine => Schedule::Cosine {
+                t_max: self.t_max.unwrap_or(d.t_max),
+            },
+            ScheduleKind::Multistep => {
+                let mut m = self.milestones.clone().unwrap_or(d.milestones);
+                m.sort_unstable();
+                Schedule::Multistep { milestones: m }
+            }
+        };
+        FinetuneConfig {
+            mode: self.mode,
+            features: self.features.unwrap_or(FeatureKind::PreFeature),
+            ncrop,
+            optimizer: self.optimizer.unwrap_or(d.optimizer),
+            lr: self.lr.unwrap_or(d.lr),
+            momentum: self.momentum.unwrap_or(d.momentum),
+            weight_decay: self.weight_decay.unwrap_or(d.weight_decay),
+            schedule,
+            batch_size: self.batch_size.unwrap_or(d.batch_size),
+            epochs: self.epochs.unwrap_or(d.epochs),
+            drop_last: self.drop_last.unwrap_or(d.drop_last),
+            augment: ncrop.is_none() && self.augment.unwrap_or(d.augment),
+            head_init: self.head_init.unwrap_or(d.head_init),
+            eps: self.eps.unwrap_or(8.0 / 255.0),
+            alpha: self.alpha.unwrap_or(2.0 / 255.0),
+            pgd_steps: self.pgd_steps.unwrap_or(10),
+            beta: self.beta.unwrap_or(6.0),
+            seed: self.seed,
+            cache_features: true,
+        }
+    }
+}
+
+impl TypedStage for Finetune {
+    const KIND: &'static str = "finetune";
+    const VERSION: u32 = 1;
+    type Params = FinetuneParams;
+
+    fn inputs() -> Slots {
+        const S: &[pipe_engine::Slot] = &[
+            pipe_engine::Slot {
+                name: "encoder",
+                required: true,
+                many: false,
+            },
+            pipe_engine::Slot {
+                name: "dataset",
+                required: true,
+                many: false,
+            },
+        ];
+        Slots::Fixed(S)
+    }
+
+    fn check(p: &FinetuneParams) -> Vec<ParamError> {
+        let c = p.config();
+        let mut e = Checks::default();
+        let ncrop = p.head == HeadKind::Ncrop;
+        e.require(!ncrop || c.mode == Mode::Slf, "head", || {
+            format!(
+                "the n-crop head is trained by `mode: slf` only, got `mode: {}`",
+                mode_name(c.mode)
+            )
+        });
+        e.require(!(ncrop && p.augment == Some(true)), "augment", || {
+            "augment applies to the full-image head; the n-crop head's views are its augmentation"
+                .into()
+        });
+        if let Some(n) = &c.ncrop {
+            e.positive("n_views", n.n_views);
+        }
+        e.positive("batch_size", c.batch_size);
+        e.require(
+            c.mode != Mode::Aff || c.batch_size >= 2,
+            "batch_size",
+            || {
+                format!(
+                    "AFF trains BN in train mode and needs at least 2 images per batch, got {}",
+                    c.batch_size
+                )
+            },
+        );
+        e.positive("epochs", c.epochs);
+        e.positive_real("lr", c.lr);
+        e.require(
+            c.momentum.is_finite() && (0.0..1.0).contains(&c.momentum),
+            "momentum",
+            || format!("expected a value in [0, 1), got {}", c.momentum),
+        );
+        e.non_negative("weight_decay", c.weight_decay);
+        if let Schedule::Cosine { t_max } = c.schedule {
+            e.positive("t_max", t_max);
+        }
+        e.non_negative("eps", c.eps);
+        e.non_negative("alpha", c.alpha);
+        e.positive("pgd_steps", c.pgd_steps);
+        e.non_negative("beta", c.beta);
+        if let DeviceSpec::Cuda(n) = p.device
+            && !DeviceSpec::cuda_built()
+        {
+            e.require(false, "device", || {
+                format!("device cuda:{n} needs pipe built with `--features cuda`")
+            });
+        }
+        e.into_errors()
+    }
+
+    fn canonicalize(
+        p: FinetuneParams,
+        _ctx: &NormalizeCtx<'_>,
+    ) -> Result<FinetuneParams, Vec<ParamError>> {
+        Ok(p.canonical())
+    }
+
+    fn key_params(p: &FinetuneParams) -> Value {
+        let mut v = serde_json::to_value(p).unwrap_or(Value::Null);
+        if let Value::Object(m) = &mut v {
+            // the backend changes the numbers, the ordinal does not
+            m.insert("device".into(), Value::from(p.device.backend()));
+        }
+        v
+    }
+
+    fn outputs(_: &FinetuneParams) -> Vec<String> {
+        [WEIGHTS_FILE, SPEC_FILE, "metrics.json"]
+            .iter()
+            .map(|s| (*s).to_string())
+            .collect()
+    }
+
+    fn resources(p: &FinetuneParams) -> Resources {
+        Resources {
+            gpu: p.device.backend() == "cuda",
+        }
+    }
+
+    fn run(p: &FinetuneParams, ctx: &mut StageCtx<'_>) -> Result<(), BoxError> {
+        let ctx = &*ctx;
+        let cfg = p.config();
+        let enc_path = ctx.input("encoder")?.file(ENCODER_FILE).map_err(|e| {
+            format!("the `encoder` input has no {ENCODER_FILE} (is it a `pretrain` stage?): {e}")
+        })?;
+        let data_path = ctx.input("dataset")?.file(DATA_FILE).map_err(|e| {
+            format!("the `dataset` input has no {DATA_FILE} (is it a `dataset` stage?): {e}")
+        })?;
+        let dataset = data::load_dataset(&data_path)?;
+        let device = p.device.open()?;
+        let enc = EncoderWeights::from_file(&enc_path, &device)?;
+        ctx.log(format!(
+            "encoder: width {}, pre_feature {}, pgd BN branch {}; {} training images, {} classes",
+            enc.width(),
+            enc.hidden_dim()
+                .map_or("none".to_string(), |h| h.to_string()),
+            enc.has_pgd_branch(),
+            dataset.train.n,
+            dataset.classes.len()
+        ));
+        let progress = |done: u64, total: u64, msg: &str| ctx.progress(done, total, msg);
+        let log = |msg: &str| ctx.log(msg);
+        let cancelled = || ctx.is_cancelled();
+        let hooks = TrainHooks {
+            progress: &progress,
+            log: &log,
+            cancelled: &cancelled,
+        };
+        let mut t = Finetuner::new(cfg, &enc, &dataset.train, dataset.classes.len(), &device)?;
+        while !t.finished() {
+            t.train_epoch(&hooks)?;
+        }
+        let (varmap, clf) = t.finish()?;
+        clf.save(&varmap, ctx.out_dir())?;
+        let metrics = t.metrics(p.device.backend());
+        write_json(&ctx.out_path("metrics.json"), &metrics)?;
+        ctx.log(format!(
+            "done: train loss {} train acc {} in {:.1} s",
+            metrics["train_loss"], metrics["train_acc"], metrics["seconds"]
+        ));
+        Ok(())
+    }
+}
+
+fn mode_name(m: Mode) -> &'static str {
+    match m {
+        Mode::Slf => "slf",
+        Mode::Alf => "alf",
+        Mode::Aff => "aff",
+    }
+}
+
+fn write_json(path: &Path, v: &Value) -> Result<(), BoxError> {
+    let mut text = serde_json::to_string_pretty(v)?;
+    text.push('\n');
+    std::fs::write(path, text).map_err(|e| format!("{}: {e}", path.display()).into())
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,917 @@
+use super::*;
+use crate::data::testutil::TempDir;
+use crate::data::{Dataset, SyntheticConfig, synthetic};
+use crate::nn::classifier::Classifier;
+use crate::nn::heads::{EncoderConfig, HeadConfig, encoder};
+use crate::nn::init::{InitRules, build_seeded, named_vars};
+use crate::nn::resnet::ResNetConfig;
+use candle::{DType, Device, Tensor};
+use candle_nn::VarMap;
+use serde_json::json;
+use std::collections::{BTreeMap, HashMap};
+
+type TestResult = std::result::Result<(), Box<dyn std::error::Error + Send + Sync>>;
+
+fn params(v: Value) -> FinetuneParams {
+    serde_json::from_value(v).unwrap_or_else(|e| panic!("valid params: {e}"))
+}
+
+fn normalize(v: Value) -> std::result::Result<Value, Vec<ParamError>> {
+    let mut reg = pipe_engine::Registry::new();
+    crate::register_all(&mut reg);
+    let kind = reg.get("finetune").expect("registered");
+    kind.normalize(
+        v,
+        &NormalizeCtx {
+            pipeline_dir: Path::new("."),
+        },
+    )
+}
+
+fn norm_ok(v: Value) -> Value {
+    normalize(v).unwrap_or_else(|e| panic!("valid params: {e:?}"))
+}
+
+fn errors(v: Value) -> Vec<String> {
+    match normalize(v) {
+        Ok(p) => panic!("expected errors, got {p}"),
+        Err(e) => e
+            .into_iter()
+            .map(|e| format!("{}: {}", e.path, e.message))
+            .collect(),
+    }
+}
+
+#[test]
+fn presets_fill_in_by_mode_and_head() {
+    let c = params(json!({"mode": "slf"})).config();
+    assert_eq!(
+        (c.optimizer, c.lr, c.weight_decay, c.schedule.clone()),
+        (OptimizerKind::Adam, 3e-4, 0.0, Schedule::Constant)
+    );
+    assert_eq!(
+        (c.batch_size, c.epochs, c.drop_last, c.augment, c.head_init),
+        (256, 20, true, false, HeadInit::Default)
+    );
+    assert_eq!((c.features, c.ncrop), (FeatureKind::PreFeature, None));
+    let c = params(json!({"mode": "slf", "head": "ncrop"})).config();
+    assert_eq!(
+        (c.optimizer, c.lr, c.momentum, c.weight_decay),
+        (OptimizerKind::Sgd, 0.03, 0.9, 5e-5)
+    );
+    assert_eq!(
+        (c.schedule.clone(), c.batch_size, c.epochs),
+        (Schedule::Cosine { t_max: 100 }, 100, 100)
+    );
+    let n = c.ncrop.expect("ncrop head");
+    assert_eq!(
+        (n.n_views, n.scale, n.ratio),
+        (4, [0.08, 1.0], [0.75, 4.0 / 3.0])
+    );
+    let n = params(json!({"mode": "slf", "head": "ncrop", "views": "patch", "n_views": 16}))
+        .config()
+        .ncrop
+        .expect("ncrop");
+    assert_eq!(
+        (n.n_views, n.scale, n.ratio),
+        (16, [0.25, 0.25], [1.0, 1.0])
+    );
+    for mode in ["slf", "alf"] {
+        let c = params(json!({"mode": mode, "preset": "air"})).config();
+        assert_eq!(
+            (c.optimizer, c.lr, c.momentum, c.weight_decay),
+            (OptimizerKind::Sgd, 0.01, 0.9, 2e-4),
+            "{mode}"
+        );
+        assert_eq!(
+            (c.schedule.clone(), c.batch_size, c.epochs),
+            (
+                Schedule::Multistep {
+                    milestones: vec![10, 20]
+                },
+                512,
+                25
+            )
+        );
+        assert_eq!(
+            (c.drop_last, c.augment, c.head_init),
+            (false, true, HeadInit::Zeros)
+        );
+    }
+    let c = params(json!({"mode": "aff"})).config();
+    assert_eq!(
+        (c.lr, c.batch_size, c.epochs, c.schedule.clone()),
+        (
+            0.1,
+            128,
+            25,
+            Schedule::Multistep {
+                milestones: vec![15, 20]
+            }
+        )
+    );
+    assert_eq!(
+        (c.eps, c.alpha, c.pgd_steps, c.beta),
+        (8.0 / 255.0, 2.0 / 255.0, 10, 6.0)
+    );
+    // ALF defaults to the air preset too
+    assert_eq!(
+        params(json!({"mode": "alf"})).config(),
+        params(json!({"mode": "alf", "preset": "air"})).config()
+    );
+    // a written value beats the preset
+    let c =
+        params(json!({"mode": "aff", "lr": 0.05, "milestones": [20, 5], "epochs": 30})).config();
+    assert_eq!(
+        (c.lr, c.epochs, c.schedule),
+        (
+            0.05,
+            30,
+            Schedule::Multistep {
+                milestones: vec![5, 20]
+            }
+        )
+    );
+}
+
+#[test]
+fn schedules_step_per_epoch() {
+    let c = params(json!({"mode": "aff"})).config();
+    let lrs: Vec<f64> = [0, 14, 15, 19, 20, 24]
+        .iter()
+        .map(|&e| c.lr_at(e))
+        .collect();
+    let want = [0.1, 0.1, 0.01, 0.01, 0.001, 0.001];
+    for (a, b) in lrs.iter().zip(want) {
+        assert!((a - b).abs() < 1e-15, "{lrs:?}");
+    }
+    // R-CF's n-crop head: cosine with T_max = 100 whatever the epochs ([Q14])
+    let c = params(json!({"mode": "slf", "head": "ncrop", "epochs": 20})).config();
+    for e in [0usize, 7, 19, 50, 100] {
+        let want = 0.03 * 0.5 * (1.0 + (std::f64::consts::PI * e as f64 / 100.0).cos());
+        assert!((c.lr_at(e) - want).abs() < 1e-15, "epoch {e}");
+    }
+    assert_eq!(params(json!({"mode": "slf"})).config().lr_at(19), 3e-4);
+}
+
+#[test]
+fn canonical_form_keys_equivalent_params_alike() {
+    let a = norm_ok(json!({"mode": "slf"}));
+    let b = norm_ok(json!({
+        "mode": "slf", "preset": "cf_adam", "optimizer": "adam", "lr": 3e-4, "weight_decay": 0,
+        "batch_size": 256, "epochs": 20, "drop_last": true, "augment": false, "features": "pre_feature",
+        "head": "full", "schedule": "constant", "head_init": "default",
+        // none of these apply to SLF with the full head and Adam
+        "eps": 0.1, "alpha": 0.2, "pgd_steps": 3, "beta": 2, "n_views": 8, "views": "patch",
+        "momentum": 0.5, "t_max": 7, "milestones": [1]
+    }));
+    assert_eq!(a, b);
+    for k in [
+        "preset",
+        "eps",
+        "alpha",
+        "pgd_steps",
+        "beta",
+        "n_views",
+        "views",
+        "momentum",
+        "t_max",
+        "milestones",
+    ] {
+        assert!(a.get(k).is_none(), "{k} in {a}");
+    }
+    assert_eq!(a["lr"], json!(3e-4));
+    assert_eq!(a["features"], json!("pre_feature"));
+    // a preset and its values written out key alike
+    let p = norm_ok(json!({"mode": "alf", "preset": "air"}));
+    let w = norm_ok(json!({
+        "mode": "alf", "optimizer": "sgd", "lr": 0.01, "momentum": 0.9, "weight_decay": 2e-4,
+        "schedule": "multistep", "milestones": [20, 10], "batch_size": 512, "epochs": 25,
+        "drop_last": false, "augment": true, "head_init": "zeros", "eps": "8/255", "alpha": "2/255",
+        "pgd_steps": 10, "beta": 1
+    }));
+    assert_eq!(p, w);
+    assert!(p.get("beta").is_none());
+    assert_eq!(p["milestones"], json!([10, 20]));
+    assert_eq!(p["eps"], json!(8.0 / 255.0));
+    // AFF keeps beta, ncrop keeps its draw and drops augment
+    let f = norm_ok(json!({"mode": "aff"}));
+    assert_eq!(
+        (f["beta"].clone(), f["batch_size"].clone()),
+        (json!(6.0), json!(128))
+    );
+    let n = norm_ok(json!({"mode": "slf", "head": "ncrop"}));
+    assert_eq!(
+        (n["n_views"].clone(), n["views"].clone(), n.get("augment")),
+        (json!(4), json!("crop"), None)
+    );
+    assert_eq!(n["t_max"], json!(100));
+    // what changes the run changes the params; the canonical form is a fixed point
+    assert_ne!(a, norm_ok(json!({"mode": "slf", "lr": 1e-3})));
+    assert_ne!(p, norm_ok(json!({"mode": "alf", "eps": "4/255"})));
+    assert_ne!(a, norm_ok(json!({"mode": "slf", "features": "backbone"})));
+    assert_eq!(norm_ok(a.clone()), a);
+    assert_eq!(norm_ok(n.clone()), n);
+    assert_eq!(norm_ok(f.clone()), f);
+}
+
+#[test]
+fn bad_params_are_named() {
+    let e = errors(json!({"mode": "alf", "head": "ncrop"}));
+    assert!(
+        e.iter()
+            .any(|m| m.starts_with("head: the n-crop head is trained by `mode: slf` only")),
+        "{e:?}"
+    );
+    let e = errors(json!({"mode": "slf", "head": "ncrop", "augment": true, "n_views": 0}));
+    assert!(e.iter().any(|m| m.starts_with("augment:")), "{e:?}");
+    assert!(e.iter().any(|m| m.starts_with("n_views:")), "{e:?}");
+    let e = errors(json!({"mode": "aff", "batch_size": 1}));
+    assert!(
+        e.iter().any(|m| m.starts_with("batch_size: AFF trains BN")),
+        "{e:?}"
+    );
+    let e =
+        errors(json!({"mode": "slf", "lr": -1, "epochs": 0, "momentum": 1.0, "optimizer": "sgd"}));
+    for k in ["lr:", "epochs:", "momentum:"] {
+        assert!(e.iter().any(|m| m.starts_with(k)), "{k} {e:?}");
+    }
+    let e = errors(json!({"mode": "alf", "eps": "8/zero"}));
+    assert!(
+        e.iter()
+            .any(|m| m.starts_with("eps:") && m.contains("8/255")),
+        "{e:?}"
+    );
+    let e = errors(json!({"mode": "sft"}));
+    assert!(e.iter().any(|m| m.starts_with("mode:")), "{e:?}");
+    let e = errors(json!({"mode": "slf", "preset": "adam"}));
+    assert!(e.iter().any(|m| m.starts_with("preset:")), "{e:?}");
+    let e = errors(json!({"mode": "slf", "epoch": 3}));
+    assert!(e.iter().any(|m| m.contains("epoch")), "{e:?}");
+    let e = errors(json!({"mode": "slf", "schedule": "cosine", "t_max": 0}));
+    assert!(e.iter().any(|m| m.starts_with("t_max:")), "{e:?}");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Training on synthetic data at width 8.
+
+const WIDTH: usize = 8;
+const HIDDEN: usize = 32;
+
+fn data(n_train: usize, n_test: usize) -> Dataset {
+    synthetic(&SyntheticConfig {
+        n_classes: 4,
+        n_train,
+        n_test,
+        image_size: 32,
+        seed: 3,
+    })
+}
+
+/// A pretrain-shaped encoder (backbone, pre_feature, projection), seeded.
+fn pretrain_encoder(seed: u64) -> VarMap {
+    let cfg = EncoderConfig {
+        backbone: ResNetConfig {
+            width: WIDTH,
+            ..Default::default()
+        },
+        head: HeadConfig {
+            hidden_dim: HIDDEN,
+            z_dim: 16,
+        },
+    };
+    let (vm, _) = build_seeded(
+        seed,
+        &InitRules::r_cf("encoder"),
+        DType::F32,
+        &Device::Cpu,
+        |vb| encoder(&cfg, vb),
+    )
+    .expect("encoder builds");
+    vm
+}
+
+fn bytes_of(t: &Tensor) -> Vec<u8> {
+    let t = t.flatten_all().expect("flat");
+    match t.dtype() {
+        DType::I64 => t
+            .to_vec1::<i64>()
+            .expect("i64")
+            .iter()
+            .flat_map(|x| x.to_le_bytes())
+            .collect(),
+        _ => t
+            .to_dtype(DType::F32)
+            .expect("f32")
+            .to_vec1::<f32>()
+            .expect("f32")
+            .iter()
+            .flat_map(|x| x.to_le_bytes())
+            .collect(),
+    }
+}
+
+fn values(vm: &VarMap) -> BTreeMap<String, Vec<u8>> {
+    named_vars(vm)
+        .into_iter()
+        .map(|(n, v)| (n, bytes_of(v.as_tensor())))
+        .collect()
+}
+
+fn to_f64(t: &Tensor) -> Vec<f64> {
+    t.flatten_all()
+        .and_then(|t| t.to_dtype(DType::F64)?.to_vec1::<f64>())
+        .expect("values")
+}
+
+fn cfg(v: Value) -> FinetuneConfig {
+    params(v).config()
+}
+
+fn run(
+    c: FinetuneConfig,
+    enc: &EncoderWeights,
+    d: &Dataset,
+) -> std::result::Result<Finetuned, trainer::Error> {
+    finetune(
+        c,
+        enc,
+        &d.train,
+        d.classes.len(),
+        &Device::Cpu,
+        &TrainHooks::default(),
+    )
+}
+
+/// The torchvision `resnet18` `state_dict` names without `fc`, written out independently of
+/// our ResNet: stem, 4 layers of 2 basic blocks, 1x1 shortcuts in the first block of layers 2-4.
+fn torchvision_resnet18_names() -> Vec<String> {
+    let bn = |p: &str| {
+        [
+            "weight",
+            "bias",
+            "running_mean",
+            "running_var",
+            "num_batches_tracked",
+        ]
+        .map(|s| format!("{p}.{s}"))
+    };
+    let mut v = vec!["conv1.weight".to_string()];
+    v.extend(bn("bn1"));
+    for l in 1..=4 {
+        for b in 0..2 {
+            let p = format!("layer{l}.{b}");
+            v.push(format!("{p}.conv1.weight"));
+            v.extend(bn(&format!("{p}.bn1")));
+            v.push(format!("{p}.conv2.weight"));
+            v.extend(bn(&format!("{p}.bn2")));
+            if l > 1 && b == 0 {
+                v.push(format!("{p}.downsample.0.weight"));
+                v.extend(bn(&format!("{p}.downsample.1")));
+            }
+        }
+    }
+    v
+}
+
+fn expected_names(pre_feature: bool) -> Vec<String> {
+    let mut v: Vec<String> = torchvision_resnet18_names()
+        .into_iter()
+        .map(|n| format!("encoder.{n}"))
+        .collect();
+    assert_eq!(
+        v.len(),
+        120,
+        "torchvision's resnet18 has 122 tensors, fc.weight and fc.bias included"
+    );
+    if pre_feature {
+        v.extend(["pre_feature.0.weight", "pre_feature.0.bias"].map(String::from));
+        v.extend(
+            [
+                "weight",
+                "bias",
+                "running_mean",
+                "running_var",
+                "num_batches_tracked",
+            ]
+            .map(|s| format!("pre_feature.1.{s}")),
+        );
+    }
+    v.extend(["classifier.weight", "classifier.bias"].map(String::from));
+    v.sort();
+    v
+}
+
+#[test]
+fn the_architecture_is_read_off_the_shapes() -> TestResult {
+    let enc = EncoderWeights::from_varmap(&pretrain_encoder(0))?;
+    assert_eq!(
+        (enc.width(), enc.hidden_dim(), enc.has_pgd_branch()),
+        (WIDTH, Some(HIDDEN), false)
+    );
+    let mut t: HashMap<String, Tensor> = named_vars(&pretrain_encoder(0))
+        .into_iter()
+        .filter(|(n, _)| n.starts_with("encoder."))
+        .map(|(n, v)| (n, v.as_tensor().clone()))
+        .collect();
+    let backbone_only = EncoderWeights::from_tensors(t.clone())?;
+    assert_eq!(backbone_only.hidden_dim(), None);
+    let d = data(16, 8);
+    let err = run(
+        cfg(json!({"mode": "slf", "epochs": 1, "batch_size": 8})),
+        &backbone_only,
+        &d,
+    )
+    .err()
+    .map(|e| e.to_string())
+    .unwrap_or_default();
+    assert!(err.contains("use `features: backbone`"), "{err}");
+    t.remove("encoder.conv1.weight");
+    let err = EncoderWeights::from_tensors(t)
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default();
+    assert!(err.contains("no encoder.conv1.weight"), "{err}");
+    Ok(())
+}
+
+#[test]
+fn slf_learns_and_leaves_the_encoder_bit_identical() -> TestResult {
+    let d = data(96, 8);
+    let src = pretrain_encoder(1);
+    let enc = EncoderWeights::from_varmap(&src)?;
+    let out = run(
+        cfg(json!({"mode": "slf", "lr": 0.1, "epochs": 60, "batch_size": 32, "seed": 2})),
+        &enc,
+        &d,
+    )?;
+    let acc = out.metrics["train_acc"].as_f64().ok_or("train_acc")?;
+    assert!(
+        acc > 0.7,
+        "train accuracy {acc} on 4 classes (chance 0.25): {}",
+        out.metrics
+    );
+    assert_eq!(out.metrics["epochs"], json!(60));
+    assert_eq!(out.metrics["steps"], json!(60 * 3));
+    let first = out.curve[0].loss;
+    assert!(
+        out.curve[59].loss < 0.7 * first,
+        "loss {first} -> {}",
+        out.curve[59].loss
+    );
+    // the head is all that changed: every encoder and pre_feature tensor (BN statistics and
+    // counters included) is bit-identical to the pretrained one
+    let before = values(&src);
+    let after = values(&out.varmap);
+    let mut compared = 0;
+    for (name, bytes) in &after {
+        if name.starts_with("classifier.") {
+            continue;
+        }
+        assert_eq!(Some(bytes), before.get(name), "{name} changed");
+        compared += 1;
+    }
+    assert_eq!(compared, 120 + 7);
+    // and the accuracy the loop reports is the head's on the (unaugmented) training images
+    let recomputed = accuracy(&out.classifier, &d.train, 0, &Device::Cpu)?;
+    assert!(
+        (recomputed - acc).abs() < 0.1,
+        "final-epoch running accuracy {acc} vs eval {recomputed}"
+    );
+    Ok(())
+}
+
+#[test]
+fn zero_head_init_and_pytorch_default_init() -> TestResult {
+    let d = data(16, 8);
+    let enc = EncoderWeights::from_varmap(&pretrain_encoder(1))?;
+    let mut c = cfg(json!({"mode": "slf", "epochs": 1, "batch_size": 8, "head_init": "zeros"}));
+    let t = Finetuner::new(c.clone(), &enc, &d.train, 4, &Device::Cpu)?;
+    let vm = values(t.varmap());
+    assert!(
+        vm["classifier.weight"].iter().all(|&b| b == 0)
+            && vm["classifier.bias"].iter().all(|&b| b == 0)
+    );
+    c.head_init = HeadInit::Default;
+    let t = Finetuner::new(c, &enc, &d.train, 4, &Device::Cpu)?;
+    let w = named_vars(t.varmap())
+        .into_iter()
+        .find(|(n, _)| n == "classifier.weight")
+        .map(|(_, v)| to_f64(v.as_tensor()))
+        .ok_or("no head")?;
+    let bound = 1.0 / (HIDDEN as f64).sqrt();
+    assert!(
+        w.iter().all(|x| x.abs() <= bound) && w.iter().any(|x| x.abs() > bound / 2.0),
+        "U(-1/sqrt(in), 1/sqrt(in))"
+    );
+    Ok(())
+}
+
+#[test]
+fn checkpoint_names_are_torchvision_resnet18_plus_the_heads() -> TestResult {
+    let d = data(16, 8);
+    let enc = EncoderWeights::from_varmap(&pretrain_encoder(1))?;
+    let tmp = TempDir::new("finetune-names");
+    for (features, pre) in [("pre_feature", true), ("backbone", false)] {
+        let out = run(
+            cfg(json!({"mode": "slf", "features": features, "epochs": 1, "batch_size": 8})),
+            &enc,
+            &d,
+        )?;
+        let dir = tmp.path().join(features);
+        std::fs::create_dir_all(&dir)?;
+        out.classifier
+            .save(&out.varmap, &dir)
+            .map_err(|e| e.to_string())?;
+        let names = crate::nn::checkpoint::tensor_names(dir.join(WEIGHTS_FILE))?;
+        assert_eq!(names, expected_names(pre), "{features}");
+        // the saved pair loads back (strictly) into the same classifier
+        let (vm, clf) =
+            Classifier::load(&dir.join(WEIGHTS_FILE), &dir.join(SPEC_FILE), &Device::Cpu)?;
+        assert_eq!(values(&vm), values(&out.varmap));
+        assert_eq!(clf.spec(), out.classifier.spec());
+        assert_eq!((clf.spec().width, clf.spec().classes), (WIDTH, 4));
+        let x = Tensor::from_vec(
+            d.test
+                .images
+                .iter()
+                .map(|&v| f32::from(v) / 255.0)
+                .collect::<Vec<_>>(),
+            (d.test.n, 3, 32, 32),
+            &Device::Cpu,
+        )?;
+        let (a, b) = (clf.logits(&x, false)?, out.classifier.logits(&x, false)?);
+        assert_eq!(to_f64(&a), to_f64(&b));
+    }
+    Ok(())
+}
+
+fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
+    to_f64(a)
+        .iter()
+        .zip(to_f64(b))
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f64::max)
+}
+
+fn head(vm: &VarMap) -> (Tensor, Tensor) {
+    let m: HashMap<String, candle::Var> = named_vars(vm).into_iter().collect();
+    (
+        m["classifier.weight"].as_tensor().clone(),
+        m["classifier.bias"].as_tensor().clone(),
+    )
+}
+
+#[test]
+fn the_feature_cache_trains_the_same_head_as_the_per_batch_path() -> TestResult {
+    let d = data(40, 8);
+    let enc = EncoderWeights::from_varmap(&pretrain_encoder(4))?;
+    for (p, passes) in [
+        // no augmentation: one pass; augmentation: one pass per epoch; n-crop: views drawn once
+        (
+            json!({"mode": "slf", "epochs": 3, "batch_size": 16, "drop_last": false, "lr": 0.01}),
+            1,
+        ),
+        (
+            json!({"mode": "slf", "epochs": 3, "batch_size": 16, "augment": true, "preset": "air", "lr": 0.5}),
+            3,
+        ),
+        (
+            json!({"mode": "slf", "head": "ncrop", "n_views": 3, "epochs": 3, "batch_size": 16}),
+            1,
+        ),
+    ] {
+        let mut c = cfg(p.clone());
+        let cached = run(c.clone(), &enc, &d)?;
+        c.cache_features = false;
+        let direct = run(c, &enc, &d)?;
+        let (wc, bc) = head(&cached.varmap);
+        let (wd, bd) = head(&direct.varmap);
+        let (dw, db) = (max_diff(&wc, &wd), max_diff(&bc, &bd));
+        assert!(dw < 1e-5 && db < 1e-5, "{p}: heads differ by {dw} / {db}");
+        // and training moved the head well beyond that tolerance
+        let init = Finetuner::new(cfg(p.clone()), &enc, &d.train, 4, &Device::Cpu)?;
+        let (w0, _) = head(init.varmap());
+        assert!(max_diff(&wc, &w0) > 1e-3, "{p}: the head did not train");
+        for (a, b) in cached.curve.iter().zip(&direct.curve) {
+            assert!(
+                (a.loss - b.loss).abs() < 1e-5 && a.acc == b.acc,
+                "{p}: {a:?} vs {b:?}"
+            );
+        }
+        assert_eq!(
+            cached.metrics["feature_seconds"].as_f64().map(|s| s > 0.0),
+            Some(true)
+        );
+        assert_eq!(direct.metrics["feature_seconds"], json!(0.0));
+        assert_eq!(cached.metrics["feature_passes"], json!(passes), "{p}");
+        assert_eq!(direct.metrics["feature_passes"], json!(0));
+    }
+    Ok(())
+}
+
+#[test]
+fn alf_and_aff_run_with_finite_losses() -> TestResult {
+    let d = data(32, 8);
+    let src = pretrain_encoder(5);
+    let enc = EncoderWeights::from_varmap(&src)?;
+    let before = values(&src);
+    let small =
+        |mode: &str| cfg(json!({"mode": mode, "epochs": 2, "batch_size": 16, "pgd_steps": 2}));
+    // ALF: the head trains on PGD examples, the encoder does not move
+    let alf = run(small("alf"), &enc, &d)?;
+    assert!(
+        alf.curve.iter().all(|e| e.loss.is_finite()),
+        "{:?}",
+        alf.curve
+    );
+    for (name, bytes) in values(&alf.varmap) {
+        if !name.starts_with("classifier.") {
+            assert_eq!(Some(&bytes), before.get(&name), "ALF changed {name}");
+        }
+    }
+    // AFF: every parameter trains, BN statistics of the kept branch moved
+    let aff = run(small("aff"), &enc, &d)?;
+    assert!(
+        aff.curve
+            .iter()
+            .all(|e| e.loss.is_finite() && e.natural_acc.is_some()),
+        "{:?}",
+        aff.curve
+    );
+    assert!(aff.metrics["train_acc_natural"].is_number());
+    let after = values(&aff.varmap);
+    for name in [
+        "encoder.conv1.weight",
+        "encoder.layer3.0.downsample.0.weight",
+        "pre_feature.0.weight",
+        "encoder.bn1.running_mean",
+        "pre_feature.1.running_var",
+    ] {
+        assert_ne!(
+            after.get(name),
+            before.get(name),
+            "AFF left {name} unchanged"
+        );
+    }
+    assert!(after.keys().all(|n| !n.contains(".pgd.")));
+    assert_eq!(
+        after.keys().cloned().collect::<Vec<_>>(),
+        expected_names(true)
+    );
+    Ok(())
+}
+
+#[test]
+fn aff_keeps_the_pgd_branch_under_the_plain_names() -> TestResult {
+    let d = data(32, 8);
+    let enc = EncoderWeights::from_varmap(&pretrain_encoder(5))?;
+    let mut t = Finetuner::new(
+        cfg(json!({"mode": "aff", "epochs": 1, "batch_size": 16, "pgd_steps": 1})),
+        &enc,
+        &d.train,
+        4,
+        &Device::Cpu,
+    )?;
+    t.train_epoch(&TrainHooks::default())?;
+    let dual = values(t.varmap());
+    // both branches started equal and trained on different inputs
+    assert_ne!(
+        dual["encoder.bn1.running_mean"],
+        dual["encoder.bn1.pgd.running_mean"]
+    );
+    assert_ne!(
+        dual["pre_feature.1.weight"],
+        dual["pre_feature.1.pgd.weight"]
+    );
+    let (vm, _) = t.finish()?;
+    let single = values(&vm);
+    for (name, bytes) in &single {
+        let pgd = name
+            .rsplit_once('.')
+            .map(|(m, p)| format!("{m}.pgd.{p}"))
+            .unwrap_or_default();
+        let want = dual.get(&pgd).unwrap_or(&dual[name]);
+        assert_eq!(bytes, want, "{name}");
+    }
+    assert_eq!(
+        single["encoder.bn1.running_mean"],
+        dual["encoder.bn1.pgd.running_mean"]
+    );
+    Ok(())
+}
+
+#[test]
+fn an_encoder_with_a_pgd_branch_is_read_through_it() -> TestResult {
+    // an ACL-style checkpoint: every BN tensor also under `<bn>.pgd.`, with other values
+    let src = pretrain_encoder(6);
+    let mut t: HashMap<String, Tensor> = HashMap::new();
+    for (n, v) in named_vars(&src) {
+        let tensor = v.as_tensor().clone();
+        let is_bn = n.starts_with("encoder.")
+            && named_vars(&src).iter().any(|(o, _)| {
+                n.rsplit_once('.')
+                    .is_some_and(|(m, _)| *o == format!("{m}.running_mean"))
+            });
+        if is_bn && tensor.dtype() == DType::F32 {
+            let (m, p) = n.rsplit_once('.').ok_or("name")?;
+            t.insert(format!("{m}.pgd.{p}"), (&tensor + 0.5)?);
+        }
+        t.insert(n, tensor);
+    }
+    let enc = EncoderWeights::from_tensors(t.clone())?;
+    assert!(enc.has_pgd_branch());
+    let d = data(16, 8);
+    let out = run(
+        cfg(json!({"mode": "slf", "epochs": 1, "batch_size": 8})),
+        &enc,
+        &d,
+    )?;
+    let got = values(&out.varmap);
+    assert_eq!(
+        got["encoder.bn1.running_var"],
+        bytes_of(&t["encoder.bn1.pgd.running_var"])
+    );
+    assert_eq!(
+        got["encoder.layer2.0.downsample.1.weight"],
+        bytes_of(&t["encoder.layer2.0.downsample.1.pgd.weight"])
+    );
+    assert_eq!(
+        got["encoder.conv1.weight"],
+        bytes_of(&t["encoder.conv1.weight"])
+    );
+    // pre_feature has no pgd branch in this checkpoint: its own tensors are read
+    assert_eq!(
+        got["pre_feature.1.running_mean"],
+        bytes_of(&t["pre_feature.1.running_mean"])
+    );
+    Ok(())
+}
+
+#[test]
+fn ncrop_head_records_its_views_and_evaluates() -> TestResult {
+    let d = data(32, 16);
+    let enc = EncoderWeights::from_varmap(&pretrain_encoder(1))?;
+    let out = run(
+        cfg(
+            json!({"mode": "slf", "head": "ncrop", "n_views": 2, "views": "patch", "epochs": 2, "batch_size": 16}),
+        ),
+        &enc,
+        &d,
+    )?;
+    let spec = out.classifier.spec().ncrop.ok_or("ncrop spec")?;
+    assert_eq!((spec.n_views, spec.scale), (2, [0.25, 0.25]));
+    assert_eq!(out.metrics["head"], json!("ncrop"));
+    let a = accuracy(&out.classifier, &d.test, 1, &Device::Cpu)?;
+    assert!((0.0..=1.0).contains(&a));
+    Ok(())
+}
+
+#[test]
+fn render_views_matches_the_multi_view_generator() -> TestResult {
+    // an image's views do not depend on the batch it is drawn with
+    let d = data(6, 2);
+    let spec = ncrop_spec(3, ViewKind::Crop);
+    let p = ncrop_pipeline(&spec);
+    let whole = crate::nn::augment::MultiView::new(crate::nn::augment::MultiViewConfig {
+        n_views: 3,
+        pipeline: p.clone(),
+        ..Default::default()
+    })?
+    .generate(
+        crate::nn::augment::ImageBatch::new(&d.train.images, 6, 32, 32)?,
+        9,
+        4,
+    )?;
+    let some = render_views(&p, 3, &d.train, &[4, 1], 9, 4)?;
+    let row = 3 * 32 * 32;
+    for (j, i) in [4usize, 1].into_iter().enumerate() {
+        for v in 0..3 {
+            assert_eq!(
+                &some[(v * 2 + j) * row..(v * 2 + j + 1) * row],
+                whole.get(v, i),
+                "view {v} of image {i}"
+            );
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn cancellation_and_a_diverging_run_fail_clearly() -> TestResult {
+    let d = data(16, 8);
+    let enc = EncoderWeights::from_varmap(&pretrain_encoder(1))?;
+    let hooks = TrainHooks {
+        cancelled: &|| true,
+        ..TrainHooks::default()
+    };
+    let c = cfg(json!({"mode": "alf", "epochs": 1, "batch_size": 8}));
+    let err = finetune(c, &enc, &d.train, 4, &Device::Cpu, &hooks)
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default();
+    assert!(err.contains("cancelled during epoch 0, batch 0"), "{err}");
+    let c = cfg(
+        json!({"mode": "slf", "epochs": 5, "batch_size": 8, "optimizer": "sgd", "lr": 1e38, "momentum": 0.9}),
+    );
+    let err = run(c, &enc, &d)
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default();
+    assert!(
+        err.starts_with("epoch ") && err.contains("the loss is"),
+        "{err}"
+    );
+    let c = cfg(json!({"mode": "slf", "batch_size": 64}));
+    let err = run(c, &enc, &d)
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default();
+    assert!(
+        err.contains("batch_size 64 is larger than the 16 training images"),
+        "{err}"
+    );
+    Ok(())
+}
+
+#[test]
+fn end_to_end_through_the_engine() -> TestResult {
+    use pipe_engine::{Overrides, graph, spec};
+    use std::sync::atomic::AtomicBool;
+    let tmp = TempDir::new("finetune-e2e");
+    let dir = tmp.path();
+    let yaml = "stages:
+  data:
+    kind: dataset
+    params: {source: synthetic, n_classes: 4, n_train: 48, n_test: 8, seed: 1}
+  pre:
+    kind: pretrain
+    inputs: {dataset: data}
+    params: {method: emp_ssl, n_views: 2, views: crop, batch_size: 16, epochs: 1, width: 8, hidden_dim: 32, z_dim: 16, seed: 2}
+  ft:
+    kind: finetune
+    inputs: {encoder: pre, dataset: data}
+    params: {mode: slf, epochs: 2, batch_size: 16, lr: 0.01, seed: 3}
+  ev:
+    kind: evaluate
+    inputs: {model: ft, dataset: data}
+    params: {attacks: [{eps: 8/255, steps: 1}], batch_size: 8}
+";
+    let file = dir.join("p.yaml");
+    std::fs::write(&file, yaml)?;
+    let mut reg = pipe_engine::Registry::new();
+    crate::register_all(&mut reg);
+    let store = pipe_cache::Store::open(dir.join("store"))?;
+    let p = spec::load(&file, &reg, &Overrides::default()).map_err(|e| format!("{e}"))?;
+    let plan =
+        pipe_engine::plan::plan(graph::build(p, &reg), &store, &[]).map_err(|e| format!("{e}"))?;
+    let opts = pipe_engine::RunOptions {
+        jobs: 1,
+        gpus: 0,
+        keep_going: false,
+        pipe_version: "test".into(),
+    };
+    let cancel = AtomicBool::new(false);
+    let s = pipe_engine::exec::run(&plan, &reg, &store, &opts, &cancel, &mut pipe_engine::Quiet);
+    assert!(!s.failed(), "{:?}", s.results);
+    let node = plan
+        .graph
+        .nodes
+        .iter()
+        .find(|n| n.id == "ft")
+        .ok_or("no ft node")?;
+    let entry = store.get(node.key.key())?.ok_or("ft not committed")?;
+    let names = crate::nn::checkpoint::tensor_names(entry.file(WEIGHTS_FILE)?)?;
+    assert_eq!(names, expected_names(true));
+    let (_, clf) = Classifier::load(
+        &entry.file(WEIGHTS_FILE)?,
+        &entry.file(SPEC_FILE)?,
+        &Device::Cpu,
+    )?;
+    assert_eq!(
+        (clf.spec().width, clf.spec().hidden_dim, clf.spec().classes),
+        (8, 32, 4)
+    );
+    let m: Value = serde_json::from_slice(&std::fs::read(entry.file("metrics.json")?)?)?;
+    assert_eq!(
+        (m["mode"].clone(), m["epochs"].clone(), m["n_train"].clone()),
+        (json!("slf"), json!(2), json!(48))
+    );
+    assert!(m["train_acc"].is_number() && m["train_loss"].is_number() && m["seconds"].is_number());
+    assert_eq!(m["curve"].as_array().map(Vec::len), Some(2));
+    // `evaluate` consumes the artifact as it is
+    let node = plan
+        .graph
+        .nodes
+        .iter()
+        .find(|n| n.id == "ev")
+        .ok_or("no ev node")?;
+    let entry = store.get(node.key.key())?.ok_or("ev not committed")?;
+    let m: Value = serde_json::from_slice(&std::fs::read(entry.file("metrics.json")?)?)?;
+    let (clean, pgd) = (
+        m["clean_acc"].as_f64().ok_or("clean_acc")?,
+        m["pgd_linf_8/255_acc"].as_f64().ok_or("pgd acc")?,
+    );
+    assert!((0.0..=1.0).contains(&clean) && pgd <= clean, "{m}");
+    Ok(())
+}
