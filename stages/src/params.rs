@@ -139,6 +139,33 @@ impl Checks {
     }
 }
 
+/// Writes pretty JSON with a final newline (every kind's `metrics.json`).
+///
+/// # Errors
+/// Serialisation or I/O errors, naming the file.
+pub fn write_json(path: &std::path::Path, v: &Value) -> Result<(), pipe_engine::BoxError> {
+    let mut text = serde_json::to_string_pretty(v)?;
+    text.push('\n');
+    std::fs::write(path, text).map_err(|e| format!("{}: {e}", path.display()).into())
+}
+
+/// A kind's keyed params: the serialized params with `device` replaced by its backend (the
+/// backend changes the numbers, the ordinal does not).
+pub fn key_with_backend<P: serde::Serialize>(p: &P, device: crate::device::DeviceSpec) -> Value {
+    let mut v = serde_json::to_value(p).unwrap_or(Value::Null);
+    if let Value::Object(m) = &mut v {
+        m.insert("device".into(), Value::from(device.backend()));
+    }
+    v
+}
+
+/// The scheduler resources of a node on `device` (a CUDA node holds a GPU).
+pub fn device_resources(device: crate::device::DeviceSpec) -> pipe_engine::Resources {
+    pipe_engine::Resources {
+        gpu: device.backend() == "cuda",
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

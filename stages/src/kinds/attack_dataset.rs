@@ -352,12 +352,7 @@ impl TypedStage for AttackDataset {
     }
 
     fn key_params(p: &AttackDatasetParams) -> Value {
-        let mut v = serde_json::to_value(p).unwrap_or(Value::Null);
-        if let Value::Object(m) = &mut v {
-            // the backend changes the numbers, the ordinal does not
-            m.insert("device".into(), Value::from(p.device.backend()));
-        }
-        v
+        crate::params::key_with_backend(p, p.device)
     }
 
     fn outputs(_: &AttackDatasetParams) -> Vec<String> {
@@ -365,9 +360,7 @@ impl TypedStage for AttackDataset {
     }
 
     fn resources(p: &AttackDatasetParams) -> Resources {
-        Resources {
-            gpu: p.device.backend() == "cuda",
-        }
+        crate::params::device_resources(p.device)
     }
 
     fn run(p: &AttackDatasetParams, ctx: &mut StageCtx<'_>) -> Result<(), BoxError> {
@@ -401,7 +394,7 @@ impl TypedStage for AttackDataset {
         out.set.attack = record.clone();
         out.set.write(&ctx.out_path(ADVERSARIAL_FILE))?;
         let metrics = metrics_json(&out, &record, p.device.backend());
-        evaluate::write_json(&ctx.out_path("metrics.json"), &metrics)?;
+        crate::params::write_json(&ctx.out_path("metrics.json"), &metrics)?;
         ctx.log(format!("done: {metrics}"));
         Ok(())
     }

@@ -19,7 +19,7 @@
 //! `std` of the train pixels in `[0, 1]` (population std).
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use pipe_engine::{BoxError, External, NormalizeCtx, ParamError, Slots, StageCtx, TypedStage};
 use serde::{Deserialize, Serialize};
@@ -355,8 +355,8 @@ impl TypedStage for Dataset {
         let d = d.balanced_subset(p.train_per_class, p.test_per_class, p.seed)?;
         hooks.check()?;
         write_dataset(&ctx.out_path(data::tensor_io::DATA_FILE), &d)?;
-        write_json(&ctx.out_path("classes.json"), &json!(d.classes))?;
-        write_json(&ctx.out_path("metrics.json"), &metrics(&d))?;
+        crate::params::write_json(&ctx.out_path("classes.json"), &json!(d.classes))?;
+        crate::params::write_json(&ctx.out_path("metrics.json"), &metrics(&d))?;
         ctx.log(format!(
             "{} train / {} test images of {} classes, {}x{}; {skipped} non-image files skipped",
             d.train.n,
@@ -369,11 +369,6 @@ impl TypedStage for Dataset {
     }
 }
 
-fn write_json(path: &Path, v: &Value) -> Result<(), BoxError> {
-    let mut text = serde_json::to_string_pretty(v)?;
-    text.push('\n');
-    std::fs::write(path, text).map_err(|e| format!("{}: {e}", path.display()).into())
-}
 
 /// The `metrics.json` of a dataset.
 pub fn metrics(d: &data::Dataset) -> Value {
@@ -399,6 +394,7 @@ pub fn metrics(d: &data::Dataset) -> Value {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::path::Path;
     use crate::data::testutil::TempDir;
     use pipe_engine::{Overrides, Registry, StatCache, graph, spec};
     use std::sync::atomic::AtomicBool;

@@ -85,7 +85,6 @@ pub use runner::{
     subset_indices,
 };
 
-use std::path::Path;
 use std::time::Instant;
 
 use pipe_engine::{
@@ -375,12 +374,6 @@ pub(crate) fn load_data(ctx: &StageCtx<'_>, clf: &Classifier) -> Result<data::Da
     Ok(d)
 }
 
-/// Writes pretty JSON with a final newline.
-pub(crate) fn write_json(path: &Path, v: &Value) -> Result<(), BoxError> {
-    let mut text = serde_json::to_string_pretty(v)?;
-    text.push('\n');
-    std::fs::write(path, text).map_err(|e| format!("{}: {e}", path.display()).into())
-}
 
 impl TypedStage for Evaluate {
     const KIND: &'static str = "evaluate";
@@ -446,12 +439,7 @@ impl TypedStage for Evaluate {
     }
 
     fn key_params(p: &EvaluateParams) -> Value {
-        let mut v = serde_json::to_value(p).unwrap_or(Value::Null);
-        if let Value::Object(m) = &mut v {
-            // the backend changes the numbers, the ordinal does not
-            m.insert("device".into(), Value::from(p.device.backend()));
-        }
-        v
+        crate::params::key_with_backend(p, p.device)
     }
 
     fn outputs(_: &EvaluateParams) -> Vec<String> {
@@ -459,9 +447,7 @@ impl TypedStage for Evaluate {
     }
 
     fn resources(p: &EvaluateParams) -> Resources {
-        Resources {
-            gpu: p.device.backend() == "cuda",
-        }
+        crate::params::device_resources(p.device)
     }
 
     fn run(p: &EvaluateParams, ctx: &mut StageCtx<'_>) -> Result<(), BoxError> {
@@ -542,7 +528,7 @@ impl TypedStage for Evaluate {
             start.elapsed().as_secs_f64(),
             p.device.backend(),
         );
-        write_json(&ctx.out_path("metrics.json"), &metrics)?;
+        crate::params::write_json(&ctx.out_path("metrics.json"), &metrics)?;
         ctx.log(format!("done: {metrics}"));
         Ok(())
     }

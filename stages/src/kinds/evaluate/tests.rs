@@ -1,4 +1,5 @@
 use super::*;
+use std::path::Path;
 use crate::kinds::evaluate::testutil;
 use crate::nn::augment::{EmpConfig, ImageBatch};
 use crate::nn::classifier::NcropSpec;

@@ -98,7 +98,6 @@ pub use trainer::{
     ncrop_pipeline, ncrop_spec, render_views,
 };
 
-use std::path::Path;
 
 use pipe_engine::{BoxError, NormalizeCtx, ParamError, Resources, Slots, StageCtx, TypedStage};
 use serde::{Deserialize, Serialize};
@@ -499,12 +498,7 @@ impl TypedStage for Finetune {
     }
 
     fn key_params(p: &FinetuneParams) -> Value {
-        let mut v = serde_json::to_value(p).unwrap_or(Value::Null);
-        if let Value::Object(m) = &mut v {
-            // the backend changes the numbers, the ordinal does not
-            m.insert("device".into(), Value::from(p.device.backend()));
-        }
-        v
+        crate::params::key_with_backend(p, p.device)
     }
 
     fn outputs(_: &FinetuneParams) -> Vec<String> {
@@ -515,9 +509,7 @@ impl TypedStage for Finetune {
     }
 
     fn resources(p: &FinetuneParams) -> Resources {
-        Resources {
-            gpu: p.device.backend() == "cuda",
-        }
+        crate::params::device_resources(p.device)
     }
 
     fn run(p: &FinetuneParams, ctx: &mut StageCtx<'_>) -> Result<(), BoxError> {
@@ -556,7 +548,7 @@ impl TypedStage for Finetune {
         let (varmap, clf) = t.finish()?;
         clf.save(&varmap, ctx.out_dir())?;
         let metrics = t.metrics(p.device.backend());
-        write_json(&ctx.out_path("metrics.json"), &metrics)?;
+        crate::params::write_json(&ctx.out_path("metrics.json"), &metrics)?;
         ctx.log(format!(
             "done: train loss {} train acc {} in {:.1} s",
             metrics["train_loss"], metrics["train_acc"], metrics["seconds"]
@@ -573,11 +565,6 @@ fn mode_name(m: Mode) -> &'static str {
     }
 }
 
-fn write_json(path: &Path, v: &Value) -> Result<(), BoxError> {
-    let mut text = serde_json::to_string_pretty(v)?;
-    text.push('\n');
-    std::fs::write(path, text).map_err(|e| format!("{}: {e}", path.display()).into())
-}
 
 #[cfg(test)]
 mod tests;

@@ -1,4 +1,5 @@
 use super::*;
+use std::path::Path;
 use crate::data::testutil::TempDir;
 use crate::data::{Dataset, SyntheticConfig, synthetic};
 use crate::nn::classifier::Classifier;

@@ -518,12 +518,7 @@ impl TypedStage for Pretrain {
     }
 
     fn key_params(p: &PretrainParams) -> Value {
-        let mut v = serde_json::to_value(p).unwrap_or(Value::Null);
-        if let Value::Object(m) = &mut v {
-            // the backend changes the numbers, the ordinal does not
-            m.insert("device".into(), Value::from(p.device.backend()));
-        }
-        v
+        crate::params::key_with_backend(p, p.device)
     }
 
     fn outputs(_: &PretrainParams) -> Vec<String> {
@@ -534,9 +529,7 @@ impl TypedStage for Pretrain {
     }
 
     fn resources(p: &PretrainParams) -> Resources {
-        Resources {
-            gpu: p.device.backend() == "cuda",
-        }
+        crate::params::device_resources(p.device)
     }
 
     fn run(p: &PretrainParams, ctx: &mut StageCtx<'_>) -> Result<(), BoxError> {
@@ -573,7 +566,7 @@ impl TypedStage for Pretrain {
         trainer.save_encoder(&ctx.out_path(ENCODER_FILE))?;
         write_curve(&ctx.out_path(CURVE_FILE), trainer.curve())?;
         let metrics = trainer.metrics(p.device.backend());
-        write_json(&ctx.out_path("metrics.json"), &metrics)?;
+        crate::params::write_json(&ctx.out_path("metrics.json"), &metrics)?;
         ctx.log(format!("done: {metrics}"));
         Ok(())
     }
@@ -588,11 +581,6 @@ fn write_curve(path: &Path, curve: &[EpochStats]) -> Result<(), BoxError> {
     std::fs::write(path, text).map_err(|e| format!("{}: {e}", path.display()).into())
 }
 
-fn write_json(path: &Path, v: &Value) -> Result<(), BoxError> {
-    let mut text = serde_json::to_string_pretty(v)?;
-    text.push('\n');
-    std::fs::write(path, text).map_err(|e| format!("{}: {e}", path.display()).into())
-}
 
 /// The `metrics.json` of a finished run.
 pub fn metrics_json(cfg: &PretrainConfig, curve: &[EpochStats], steps: usize, n_train: usize, device: &str) -> Value {
