@@ -11,3 +11,4 @@ mod errors;
 mod failures;
 mod gc;
 mod pretrain;
+mod report;

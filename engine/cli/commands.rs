@@ -219,6 +219,12 @@ pub fn dispatch(cli: Cli) -> Result<u8> {
                 } else {
                     "missing"
                 };
+                // A report's table, printed as Markdown under its row.
+                let table = entry.as_ref().and_then(|e| {
+                    e.file("table.md")
+                        .ok()
+                        .and_then(|p| std::fs::read_to_string(p).ok())
+                });
                 let metrics = entry.as_ref().and_then(|e| {
                     e.file("metrics.json")
                         .ok()
@@ -234,6 +240,7 @@ pub fn dispatch(cli: Cli) -> Result<u8> {
                     "metrics": metrics,
                     "path": entry.as_ref().map(|e| e.dir.display().to_string()),
                     "params": n.params,
+                    "table": table,
                 }));
             }
             if json {
@@ -260,6 +267,9 @@ pub fn dispatch(cli: Cli) -> Result<u8> {
                         for (k, v) in m {
                             println!("           {k} = {v}");
                         }
+                    }
+                    if let Some(t) = r["table"].as_str() {
+                        println!("\n{t}");
                     }
                 }
             }

@@ -448,6 +448,7 @@ fn run_node(
         cancel,
         report,
         log: Mutex::new(log),
+        store,
     };
     let result = catch_unwind(AssertUnwindSafe(|| kind.run(&node.params, &mut ctx)));
     drop(ctx);

@@ -230,6 +230,7 @@ pub struct StageCtx<'a> {
     pub(crate) cancel: &'a AtomicBool,
     pub(crate) report: &'a (dyn Fn(StageEvent) + Sync),
     pub(crate) log: Mutex<File>,
+    pub(crate) store: &'a pipe_cache::Store,
 }
 
 impl<'a> StageCtx<'a> {
@@ -275,6 +276,15 @@ impl<'a> StageCtx<'a> {
     /// All artifacts connected to `slot` (empty when unconnected).
     pub fn inputs(&self, slot: &str) -> &[Artifact] {
         self.inputs.get(slot).map(Vec::as_slice).unwrap_or(&[])
+    }
+    /// A committed entry of the store by key: how a stage follows the provenance of its inputs
+    /// (`manifest.meta.inputs` holds the keys an entry was computed from). `None` when the key
+    /// is not committed (an ancestor removed by `pipe gc`).
+    ///
+    /// # Errors
+    /// When the entry's manifest is unreadable or corrupt.
+    pub fn entry(&self, key: &pipe_cache::Key) -> Result<Option<Artifact>, BoxError> {
+        Ok(self.store.get(key)?)
     }
     /// Every connected slot with its artifacts.
     pub fn all_inputs(&self) -> &BTreeMap<String, Vec<Artifact>> {

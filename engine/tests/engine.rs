@@ -550,6 +550,25 @@ stages:
     assert_eq!(e.line, Some(9));
 }
 
+#[test]
+fn x_fields_hold_anchors_and_other_top_level_fields_are_errors() {
+    let yaml = "\
+x-base: &base {text: hi, n: 3}
+x-stage: &st
+  kind: echo
+stages:
+  a: {<<: *st, params: *base}
+";
+    let p = parse(yaml).expect("x- fields are ignored");
+    assert_eq!(
+        p.stages[0].grid[0].params,
+        json!({"text": "hi", "n": 3, "x": 0.0})
+    );
+    let e = one_error("extras: 1\nstages:\n  a: {kind: echo}\n");
+    assert_eq!(e.path, "extras");
+    assert!(e.message.contains("`x-`"), "{}", e.message);
+}
+
 // ---------------------------------------------------------------------------------------------
 // 2. sweeps and the graph
 // ---------------------------------------------------------------------------------------------

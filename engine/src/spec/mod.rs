@@ -6,6 +6,9 @@
 //! each kind's typed params, unknown / mistyped / out-of-range params. Each error carries the
 //! file, the line and column (from [`locate::Locator`]), the YAML path and what was expected.
 //!
+//! Top-level fields named `x-...` are ignored: they hold YAML anchors that stages merge
+//! (`<<: *linear`) or reference (`columns: *columns`).
+//!
 //! Params of one stage are layered, later wins: `defaults.<kind>` < `params` < a variant <
 //! a sweep point < `--set`. Each point of a stage's own grid (variants x sweep) is normalized
 //! here once; fan-out over upstream variants happens in [`crate::graph`].
@@ -385,9 +388,14 @@ fn parse_inner(
                 Some(m) => stages_raw = Some(m),
                 None => ctx.err("stages", "expected a mapping of stage id -> stage"),
             },
+            // Extension fields hold YAML anchors shared by stages (`x-columns: &columns`).
+            Some(other) if other.starts_with("x-") => {}
             Some(other) => ctx.err(
                 other,
-                format!("unknown field `{other}`, expected one of `name`, `defaults`, `stages`"),
+                format!(
+                    "unknown field `{other}`, expected one of `name`, `defaults`, `stages` \
+                     (or an `x-` field holding YAML anchors)"
+                ),
             ),
             None => ctx.err("", "expected string keys at the top level"),
         }

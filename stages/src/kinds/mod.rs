@@ -5,4 +5,5 @@ pub mod pretrain;
 pub mod evaluate;
 pub mod attack_dataset;
 pub mod finetune;
+pub mod report;
 pub mod shell;
