@@ -7,6 +7,24 @@
 //! - `imagefolder`: `train/<class>/*.{jpg,jpeg,png}` and `test/<class>/*` under `root`, a folder
 //!   or a `.tar` / `.tar.gz` read without unpacking.
 //! - `synthetic`: seeded coloured shapes (`n_classes`, `n_train`, `n_test`), no `root`.
+//! - `auto`: one of `cifar10`, `cifar100` or `imagefolder`, decided at plan time from what is
+//!   at `root` ([`detect_source`]) and written into the normalized params, so `auto` keys
+//!   exactly as the concrete source written by hand:
+//!
+//! | at `root` | resolves to |
+//! |---|---|
+//! | a folder holding `data_batch_1.bin` or `test_batch.bin`, a `cifar-10-batches-bin/` folder or a `cifar-10-binary.tar.gz` | `cifar10` |
+//! | the same for CIFAR-100 (`train.bin` / `test.bin`, `cifar-100-binary/`, `cifar-100-binary.tar.gz`) | `cifar100` |
+//! | a `.tar.gz` / `.tgz` / `.tar` named like the official archive, or whose first entry is under `cifar-10-batches-bin/` (`cifar-100-binary/`) | `cifar10` (`cifar100`) |
+//! | nothing (no such path, or an empty folder) with `download: true` | `cifar10` |
+//! | a folder with `train/` and `test/` sub-folders (or one wrapping folder holding them) | `imagefolder` |
+//! | any other `.tar` / `.tar.gz` / `.tgz` | `imagefolder` |
+//!
+//! Anything else (a missing path without `download`, a folder holding neither layout or both,
+//! another kind of file) is an error on `root` naming the resolved path and what was expected.
+//! The resolved params are checked again, so what the resolved source does not take
+//! (`download` for an image folder, another `image_size` for CIFAR) fails as if written. Only
+//! the first tar block of an archive is read to decide.
 //!
 //! `root` may use `${VAR}` / `${VAR:-default}` and is relative to the pipeline file. The key
 //! holds the *content* of what is read (the CIFAR folder or archive, the image folder or
@@ -19,7 +37,7 @@
 //! `std` of the train pixels in `[0, 1]` (population std).
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use pipe_engine::{BoxError, External, NormalizeCtx, ParamError, Slots, StageCtx, TypedStage};
 use serde::{Deserialize, Serialize};
@@ -48,6 +66,8 @@ pub enum Source {
     Synthetic,
     /// CIFAR-10 from the Hugging Face hub (`--features hub`; network needed).
     Hf,
+    /// `cifar10`, `cifar100` or `imagefolder`, whichever `root` holds (resolved at plan time).
+    Auto,
 }
 
 impl Source {
@@ -65,6 +85,7 @@ impl Source {
             Source::Imagefolder => "imagefolder",
             Source::Synthetic => "synthetic",
             Source::Hf => "hf",
+            Source::Auto => "auto",
         }
     }
 }
@@ -205,7 +226,7 @@ impl TypedStage for Dataset {
                 }
             }
         }
-        if p.download && p.source.cifar().is_none() {
+        if p.download && p.source.cifar().is_none() && p.source != Source::Auto {
             e.push(ParamError::new(
                 "download",
                 format!("only cifar10 and cifar100 can be downloaded, not {src}"),
@@ -256,6 +277,16 @@ impl TypedStage for Dataset {
         let expanded =
             pipe_engine::value::expand_env(raw).map_err(|e| vec![ParamError::new("root", e)])?;
         let mut root = ctx.pipeline_dir.join(expanded);
+        if p.source == Source::Auto {
+            p.source =
+                detect_source(&root, p.download).map_err(|e| vec![ParamError::new("root", e)])?;
+            // what the resolved source does not accept (`download` of an image folder,
+            // `image_size` of CIFAR) fails as if it had been written
+            let errors = Self::check(&p);
+            if !errors.is_empty() {
+                return Err(errors);
+            }
+        }
         // CIFAR without download: key exactly what is read (the `.bin` folder or the archive),
         // so `data/` and `data/cifar-10-batches-bin` share a key and other files in `data/`
         // do not count
@@ -332,6 +363,11 @@ impl TypedStage for Dataset {
                 #[cfg(not(feature = "hub"))]
                 return Err("source hf needs pipe built with `--features hub`".into());
             }
+            Source::Auto => {
+                return Err(
+                    "internal: source auto is resolved when the pipeline is planned".into(),
+                );
+            }
             Source::Imagefolder => {
                 let root = p.root_path()?;
                 let f = read_image_folder(&root, &opts, &hooks)?;
@@ -369,6 +405,132 @@ impl TypedStage for Dataset {
     }
 }
 
+/// The CIFAR sources `auto` can resolve to, with the release layout of each.
+const CIFAR_DIRS: [(Source, CifarKind); 2] = [
+    (Source::Cifar10, CifarKind::Cifar10),
+    (Source::Cifar100, CifarKind::Cifar100),
+];
+
+/// What `source: auto` resolves to for `root` (see the module docs' table).
+///
+/// # Errors
+/// A message naming `root` and what was expected, when it holds none of the layouts (or
+/// both a CIFAR release and an image folder).
+pub fn detect_source(root: &Path, download: bool) -> Result<Source, String> {
+    let expected = "expected the CIFAR-10 (or CIFAR-100) binary release (a folder holding \
+                    data_batch_1.bin, its parent holding cifar-10-batches-bin/, or \
+                    cifar-10-binary.tar.gz), an image folder with train/ and test/ sub-folders \
+                    or a .tar / .tar.gz of one, or nothing at root with `download: true`";
+    let shown = root.display();
+    let meta = match std::fs::metadata(root) {
+        Ok(m) => m,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return if download {
+                Ok(Source::Cifar10)
+            } else {
+                Err(format!("source auto: {shown} does not exist; {expected}"))
+            };
+        }
+        Err(e) => return Err(format!("source auto: reading {shown}: {e}")),
+    };
+    if meta.is_file() {
+        return detect_archive(root)
+            .map_err(|why| format!("source auto: {shown} {why}; {expected}"));
+    }
+    let cifar: Vec<Source> = CIFAR_DIRS
+        .iter()
+        .filter(|(_, kind)| cifar::locate(*kind, root).is_ok())
+        .map(|(s, _)| *s)
+        .collect();
+    let folder = is_image_folder(root);
+    match (cifar.as_slice(), folder) {
+        ([s], false) => Ok(*s),
+        ([], true) => Ok(Source::Imagefolder),
+        ([], false) if download && is_empty_dir(root) => Ok(Source::Cifar10),
+        ([], false) => Err(format!(
+            "source auto: {shown} holds neither layout; {expected}"
+        )),
+        _ => Err(format!(
+            "source auto: {shown} holds more than one dataset ({}{}); write `source` out",
+            cifar
+                .iter()
+                .map(|s| s.name())
+                .collect::<Vec<_>>()
+                .join(", "),
+            if folder { ", imagefolder" } else { "" }
+        )),
+    }
+}
+
+/// Whether `dir` (or its single non-hidden sub-folder, as the ImageFolder reader allows)
+/// has both `train/` and `test/`.
+fn is_image_folder(dir: &Path) -> bool {
+    let both = |d: &Path| d.join("train").is_dir() && d.join("test").is_dir();
+    if both(dir) {
+        return true;
+    }
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return false;
+    };
+    let subdirs: Vec<PathBuf> = entries
+        .filter_map(std::result::Result::ok)
+        .filter(|e| !e.file_name().to_string_lossy().starts_with('.') && e.path().is_dir())
+        .map(|e| e.path())
+        .collect();
+    matches!(subdirs.as_slice(), [one] if both(one))
+}
+
+fn is_empty_dir(dir: &Path) -> bool {
+    std::fs::read_dir(dir).is_ok_and(|mut e| e.next().is_none())
+}
+
+/// A file `root`: the official CIFAR archive (by name, or by the top folder of its first
+/// entry) or another tar archive (an image folder); the error says why not.
+fn detect_archive(root: &Path) -> Result<Source, String> {
+    let name = root
+        .file_name()
+        .map(|n| n.to_string_lossy().to_lowercase())
+        .unwrap_or_default();
+    if let Some((s, _)) = CIFAR_DIRS.iter().find(|(_, k)| name == k.archive_name()) {
+        return Ok(*s);
+    }
+    if ![".tar", ".tar.gz", ".tgz"]
+        .iter()
+        .any(|e| name.ends_with(e))
+    {
+        return Err("is a file but not a .tar / .tar.gz / .tgz archive".into());
+    }
+    let top = archive_top(root).map_err(|e| format!("cannot be read as a tar archive: {e}"))?;
+    Ok(CIFAR_DIRS
+        .iter()
+        .find(|(_, k)| top.as_deref() == Some(k.dir_name()))
+        .map_or(Source::Imagefolder, |(s, _)| *s))
+}
+
+/// The first path component of the first entry of a `.tar` or gzip-compressed tar (only
+/// its first block is read); `None` for an empty archive.
+fn archive_top(path: &Path) -> std::io::Result<Option<String>> {
+    use std::io::Read;
+    let mut f = std::fs::File::open(path)?;
+    let mut magic = [0u8; 2];
+    let gz = f.read(&mut magic)? == 2 && magic == [0x1f, 0x8b];
+    let f = std::fs::File::open(path)?;
+    let reader: Box<dyn Read> = if gz {
+        Box::new(flate2::read::GzDecoder::new(std::io::BufReader::new(f)))
+    } else {
+        Box::new(std::io::BufReader::new(f))
+    };
+    let mut tar = tar::Archive::new(reader);
+    let Some(entry) = tar.entries()?.next() else {
+        return Ok(None);
+    };
+    let entry = entry?;
+    let path = entry.path()?;
+    Ok(path.components().find_map(|c| match c {
+        std::path::Component::Normal(n) => Some(n.to_string_lossy().into_owned()),
+        _ => None,
+    }))
+}
 
 /// The `metrics.json` of a dataset.
 pub fn metrics(d: &data::Dataset) -> Value {
@@ -394,9 +556,9 @@ pub fn metrics(d: &data::Dataset) -> Value {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::path::Path;
     use crate::data::testutil::TempDir;
     use pipe_engine::{Overrides, Registry, StatCache, graph, spec};
+    use std::path::Path;
     use std::sync::atomic::AtomicBool;
 
     fn registry() -> Registry {
@@ -647,5 +809,181 @@ mod tests {
             "only the .bin folder is keyed"
         );
         assert_eq!(k, node_key(dir, &yaml("data/cifar-10-batches-bin")));
+    }
+
+    /// A fake CIFAR-10 binary release (one record per file) in `dir/cifar-10-batches-bin`.
+    fn fake_cifar(dir: &Path) -> PathBuf {
+        let bins = dir.join("cifar-10-batches-bin");
+        std::fs::create_dir_all(&bins).expect("mkdir");
+        for f in CifarKind::Cifar10
+            .train_files()
+            .iter()
+            .chain(&["test_batch.bin"])
+        {
+            let mut rec = vec![1u8];
+            rec.extend(std::iter::repeat_n(9u8, data::cifar::PIXELS));
+            std::fs::write(bins.join(f), rec).expect("write");
+        }
+        bins
+    }
+
+    /// `dir` as a `.tar.gz` whose entries start with `top/`.
+    fn tar_gz_of(dir: &Path, top: &str, out: &Path) {
+        let f = std::fs::File::create(out).expect("create");
+        let gz = flate2::write::GzEncoder::new(f, flate2::Compression::fast());
+        let mut t = tar::Builder::new(gz);
+        t.append_dir_all(top, dir).expect("append");
+        t.into_inner().expect("tar").finish().expect("gz");
+    }
+
+    /// Asserts that `auto` at `root` normalizes, keys and (through the engine) node-keys exactly
+    /// as `source` written out.
+    fn assert_auto_is(root: &Path, extra: Value, source: &str) {
+        let reg = registry();
+        let kind = reg.get("dataset").expect("registered");
+        let with = |src: &str| {
+            let mut v = json!({"source": src, "root": root.display().to_string(), "seed": 3});
+            if let (Value::Object(m), Value::Object(e)) = (&mut v, &extra) {
+                m.extend(e.clone());
+            }
+            v
+        };
+        let auto =
+            normalize(with("auto")).unwrap_or_else(|e| panic!("auto at {}: {e:?}", root.display()));
+        let explicit = normalize(with(source)).expect("explicit source");
+        assert_eq!(auto, explicit, "{}", root.display());
+        assert_eq!(auto["source"], json!(source));
+        assert_eq!(normalize(auto.clone()).expect("fixed point"), auto);
+        assert_eq!(kind.key_params(&auto), kind.key_params(&explicit));
+        assert_eq!(kind.externals(&auto), kind.externals(&explicit));
+        let dir = root.parent().unwrap_or(root);
+        let yaml = |v: &Value| format!("stages:\n  data: {{kind: dataset, params: {v}}}\n");
+        assert_eq!(
+            node_key(dir, &yaml(&with("auto"))),
+            node_key(dir, &yaml(&with(source))),
+            "{}",
+            root.display()
+        );
+    }
+
+    fn auto_error(root: &Path, download: bool) -> String {
+        let v = json!({"source": "auto", "root": root.display().to_string(), "download": download});
+        let e = normalize(v).expect_err("undecidable");
+        assert_eq!(e.len(), 1, "{e:?}");
+        assert_eq!(e[0].path, "root");
+        e[0].message.clone()
+    }
+
+    #[test]
+    fn auto_resolves_an_image_folder_like_the_explicit_source() {
+        let tmp = TempDir::new("dataset-auto-folder");
+        let dir = tmp.path();
+        let mut files = Vec::new();
+        for split in ["train", "test"] {
+            for class in ["cat", "ant"] {
+                files.push((format!("{split}/{class}/0.png"), png(3)));
+            }
+        }
+        for (p, b) in &files {
+            let path = dir.join("imgs").join(p);
+            std::fs::create_dir_all(path.parent().expect("parent")).expect("mkdir");
+            std::fs::write(path, b).expect("write");
+        }
+        assert_auto_is(&dir.join("imgs"), json!({}), "imagefolder");
+        // one wrapping folder, as the reader allows
+        std::fs::create_dir_all(dir.join("wrapped")).expect("mkdir");
+        std::fs::rename(dir.join("imgs"), dir.join("wrapped/cifar")).expect("move");
+        assert_auto_is(
+            &dir.join("wrapped"),
+            json!({"train_per_class": 1}),
+            "imagefolder",
+        );
+        // archives that are not the CIFAR binary release
+        std::fs::write(dir.join("a.tar"), tar_of(&files)).expect("write");
+        assert_auto_is(&dir.join("a.tar"), json!({}), "imagefolder");
+        tar_gz_of(&dir.join("wrapped/cifar"), "cifar", &dir.join("b.tar.gz"));
+        assert_auto_is(&dir.join("b.tar.gz"), json!({}), "imagefolder");
+        // what imagefolder does not take fails as if it were written
+        let e = normalize(
+            json!({"source": "auto", "root": dir.join("a.tar").display().to_string(),
+                                 "download": true}),
+        )
+        .expect_err("download of an image folder");
+        assert_eq!(e[0].path, "download");
+    }
+
+    #[test]
+    fn auto_resolves_a_cifar_binary_release_like_the_explicit_source() {
+        let tmp = TempDir::new("dataset-auto-cifar");
+        let dir = tmp.path();
+        let bins = fake_cifar(&dir.join("data"));
+        assert_auto_is(&bins, json!({}), "cifar10");
+        assert_auto_is(&dir.join("data"), json!({}), "cifar10");
+        // the official archive, by name and (renamed) by its content
+        std::fs::create_dir_all(dir.join("arch")).expect("mkdir");
+        let official = dir.join("arch").join(CifarKind::Cifar10.archive_name());
+        tar_gz_of(&bins, "cifar-10-batches-bin", &official);
+        assert_auto_is(&official, json!({}), "cifar10");
+        assert_auto_is(&dir.join("arch"), json!({}), "cifar10");
+        std::fs::copy(&official, dir.join("renamed.tgz")).expect("copy");
+        assert_auto_is(&dir.join("renamed.tgz"), json!({}), "cifar10");
+        // CIFAR rules still apply after the resolution
+        let e = normalize(json!({"source": "auto", "root": bins.display().to_string(),
+                                 "image_size": 64}))
+        .expect_err("cifar is 32x32");
+        assert_eq!(e[0].path, "image_size");
+        // download with nothing at root: CIFAR-10, keyed by the official md5 as written out
+        assert_auto_is(&dir.join("not-yet"), json!({"download": true}), "cifar10");
+        std::fs::create_dir_all(dir.join("empty")).expect("mkdir");
+        assert_auto_is(&dir.join("empty"), json!({"download": true}), "cifar10");
+    }
+
+    #[test]
+    fn auto_on_an_unknown_layout_is_an_error_on_root() {
+        let tmp = TempDir::new("dataset-auto-bad");
+        let dir = tmp.path();
+        let missing = dir.join("nothing-here");
+        let e = auto_error(&missing, false);
+        assert!(
+            e.contains(&missing.display().to_string())
+                && e.contains("does not exist")
+                && e.contains("expected the CIFAR-10"),
+            "{e}"
+        );
+        std::fs::create_dir_all(dir.join("empty")).expect("mkdir");
+        let e = auto_error(&dir.join("empty"), false);
+        assert!(
+            e.contains("holds neither layout") && e.contains("train/ and test/"),
+            "{e}"
+        );
+        std::fs::create_dir_all(dir.join("half/train/cat")).expect("mkdir");
+        let e = auto_error(&dir.join("half"), true);
+        assert!(e.contains("holds neither layout"), "{e}");
+        std::fs::write(dir.join("notes.txt"), "x").expect("write");
+        let e = auto_error(&dir.join("notes.txt"), false);
+        assert!(e.contains("is a file but not a .tar"), "{e}");
+        std::fs::write(dir.join("broken.tar.gz"), "not gzip").expect("write");
+        let e = auto_error(&dir.join("broken.tar.gz"), false);
+        assert!(e.contains("cannot be read as a tar archive"), "{e}");
+        // both layouts in one folder
+        std::fs::create_dir_all(dir.join("both/train")).expect("mkdir");
+        std::fs::create_dir_all(dir.join("both/test")).expect("mkdir");
+        fake_cifar(&dir.join("both"));
+        let e = auto_error(&dir.join("both"), false);
+        assert!(
+            e.contains("more than one dataset (cifar10, imagefolder)"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn auto_reads_the_shared_cifar10_jpeg_archive_as_an_image_folder() {
+        let path =
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/data/cifar10-jpeg.tar.gz");
+        if !path.is_file() {
+            eprintln!("skipped: {} is missing", path.display());
+            return;
+        }
+        assert_eq!(detect_source(&path, false), Ok(Source::Imagefolder));
     }
 }

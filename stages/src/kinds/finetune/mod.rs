@@ -11,11 +11,14 @@
 //!   once (no augmentation, or the n-crop head, whose views are drawn once) or once per epoch
 //!   (`augment: true`), and the head trains on rows of that cache.
 //! - `alf`: the same trainable set and frozen encoder, on l_inf PGD examples (`pgd_steps`
-//!   steps of `alpha` in the `eps` ball, uniform random start clamped to the box, CE through
-//!   encoder + head in eval mode, the attack on a detached copy of the current weights).
+//!   steps of `alpha` in the `eps` ball, uniform random start `U(−eps, eps)`, not clamped to
+//!   the box before the first forward unless `faithful.q31` is off, projected onto the ball and
+//!   `[0, 1]` after every step, CE through encoder + head in eval mode, the attack on a
+//!   detached copy of the current weights).
 //! - `aff`: every parameter, TRADES (`CE(f(x), y) + beta · KL(f(x) ‖ f(x̃))`): `x̃` starts at
-//!   `x + 0.001 · N(0, 1)` and takes `pgd_steps` sign steps of `alpha` that maximise the KL,
-//!   projected onto the `eps` ball and `[0, 1]`, in eval mode. The training forward runs in
+//!   `x + 0.001 · N(0, 1)` (not clamped unless `faithful.q31` is off) and takes `pgd_steps`
+//!   sign steps of `alpha` that maximise the KL, projected onto the `eps` ball and `[0, 1]`,
+//!   in eval mode. The training forward runs in
 //!   train mode with dual BN (natural inputs through `normal`, adversarial ones through `pgd`,
 //!   in the backbone and in `pre_feature`), both branches initialised from the encoder's BN;
 //!   the saved model keeps the `pgd` branch under the plain single-BN names, so `evaluate`
@@ -52,6 +55,13 @@
 //! | `beta` | 6 | TRADES weight (AFF) |
 //! | `seed` | 0 | shuffles, augmentations, attacks, the default head init |
 //! | `device` | `auto` | `auto`, `cpu` or `cuda:N` (the backend is keyed, the ordinal is not) |
+//! | `faithful` | `true` | the reference-code quirks of the attacks, `true` / `false` for all or a map `{q31}` |
+//!
+//! The `faithful` switches (METHODS.md section 17):
+//!
+//! | switch | `true` (reference, R-AIR / R-RCS) | `false` |
+//! |---|---|---|
+//! | `q31` | the random start (ALF: `x + U(−eps, eps)`; AFF: `x + 0.001 · N(0, 1)`) goes into the first forward unclamped, so the first gradient is taken at a slightly out-of-range image | the start is clamped to `[0, 1]` first (METHODS.md 2.5) |
 //!
 //! Presets:
 //!
@@ -69,7 +79,8 @@
 //! preset and the same values written by hand key alike; params that do not apply are dropped
 //! (`eps`, `alpha`, `pgd_steps` for SLF; `beta` unless AFF; `n_views`, `views` unless
 //! `ncrop`; `augment` for `ncrop`; `momentum` for Adam; `t_max` unless cosine; `milestones`
-//! unless multistep), so sweeping them recomputes nothing.
+//! unless multistep; `faithful.q31` unless ALF with `eps > 0` or AFF, the modes whose attack
+//! has a random start), so sweeping them recomputes nothing.
 //!
 //! # Outputs
 //!
@@ -84,23 +95,44 @@
 //!   `pgd` branch's accuracy on the TRADES examples, plus `train_acc_natural`, the `normal`
 //!   branch on natural inputs), `seconds` (all epochs, feature passes included),
 //!   `feature_seconds`, `feature_passes` (encoder passes over the split that filled the SLF
-//!   feature cache: 1, or one per epoch with `augment`), `epochs`, `steps`, `n_train`, `classes`, `width`, `feature_dim`,
+//!   feature cache: 1, or one per epoch with `augment`; one more after a resume when the cache
+//!   never changes), `epochs`, `steps`, `n_train`, `classes`, `width`, `feature_dim`,
 //!   `device`, `threads`, and `curve` (per epoch: `loss`, `acc`, `lr`, `seconds`, `images`).
 //!
 //! Progress is reported per batch (and per chunk of the feature pass); the run polls for
 //! cancellation between batches. A non-finite loss fails the node naming epoch and batch.
+//!
+//! # Resume
+//!
+//! After every epoch the training state is written atomically to [`STATE_FILE`] in the node's
+//! scratch folder ([`Finetuner::save_state`]): the trained variables (the head for SLF / ALF;
+//! for AFF every variable of the dual-BN copy, both BN branches and their running statistics
+//! included), the optimiser buffers, the epoch and step counters and the curve so far, with a
+//! fingerprint of the resolved config and the training data. A killed run restarted with the
+//! same key loads it and continues from the last finished epoch (log line `resumed from <path>
+//! after epoch N of M`); a state whose fingerprint differs is ignored with a log line naming
+//! the first difference, and the run starts over. The schedule is a function of the epoch, and
+//! the shuffles and augmentations draw from streams derived from `(seed, epoch)` and the
+//! attacks from `(seed, epoch, batch)`, so a resumed run ends with weights bit-identical to an
+//! uninterrupted one on the CPU (same thread count). The SLF feature cache is not saved; it is
+//! recomputed, identically, on the first epoch after a resume.
+//!
+//! `VERSION` 2: `faithful.q31` (default on) stopped clamping ALF's random start, which version
+//! 1 did; SLF and AFF train as in version 1.
 
 mod trainer;
 
 pub use trainer::{
-    AFF_INIT_NOISE, DUAL_BRANCHES, EncoderWeights, EpochStats, FEATURE_CHUNK, FinetuneConfig,
-    Finetuned, Finetuner, HeadInit, Mode, OptimizerKind, PGD_BRANCH, Schedule, accuracy, finetune,
-    ncrop_pipeline, ncrop_spec, render_views,
+    AFF_INIT_NOISE, DUAL_BRANCHES, EncoderWeights, EpochStats, FEATURE_CHUNK, Faithful,
+    FinetuneConfig, Finetuned, Finetuner, HeadInit, Mode, OptimizerKind, PGD_BRANCH, Schedule,
+    accuracy, finetune, ncrop_pipeline, ncrop_spec, render_views, trades_examples,
 };
 
+/// The resumable state in the scratch folder ([`Finetuner::save_state`]).
+pub const STATE_FILE: &str = "state.safetensors";
 
 use pipe_engine::{BoxError, NormalizeCtx, ParamError, Resources, Slots, StageCtx, TypedStage};
-use serde::{Deserialize, Serialize};
+use serde::{Deserialize, Deserializer, Serialize};
 use serde_json::Value;
 
 use crate::data::{self, tensor_io::DATA_FILE};
@@ -145,6 +177,54 @@ pub enum ScheduleKind {
     Cosine,
     /// Per-epoch ×0.1 at `milestones`.
     Multistep,
+}
+
+/// The `faithful` param as written: a bool for all switches or a map of some of them.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct FaithfulParam {
+    /// \[Q31\] the attack's random start is not clamped to the box before the first forward.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub q31: Option<bool>,
+}
+
+impl FaithfulParam {
+    fn all(v: bool) -> Self {
+        Self { q31: Some(v) }
+    }
+
+    /// Whether no switch is written (the canonical form of a mode without attack).
+    pub fn is_empty(&self) -> bool {
+        self.q31.is_none()
+    }
+}
+
+impl<'de> Deserialize<'de> for FaithfulParam {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let expected = "expected true, false or a map with q31 set to true/false";
+        match Value::deserialize(d)? {
+            Value::Bool(b) => Ok(Self::all(b)),
+            Value::Object(m) => {
+                let mut out = Self::default();
+                for (k, v) in m {
+                    let Value::Bool(b) = v else {
+                        return Err(serde::de::Error::custom(format!(
+                            "faithful.{k}: expected true or false, got {v}"
+                        )));
+                    };
+                    match k.as_str() {
+                        "q31" => out.q31 = Some(b),
+                        _ => {
+                            return Err(serde::de::Error::custom(format!(
+                                "unknown switch faithful.{k}: {expected}"
+                            )));
+                        }
+                    }
+                }
+                Ok(out)
+            }
+            other => Err(serde::de::Error::custom(format!("{expected}, got {other}"))),
+        }
+    }
 }
 
 /// Params of `finetune` (see the module docs for defaults).
@@ -246,6 +326,9 @@ pub struct FinetuneParams {
     /// Device.
     #[serde(default)]
     pub device: DeviceSpec,
+    /// Reference-code quirks of the ALF / AFF attacks.
+    #[serde(default, skip_serializing_if = "FaithfulParam::is_empty")]
+    pub faithful: FaithfulParam,
 }
 
 /// The values a preset fills in.
@@ -364,6 +447,19 @@ impl FinetuneParams {
             beta: (c.mode == Mode::Aff).then_some(c.beta),
             seed: c.seed,
             device: self.device,
+            faithful: FaithfulParam {
+                q31: self.random_start().then_some(c.faithful.q31),
+            },
+        }
+    }
+
+    /// Whether the attack has a random start that \[Q31\] can clamp: ALF's `U(−ε, ε)` (not
+    /// at `eps: 0`) and AFF's `x + 0.001 · N(0, 1)`.
+    fn random_start(&self) -> bool {
+        match self.mode {
+            Mode::Slf => false,
+            Mode::Alf => self.eps.unwrap_or(8.0 / 255.0) != 0.0,
+            Mode::Aff => true,
         }
     }
 
@@ -411,6 +507,9 @@ impl FinetuneParams {
             pgd_steps: self.pgd_steps.unwrap_or(10),
             beta: self.beta.unwrap_or(6.0),
             seed: self.seed,
+            faithful: Faithful {
+                q31: self.faithful.q31.unwrap_or(true),
+            },
             cache_features: true,
         }
     }
@@ -418,7 +517,7 @@ impl FinetuneParams {
 
 impl TypedStage for Finetune {
     const KIND: &'static str = "finetune";
-    const VERSION: u32 = 1;
+    const VERSION: u32 = 2;
     type Params = FinetuneParams;
 
     fn inputs() -> Slots {
@@ -542,8 +641,22 @@ impl TypedStage for Finetune {
             cancelled: &cancelled,
         };
         let mut t = Finetuner::new(cfg, &enc, &dataset.train, dataset.classes.len(), &device)?;
+        let state_path = ctx.scratch_dir().join(STATE_FILE);
+        if state_path.is_file() {
+            // all or nothing: on an error the trainer is still the fresh one
+            match t.load_state(&state_path) {
+                Ok(()) => ctx.log(format!(
+                    "resumed from {} after epoch {} of {}",
+                    state_path.display(),
+                    t.epochs_done(),
+                    t.config().epochs
+                )),
+                Err(e) => ctx.log(format!("ignoring the saved state, starting over: {e}")),
+            }
+        }
         while !t.finished() {
             t.train_epoch(&hooks)?;
+            t.save_state(&state_path)?;
         }
         let (varmap, clf) = t.finish()?;
         clf.save(&varmap, ctx.out_dir())?;
@@ -564,7 +677,6 @@ fn mode_name(m: Mode) -> &'static str {
         Mode::Aff => "aff",
     }
 }
-
 
 #[cfg(test)]
 mod tests;

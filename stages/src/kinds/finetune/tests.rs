@@ -1,15 +1,17 @@
 use super::*;
-use std::path::Path;
 use crate::data::testutil::TempDir;
 use crate::data::{Dataset, SyntheticConfig, synthetic};
 use crate::nn::classifier::Classifier;
 use crate::nn::heads::{EncoderConfig, HeadConfig, encoder};
 use crate::nn::init::{InitRules, build_seeded, named_vars};
+use crate::nn::losses::cross_entropy_per_example;
 use crate::nn::resnet::ResNetConfig;
+use crate::rng::Rng;
 use candle::{DType, Device, Tensor};
 use candle_nn::VarMap;
 use serde_json::json;
 use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
 
 type TestResult = std::result::Result<(), Box<dyn std::error::Error + Send + Sync>>;
 
@@ -914,5 +916,367 @@ fn end_to_end_through_the_engine() -> TestResult {
         m["pgd_linf_8/255_acc"].as_f64().ok_or("pgd acc")?,
     );
     assert!((0.0..=1.0).contains(&clean) && pgd <= clean, "{m}");
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Resume and [Q31].
+
+/// Every variable of the trainer (AFF: the dual-BN copy, both branches) and of the finished
+/// classifier, as bytes.
+fn trainer_values(
+    t: &Finetuner<'_>,
+) -> std::result::Result<BTreeMap<String, Vec<u8>>, trainer::Error> {
+    let mut out = values(t.varmap());
+    let (vm, _) = t.finish()?;
+    out.extend(
+        values(&vm)
+            .into_iter()
+            .map(|(n, b)| (format!("final/{n}"), b)),
+    );
+    Ok(out)
+}
+
+#[test]
+fn a_resumed_run_is_bit_identical_to_an_uninterrupted_one() -> TestResult {
+    let d = data(32, 8);
+    let enc = EncoderWeights::from_varmap(&pretrain_encoder(5))?;
+    let tmp = TempDir::new("finetune-resume");
+    let hooks = TrainHooks::default();
+    let cases = [
+        // SLF on cached features: computed once (recomputed after the resume) and per epoch
+        json!({"mode": "slf", "epochs": 2, "batch_size": 8, "seed": 4}),
+        json!({"mode": "slf", "epochs": 2, "batch_size": 8, "augment": true, "optimizer": "sgd",
+               "lr": 0.05, "momentum": 0.9, "seed": 4}),
+        json!({"mode": "alf", "epochs": 2, "batch_size": 16, "pgd_steps": 2, "seed": 4,
+               "milestones": [1]}),
+        // AFF: every variable, both BN branches, SGD momentum, a rate step between the epochs
+        json!({"mode": "aff", "epochs": 2, "batch_size": 16, "pgd_steps": 2, "seed": 4,
+               "milestones": [1]}),
+    ];
+    for (i, p) in cases.iter().enumerate() {
+        let c = cfg(p.clone());
+        let mut whole = Finetuner::new(c.clone(), &enc, &d.train, 4, &Device::Cpu)?;
+        whole.train_epoch(&hooks)?;
+        whole.train_epoch(&hooks)?;
+        // interrupted after epoch 1: the state is all that survives
+        let path = tmp.path().join(format!("state-{i}.safetensors"));
+        {
+            let mut first = Finetuner::new(c.clone(), &enc, &d.train, 4, &Device::Cpu)?;
+            first.train_epoch(&hooks)?;
+            first.save_state(&path)?;
+        }
+        let mut resumed = Finetuner::new(c, &enc, &d.train, 4, &Device::Cpu)?;
+        resumed.load_state(&path)?;
+        assert_eq!(
+            (resumed.epochs_done(), resumed.finished()),
+            (1, false),
+            "{p}"
+        );
+        resumed.train_epoch(&hooks)?;
+        assert!(resumed.finished(), "{p}");
+        let (a, b) = (trainer_values(&whole)?, trainer_values(&resumed)?);
+        assert_eq!(
+            a.keys().collect::<Vec<_>>(),
+            b.keys().collect::<Vec<_>>(),
+            "{p}"
+        );
+        for (name, bytes) in &a {
+            assert!(b[name] == *bytes, "{p}: {name} differs after the resume");
+        }
+        assert_eq!(whole.steps(), resumed.steps(), "{p}");
+        let strip = |t: &Finetuner<'_>| -> Vec<(f64, f64, f64, usize)> {
+            t.curve()
+                .iter()
+                .map(|e| (e.loss, e.acc, e.lr, e.images))
+                .collect()
+        };
+        assert_eq!(strip(&whole), strip(&resumed), "{p}");
+        // the weights moved in the second epoch (the comparison is not vacuous)
+        let mut one = Finetuner::new(cfg(p.clone()), &enc, &d.train, 4, &Device::Cpu)?;
+        one.train_epoch(&hooks)?;
+        assert_ne!(trainer_values(&one)?, a, "{p}");
+    }
+    Ok(())
+}
+
+#[test]
+fn a_state_of_other_params_or_data_is_rejected_and_changes_nothing() -> TestResult {
+    let d = data(32, 8);
+    let enc = EncoderWeights::from_varmap(&pretrain_encoder(5))?;
+    let tmp = TempDir::new("finetune-resume-bad");
+    let hooks = TrainHooks::default();
+    let base = json!({"mode": "aff", "epochs": 2, "batch_size": 16, "pgd_steps": 1});
+    let path = tmp.path().join(STATE_FILE);
+    let mut t = Finetuner::new(cfg(base.clone()), &enc, &d.train, 4, &Device::Cpu)?;
+    t.train_epoch(&hooks)?;
+    t.save_state(&path)?;
+    let fresh =
+        values(Finetuner::new(cfg(base.clone()), &enc, &d.train, 4, &Device::Cpu)?.varmap());
+    let mut other = base.clone();
+    other["lr"] = json!(0.05);
+    let mut t = Finetuner::new(cfg(other), &enc, &d.train, 4, &Device::Cpu)?;
+    let err = t
+        .load_state(&path)
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default();
+    assert!(
+        err.contains("other params or data")
+            && err.contains("config.lr: 0.1 in the file, 0.05 now"),
+        "{err}"
+    );
+    assert_eq!((t.epochs_done(), t.steps(), t.curve().len()), (0, 0, 0));
+    assert_eq!(
+        values(t.varmap()),
+        fresh,
+        "a rejected state changed the weights"
+    );
+    // the [Q31] switch changes the attack, so it is part of what must match
+    let mut q31 = base.clone();
+    q31["faithful"] = json!({"q31": false});
+    let mut t = Finetuner::new(cfg(q31), &enc, &d.train, 4, &Device::Cpu)?;
+    let err = t
+        .load_state(&path)
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default();
+    assert!(err.contains("config.faithful.q31"), "{err}");
+    // the same params on other data
+    let d2 = synthetic(&SyntheticConfig {
+        n_classes: 4,
+        n_train: 32,
+        n_test: 8,
+        image_size: 32,
+        seed: 4,
+    });
+    let mut t = Finetuner::new(cfg(base.clone()), &enc, &d2.train, 4, &Device::Cpu)?;
+    let err = t
+        .load_state(&path)
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default();
+    assert!(err.contains("data_blake3"), "{err}");
+    // a file that is not a finetune state
+    let enc_file = tmp.path().join("encoder.safetensors");
+    crate::nn::checkpoint::save(&pretrain_encoder(5), &enc_file, "")?;
+    let mut t = Finetuner::new(cfg(base), &enc, &d.train, 4, &Device::Cpu)?;
+    let err = t
+        .load_state(&enc_file)
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default();
+    assert!(err.contains("has no meta/json"), "{err}");
+    assert_eq!(t.epochs_done(), 0);
+    Ok(())
+}
+
+#[test]
+fn faithful_q31_is_keyed_only_where_a_random_start_exists() {
+    let alf = norm_ok(json!({"mode": "alf"}));
+    assert_eq!(alf["faithful"], json!({"q31": true}));
+    assert_eq!(norm_ok(json!({"mode": "alf", "faithful": true})), alf);
+    assert_eq!(norm_ok(json!({"mode": "alf", "faithful": {}})), alf);
+    let off = norm_ok(json!({"mode": "alf", "faithful": {"q31": false}}));
+    assert_eq!(off["faithful"], json!({"q31": false}));
+    assert_eq!(norm_ok(json!({"mode": "alf", "faithful": false})), off);
+    assert_eq!(norm_ok(off.clone()), off);
+    assert_eq!(
+        norm_ok(json!({"mode": "aff", "faithful": false}))["faithful"],
+        json!({"q31": false})
+    );
+    // SLF has no attack, ALF at eps 0 starts at x: the switch is dropped
+    for p in [
+        json!({"mode": "slf", "faithful": false}),
+        json!({"mode": "alf", "eps": 0, "faithful": false}),
+    ] {
+        let n = norm_ok(p.clone());
+        assert!(n.get("faithful").is_none(), "{p} -> {n}");
+    }
+    assert_eq!(
+        norm_ok(json!({"mode": "slf", "faithful": {"q31": false}})),
+        norm_ok(json!({"mode": "slf"}))
+    );
+    let e = errors(json!({"mode": "alf", "faithful": {"q6": true}}));
+    assert!(
+        e.iter().any(|m| m.contains("unknown switch faithful.q6")),
+        "{e:?}"
+    );
+    let e = errors(json!({"mode": "alf", "faithful": {"q31": 1}}));
+    assert!(
+        e.iter()
+            .any(|m| m.contains("faithful.q31: expected true or false")),
+        "{e:?}"
+    );
+}
+
+/// Images at the box edges: half the pixels 0, half 1, `(2, 3, 4, 4)`.
+fn edge_images() -> candle::Result<Tensor> {
+    let v: Vec<f32> = (0..96)
+        .map(|i| if i % 2 == 0 { 0.0 } else { 1.0 })
+        .collect();
+    Tensor::from_vec(v, (2, 3, 4, 4), &Device::Cpu)
+}
+
+/// Min and max of a tensor.
+fn range(t: &Tensor) -> candle::Result<(f32, f32)> {
+    let v = t.flatten_all()?.to_vec1::<f32>()?;
+    Ok(v.iter()
+        .fold((f32::INFINITY, f32::NEG_INFINITY), |(lo, hi), &x| {
+            (lo.min(x), hi.max(x))
+        }))
+}
+
+/// A 2-class model whose logits depend on every pixel: `(s, −s)` with `s` the pixel mean.
+fn toy_logits(x: &Tensor) -> candle::Result<Tensor> {
+    let s = x.flatten_from(1)?.mean_keepdim(1)?;
+    Tensor::cat(&[&s, &s.neg()?], 1)
+}
+
+#[test]
+fn q31_leaves_the_first_forward_outside_the_box_unless_switched_off() -> TestResult {
+    let x = edge_images()?;
+    let y = Tensor::new(&[0u32, 1], &Device::Cpu)?;
+    for (faithful, outside) in [(json!(true), true), (json!({"q31": false}), false)] {
+        // ALF: PGD's uniform start
+        let c = cfg(json!({"mode": "alf", "pgd_steps": 1, "faithful": faithful}));
+        assert_eq!(c.faithful.q31, outside);
+        let mut first: Option<(f32, f32)> = None;
+        let objective = |xa: &Tensor| {
+            if first.is_none() {
+                first = Some(range(xa)?);
+            }
+            cross_entropy_per_example(&toy_logits(xa)?, &y)
+        };
+        let adv = crate::nn::attacks::pgd(&x, objective, &c.alf_attack(), &mut Rng::new(1))?.adv;
+        let (lo, hi) = first.ok_or("the objective never ran")?;
+        assert_eq!(
+            lo < 0.0 && hi > 1.0,
+            outside,
+            "ALF {faithful}: first forward in [{lo}, {hi}]"
+        );
+        assert!(lo >= -c.eps as f32 - 1e-6 && hi <= 1.0 + c.eps as f32 + 1e-6);
+        let (lo, hi) = range(&adv)?;
+        assert!(
+            lo >= 0.0 && hi <= 1.0,
+            "ALF {faithful}: result in [{lo}, {hi}]"
+        );
+        // AFF: TRADES' Gaussian start
+        let c = cfg(json!({"mode": "aff", "pgd_steps": 1, "faithful": faithful}));
+        let nat = toy_logits(&x)?;
+        let mut first: Option<(f32, f32)> = None;
+        let adv = trades_examples(
+            &x,
+            &nat,
+            |xa| {
+                if first.is_none() {
+                    first = Some(range(xa)?);
+                }
+                toy_logits(xa)
+            },
+            &c,
+            &mut Rng::new(1),
+        )?;
+        let (lo, hi) = first.ok_or("the model never ran")?;
+        assert_eq!(
+            lo < 0.0 && hi > 1.0,
+            outside,
+            "AFF {faithful}: first forward in [{lo}, {hi}]"
+        );
+        let (lo, hi) = range(&adv)?;
+        assert!(
+            lo >= 0.0 && hi <= 1.0,
+            "AFF {faithful}: result in [{lo}, {hi}]"
+        );
+    }
+    Ok(())
+}
+
+#[test]
+fn the_stage_resumes_from_the_state_in_its_scratch_folder() -> TestResult {
+    use pipe_engine::{Overrides, graph, spec};
+    use std::sync::atomic::AtomicBool;
+    let tmp = TempDir::new("finetune-stage-resume");
+    let dir = tmp.path();
+    let base = "stages:
+  data:
+    kind: dataset
+    params: {source: synthetic, n_classes: 4, n_train: 32, n_test: 8, seed: 1}
+  pre:
+    kind: pretrain
+    inputs: {dataset: data}
+    params: {method: emp_ssl, n_views: 2, views: crop, batch_size: 16, epochs: 1, width: 8, hidden_dim: 32, z_dim: 16, seed: 2}
+";
+    let ft = "  ft:
+    kind: finetune
+    inputs: {encoder: pre, dataset: data}
+    params: {mode: aff, epochs: 2, batch_size: 16, pgd_steps: 1, milestones: [1], seed: 3}
+";
+    let mut reg = pipe_engine::Registry::new();
+    crate::register_all(&mut reg);
+    let store = pipe_cache::Store::open(dir.join("store"))?;
+    let opts = pipe_engine::RunOptions {
+        jobs: 1,
+        gpus: 0,
+        keep_going: false,
+        pipe_version: "test".into(),
+    };
+    let cancel = AtomicBool::new(false);
+    let plan_of = |yaml: &str| -> std::result::Result<pipe_engine::plan::Plan, String> {
+        let file = dir.join("p.yaml");
+        std::fs::write(&file, yaml).map_err(|e| e.to_string())?;
+        let p = spec::load(&file, &reg, &Overrides::default()).map_err(|e| format!("{e}"))?;
+        pipe_engine::plan::plan(graph::build(p, &reg), &store, &[]).map_err(|e| format!("{e}"))
+    };
+    // the upstream nodes first
+    let plan = plan_of(base)?;
+    let s = pipe_engine::exec::run(&plan, &reg, &store, &opts, &cancel, &mut pipe_engine::Quiet);
+    assert!(!s.failed(), "{:?}", s.results);
+    let entry_of = |plan: &pipe_engine::plan::Plan, id: &str| -> std::result::Result<_, String> {
+        let node = plan
+            .graph
+            .nodes
+            .iter()
+            .find(|n| n.id == id)
+            .ok_or(format!("no {id} node"))?;
+        store
+            .get(node.key.key())
+            .map_err(|e| e.to_string())?
+            .ok_or(format!("{id} not committed"))
+    };
+    let d = crate::data::load_dataset(&entry_of(&plan, "data")?.file(DATA_FILE)?)?;
+    let enc =
+        EncoderWeights::from_file(&entry_of(&plan, "pre")?.file(ENCODER_FILE)?, &Device::Cpu)?;
+    // a run of `ft` killed after its first epoch: only its state is left in the scratch folder
+    let full = plan_of(&format!("{base}{ft}"))?;
+    let node = full
+        .graph
+        .nodes
+        .iter()
+        .find(|n| n.id == "ft")
+        .ok_or("no ft node")?;
+    let c = serde_json::from_value::<FinetuneParams>(node.params.clone())?.config();
+    let mut first = Finetuner::new(c.clone(), &enc, &d.train, d.classes.len(), &Device::Cpu)?;
+    first.train_epoch(&TrainHooks::default())?;
+    first.save_state(&store.scratch_dir(node.key.key())?.join(STATE_FILE))?;
+    let s = pipe_engine::exec::run(&full, &reg, &store, &opts, &cancel, &mut pipe_engine::Quiet);
+    assert!(!s.failed(), "{:?}", s.results);
+    let entry = entry_of(&full, "ft")?;
+    let log = std::fs::read_to_string(entry.dir.join("log.txt"))?;
+    assert!(log.contains("after epoch 1 of 2"), "{log}");
+    assert!(log.contains("resumed from"), "{log}");
+    let m: Value = serde_json::from_slice(&std::fs::read(entry.file("metrics.json")?)?)?;
+    assert_eq!(
+        (m["epochs"].clone(), m["steps"].clone()),
+        (json!(2), json!(4))
+    );
+    // the same classifier as an uninterrupted run
+    let whole = run(c, &enc, &d)?;
+    let (saved, _) = Classifier::load(
+        &entry.file(WEIGHTS_FILE)?,
+        &entry.file(SPEC_FILE)?,
+        &Device::Cpu,
+    )?;
+    assert_eq!(values(&saved), values(&whole.varmap));
     Ok(())
 }

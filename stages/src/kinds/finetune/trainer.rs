@@ -1,6 +1,9 @@
 //! The fine-tuning loop of the `finetune` kind, independent of the engine: a [`Finetuner`]
 //! owns the classifier (or, for AFF, its dual-BN training copy), the optimiser and the feature
 //! cache, and trains epoch by epoch on a [`Split`] of u8 images; [`finetune`] runs it to the end.
+//! Between epochs, [`Finetuner::save_state`] and [`Finetuner::load_state`] carry the run over
+//! a restart, bit-identically (every random stream below is a function of the seed, the epoch
+//! and the batch or image, never of what ran before).
 //!
 //! # Inputs of a batch
 //!
@@ -49,6 +52,7 @@ use crate::kinds::pretrain::{TrainHooks, ViewKind};
 use crate::nn::attacks::{Norm, PgdConfig, pgd};
 use crate::nn::augment::pipeline::{PipelineConfig, Plan, Scratch, U8_TO_F32};
 use crate::nn::augment::{EmpConfig, FinetuneConfig as PadCropFlip};
+use crate::nn::checkpoint;
 use crate::nn::classifier::{Classifier, ClassifierSpec, FeatureKind, NcropSpec, mean_over_views};
 use crate::nn::heads::{
     CLASSIFIER, ClassifierConfig, ENCODER, LinearClassifier, PRE_FEATURE, linear_classifier,
@@ -70,6 +74,9 @@ type Result<T> = std::result::Result<T, Error>;
 const SHUFFLE_STREAM: u64 = 0x4654_5348; // "FTSH"
 const AUGMENT_STREAM: u64 = 0x4654_4147; // "FTAG"
 const ATTACK_STREAM: u64 = 0x4654_4154; // "FTAT"
+
+/// The layout version of [`Finetuner::save_state`] files (part of their fingerprint).
+const STATE_FORMAT: u32 = 1;
 
 /// Images per encoder call of the SLF feature cache (and of [`accuracy`]).
 pub const FEATURE_CHUNK: usize = 256;
@@ -134,8 +141,24 @@ pub enum Schedule {
     },
 }
 
+/// The reference-code quirks of the fine-tuning attacks (METHODS.md 17), resolved; `true` is
+/// the reference behaviour.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Faithful {
+    /// \[Q31\] the random start of ALF's PGD (`U(−ε, ε)`) and AFF's TRADES start
+    /// (`x + 0.001 · N(0, 1)`) is not clamped to `[0, 1]` before the first forward (R-AIR /
+    /// R-RCS); `false` clamps it.
+    pub q31: bool,
+}
+
+impl Default for Faithful {
+    fn default() -> Self {
+        Self { q31: true }
+    }
+}
+
 /// A fully resolved fine-tuning configuration (see the kind's docs for the params).
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct FinetuneConfig {
     /// SLF, ALF or AFF.
     pub mode: Mode,
@@ -173,6 +196,8 @@ pub struct FinetuneConfig {
     pub beta: f64,
     /// Seed of the shuffles, augmentations, attacks and the default head init.
     pub seed: u64,
+    /// Reference-code quirks of the ALF / AFF attacks.
+    pub faithful: Faithful,
     /// SLF: train on cached features (true; the stage always does) or re-run the encoder per
     /// batch (false: the reference path, for tests). Ignored by ALF / AFF.
     pub cache_features: bool,
@@ -187,6 +212,16 @@ impl FinetuneConfig {
             Schedule::Multistep { milestones } => {
                 MultiStep::new(self.lr, milestones.clone(), 0.1).lr(epoch)
             }
+        }
+    }
+
+    /// ALF's attack: l_inf PGD with `pgd_steps` steps of `alpha` in the `eps` ball, uniform
+    /// random start, box projection after every step; the start is clamped to the box before
+    /// the first forward only with \[Q31\] off.
+    pub fn alf_attack(&self) -> PgdConfig {
+        PgdConfig {
+            clamp_after_init: !self.faithful.q31,
+            ..PgdConfig::new(Norm::Linf, self.eps, self.alpha, self.pgd_steps)
         }
     }
 
@@ -278,6 +313,42 @@ fn to_float(split: &Split, idx: &[usize]) -> Vec<f32> {
         out.extend(split.image(i).iter().map(|&v| U8_TO_F32[usize::from(v)]));
     }
     out
+}
+
+/// AFF's adversarial inputs (R-AIR `trades_loss_dual`): `x̃ = x + 0.001·N(0, 1)` (clamped to
+/// `[0, 1]` only with \[Q31\] off), then `cfg.pgd_steps` times `x̃ ← clip(clip(x̃ + α sign ∇,
+/// x ± ε), 0, 1)` ascending `Σ_b KL(softmax(nat_b) ‖ softmax(adv_logits(x̃)_b))`, where `nat`
+/// are the (detached) natural logits and `adv_logits` the model under attack, in eval mode.
+///
+/// # Errors
+/// Tensor errors, or an `adv_logits` the input gradient does not reach.
+pub fn trades_examples(
+    x: &Tensor,
+    nat: &Tensor,
+    mut adv_logits: impl FnMut(&Tensor) -> candle::Result<Tensor>,
+    cfg: &FinetuneConfig,
+    rng: &mut Rng,
+) -> Result<Tensor> {
+    let noise: Vec<f32> = (0..x.elem_count())
+        .map(|_| (AFF_INIT_NOISE * rng.normal()) as f32)
+        .collect();
+    let mut xa = (x + Tensor::from_vec(noise, x.shape(), x.device())?)?;
+    if !cfg.faithful.q31 {
+        xa = xa.clamp(0f32, 1f32)?;
+    }
+    let eps = cfg.eps;
+    let (lo, hi) = ((x - eps)?, (x + eps)?);
+    for _ in 0..cfg.pgd_steps {
+        let v = Var::from_tensor(&xa)?;
+        let kl = kl_per_example(nat, &adv_logits(v.as_tensor())?)?.sum_all()?;
+        let grads = kl.backward()?;
+        let g = grads
+            .get(v.as_tensor())
+            .ok_or("internal: no gradient reached the TRADES input")?;
+        xa = (xa + (g.sign()? * cfg.alpha)?)?;
+        xa = xa.maximum(&lo)?.minimum(&hi)?.clamp(0f32, 1f32)?;
+    }
+    Ok(xa.clamp(0f32, 1f32)?.detach())
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -554,6 +625,59 @@ enum Model {
     },
     /// AFF: the dual-BN training copy.
     Dual { varmap: VarMap, net: DualClassifier },
+}
+
+/// The non-tensor part of a resumable state (`meta/json`).
+#[derive(Serialize, Deserialize)]
+struct StateMeta {
+    /// What the state was written for ([`Finetuner::fingerprint`]).
+    fingerprint: Value,
+    /// Epochs finished.
+    epoch: usize,
+    /// Optimiser updates so far.
+    steps: usize,
+    /// Progress units so far.
+    done: u64,
+    /// Seconds spent filling the SLF feature cache.
+    feature_seconds: f64,
+    /// Encoder passes of the SLF feature cache.
+    feature_passes: usize,
+    /// The per-epoch curve so far.
+    curve: Vec<EpochStats>,
+}
+
+/// The first difference between a saved and the current fingerprint, with its path
+/// (`config.lr: 0.1 in the file, 0.05 now`).
+fn first_difference(a: &Value, b: &Value, at: &str) -> String {
+    let here = |a: &Value, b: &Value| {
+        let at = if at.is_empty() { "the fingerprint" } else { at };
+        format!("{at}: {a} in the file, {b} now")
+    };
+    match (a, b) {
+        (Value::Object(x), Value::Object(y)) => {
+            let keys: std::collections::BTreeSet<&String> = x.keys().chain(y.keys()).collect();
+            for k in keys {
+                let path = if at.is_empty() {
+                    k.clone()
+                } else {
+                    format!("{at}.{k}")
+                };
+                match (x.get(k), y.get(k)) {
+                    (Some(p), Some(q)) if p == q => {}
+                    (Some(p), Some(q)) => return first_difference(p, q, &path),
+                    (p, q) => {
+                        return format!(
+                            "{path}: {} in the file, {} now",
+                            p.map_or("absent".into(), Value::to_string),
+                            q.map_or("absent".into(), Value::to_string)
+                        );
+                    }
+                }
+            }
+            here(a, b)
+        }
+        _ => here(a, b),
+    }
 }
 
 /// Per-batch results.
@@ -956,13 +1080,7 @@ impl<'d> Finetuner<'d> {
                         let target = clf.frozen()?;
                         let objective =
                             |xa: &Tensor| cross_entropy_per_example(&target.logits(xa, false)?, &y);
-                        let cfg = PgdConfig::new(
-                            Norm::Linf,
-                            self.cfg.eps,
-                            self.cfg.alpha,
-                            self.cfg.pgd_steps,
-                        );
-                        let adv = pgd(&x, objective, &cfg, &mut attack_rng)?.adv;
+                        let adv = pgd(&x, objective, &self.cfg.alf_attack(), &mut attack_rng)?.adv;
                         frozen.features(&adv, false)?
                     }
                     (_, Mode::Aff) => return Err("internal: AFF on a single-BN model".into()),
@@ -998,30 +1116,167 @@ impl<'d> Finetuner<'d> {
         })
     }
 
-    /// AFF's adversarial inputs (R-AIR `trades_loss_dual`), in eval mode on detached weights:
-    /// `x̃ = x + 0.001·N(0, 1)`, then `pgd_steps` times `x̃ ← clip(clip(x̃ + α sign ∇, x ± ε),
-    /// 0, 1)` ascending `Σ_b KL(softmax F_normal(x_b) ‖ softmax F_pgd(x̃_b))`.
+    /// AFF's adversarial inputs on the `pgd` branch of a detached copy of `net` in eval mode,
+    /// against the `normal` branch's natural logits ([`trades_examples`]).
     fn trades_examples(&self, net: &DualClassifier, x: &Tensor, rng: &mut Rng) -> Result<Tensor> {
         let frozen = net.frozen()?;
         let nat = frozen.logits(x, DEFAULT_BRANCH, false)?.detach();
-        let noise: Vec<f32> = (0..x.elem_count())
-            .map(|_| (AFF_INIT_NOISE * rng.normal()) as f32)
-            .collect();
-        let mut xa = (x + Tensor::from_vec(noise, x.shape(), x.device())?)?;
-        let eps = self.cfg.eps;
-        let (lo, hi) = ((x - eps)?, (x + eps)?);
-        for _ in 0..self.cfg.pgd_steps {
-            let v = Var::from_tensor(&xa)?;
-            let kl = kl_per_example(&nat, &frozen.logits(v.as_tensor(), PGD_BRANCH, false)?)?
-                .sum_all()?;
-            let grads = kl.backward()?;
-            let g = grads
-                .get(v.as_tensor())
-                .ok_or("internal: no gradient reached the TRADES input")?;
-            xa = (xa + (g.sign()? * self.cfg.alpha)?)?;
-            xa = xa.maximum(&lo)?.minimum(&hi)?.clamp(0f32, 1f32)?;
+        trades_examples(
+            x,
+            &nat,
+            |xa| frozen.logits(xa, PGD_BRANCH, false),
+            &self.cfg,
+            rng,
+        )
+    }
+
+    /// The variables a resumed run needs back: the head (SLF / ALF; the frozen encoder is
+    /// rebuilt from the encoder input), or every variable of the dual-BN copy (AFF: weights
+    /// and both BN branches' running statistics).
+    fn state_vars(&self) -> Vec<(String, Var)> {
+        match &self.model {
+            Model::Single { varmap, .. } => named_vars(varmap)
+                .into_iter()
+                .filter(|(n, _)| n.starts_with(&format!("{CLASSIFIER}.")))
+                .collect(),
+            Model::Dual { varmap, .. } => named_vars(varmap),
         }
-        Ok(xa.clamp(0f32, 1f32)?.detach())
+    }
+
+    /// What a saved state must match to be resumed by this trainer: the state layout, the
+    /// resolved configuration, the classifier spec and a hash of the training images and
+    /// labels. (The encoder is not in it: the scratch folder belongs to one node key, which
+    /// covers the encoder input.)
+    fn fingerprint(&self) -> Result<Value> {
+        let mut h = blake3::Hasher::new();
+        h.update_rayon(&self.images.images);
+        for l in &self.images.labels {
+            h.update(&l.to_le_bytes());
+        }
+        Ok(json!({
+            "format": STATE_FORMAT,
+            "config": serde_json::to_value(&self.cfg)?,
+            "spec": serde_json::to_value(&self.spec)?,
+            "n_train": self.images.n,
+            "data_blake3": h.finalize().to_hex().as_str(),
+        }))
+    }
+
+    /// Writes the resumable state atomically to `path` (a temporary file renamed over it):
+    /// the trained variables ([`Finetuner::varmap`]'s head for SLF / ALF, every variable of
+    /// the dual-BN copy for AFF, BN statistics included) as `model/<name>`, the optimiser
+    /// buffers as `optim/<name>`, and `meta/json`: the fingerprint (config, spec, data hash),
+    /// the epoch and step counters and the curve so far. The schedule needs no state of its
+    /// own (the rate is a function of the epoch), and every random stream is derived from
+    /// `(seed, epoch)` (shuffle, augmentation) or `(seed, epoch, batch)` (attacks), so
+    /// [`Finetuner::load_state`] into a fresh trainer continues bit-identically on the same
+    /// device and thread count.
+    ///
+    /// # Errors
+    /// I/O (naming the path) or tensor errors.
+    pub fn save_state(&self, path: &Path) -> Result<()> {
+        let mut t: HashMap<String, Tensor> = HashMap::new();
+        for (name, v) in self.state_vars() {
+            t.insert(format!("model/{name}"), v.as_detached_tensor());
+        }
+        for (name, v) in self.opt.state() {
+            t.insert(format!("optim/{name}"), v);
+        }
+        let meta = StateMeta {
+            fingerprint: self.fingerprint()?,
+            epoch: self.epoch,
+            steps: self.steps,
+            done: self.done,
+            feature_seconds: self.feature_seconds,
+            feature_passes: self.feature_passes,
+            curve: self.curve.clone(),
+        };
+        let meta = serde_json::to_vec(&meta)?;
+        t.insert(
+            "meta/json".into(),
+            Tensor::new(meta.as_slice(), &Device::Cpu)?,
+        );
+        checkpoint::save_tensors(&t, path).map_err(|e| format!("{}: {e}", path.display()))?;
+        Ok(())
+    }
+
+    /// Restores a [`Finetuner::save_state`] file into this freshly built trainer, all or
+    /// nothing: everything is checked (fingerprint, names, shapes, optimiser state) before
+    /// anything is changed, so on an error the trainer is still the fresh one.
+    ///
+    /// # Errors
+    /// A state written for other params or data (the message names the first differing
+    /// field), a missing or misshapen tensor, an epoch past the configured ones, or I/O and
+    /// format errors; each names the file.
+    pub fn load_state(&mut self, path: &Path) -> Result<()> {
+        let bad = |what: String| -> Error { format!("{}: {what}", path.display()).into() };
+        let t = candle::safetensors::load(path, &self.device).map_err(|e| bad(e.to_string()))?;
+        let meta = t
+            .get("meta/json")
+            .ok_or_else(|| bad("has no meta/json (not a finetune state)".into()))?
+            .to_device(&Device::Cpu)?
+            .to_vec1::<u8>()?;
+        let meta: StateMeta =
+            serde_json::from_slice(&meta).map_err(|e| bad(format!("meta/json: {e}")))?;
+        let want = self.fingerprint()?;
+        if meta.fingerprint != want {
+            return Err(bad(format!(
+                "was written for other params or data ({}), not resuming from it",
+                first_difference(&meta.fingerprint, &want, "")
+            )));
+        }
+        if meta.epoch > self.cfg.epochs || meta.curve.len() != meta.epoch {
+            return Err(bad(format!(
+                "epoch {} with {} curve entries does not fit a run of {} epochs",
+                meta.epoch,
+                meta.curve.len(),
+                self.cfg.epochs
+            )));
+        }
+        let mut plan = Vec::new();
+        for (name, v) in self.state_vars() {
+            let saved = t
+                .get(&format!("model/{name}"))
+                .ok_or_else(|| bad(format!("has no model/{name}")))?;
+            if saved.shape() != v.shape() {
+                return Err(bad(format!(
+                    "model/{name} has shape {:?}, expected {:?}",
+                    saved.dims(),
+                    v.dims()
+                )));
+            }
+            let saved = saved.to_dtype(v.dtype())?;
+            plan.push((v, saved));
+        }
+        let optim: HashMap<String, Tensor> = t
+            .iter()
+            .filter_map(|(k, v)| k.strip_prefix("optim/").map(|k| (k.to_string(), v.clone())))
+            .collect();
+        // checks every entry before it changes anything
+        self.opt
+            .load_state(&optim)
+            .map_err(|e| bad(format!("optimiser state: {e}")))?;
+        for (v, saved) in plan {
+            v.set(&saved)?;
+        }
+        // the SLF feature cache is not saved: a cache that never changes is recomputed once
+        // more (bit-identical: same images, chunks and encoder), so count its pass
+        let recompute_cache = self.cfg.mode == Mode::Slf
+            && self.cfg.cache_features
+            && !(self.cfg.augment && self.cfg.ncrop.is_none())
+            && meta.epoch > 0
+            && meta.epoch < self.cfg.epochs;
+        if recompute_cache {
+            self.total += self.images.n.div_ceil(FEATURE_CHUNK) as u64;
+        }
+        self.epoch = meta.epoch;
+        self.steps = meta.steps;
+        self.done = meta.done;
+        self.feature_seconds = meta.feature_seconds;
+        self.feature_passes = meta.feature_passes;
+        self.curve = meta.curve;
+        self.cache = None;
+        Ok(())
     }
 
     /// The trained classifier and its variables, single BN (AFF keeps the `pgd` branch under
