@@ -151,7 +151,8 @@ impl Drop for Dir {
     }
 }
 
-fn make_writable(p: &Path) {
+/// Adds owner rwx to `p` and everything below it (undoing a test's chmod).
+pub fn make_writable(p: &Path) {
     use std::os::unix::fs::PermissionsExt;
     let Ok(meta) = std::fs::symlink_metadata(p) else {
         return;
@@ -313,4 +314,218 @@ pub fn signal(pid: i32, sig: i32) -> bool {
     #[allow(unsafe_code)]
     let rc = unsafe { libc::kill(pid, sig) };
     rc == 0
+}
+
+/// Processes (pids) whose working directory is `root`: every `pipe` started by [`Dir`] and
+/// every `shell` stage command of its pipelines (they run in the pipeline's folder).
+pub fn processes_in(root: &Path) -> Vec<i32> {
+    let Ok(procs) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    procs
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|pid| std::fs::read_link(format!("/proc/{pid}/cwd")).is_ok_and(|cwd| cwd == root))
+        .collect()
+}
+
+/// Parent pid of `pid` (from `/proc/<pid>/stat`), if it still exists.
+fn parent_of(pid: i32) -> Option<i32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // "pid (comm) state ppid ...": comm may hold spaces, so split after the last ')'
+    let rest = &stat[stat.rfind(')')? + 1..];
+    rest.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// SIGKILLs every process working in `root` (see [`processes_in`]) except the `keep` pids and
+/// their descendants, until none is left: the stage commands a killed `pipe` leaves behind
+/// (they run in their own process group, so they outlive it). Returns how many were killed.
+pub fn kill_strays(root: &Path, keep: &[u32]) -> usize {
+    let mut killed = 0;
+    let t0 = Instant::now();
+    loop {
+        let strays: Vec<i32> = processes_in(root)
+            .into_iter()
+            .filter(|&pid| {
+                let mut p = pid;
+                for _ in 0..64 {
+                    if keep.iter().any(|&k| i32::try_from(k) == Ok(p)) {
+                        return false;
+                    }
+                    match parent_of(p) {
+                        Some(pp) if pp > 1 => p = pp,
+                        _ => return true,
+                    }
+                }
+                true
+            })
+            .collect();
+        if strays.is_empty() || t0.elapsed() > Duration::from_secs(10) {
+            return killed;
+        }
+        for pid in strays {
+            if signal(pid, libc::SIGKILL) {
+                killed += 1;
+            }
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Whether the exclusive `flock` on `path` can be taken right now (then it is released again):
+/// no live process holds it.
+pub fn lock_is_free(path: &Path) -> bool {
+    let Ok(f) = std::fs::OpenOptions::new().write(true).open(path) else {
+        return true;
+    };
+    f.try_lock().is_ok()
+}
+
+/// Names in `<store>/tmp/` that are staging folders (`<64 hex>.<pid>.<n>`).
+pub fn staging_dirs(store: &Path) -> Vec<String> {
+    let Ok(rd) = std::fs::read_dir(store.join("tmp")) else {
+        return Vec::new();
+    };
+    let mut v: Vec<String> = rd
+        .flatten()
+        .map(|e| file_name(&e.path()))
+        .filter(|n| {
+            n.len() > 65
+                && n.as_bytes()[64] == b'.'
+                && n[..64].bytes().all(|b| b.is_ascii_hexdigit())
+        })
+        .collect();
+    v.sort();
+    v
+}
+
+/// A small seeded generator (splitmix64): reproducible "random" choices for loop tests.
+pub struct Rng(u64);
+
+impl Rng {
+    /// Seeded with `seed`.
+    pub fn new(seed: u64) -> Rng {
+        Rng(seed)
+    }
+    /// The next 64 random bits.
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+    /// Uniform in `0..n` (n > 0).
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next_u64() % n
+    }
+}
+
+/// Every committed entry's `manifest.json` parses and names its own folder's key, and
+/// `pipe verify` finds nothing wrong (exit 0). Returns the number of entries.
+#[track_caller]
+pub fn assert_store_sound(dir: &Dir, context: &str) -> usize {
+    let entries = dir.entries();
+    for e in &entries {
+        let m = e.join("manifest.json");
+        let bytes =
+            std::fs::read(&m).unwrap_or_else(|err| panic!("{context}: {}: {err}", m.display()));
+        let v: Value = serde_json::from_slice(&bytes)
+            .unwrap_or_else(|err| panic!("{context}: {} does not parse: {err}", m.display()));
+        assert_eq!(
+            v["key"].as_str(),
+            Some(file_name(e).as_str()),
+            "{context}: manifest of {} names another key",
+            e.display()
+        );
+    }
+    let out = dir.pipe(&["verify"]);
+    assert_eq!(
+        out.code, 0,
+        "{context}: pipe verify found problems\n{}{}",
+        out.stdout, out.stderr
+    );
+    assert!(
+        out.stdout
+            .contains(&format!("{} entries checked, 0 problem", entries.len())),
+        "{context}: {}",
+        out.stdout
+    );
+    entries.len()
+}
+
+/// A running `pipe` whose stderr is read as it comes, so a test can wait for a line (say, that
+/// it is waiting for a lock) instead of sleeping; stdout is collected at the end.
+pub struct Watched {
+    /// The process.
+    pub child: Child,
+    args: Vec<String>,
+    stderr: std::sync::Arc<std::sync::Mutex<String>>,
+    reader: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Watched {
+    /// Starts `pipe ARGS` in `dir` (see [`Dir::spawn`]).
+    pub fn spawn(dir: &Dir, args: &[&str]) -> Watched {
+        use std::io::Read;
+        let mut child = dir.spawn(args);
+        let stderr = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+        let mut pipe = child.stderr.take().expect("stderr is piped");
+        let sink = std::sync::Arc::clone(&stderr);
+        let reader = std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = pipe.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                let text = String::from_utf8_lossy(&buf[..n]).into_owned();
+                sink.lock().expect("stderr buffer").push_str(&text);
+            }
+        });
+        Watched {
+            child,
+            args: args.iter().map(|a| (*a).to_string()).collect(),
+            stderr,
+            reader: Some(reader),
+        }
+    }
+
+    /// Its stderr so far.
+    pub fn stderr(&self) -> String {
+        self.stderr.lock().expect("stderr buffer").clone()
+    }
+
+    /// Waits until its stderr contains `needle`; panics if it exits first or after `limit`.
+    #[track_caller]
+    pub fn wait_for(&mut self, needle: &str, limit: Duration) {
+        let t0 = Instant::now();
+        while !self.stderr().contains(needle) {
+            if let Ok(Some(s)) = self.child.try_wait() {
+                panic!(
+                    "pipe exited ({s}) before printing {needle:?}:\n{}",
+                    self.stderr()
+                );
+            }
+            assert!(
+                t0.elapsed() < limit,
+                "no {needle:?} on stderr after {limit:?}:\n{}",
+                self.stderr()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Waits at most `limit` for it to exit (see [`wait_exit`]) and returns its exit status
+    /// and output.
+    #[track_caller]
+    pub fn finish(mut self, limit: Duration) -> (ExitStatus, Output) {
+        let status = wait_exit(&mut self.child, limit);
+        if let Some(r) = self.reader.take() {
+            let _ = r.join();
+        }
+        let args: Vec<&str> = self.args.iter().map(String::as_str).collect();
+        let mut out = drain(self.child, &args);
+        out.stderr = self.stderr.lock().expect("stderr buffer").clone();
+        (status, out)
+    }
 }

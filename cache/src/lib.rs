@@ -30,6 +30,7 @@
 //! <root>/tmp/ab12….<pid>.<n>/          staging dirs (same filesystem as entries/)
 //! <root>/scratch/ab12…/                resumable checkpoints; deleted on commit
 //! <root>/failed/ab12….log              log of the last failed attempt at a key
+//! <root>/corrupt/ab12….<n>/            damaged entries moved aside (quarantine); gc clears
 //! <root>/runs/                         per-pipeline run records, owned by the engine
 //! ```
 //!
@@ -38,7 +39,8 @@
 //! 1. [`Store::begin`] locks `locks/<hex>.lock` (`File::try_lock`; if held,
 //!    reports the holder's pid once and polls every 25 ms, honouring
 //!    cancellation), writes its pid into it, and looks the key up again: a
-//!    concurrent writer may have committed meanwhile. Staging dirs
+//!    concurrent writer may have committed meanwhile. An entry directory
+//!    without a valid manifest is moved aside into `corrupt/`. Staging dirs
 //!    `tmp/<hex>.*` left by crashed writers are removed (holding the lock
 //!    proves nobody is using them) and a fresh one is created.
 //! 2. The producer writes regular files into [`Pending::dir`]. Symlinks,
@@ -54,7 +56,21 @@
 //!    next `begin` of that key or [`Store::gc`] clears.
 //!
 //! Committed entries are never modified, which is what makes memory-mapping
-//! their files safe. [`Store::gc`] renames a doomed entry out of `entries/`
+//! their files safe. A damaged entry (a flipped byte, a lost file, a broken
+//! manifest) is never repaired in place: [`Store::quarantine`] re-checks it
+//! under its key lock and renames it into `corrupt/`, after which the key is
+//! simply absent and gets produced again.
+//!
+//! ## What a crash can leave
+//!
+//! Everything the store writes outside `entries/` is either atomic
+//! (`VERSION`, `failed/*.log` and the engine's files through
+//! [`write_atomic`]) or junk that is safe to delete: staging dirs in `tmp/`
+//! (removed by the next `begin` of their key, or by `gc`), stray
+//! `.name.tmp.*` files of an interrupted [`write_atomic`], and a `scratch/`
+//! dir of a key that did commit (removed by `gc`). Key locks are `flock`s,
+//! which the kernel releases when their process dies, so a killed writer
+//! never blocks another. [`Store::gc`] renames a doomed entry out of `entries/`
 //! before deleting it, for the same all-or-nothing property.
 //!
 //! ## Example

@@ -25,7 +25,9 @@ pub use verify::VerifyProblem;
 /// Contents of `VERSION` (without the newline) for the layout this crate writes.
 const STORE_VERSION: &str = "1";
 /// Subdirectories created by [`Store::open`].
-const DIRS: [&str; 6] = ["entries", "locks", "tmp", "scratch", "failed", "runs"];
+const DIRS: [&str; 7] = [
+    "entries", "locks", "tmp", "scratch", "failed", "runs", "corrupt",
+];
 /// How often [`Store::begin`] retries a held key lock.
 const POLL: Duration = Duration::from_millis(25);
 
@@ -84,7 +86,7 @@ impl Store {
     /// Opens (creating if needed) a store at `root`.
     ///
     /// Creates `entries/`, `locks/`, `tmp/`, `scratch/`, `failed/`, `runs/`,
-    /// the `lock` file and `VERSION` (holding `1`), then checks that `root` is
+    /// `corrupt/`, the `lock` file and `VERSION` (holding `1`), then checks that `root` is
     /// writable by creating and removing a probe file in `tmp/`.
     ///
     /// # Errors
@@ -204,16 +206,98 @@ impl Store {
     /// leftover `tmp/<hex>.*` staging directories, which can only belong to
     /// crashed writers since we hold the lock, are removed.
     ///
+    /// An entry directory that cannot be a committed entry (no `manifest.json`,
+    /// or one that does not parse or names another key) is moved aside into
+    /// `corrupt/<hex>.<n>` with a warning, and the key is produced afresh: a
+    /// damaged entry never blocks its own recomputation.
+    ///
     /// # Errors
     ///
     /// [`StoreError::Cancelled`] if cancelled while waiting; I/O errors naming
-    /// the lock file or staging directory; errors of [`Store::get`].
+    /// the lock file, the staging directory or the entry being moved aside.
     pub fn begin(
         &self,
         key: &Key,
         cancelled: &dyn Fn() -> bool,
         on_wait: &mut dyn FnMut(Option<u32>),
     ) -> Result<Begin> {
+        let lock = self.lock_key(key, cancelled, on_wait)?;
+        match self.get(key) {
+            Ok(Some(entry)) => {
+                tracing::debug!(key = %key.short(), "already committed by another writer");
+                return Ok(Begin::Cached(entry));
+            }
+            Ok(None) => {
+                if fs::symlink_metadata(self.entry_dir(key)).is_ok() {
+                    let moved = self.move_aside(key)?;
+                    tracing::warn!(
+                        "entry {key} has no manifest.json: moved it to {} and producing it again",
+                        moved.display()
+                    );
+                }
+            }
+            Err(StoreError::Corrupt { path, reason }) => {
+                let moved = self.move_aside(key)?;
+                tracing::warn!(
+                    "entry {key} is corrupt ({}: {reason}): moved it to {} and producing it again",
+                    path.display(),
+                    moved.display()
+                );
+            }
+            Err(e) => return Err(e),
+        }
+        self.remove_leftover_tmp(key);
+        let dir = self.root.join("tmp").join(format!(
+            "{}.{}.{}",
+            key.hex(),
+            std::process::id(),
+            next_id()
+        ));
+        fs::create_dir(&dir).at(&dir)?;
+        Ok(Begin::Pending(Pending {
+            store: self.clone(),
+            key: *key,
+            dir,
+            committed: false,
+            _lock: lock,
+        }))
+    }
+
+    /// Moves a damaged entry out of `entries/` so that it is recomputed, if it
+    /// is still damaged once the key lock is held.
+    ///
+    /// Takes the key lock (polling every 25 ms while another process holds it,
+    /// until `cancelled()`), re-hashes the entry ([`Store::verify`] of this one
+    /// key) and, if anything is wrong with it, renames its directory to
+    /// `corrupt/<hex>.<n>` (the first free `n`), fsyncs both parents and
+    /// returns that path. Returns `None`, touching nothing, when the entry is
+    /// absent or now verifies clean (another process already replaced it).
+    /// The rename is atomic: readers see the damaged entry or no entry, and
+    /// files a reader already holds open (or mapped) stay valid.
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::Cancelled`] if cancelled while waiting for the lock; I/O
+    /// errors naming the lock file or the directories involved.
+    pub fn quarantine(&self, key: &Key, cancelled: &dyn Fn() -> bool) -> Result<Option<PathBuf>> {
+        let _lock = self.lock_key(key, cancelled, &mut |_| {})?;
+        if fs::symlink_metadata(self.entry_dir(key)).is_err() {
+            return Ok(None);
+        }
+        if self.verify_one(key).is_empty() {
+            return Ok(None);
+        }
+        self.move_aside(key).map(Some)
+    }
+
+    /// Opens `locks/<hex>.lock`, locks it exclusively (see [`Store::begin`] for
+    /// the waiting protocol) and writes our pid into it.
+    fn lock_key(
+        &self,
+        key: &Key,
+        cancelled: &dyn Fn() -> bool,
+        on_wait: &mut dyn FnMut(Option<u32>),
+    ) -> Result<File> {
         let lock_path = self.lock_path(key);
         let mut lock = OpenOptions::new()
             .read(true)
@@ -261,25 +345,30 @@ impl Store {
         lock.set_len(0).at(&lock_path)?;
         lock.rewind().at(&lock_path)?;
         writeln!(lock, "{}", std::process::id()).at(&lock_path)?;
+        tracing::debug!(key = %key.short(), "key lock taken");
+        Ok(lock)
+    }
 
-        if let Some(entry) = self.get(key)? {
-            return Ok(Begin::Cached(entry));
+    /// Renames `entries/<hex[..2]>/<hex>` to `corrupt/<hex>.<n>` (first free
+    /// `n`) and fsyncs both parents. Only call while holding the key lock.
+    fn move_aside(&self, key: &Key) -> Result<PathBuf> {
+        let from = self.entry_dir(key);
+        let corrupt = self.root.join("corrupt");
+        fs::create_dir_all(&corrupt).at(&corrupt)?;
+        let mut n = 0u32;
+        let to = loop {
+            let to = corrupt.join(format!("{}.{n}", key.hex()));
+            if fs::symlink_metadata(&to).is_err() {
+                break to;
+            }
+            n += 1;
+        };
+        fs::rename(&from, &to).at(&from)?;
+        if let Some(shard) = from.parent() {
+            sync_dir(shard)?;
         }
-        self.remove_leftover_tmp(key)?;
-        let dir = self.root.join("tmp").join(format!(
-            "{}.{}.{}",
-            key.hex(),
-            std::process::id(),
-            next_id()
-        ));
-        fs::create_dir(&dir).at(&dir)?;
-        Ok(Begin::Pending(Pending {
-            store: self.clone(),
-            key: *key,
-            dir,
-            committed: false,
-            _lock: lock,
-        }))
+        sync_dir(&corrupt)?;
+        Ok(to)
     }
 
     /// `root/scratch/<hex>`, created if needed: resumable checkpoints for a key
@@ -434,22 +523,58 @@ impl Store {
     }
 
     /// Removes `tmp/<hex>.*`; only call while holding the key lock.
-    fn remove_leftover_tmp(&self, key: &Key) -> Result<()> {
+    ///
+    /// Each leftover is first renamed to `tmp/dead.<hex>.<pid>.<n>` (atomic,
+    /// whatever a stray process of the crashed writer still does inside it),
+    /// then deleted. A failure is logged, not returned: the junk no longer
+    /// carries the key's prefix, and `gc` clears it later.
+    fn remove_leftover_tmp(&self, key: &Key) {
         let tmp = self.root.join("tmp");
         let prefix = format!("{}.", key.hex());
-        for item in fs::read_dir(&tmp).at(&tmp)? {
-            let item = item.at(&tmp)?;
-            if item.file_name().to_string_lossy().starts_with(&prefix) {
-                let path = item.path();
-                tracing::debug!("removing leftover staging dir {}", path.display());
-                if item.file_type().at(&path)?.is_dir() {
-                    remove_tree(&path)?;
+        let items = match fs::read_dir(&tmp) {
+            Ok(rd) => rd,
+            Err(e) => {
+                tracing::warn!("cannot list {}: {e}", tmp.display());
+                return;
+            }
+        };
+        for item in items.flatten() {
+            if !item.file_name().to_string_lossy().starts_with(&prefix) {
+                continue;
+            }
+            let path = item.path();
+            let dead = tmp.join(format!(
+                "dead.{}.{}.{}",
+                key.hex(),
+                std::process::id(),
+                next_id()
+            ));
+            tracing::debug!("removing leftover staging dir {}", path.display());
+            let removed = fs::rename(&path, &dead).at(&path).and_then(|()| {
+                if fs::symlink_metadata(&dead).at(&dead)?.is_dir() {
+                    remove_tree(&dead)
                 } else {
-                    remove_file(&path)?;
+                    remove_file(&dead)
                 }
+            });
+            if let Err(e) = removed {
+                tracing::warn!("cannot remove a crashed writer's staging dir: {e}");
             }
         }
-        Ok(())
+    }
+}
+
+/// Test hook (debug builds only): sleeps `PIPE_CACHE_TEST_PAUSE_MS` milliseconds inside
+/// [`Pending::commit`], between hashing and the manifest and between the manifest and the rename,
+/// so that crash tests which `kill -9` at random moments land inside a commit often. Release
+/// builds ignore the variable.
+fn test_pause() {
+    #[cfg(debug_assertions)]
+    if let Some(ms) = std::env::var("PIPE_CACHE_TEST_PAUSE_MS")
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+    {
+        std::thread::sleep(Duration::from_millis(ms));
     }
 }
 
@@ -505,6 +630,7 @@ impl Pending {
                 reason: format!("seconds is {}", meta.seconds),
             });
         }
+        tracing::debug!(key = %self.key.short(), "commit: hashing outputs");
         let files = tree
             .files
             .par_iter()
@@ -514,6 +640,7 @@ impl Pending {
                 Ok((rel.clone(), FileEntry { blake3, bytes }))
             })
             .collect::<Result<_>>()?;
+        test_pause();
         let manifest = Manifest {
             schema: MANIFEST_SCHEMA,
             key: self.key,
@@ -534,6 +661,8 @@ impl Pending {
         for d in tree.dirs.iter().rev() {
             sync_dir(d)?;
         }
+        tracing::debug!(key = %self.key.short(), "commit: manifest written");
+        test_pause();
 
         let target = self.store.entry_dir(&self.key);
         let shard = target
@@ -548,6 +677,7 @@ impl Pending {
             Ok(()) => {
                 self.committed = true;
                 sync_dir(&shard)?;
+                tracing::debug!(key = %self.key.short(), "commit: renamed into entries");
             }
             Err(e)
                 if matches!(
@@ -1081,6 +1211,123 @@ mod tests {
         }
         fs::write(&mpath, b"{ not json").at(&mpath)?;
         assert!(matches!(store.get(&k), Err(StoreError::Corrupt { .. })));
+        Ok(())
+    }
+
+    #[test]
+    fn begin_moves_aside_entry_dirs_without_a_valid_manifest() -> Result<()> {
+        let t = TestDir::new("aside");
+        let store = Store::open(t.path())?;
+        // An entry dir with files but no manifest (lost by a disk, or a hand copy).
+        let k = key("no-manifest");
+        let dir = store.entry_dir(&k);
+        fs::create_dir_all(&dir).at(&dir)?;
+        fs::write(dir.join("out.bin"), b"stale").at(&dir)?;
+        assert!(!store.contains(&k));
+        let p = pending(&store, &k);
+        let aside = store.root().join("corrupt").join(format!("{}.0", k.hex()));
+        assert_eq!(fs::read(aside.join("out.bin")).at(&aside)?, b"stale");
+        fs::write(p.dir().join("out.bin"), b"fresh").at(p.dir())?;
+        let e = p.commit(meta())?;
+        assert_eq!(fs::read(e.dir.join("out.bin")).at(&e.dir)?, b"fresh");
+
+        // A manifest that does not parse: moved aside as `.1` (`.0` is taken).
+        let mpath = e.dir.join("manifest.json");
+        fs::write(&mpath, b"{ truncated").at(&mpath)?;
+        assert!(matches!(store.get(&k), Err(StoreError::Corrupt { .. })));
+        let p = pending(&store, &k);
+        let aside1 = store.root().join("corrupt").join(format!("{}.1", k.hex()));
+        assert_eq!(
+            fs::read(aside1.join("manifest.json")).at(&aside1)?,
+            b"{ truncated"
+        );
+        fs::write(p.dir().join("out.bin"), b"again").at(p.dir())?;
+        p.commit(meta())?;
+        assert_eq!(store.verify(None)?, []);
+        Ok(())
+    }
+
+    #[test]
+    fn quarantine_moves_only_damaged_entries() -> Result<()> {
+        let t = TestDir::new("quarantine");
+        let store = Store::open(t.path())?;
+        let k = key("q");
+        commit_files(&store, &k, &[("a.bin", b"abc"), ("sub/b.bin", b"defg")])?;
+        // Clean or absent: nothing happens.
+        assert_eq!(store.quarantine(&k, &never)?, None);
+        assert_eq!(store.quarantine(&key("absent"), &never)?, None);
+        assert!(store.contains(&k));
+
+        let b = store.entry_dir(&k).join("sub/b.bin");
+        fs::write(&b, b"defh").at(&b)?;
+        let moved = store.quarantine(&k, &never)?;
+        let expected = store.root().join("corrupt").join(format!("{}.0", k.hex()));
+        assert_eq!(moved.as_deref(), Some(expected.as_path()));
+        assert!(!store.contains(&k));
+        assert!(!store.entry_dir(&k).exists());
+        assert_eq!(fs::read(expected.join("sub/b.bin")).at(&expected)?, b"defh");
+        assert_eq!(
+            store.verify(None)?,
+            [],
+            "nothing damaged is left in entries/"
+        );
+        // The key can be produced again, and gc clears the quarantine.
+        commit_files(&store, &k, &[("a.bin", b"abc"), ("sub/b.bin", b"defg")])?;
+        let report = store.gc(&[k].into_iter().collect(), false)?;
+        assert_eq!(report.corrupt_removed, 1);
+        assert!(!expected.exists());
+        assert!(store.contains(&k));
+        Ok(())
+    }
+
+    #[test]
+    fn quarantine_waits_for_the_key_lock_and_honours_cancel() -> Result<()> {
+        let t = TestDir::new("quarantine-lock");
+        let store = Store::open(t.path())?;
+        let k = key("held");
+        let _held = pending(&store, &k);
+        let calls = AtomicUsize::new(0);
+        let cancelled = || calls.fetch_add(1, Ordering::SeqCst) >= 2;
+        assert!(matches!(
+            store.quarantine(&k, &cancelled),
+            Err(StoreError::Cancelled)
+        ));
+        Ok(())
+    }
+
+    #[test]
+    fn leftover_staging_dirs_are_cleared_even_if_a_stray_writer_is_inside() -> Result<()> {
+        let t = TestDir::new("stray");
+        let store = Store::open(t.path())?;
+        let k = key("stray");
+        let leftover = store.root().join("tmp").join(format!("{}.999.0", k.hex()));
+        fs::create_dir_all(leftover.join("deep/er")).at(&leftover)?;
+        fs::write(leftover.join("deep/er/f"), b"x").at(&leftover)?;
+        let p = pending(&store, &k);
+        assert_eq!(tmp_names(&store).len(), 1, "{:?}", tmp_names(&store));
+        drop(p);
+        assert!(tmp_names(&store).is_empty(), "{:?}", tmp_names(&store));
+        Ok(())
+    }
+
+    #[test]
+    fn gc_removes_scratch_of_committed_keys_only() -> Result<()> {
+        let t = TestDir::new("gc-scratch");
+        let store = Store::open(t.path())?;
+        let (done, open) = (key("done"), key("open"));
+        commit_files(&store, &done, &[("x", b"1")])?;
+        // A crash between commit and scratch cleanup leaves this one.
+        let stale = store.scratch_dir(&done)?;
+        fs::write(stale.join("ckpt"), b"12345").at(&stale)?;
+        let live = store.scratch_dir(&open)?;
+        fs::write(live.join("ckpt"), b"resume me").at(&live)?;
+        let report = store.gc(&[done].into_iter().collect(), false)?;
+        assert_eq!(report.stale_scratch_removed, 1);
+        assert!(!stale.exists());
+        assert!(
+            live.join("ckpt").is_file(),
+            "a resume checkpoint was removed"
+        );
         Ok(())
     }
 

@@ -3,14 +3,13 @@
 use std::collections::BTreeSet;
 use std::io::IsTerminal;
 use std::path::Path;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 
 use anyhow::{Context, Result};
 use pipe_cache::Store;
 use pipe_engine::{
-    Error as EngineError, Observer, Outcome, Overrides, Plan, Registry, RunOptions, StatCache,
-    Status,
+    Error as EngineError, Observer, OnCorrupt, Outcome, Overrides, Plan, Registry, RunOptions,
+    StatCache, Status,
 };
 use serde_json::{Value, json};
 
@@ -27,7 +26,6 @@ pub fn registry() -> Registry {
 /// spec error stands on its own line.
 const EXIT_USAGE: u8 = 2;
 const EXIT_FAILED: u8 = 1;
-const EXIT_INTERRUPTED: u8 = 130;
 
 pub fn dispatch(cli: Cli) -> Result<u8> {
     let store_path = cli.store.clone();
@@ -40,14 +38,24 @@ pub fn dispatch(cli: Cli) -> Result<u8> {
             keep_going,
             json,
             no_progress,
+            no_recompute,
         } => {
             let store = open_store(&store_path)?;
             let _lock = store.lock_shared()?;
+            let cancel = crate::signals::install();
             let Some(plan) = load_plan(&pipeline, &store, &targets)? else {
                 return Ok(EXIT_USAGE);
             };
-            let cancel = Arc::new(AtomicBool::new(false));
-            install_signal_handler(Arc::clone(&cancel));
+            // re-hash what the run will read; a damaged entry is moved aside and recomputed
+            let on_corrupt = if no_recompute {
+                OnCorrupt::Fail
+            } else {
+                OnCorrupt::Recompute
+            };
+            let cancelled = || cancel.load(Ordering::Relaxed);
+            let (plan, _moved) = pipe_engine::integrity::check_inputs(
+                plan, &store, &targets, on_corrupt, &cancelled,
+            )?;
             let mut opts = RunOptions {
                 gpus,
                 keep_going,
@@ -64,7 +72,7 @@ pub fn dispatch(cli: Cli) -> Result<u8> {
                 Box::new(crate::progress::Lines)
             };
             let summary =
-                pipe_engine::exec::run(&plan, &reg, &store, &opts, &cancel, observer.as_mut());
+                pipe_engine::exec::run(&plan, &reg, &store, &opts, cancel, observer.as_mut());
             drop(observer);
             let (ran, cached, failed, skipped) = (
                 summary.count("ran"),
@@ -122,7 +130,7 @@ pub fn dispatch(cli: Cli) -> Result<u8> {
                 }
             }
             Ok(if summary.interrupted {
-                EXIT_INTERRUPTED
+                crate::signals::exit_code()
             } else if summary.failed() {
                 EXIT_FAILED
             } else {
@@ -140,6 +148,11 @@ pub fn dispatch(cli: Cli) -> Result<u8> {
                 return Ok(EXIT_USAGE);
             };
             let (cached, to_run, not_needed) = plan.counts();
+            // a shell node runs arbitrary commands: plan shows each before anything runs
+            let shell_command = |n: &pipe_engine::Node| -> Option<String> {
+                let cmd = n.params.get("cmd").and_then(Value::as_str)?;
+                (n.kind == "shell").then(|| cmd.to_string())
+            };
             if json {
                 let nodes: Vec<Value> = plan
                     .graph
@@ -156,6 +169,10 @@ pub fn dispatch(cli: Cli) -> Result<u8> {
                         }
                         if !n.aliases.is_empty() {
                             v["aliases"] = json!(n.aliases);
+                        }
+                        // whatever its status, so scripts can audit every command
+                        if let Some(cmd) = shell_command(n) {
+                            v["command"] = json!(cmd);
                         }
                         v
                     })
@@ -184,6 +201,12 @@ pub fn dispatch(cli: Cli) -> Result<u8> {
                         n.id,
                         n.key.short()
                     );
+                    // the command a shell node would run, every line of it, before it runs
+                    if let (Status::Run(_), Some(cmd)) = (s, shell_command(n)) {
+                        for (i, line) in cmd.lines().enumerate() {
+                            println!("{:>12} {line}", if i == 0 { "$" } else { "" });
+                        }
+                    }
                 }
                 println!("{to_run} to run, {cached} cached, {not_needed} not needed");
             }
@@ -350,6 +373,14 @@ pub fn dispatch(cli: Cli) -> Result<u8> {
                     report.kept
                 );
             }
+            if report.corrupt_removed > 0 {
+                let verb = if dry_run { "would remove" } else { "removed" };
+                println!(
+                    "{verb} {} damaged entries set aside in {}",
+                    report.corrupt_removed,
+                    store.root().join("corrupt").display()
+                );
+            }
             Ok(0)
         }
         Command::Verify { json } => {
@@ -405,17 +436,4 @@ pub fn load_plan(args: &PipelineArgs, store: &Store, targets: &[String]) -> Resu
     };
     let graph = pipe_engine::graph::build(pipeline, &reg);
     Ok(Some(pipe_engine::plan::plan(graph, store, targets)?))
-}
-
-fn install_signal_handler(cancel: Arc<AtomicBool>) {
-    let result = ctrlc::set_handler(move || {
-        if cancel.swap(true, Ordering::SeqCst) {
-            eprintln!("\npipe: interrupted again, exiting now (finished nodes are kept)");
-            std::process::exit(i32::from(EXIT_INTERRUPTED));
-        }
-        eprintln!("\npipe: interrupting: stopping running nodes (Ctrl-C again to exit at once)");
-    });
-    if let Err(e) = result {
-        tracing::warn!("cannot install the Ctrl-C handler: {e}");
-    }
 }

@@ -1,12 +1,14 @@
 //! `pipe`: run declarative, content-hashed experiment pipelines.
 //!
 //! Thin by design (ripgrep's `main`): parse the arguments, run one command, print the error
-//! chain with `{:#}`, exit 0 (ok), 1 (some node failed), 2 (usage, spec or store error), or 130
-//! (interrupted).
+//! chain with `{:#}`, exit 0 (ok), 1 (some node failed, or `pipe verify` found problems), 2
+//! (usage, spec or store error, including damaged entries under `pipe run --no-recompute`), or
+//! 128 + the signal that interrupted a run: 130 (SIGINT), 143 (SIGTERM), 129 (SIGHUP).
 
 mod bench;
 mod commands;
 mod progress;
+mod signals;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -65,6 +67,11 @@ pub enum Command {
         /// No progress bars even on a terminal (plain log lines).
         #[arg(long)]
         no_progress: bool,
+        /// When an entry this run would read is damaged (its files no longer match its
+        /// manifest), fail with exit code 2 naming it instead of moving it aside into the
+        /// store's `corrupt/` and recomputing it.
+        #[arg(long)]
+        no_recompute: bool,
     },
     /// Show what a run would do, and why each node would run.
     Plan {
@@ -227,6 +234,11 @@ pub enum BenchWhat {
 fn main() -> ExitCode {
     pipe_stages::tune::reexec_tuned();
     let cli = Cli::parse();
+    // `pipe plan FILE | head` ends quietly; a run keeps ignoring SIGPIPE so that a closed pipe
+    // on its stdout does not kill it mid-node (its own signal handling stops it cleanly).
+    if !matches!(cli.command, Command::Run { .. }) {
+        signals::default_sigpipe();
+    }
     let level = match cli.verbose {
         0 => "warn",
         1 => "info",
@@ -237,6 +249,7 @@ fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_target(false)
         .init();
     match commands::dispatch(cli) {

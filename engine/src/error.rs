@@ -98,6 +98,23 @@ pub enum Error {
     /// A command-line override is malformed or names nothing.
     #[error("{0}")]
     Usage(String),
+    /// Entries a run would read are damaged, and recomputing them was not allowed
+    /// ([`crate::integrity::OnCorrupt::Fail`]).
+    #[error("{}", corrupt_message(.0))]
+    Corrupt(Vec<crate::integrity::Corruption>),
+}
+
+fn corrupt_message(found: &[crate::integrity::Corruption]) -> String {
+    let mut s = format!(
+        "{} damaged store entr{} would be read by this run (nothing was run):",
+        found.len(),
+        if found.len() == 1 { "y" } else { "ies" }
+    );
+    for c in found {
+        s.push_str(&format!("\n  {c}"));
+    }
+    s.push_str("\nrun without --no-recompute to move the damaged entries aside and recompute them");
+    s
 }
 
 /// Result with the engine's [`Error`].

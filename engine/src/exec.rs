@@ -7,10 +7,11 @@
 //! nodes never take a worker.
 //!
 //! A worker takes the node's key lock ([`Store::begin`]): if another `pipe run` committed the
-//! key meanwhile the node counts as cached, so concurrent runs compute each key once. The stage
-//! fills a staging folder, the engine checks the declared outputs and commits; a failed,
-//! panicking or interrupted stage never becomes an entry (its log is kept in the store's
-//! `failed/`). On failure the coordinator stops starting nodes and lets running ones finish
+//! key meanwhile the node counts as cached, so concurrent runs compute each key once. The worker
+//! then re-hashes every input entry not already checked in this run ([`crate::integrity`]), so a
+//! stage never reads damaged bytes; the stage fills a staging folder, the engine checks the
+//! declared outputs and commits; a failed, panicking or interrupted stage never becomes an entry
+//! (its log is kept in the store's `failed/`). On failure the coordinator stops starting nodes and lets running ones finish
 //! (`--keep-going`: it skips only the failed node's dependents). On cancel (Ctrl-C) running
 //! stages see [`StageCtx::is_cancelled`](crate::StageCtx::is_cancelled) and stop; finished nodes
 //! stay committed.
@@ -25,6 +26,7 @@ use std::time::{Duration, Instant};
 
 use pipe_cache::{Begin, ManifestMeta, Store, now_rfc3339};
 
+use crate::integrity::Intact;
 use crate::plan::{Plan, Status};
 use crate::record::RunRecord;
 use crate::registry::Registry;
@@ -234,6 +236,8 @@ pub fn run(
     let mut running = 0usize;
     let mut stop = false;
     let host = host();
+    let intact = Intact::new(&plan.checked);
+    let intact = &intact;
     let (tx, rx) = mpsc::channel::<(usize, Msg)>();
     std::thread::scope(|scope| {
         loop {
@@ -275,6 +279,7 @@ pub fn run(
                         } else {
                             match run_node(
                                 plan, i, registry, store, opts, cancel, &host, &report, on_wait,
+                                intact,
                             ) {
                                 Ok(o) => o,
                                 // stopped by Ctrl-C: discarded, not a failure of the node
@@ -396,6 +401,7 @@ fn run_node(
     host: &str,
     report: &(dyn Fn(StageEvent) + Sync),
     on_wait: &mut dyn FnMut(Option<u32>),
+    intact: &Intact,
 ) -> Result<Outcome, String> {
     let node = &plan.graph.nodes[i];
     let kind = registry
@@ -430,6 +436,18 @@ fn run_node(
         }
         Err(e) => return Err(e.to_string()),
     };
+    // never hand a stage bytes that differ from its input's manifest (most inputs were checked
+    // before the run started; this catches entries other runs committed meanwhile)
+    for (slot, arts) in &inputs {
+        for art in arts {
+            intact.ensure(store, &art.key).map_err(|problems| {
+                format!(
+                    "input `{slot}` is damaged, not running the stage on it: {problems} \
+                     (run again to move the entry aside and recompute it)"
+                )
+            })?;
+        }
+    }
     let log_path = pending.dir().join(LOG_FILE);
     let log = File::create(&log_path).map_err(|e| format!("{}: {e}", log_path.display()))?;
     let scratch = store
@@ -449,6 +467,7 @@ fn run_node(
         report,
         log: Mutex::new(log),
         store,
+        intact,
     };
     let result = catch_unwind(AssertUnwindSafe(|| kind.run(&node.params, &mut ctx)));
     drop(ctx);
@@ -497,9 +516,10 @@ fn run_node(
         pipe_version: opts.pipe_version.clone(),
         extra: BTreeMap::new(),
     };
-    pending
+    let entry = pending
         .commit(meta)
         .map_err(|e| format!("commit failed: {e}"))?;
+    intact.insert(entry.key);
     tracing::info!(node = %node.id, seconds = t0.elapsed().as_secs_f64(), "done");
     Ok(Outcome::Ran)
 }

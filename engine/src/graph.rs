@@ -17,7 +17,7 @@ use serde_json::Value;
 
 use crate::key::{KEY_SCHEMA, KeyPreimage, NodeKey};
 use crate::registry::Registry;
-use crate::spec::{Coord, Pipeline};
+use crate::spec::{Coord, Pipeline, StageSpec};
 use crate::stage::Resources;
 
 /// A unique unit of work: one key.
@@ -111,6 +111,73 @@ fn display_id(stage: &str, coords: &[Coord]) -> String {
         })
         .collect();
     format!("{stage}[{}]", parts.join(","))
+}
+
+/// Where [`count_instances`] passed its limit.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TooMany {
+    /// The stage whose instances passed the limit.
+    pub stage: String,
+    /// Points of its own grid.
+    pub grid: usize,
+    /// Instances of the stages before it (topological order).
+    pub before: usize,
+}
+
+/// Counts the instances [`build`] would make of `stages` (in topological order), stopping as
+/// soon as the count passes `limit`. It follows the same fan-out and join rules on the
+/// coordinates alone, so it neither keys nor clones params.
+///
+/// # Errors
+/// [`TooMany`] naming the stage at which the count passed `limit`.
+pub fn count_instances(stages: &[StageSpec], limit: usize) -> Result<usize, TooMany> {
+    let mut instances: BTreeMap<&str, Vec<Vec<Coord>>> = BTreeMap::new();
+    let mut total = 0usize;
+    for stage in stages {
+        let over = || TooMany {
+            stage: stage.id.clone(),
+            grid: stage.grid.len(),
+            before: total,
+        };
+        let room = limit.saturating_sub(total);
+        let per_combo = stage.grid.len().max(1);
+        let mut combos: Vec<Vec<Coord>> = vec![Vec::new()];
+        for src in stage
+            .inputs
+            .iter()
+            .flat_map(|(_, s)| s)
+            .filter(|s| !s.gather)
+        {
+            let ups = instances
+                .get(src.stage.as_str())
+                .map(Vec::as_slice)
+                .unwrap_or(&[]);
+            let mut next = Vec::new();
+            for coords in &combos {
+                for up in ups {
+                    if compatible(coords, up) {
+                        next.push(merge(coords, up));
+                        if next.len().saturating_mul(per_combo) > room {
+                            return Err(over());
+                        }
+                    }
+                }
+            }
+            combos = next;
+        }
+        if combos.len().saturating_mul(per_combo) > room {
+            return Err(over());
+        }
+        let mut out = Vec::with_capacity(combos.len() * stage.grid.len());
+        for coords in &combos {
+            for point in &stage.grid {
+                out.push(merge(coords, &point.coords));
+            }
+        }
+        total += out.len();
+        instances.insert(stage.id.as_str(), out);
+    }
+    Ok(total)
 }
 
 /// Expands sweeps and keys every node.

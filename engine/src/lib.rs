@@ -8,6 +8,8 @@
 //! - [`graph::build`] expands sweeps across the DAG (fan-out, joins, `stage[*]` gathers) into a
 //!   [`Graph`] of unique nodes, each with a [`NodeKey`] ([`key`] documents what is hashed).
 //! - [`plan::plan`] marks each node cached / to-run (with a [`Reason`]) / not-needed.
+//! - [`integrity::check_inputs`] re-hashes the cached entries the plan will read; a damaged one
+//!   is moved aside and recomputed (or the run refuses to start).
 //! - [`exec::run`] runs what must run on worker threads, committing each node into the
 //!   [`pipe_cache::Store`], and reports [`Event`]s to an [`Observer`].
 //!
@@ -29,6 +31,7 @@
 pub mod error;
 pub mod exec;
 pub mod graph;
+pub mod integrity;
 pub mod key;
 pub mod plan;
 pub mod record;
@@ -42,6 +45,7 @@ pub mod value;
 pub use error::{BoxError, Error, ParamError, Result, SpecError, SpecErrors};
 pub use exec::{Event, NodeResult, Observer, Outcome, Quiet, RunOptions, Summary};
 pub use graph::{Graph, Node};
+pub use integrity::{Corruption, OnCorrupt};
 pub use key::NodeKey;
 pub use plan::{Plan, Reason, Status};
 pub use registry::Registry;

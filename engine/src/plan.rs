@@ -1,13 +1,18 @@
 //! Planning: which nodes are cached, which must run and why. Pure: reads the store, writes nothing.
 //!
+//! "Cached" means "its `manifest.json` exists" (one stat per node, so planning stays instant);
+//! files are not re-hashed here. `pipe run` re-hashes the entries it will read before running
+//! anything ([`crate::integrity`]), and `pipe verify` re-hashes everything.
+//!
 //! A node is `Cached` when its entry is in the store. A missing node must run when it is a
 //! target (a sink of the graph, or a node of a stage named on the command line) or when a node
 //! that must run consumes it; otherwise it is `NotNeeded` (a gc'd intermediate under a cached
 //! consumer is not recomputed).
 
+use std::collections::BTreeSet;
 use std::fmt;
 
-use pipe_cache::Store;
+use pipe_cache::{Key, Store};
 use serde_json::Value;
 
 use crate::graph::Graph;
@@ -33,6 +38,9 @@ pub enum Reason {
     NotInStore,
     /// The last attempt failed.
     FailedBefore,
+    /// Its entry was damaged (what is wrong, file by file) and has been moved aside
+    /// ([`crate::integrity::check_inputs`]).
+    Corrupt(String),
 }
 
 impl fmt::Display for Reason {
@@ -46,6 +54,7 @@ impl fmt::Display for Reason {
             }
             Reason::NotInStore => write!(f, "not in the store (never finished, or removed)"),
             Reason::FailedBefore => write!(f, "failed last time"),
+            Reason::Corrupt(what) => write!(f, "its entry was corrupt and was moved aside: {what}"),
         }
     }
 }
@@ -79,6 +88,10 @@ pub struct Plan {
     pub graph: Graph,
     /// Status per node (same order as `graph.nodes`).
     pub status: Vec<Status>,
+    /// Entries whose files were re-hashed against their manifests and found intact while
+    /// preparing this run ([`crate::integrity::check_inputs`]); the executor does not hash them
+    /// again before handing them to a stage. Empty after [`plan`].
+    pub checked: BTreeSet<Key>,
 }
 
 fn diff_params(old: &Value, new: &Value) -> Vec<String> {
@@ -197,7 +210,11 @@ pub fn plan(graph: Graph, store: &Store, targets: &[String]) -> Result<Plan, cra
             }))
         })
         .collect();
-    Ok(Plan { graph, status })
+    Ok(Plan {
+        graph,
+        status,
+        checked: BTreeSet::new(),
+    })
 }
 
 fn status_changed(graph: &Graph, record: &RunRecord, j: usize) -> bool {

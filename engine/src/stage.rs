@@ -231,6 +231,7 @@ pub struct StageCtx<'a> {
     pub(crate) report: &'a (dyn Fn(StageEvent) + Sync),
     pub(crate) log: Mutex<File>,
     pub(crate) store: &'a pipe_cache::Store,
+    pub(crate) intact: &'a crate::integrity::Intact,
 }
 
 impl<'a> StageCtx<'a> {
@@ -281,10 +282,18 @@ impl<'a> StageCtx<'a> {
     /// (`manifest.meta.inputs` holds the keys an entry was computed from). `None` when the key
     /// is not committed (an ancestor removed by `pipe gc`).
     ///
+    /// Its files are re-hashed against its manifest first (once per run), as the inputs are.
+    ///
     /// # Errors
-    /// When the entry's manifest is unreadable or corrupt.
+    /// When the entry's manifest is unreadable or corrupt, or a file does not match it.
     pub fn entry(&self, key: &pipe_cache::Key) -> Result<Option<Artifact>, BoxError> {
-        Ok(self.store.get(key)?)
+        let Some(entry) = self.store.get(key)? else {
+            return Ok(None);
+        };
+        self.intact
+            .ensure(self.store, key)
+            .map_err(|problems| format!("entry {key} is damaged: {problems}"))?;
+        Ok(Some(entry))
     }
     /// Every connected slot with its artifacts.
     pub fn all_inputs(&self) -> &BTreeMap<String, Vec<Artifact>> {

@@ -3,7 +3,8 @@
 use serde_json::{Map, Number, Value};
 
 /// Converts a YAML value into JSON. Fails (with a path suffix and message) on NaN / inf,
-/// non-string mapping keys and tagged values, none of which a param can hold.
+/// non-string mapping keys, tagged values and text holding a NUL character, none of which a
+/// param can hold (a NUL cannot pass into a path, an argument or an environment variable).
 pub fn yaml_to_json(v: &serde_yaml::Value) -> Result<Value, (String, String)> {
     fn go(v: &serde_yaml::Value, path: &mut String) -> Result<Value, (String, String)> {
         use serde_yaml::Value as Y;
@@ -28,6 +29,12 @@ pub fn yaml_to_json(v: &serde_yaml::Value) -> Result<Value, (String, String)> {
                     }
                 }
             }
+            Y::String(s) if s.contains('\0') => {
+                return Err((
+                    path.clone(),
+                    format!("expected text without NUL characters, got {s:?}"),
+                ));
+            }
             Y::String(s) => Value::String(s.clone()),
             Y::Sequence(seq) => {
                 let mut out = Vec::with_capacity(seq.len());
@@ -43,6 +50,12 @@ pub fn yaml_to_json(v: &serde_yaml::Value) -> Result<Value, (String, String)> {
                 let mut out = Map::new();
                 for (k, item) in m {
                     let key = match k {
+                        Y::String(s) if s.contains('\0') => {
+                            return Err((
+                                path.clone(),
+                                format!("expected keys without NUL characters, got {s:?}"),
+                            ));
+                        }
                         Y::String(s) => s.clone(),
                         Y::Number(n) => n.to_string(),
                         Y::Bool(b) => b.to_string(),
@@ -191,6 +204,19 @@ mod tests {
                 .contains("PIPE_SURELY_UNSET_VAR")
         );
         assert!(expand_env("${X").is_err());
+    }
+
+    #[test]
+    fn nul_characters_are_rejected_with_their_path() {
+        let y: serde_yaml::Value =
+            serde_yaml::from_str("a: [ok, \"x\\0y\"]\nb: {\"k\\0\": 1}").expect("valid yaml");
+        let map = y.as_mapping().expect("a mapping");
+        let a = yaml_to_json(&map["a"]).expect_err("NUL in a value");
+        assert_eq!(a.0, "[1]");
+        assert!(a.1.contains("NUL"), "{}", a.1);
+        let b = yaml_to_json(&map["b"]).expect_err("NUL in a key");
+        assert!(b.1.contains("NUL"), "{}", b.1);
+        assert!(parse_scalar("\"a\\0b\"").is_err());
     }
 
     #[test]

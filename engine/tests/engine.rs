@@ -1243,3 +1243,118 @@ fn targets_limit_what_runs() {
     let g = env.graph(CHAIN);
     assert!(pipe_engine::plan::plan(g, &env.store, &["nope".to_string()]).is_err());
 }
+
+// ---------------------------------------------------------------------------------------------
+// integrity: damaged inputs
+// ---------------------------------------------------------------------------------------------
+
+/// Overwrites node `id`'s `out.txt` in the store (same length, other bytes).
+fn damage_out(env: &Env, plan: &Plan, id: &str) {
+    let entry = env
+        .store
+        .get(key_of(&plan.graph, id).key())
+        .expect("store get")
+        .expect("entry present");
+    let path = entry.file("out.txt").expect("out.txt listed");
+    let text = std::fs::read_to_string(&path).expect("read out.txt");
+    std::fs::write(&path, text.to_lowercase()).expect("damage out.txt");
+}
+
+#[test]
+fn check_inputs_moves_damaged_inputs_aside_and_the_plan_reruns_them() {
+    use pipe_engine::integrity::{OnCorrupt, check_inputs};
+    let env = Env::new("integrity");
+    let plan = env.plan(CHAIN);
+    let (s, _) = env.run(&plan, &opts(2, 1, false));
+    assert_eq!(s.count("ran"), 3);
+    damage_out(&env, &plan, "a");
+    damage_out(&env, &plan, "b");
+
+    // c changes: it reads b (damaged), whose recompute reads a (damaged too)
+    let changed = CHAIN.replace("text: C", "text: D");
+    assert_ne!(changed, CHAIN);
+    let plan = env.plan(&changed);
+    assert_eq!(*status(&plan, "a"), Status::Cached);
+    assert_eq!(*status(&plan, "b"), Status::Cached);
+    let never = || false;
+    let (plan, found) =
+        check_inputs(plan, &env.store, &[], OnCorrupt::Recompute, &never).expect("check");
+    let moved: Vec<&str> = found.iter().map(|c| c.node.as_str()).collect();
+    assert_eq!(
+        moved,
+        ["b", "a"],
+        "b is found first, then a through b's recompute"
+    );
+    for c in &found {
+        assert_eq!(c.problems.len(), 1, "{c}");
+        assert_eq!(c.problems[0].file(), Some("out.txt"));
+        let aside = c.moved_to.as_ref().expect("moved");
+        assert!(
+            aside.starts_with(env.store.root().join("corrupt")),
+            "{}",
+            aside.display()
+        );
+        assert!(c.to_string().contains(&c.key.to_string()), "{c}");
+    }
+    for id in ["a", "b"] {
+        assert!(
+            matches!(status(&plan, id), Status::Run(Reason::Corrupt(w)) if w.contains("out.txt")),
+            "{id}: {:?}",
+            status(&plan, id)
+        );
+    }
+    let (s, _) = env.run(&plan, &opts(2, 1, false));
+    assert_eq!(s.count("ran"), 3, "{:?}", s.results);
+    assert_eq!(env.read_out(&plan, "c"), "DBA");
+    assert_eq!(env.store.verify(None).expect("verify"), []);
+}
+
+#[test]
+fn check_inputs_fail_mode_names_entry_and_file_and_moves_nothing() {
+    use pipe_engine::integrity::{OnCorrupt, check_inputs};
+    let env = Env::new("integrity-fail");
+    let plan = env.plan(CHAIN);
+    env.run(&plan, &opts(2, 1, false));
+    damage_out(&env, &plan, "b");
+    let b = *key_of(&plan.graph, "b").key();
+    let plan = env.plan(&CHAIN.replace("text: C", "text: D"));
+    let never = || false;
+    match check_inputs(plan, &env.store, &[], OnCorrupt::Fail, &never) {
+        Err(pipe_engine::Error::Corrupt(found)) => {
+            assert_eq!(found.len(), 1);
+            assert_eq!(found[0].key, b);
+            assert_eq!(found[0].moved_to, None);
+            let msg = pipe_engine::Error::Corrupt(found).to_string();
+            assert!(
+                msg.contains(&b.to_string()) && msg.contains("file out.txt"),
+                "{msg}"
+            );
+            assert!(msg.contains("node b"), "{msg}");
+        }
+        other => panic!("expected Error::Corrupt, got {:?}", other.map(|(_, f)| f)),
+    }
+    assert!(env.store.contains(&b), "fail mode moves nothing");
+}
+
+#[test]
+fn exec_refuses_to_hand_a_damaged_input_to_a_stage() {
+    // without check_inputs (a library caller, or an entry another run committed meanwhile) the
+    // worker re-hashes the input itself and fails the node rather than feed it bad bytes
+    let env = Env::new("integrity-exec");
+    let plan = env.plan(CHAIN);
+    env.run(&plan, &opts(2, 1, false));
+    damage_out(&env, &plan, "b");
+    let plan = env.plan(&CHAIN.replace("text: C", "text: D"));
+    let (s, _) = env.run(&plan, &opts(2, 1, false));
+    match outcome(&plan, &s, "c") {
+        Outcome::Failed(msg) => {
+            assert!(msg.contains("damaged") && msg.contains("out.txt"), "{msg}");
+            assert!(
+                msg.contains(&key_of(&plan.graph, "b").key().to_string()),
+                "{msg}"
+            );
+        }
+        other => panic!("expected a failure, got {other:?}"),
+    }
+    assert!(!env.contains(&plan, "c"));
+}

@@ -35,11 +35,7 @@ pub fn parse_real(text: &str) -> Result<f64, String> {
         }
         None => num(text)?,
     };
-    if v.is_finite() {
-        Ok(v)
-    } else {
-        Err(bad())
-    }
+    if v.is_finite() { Ok(v) } else { Err(bad()) }
 }
 
 fn real_of(v: &Value) -> Result<f64, String> {
@@ -112,11 +108,22 @@ impl Checks {
         });
     }
 
+    /// `value <= max`: counts that size memory (views, layer widths) or loops (epochs) have a
+    /// ceiling, so a typo such as `n_views: 1600000` fails at plan time instead of aborting
+    /// the process on an allocation.
+    pub fn at_most(&mut self, path: &str, value: usize, max: usize) {
+        self.require(value <= max, path, || {
+            format!("expected at most {max}, got {value}")
+        });
+    }
+
     /// `lo <= value <= hi` (finite).
     pub fn within(&mut self, path: &str, value: f64, lo: f64, hi: f64) {
-        self.require(value.is_finite() && (lo..=hi).contains(&value), path, || {
-            format!("expected a value in [{lo}, {hi}], got {value}")
-        });
+        self.require(
+            value.is_finite() && (lo..=hi).contains(&value),
+            path,
+            || format!("expected a value in [{lo}, {hi}], got {value}"),
+        );
     }
 
     /// `value > 0` (finite).
@@ -138,6 +145,13 @@ impl Checks {
         self.errors
     }
 }
+
+/// Ceiling of `epochs` (a million epochs is already centuries of compute).
+pub const MAX_EPOCHS: usize = 1_000_000;
+/// Ceiling of `n_views` (EMP-SSL's largest setting is 200 patches).
+pub const MAX_VIEWS: usize = 1024;
+/// Ceiling of a layer width such as `hidden_dim` or `z_dim`.
+pub const MAX_DIM: usize = 65_536;
 
 /// Writes pretty JSON with a final newline (every kind's `metrics.json`).
 ///
@@ -182,8 +196,10 @@ mod tests {
 
     #[test]
     fn fractions_and_numbers_normalize_alike() {
-        let a: P = serde_json::from_value(serde_json::json!({"eps": "8/255", "alpha": "1/100", "scale": ["1/4", 1]}))
-            .expect("parses");
+        let a: P = serde_json::from_value(
+            serde_json::json!({"eps": "8/255", "alpha": "1/100", "scale": ["1/4", 1]}),
+        )
+        .expect("parses");
         let b: P = serde_json::from_value(
             serde_json::json!({"eps": 8.0 / 255.0, "alpha": 0.01, "scale": [0.25, 1.0]}),
         )

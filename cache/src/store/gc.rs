@@ -21,6 +21,12 @@ pub struct GcReport {
     pub freed_bytes: u64,
     /// Leftover items removed from `tmp/`.
     pub tmp_removed: usize,
+    /// Damaged entries removed from `corrupt/` (moved there by
+    /// [`Store::quarantine`] or [`Store::begin`]).
+    pub corrupt_removed: usize,
+    /// `scratch/<hex>` dirs removed because their key is committed (a crash
+    /// between commit and scratch cleanup leaves them).
+    pub stale_scratch_removed: usize,
 }
 
 impl Store {
@@ -33,8 +39,9 @@ impl Store {
     /// `tmp/` and only then deleted, so a crash never leaves a half entry
     /// behind. The scratch dir, failed log and unlocked key-lock file of each
     /// removed key go too, as does everything in `tmp/` whose key lock is not
-    /// currently held. With `dry_run`, nothing is removed and the report says
-    /// what would be.
+    /// currently held, everything in `corrupt/`, and the scratch dirs of kept
+    /// (committed) keys. With `dry_run`, nothing is removed and the report
+    /// says what would be.
     ///
     /// # Errors
     ///
@@ -73,6 +80,36 @@ impl Store {
             tracing::debug!(key = %key.short(), "gc removed entry");
         }
 
+        let corrupt = self.root.join("corrupt");
+        if corrupt.is_dir() {
+            for item in fs::read_dir(&corrupt).at(&corrupt)? {
+                let path = item.at(&corrupt)?.path();
+                report.freed_bytes += tree_size(&path);
+                report.corrupt_removed += 1;
+                if !dry_run {
+                    remove_tree_or_file(&path)?;
+                }
+            }
+        }
+
+        let scratch = self.root.join("scratch");
+        for item in fs::read_dir(&scratch).at(&scratch)? {
+            let path = item.at(&scratch)?.path();
+            let committed = path
+                .file_name()
+                .and_then(|n| n.to_str())
+                .and_then(|n| n.parse::<Key>().ok())
+                .is_some_and(|key| keep.contains(&key) && self.contains(&key));
+            if !committed {
+                continue;
+            }
+            report.freed_bytes += tree_size(&path);
+            report.stale_scratch_removed += 1;
+            if !dry_run {
+                remove_tree_or_file(&path)?;
+            }
+        }
+
         let tmp = self.root.join("tmp");
         for item in fs::read_dir(&tmp).at(&tmp)? {
             let item = item.at(&tmp)?;
@@ -90,17 +127,14 @@ impl Store {
             if dry_run {
                 continue;
             }
-            if item.file_type().at(&path)?.is_dir() {
-                remove_tree(&path)?;
-            } else {
-                remove_file(&path)?;
-            }
+            remove_tree_or_file(&path)?;
         }
         tracing::info!(
             removed = report.removed.len(),
             kept = report.kept,
             freed_bytes = report.freed_bytes,
             tmp_removed = report.tmp_removed,
+            corrupt_removed = report.corrupt_removed,
             dry_run,
             "gc finished"
         );
@@ -125,5 +159,14 @@ impl Store {
             remove_file(&path)?;
         }
         Ok(())
+    }
+}
+
+/// Removes a directory tree or a single file (without following symlinks).
+fn remove_tree_or_file(path: &std::path::Path) -> Result<()> {
+    match fs::symlink_metadata(path) {
+        Ok(m) if m.is_dir() => remove_tree(path),
+        Ok(_) => remove_file(path),
+        Err(_) => Ok(()),
     }
 }

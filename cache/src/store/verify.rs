@@ -118,7 +118,7 @@ impl Store {
         Ok(problems)
     }
 
-    fn verify_one(&self, key: &Key) -> Vec<VerifyProblem> {
+    pub(crate) fn verify_one(&self, key: &Key) -> Vec<VerifyProblem> {
         let unreadable =
             |reason: String| vec![VerifyProblem::UnreadableManifest { key: *key, reason }];
         let entry = match self.get(key) {

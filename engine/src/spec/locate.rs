@@ -24,6 +24,9 @@ pub struct Duplicate {
 #[derive(Debug, Default)]
 pub struct Locator {
     positions: HashMap<String, (usize, usize)>,
+    /// Lines in the text: positions are clamped to it (the scanner's end-of-input mark may sit
+    /// on the line after the last).
+    lines: usize,
     /// Every duplicate key in the document.
     pub duplicates: Vec<Duplicate>,
 }
@@ -173,7 +176,9 @@ impl Locator {
         if parser.load(&mut b, false).is_err() {
             return Locator::default();
         }
-        b.loc
+        let mut loc = b.loc;
+        loc.lines = text.split('\n').count();
+        loc
     }
 
     /// Position of `path`, or of its nearest ancestor that is written in the file (a param
@@ -181,8 +186,12 @@ impl Locator {
     pub fn locate(&self, path: &str) -> Option<(usize, usize)> {
         let mut p = path;
         loop {
-            if let Some(pos) = self.positions.get(p) {
-                return Some(*pos);
+            if let Some(&(line, col)) = self.positions.get(p) {
+                return Some(if self.lines > 0 && line > self.lines {
+                    (self.lines, 1)
+                } else {
+                    (line, col)
+                });
             }
             let cut = p.rfind(['.', '['])?;
             p = &p[..cut];
@@ -206,6 +215,15 @@ mod tests {
         // unknown leaf: nearest written ancestor
         assert_eq!(l.locate("stages.b.params.missing"), Some((8, 5)));
         assert!(l.duplicates.is_empty());
+    }
+
+    #[test]
+    fn positions_stay_inside_the_text() {
+        // a lone tag: the scalar's mark is the end of input, past the only line
+        let l = Locator::new("!");
+        assert_eq!(l.locate(""), Some((1, 1)));
+        let l = Locator::new("a: !t\n");
+        assert!(l.locate("a").is_some_and(|(line, _)| line <= 2));
     }
 
     #[test]

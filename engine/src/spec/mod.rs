@@ -6,6 +6,13 @@
 //! each kind's typed params, unknown / mistyped / out-of-range params. Each error carries the
 //! file, the line and column (from [`locate::Locator`]), the YAML path and what was expected.
 //!
+//! Hostile text is refused, not expanded: serde_yaml refuses alias expansion beyond 100 times
+//! the document's events ("billion laughs") and nesting deeper than 128 levels (no stack
+//! overflow), both before any conversion; a stage's grid may have at most [`MAX_GRID_POINTS`]
+//! points and the whole pipeline at most [`MAX_INSTANCES`] instances, both checked before they
+//! are built; NaN, infinities and NUL characters never reach a param
+//! ([`crate::value::yaml_to_json`]).
+//!
 //! Top-level fields named `x-...` are ignored: they hold YAML anchors that stages merge
 //! (`<<: *linear`) or reference (`columns: *columns`).
 //!
@@ -28,6 +35,18 @@ use crate::stage::{NormalizeCtx, Slots};
 use crate::statcache::StatCache;
 use crate::value::{label, parse_scalar, yaml_to_json};
 use locate::Locator;
+
+/// The largest pipeline file [`load`] reads.
+pub const MAX_SPEC_BYTES: u64 = 16 << 20;
+
+/// The most points one stage's own grid (variants x sweep values, `--sweep` included) may have.
+/// A larger grid is refused before it is expanded.
+pub const MAX_GRID_POINTS: usize = 10_000;
+
+/// The most stage instances a pipeline may expand into (each stage's grid times its fan-out over
+/// its inputs' instances, summed over the stages). Checked before the graph is built, so a
+/// chain of sweeps cannot exhaust memory.
+pub const MAX_INSTANCES: usize = 100_000;
 
 /// One axis of a stage's own grid.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -184,6 +203,19 @@ impl Ctx<'_> {
         }
     }
 
+    /// [`Ctx::err`] for a name the file got wrong: located by the name as written, shown
+    /// with control characters escaped (a NUL in a stage id must not reach the terminal).
+    fn err_named(&mut self, path: &str, message: impl Into<String>) {
+        let pos = self.loc.locate(path);
+        self.errors.push(SpecError {
+            file: self.file.to_path_buf(),
+            line: pos.map(|p| p.0),
+            col: pos.map(|p| p.1),
+            path: path.escape_debug().to_string(),
+            message: message.into(),
+        });
+    }
+
     fn err(&mut self, path: impl Into<String>, message: impl Into<String>) {
         let path = path.into();
         let pos = self.loc.locate(&path);
@@ -225,7 +257,8 @@ struct Layer {
 /// Reads and validates a pipeline file.
 ///
 /// # Errors
-/// [`Error::Io`] when unreadable, [`Error::Spec`] with every problem found.
+/// [`Error::Io`] when unreadable or larger than [`MAX_SPEC_BYTES`], [`Error::Spec`] with every
+/// problem found.
 pub fn load(file: &Path, registry: &Registry, overrides: &Overrides) -> Result<Pipeline, Error> {
     load_with(file, registry, overrides, &mut StatCache::in_memory())
 }
@@ -240,10 +273,23 @@ pub fn load_with(
     overrides: &Overrides,
     stats: &mut StatCache,
 ) -> Result<Pipeline, Error> {
-    let text = std::fs::read_to_string(file).map_err(|cause| Error::Io {
+    let io = |cause| Error::Io {
         path: file.to_path_buf(),
         cause,
-    })?;
+    };
+    // read at most one byte past the limit: `pipe plan /dev/zero` must not eat the memory
+    let mut text = String::new();
+    std::io::Read::read_to_string(
+        &mut std::io::Read::take(std::fs::File::open(file).map_err(io)?, MAX_SPEC_BYTES + 1),
+        &mut text,
+    )
+    .map_err(io)?;
+    if text.len() as u64 > MAX_SPEC_BYTES {
+        return Err(io(std::io::Error::other(format!(
+            "larger than {} MiB: expected a pipeline file",
+            MAX_SPEC_BYTES >> 20
+        ))));
+    }
     parse_with(&text, file, registry, overrides, stats).map_err(Error::Spec)
 }
 
@@ -262,6 +308,8 @@ fn yaml_map(ctx: &mut Ctx<'_>, v: &serde_yaml::Mapping, path: &str) -> Map<Strin
             Err((sub, m)) => ctx.err(
                 if sub.is_empty() {
                     p
+                } else if sub.starts_with('[') {
+                    format!("{p}{sub}")
                 } else {
                     format!("{p}.{sub}")
                 },
@@ -346,13 +394,35 @@ fn parse_inner(
                 let loc = e.location();
                 let msg = e.to_string();
                 // serde_yaml appends " at line L column C"; the position is printed separately.
-                let msg = msg.split(" at line ").next().unwrap_or(&msg).to_string();
+                let mut msg = msg.split(" at line ").next().unwrap_or(&msg).to_string();
+                // serde_yaml's own guards, before anything is expanded or converted
+                if msg.starts_with("recursion limit exceeded") {
+                    msg.push_str(
+                        " (collections nested more than 128 deep; expected a shallower document)",
+                    );
+                } else if msg.starts_with("repetition limit exceeded") {
+                    msg.push_str(
+                        " (aliases expand to far more nodes than the document holds, as in a \
+                         \"billion laughs\" document; expected aliases that are used a few times)",
+                    );
+                }
+                let lines = text.split('\n').count();
+                let (path, message) = match too_wide_integer(&msg) {
+                    Some((path, n)) => (
+                        path,
+                        format!(
+                            "the integer {n} does not fit in 64 bits (expected an integer from \
+                             -2^63 to 2^64 - 1, or a float such as 1.5e21)"
+                        ),
+                    ),
+                    None => (String::new(), format!("invalid YAML: {msg}")),
+                };
                 ctx.errors.push(SpecError {
                     file: file.to_path_buf(),
-                    line: loc.as_ref().map(|l| l.line()),
+                    line: loc.as_ref().map(|l| l.line().clamp(1, lines)),
                     col: loc.as_ref().map(|l| l.column()),
-                    path: String::new(),
-                    message: format!("invalid YAML: {msg}"),
+                    path,
+                    message,
                 });
             }
             return None;
@@ -456,9 +526,12 @@ fn parse_inner(
         };
         let path = format!("stages.{id}");
         if !valid_name(id) {
-            ctx.err(
+            ctx.err_named(
                 &path,
-                format!("invalid stage id `{id}`: use letters, digits, `_` and `-` only"),
+                format!(
+                    "invalid stage id `{}`: use letters, digits, `_` and `-` only",
+                    id.escape_debug()
+                ),
             );
             continue;
         }
@@ -495,9 +568,12 @@ fn parse_inner(
             };
             let ipath = format!("{path}.inputs.{slot}");
             if !valid_name(slot) || slot.contains('-') {
-                ctx.err(
+                ctx.err_named(
                     &ipath,
-                    format!("invalid slot name `{slot}`: use letters, digits and `_`"),
+                    format!(
+                        "invalid slot name `{}`: use letters, digits and `_`",
+                        slot.escape_debug()
+                    ),
                 );
                 continue;
             }
@@ -526,9 +602,12 @@ fn parse_inner(
             };
             let vpath = format!("{path}.variants.{vname}");
             if !valid_name(vname) {
-                ctx.err(
+                ctx.err_named(
                     &vpath,
-                    format!("invalid variant name `{vname}`: use letters, digits, `_` and `-`"),
+                    format!(
+                        "invalid variant name `{}`: use letters, digits, `_` and `-`",
+                        vname.escape_debug()
+                    ),
                 );
                 continue;
             }
@@ -737,6 +816,31 @@ fn parse_inner(
                 })
                 .collect()
         };
+        // refuse a grid too large to expand before expanding it (ten 10-value sweeps would be
+        // 10^10 points, each normalized and keyed)
+        let points = p
+            .sweep
+            .iter()
+            .fold(variant_layers.len(), |n, (_, v)| n.saturating_mul(v.len()));
+        if points > MAX_GRID_POINTS {
+            ctx.err(
+                if p.sweep.is_empty() {
+                    format!("{spath}.variants")
+                } else {
+                    format!("{spath}.sweep")
+                },
+                format!(
+                    "the stage's grid has {} points (variants x sweep values), more than the \
+                     {MAX_GRID_POINTS} allowed: split the sweep into several pipelines or runs",
+                    if points == usize::MAX {
+                        "too many".to_string()
+                    } else {
+                        points.to_string()
+                    }
+                ),
+            );
+            continue;
+        }
         let mut grid = Vec::new();
         let mut seen_errors = BTreeSet::new();
         for variant in &variant_layers {
@@ -854,6 +958,19 @@ fn parse_inner(
     if !ctx.errors.is_empty() {
         return None;
     }
+    // fan-out multiplies grids along the DAG: count the instances before they are built
+    if let Err(over) = crate::graph::count_instances(&stages, MAX_INSTANCES) {
+        ctx.err(
+            format!("stages.{}", over.stage),
+            format!(
+                "the pipeline expands into more than {MAX_INSTANCES} nodes by this stage (its \
+                 {} grid points times the instances of its inputs, with {} instances before it): \
+                 narrow the sweeps, or gather an input with `stage[*]`",
+                over.grid, over.before
+            ),
+        );
+        return None;
+    }
     let name = name.unwrap_or_else(|| {
         file.file_stem()
             .map(|s| s.to_string_lossy().into_owned())
@@ -865,6 +982,20 @@ fn parse_inner(
         dir,
         stages,
     })
+}
+
+/// serde_yaml's refusal of an integer beyond 64 bits (`a.b: invalid type: integer `N` as u128,
+/// expected any YAML value`) -> (`a.b`, `N`).
+fn too_wide_integer(message: &str) -> Option<(String, String)> {
+    let (path, rest) = match message.split_once(": invalid type: integer `") {
+        Some((p, r)) => (p.to_string(), r),
+        None => (
+            String::new(),
+            message.strip_prefix("invalid type: integer `")?,
+        ),
+    };
+    let (n, tail) = rest.split_once('`')?;
+    (tail.starts_with(" as u128") || tail.starts_with(" as i128")).then(|| (path, n.to_string()))
 }
 
 /// `unknown field `x`, expected ...` -> `x` (serde reports unknown fields at the parent path).

@@ -8,17 +8,24 @@
 //!
 //! [`read_cifar`] accepts the extracted folder (`cifar-10-batches-bin/`, `cifar-100-binary/`),
 //! its parent, a folder holding the official archive, or the `.tar.gz` archive itself (read in
-//! one streaming pass, never unpacked). [`fetch_archive`] downloads the official archive with
-//! `curl` (or `wget`) and checks its md5 with `md5sum` (or `md5`).
+//! one streaming pass, never unpacked: only regular entries named like the data files are read,
+//! into memory, at most [`MAX_FILE_BYTES`] each; links, devices and every other entry are
+//! skipped, never followed, and nothing is written). [`fetch_archive`] downloads the official
+//! archive with `curl` (or `wget`) into the store's scratch folder, checks its md5 with
+//! `md5sum` (or `md5`) and only then moves it to `root/<official name>`: the one file pipe
+//! writes outside the store, and only with `download: true`.
 
-use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use rayon::prelude::*;
 
-use super::{Dataset, Error, Hooks, ReadOptions, Result, Split, io_err, to_chw};
+use super::{Dataset, Error, Hooks, ReadOptions, Result, Split, io_err, read_entry, to_chw};
+
+/// The most bytes a data or names file of an archive may have (the official files are 30 MB;
+/// each is read into memory whole).
+pub const MAX_FILE_BYTES: u64 = 1 << 30;
 
 /// Which CIFAR release.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -476,8 +483,8 @@ fn read_from_archive(
         if want.is_none() && name != kind.names_file() {
             continue;
         }
-        let mut buf = Vec::with_capacity(usize::try_from(entry.size()).unwrap_or(0));
-        entry.read_to_end(&mut buf).map_err(bad)?;
+        let shown = path.display().to_string();
+        let buf = read_entry(&mut entry, MAX_FILE_BYTES, archive, &shown)?;
         match want {
             Some(i) => files[i].1 = Some(buf),
             None => *names = String::from_utf8(buf).ok(),
@@ -756,6 +763,80 @@ mod tests {
             std::fs::write(dir.join(f), records10(3 + k)).expect("write");
         }
         std::fs::write(dir.join("test_batch.bin"), records10(4)).expect("write");
+    }
+
+    #[test]
+    fn archive_links_are_never_followed_and_nothing_is_written() {
+        let tmp = TempDir::new("cifar-hostile");
+        let dir = tmp.path().join("release");
+        write_release(&dir);
+        let raw = |t: &mut tar::Builder<Vec<u8>>, path: &str, kind: tar::EntryType, data: &[u8]| {
+            let mut h = tar::Header::new_gnu();
+            h.as_old_mut().name[..path.len()].copy_from_slice(path.as_bytes());
+            h.set_size(data.len() as u64);
+            h.set_entry_type(kind);
+            h.set_mode(0o644);
+            if kind == tar::EntryType::Symlink {
+                h.set_link_name("/etc/passwd").expect("link name");
+            }
+            h.set_cksum();
+            t.append(&h, data).expect("append");
+        };
+        let mut t = tar::Builder::new(Vec::new());
+        for f in CifarKind::Cifar10.data_files() {
+            let bytes = std::fs::read(dir.join(f)).expect("read");
+            if f == "data_batch_1.bin" {
+                // a symlink where the data should be: skipped, never followed
+                raw(
+                    &mut t,
+                    "cifar-10-batches-bin/data_batch_1.bin",
+                    tar::EntryType::Symlink,
+                    &[],
+                );
+            } else {
+                // `..` in the path: read in memory like any entry, written nowhere
+                raw(
+                    &mut t,
+                    &format!("../../x/{f}"),
+                    tar::EntryType::Regular,
+                    &bytes,
+                );
+            }
+        }
+        let sub = tmp.path().join("sub");
+        std::fs::create_dir_all(&sub).expect("mkdir");
+        let archive = sub.join("c.tar.gz");
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        std::io::Write::write_all(&mut gz, &t.into_inner().expect("tar")).expect("gz");
+        std::fs::write(&archive, gz.finish().expect("gz")).expect("write");
+        let e = read_cifar(
+            CifarKind::Cifar10,
+            &archive,
+            &ReadOptions::default(),
+            &Hooks::none(),
+        )
+        .expect_err("the symlinked batch is missing");
+        assert_eq!(
+            e.to_string(),
+            format!(
+                "{}:cifar-10-batches-bin/data_batch_1.bin: no such file or folder",
+                archive.display()
+            )
+        );
+        let listing: Vec<_> = std::fs::read_dir(&sub)
+            .expect("ls")
+            .map(|e| e.expect("entry").file_name())
+            .collect();
+        assert_eq!(listing, ["c.tar.gz"]);
+        assert!(
+            !tmp.path().join("x").exists()
+                && !tmp
+                    .path()
+                    .parent()
+                    .expect("tmp")
+                    .join("x/data_batch_2.bin")
+                    .exists()
+        );
     }
 
     #[test]

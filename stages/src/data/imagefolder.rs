@@ -8,9 +8,14 @@
 //! - The tree may sit inside one wrapping folder (`cifar10/train/...`).
 //! - Files that are not `.jpg` / `.jpeg` / `.png` (or are hidden, like `.DS_Store` and `._x.jpg`)
 //!   are skipped, with one warning line counting them.
-//! - Archive entries whose path is absolute or contains `..`, and links or device files, are
-//!   refused with an error naming the entry. Nothing is ever written to disk: entries are read
-//!   into memory.
+//! - Archives are untrusted. An entry whose path is absolute or contains `..`, a symbolic or
+//!   hard link (wherever it points), a character or block device or a FIFO makes the whole
+//!   archive refused, with an error naming the entry: such entries have no place in an image
+//!   data set, and a refusal cannot be missed the way a skip warning can. Nothing is ever
+//!   written to disk and nothing is followed: entries are only read, in memory, from the one
+//!   stream. An image entry larger than [`MAX_IMAGE_BYTES`] (by its header or once inflated)
+//!   is refused too; other entries are skipped without being read. A folder, by contrast, is
+//!   the user's own: its symlinks are followed (reading only).
 //! - Images are decoded in parallel (rayon) with the `image` crate, converted to RGB, and
 //!   checked to be `image_size` square, or resized to it when `resize` is set. An archive is
 //!   read on a helper thread while the images already read are decoded.
@@ -24,7 +29,10 @@ use std::time::Instant;
 
 use rayon::prelude::*;
 
-use super::{Dataset, Error, Hooks, ReadOptions, Result, Split, io_err, to_chw};
+use super::{Dataset, Error, Hooks, ReadOptions, Result, Split, io_err, read_entry, to_chw};
+
+/// The most bytes one image of an archive may have (it is read into memory whole).
+pub const MAX_IMAGE_BYTES: u64 = 64 << 20;
 
 /// Images decoded between two progress reports / cancellation checks.
 const BLOCK: usize = 2048;
@@ -337,11 +345,7 @@ fn list_archive(
             T::Regular | T::Continuous | T::GNUSparse => {
                 let file_name = comps.last().map(String::as_str).unwrap_or("");
                 if is_image_name(file_name) {
-                    let mut buf = Vec::with_capacity(usize::try_from(entry.size()).unwrap_or(0));
-                    entry.read_to_end(&mut buf).map_err(|e| Error::Archive {
-                        archive: archive.to_path_buf(),
-                        message: format!("entry `{shown}`: {e}"),
-                    })?;
+                    let buf = read_entry(&mut entry, MAX_IMAGE_BYTES, archive, &shown)?;
                     Raw::Image(Content::Bytes(buf))
                 } else {
                     Raw::Other
@@ -720,6 +724,151 @@ mod tests {
                 .collect();
             assert_eq!(listing, ["evil.tar"], "nothing written next to the archive");
         }
+    }
+
+    /// A tar header of any type with raw `data` (PAX and GNU long-name records included).
+    fn append_typed(t: &mut tar::Builder<Vec<u8>>, name: &str, kind: tar::EntryType, data: &[u8]) {
+        let mut h = tar::Header::new_gnu();
+        h.as_old_mut().name[..name.len()].copy_from_slice(name.as_bytes());
+        h.set_size(data.len() as u64);
+        h.set_entry_type(kind);
+        h.set_mode(0o644);
+        h.set_cksum();
+        t.append(&h, data).expect("append");
+    }
+
+    /// One PAX record: `<len> <key>=<value>\n`, the length counting itself.
+    fn pax_record(key: &str, value: &str) -> Vec<u8> {
+        let body = format!(" {key}={value}\n");
+        let mut len = body.len() + 1;
+        while format!("{len}{body}").len() != len {
+            len += 1;
+        }
+        format!("{len}{body}").into_bytes()
+    }
+
+    #[test]
+    fn hostile_entries_are_refused_before_anything_is_read_or_written() {
+        use tar::EntryType as T;
+        let tmp = TempDir::new("imagefolder-hostile");
+        let img = png(32, 32, 1);
+        let long_evil = format!("train/a/{}/../../../../evil.png", "x".repeat(120));
+        type Case = (
+            &'static str,
+            Box<dyn Fn(&mut tar::Builder<Vec<u8>>)>,
+            String,
+        );
+        let cases: Vec<Case> = vec![
+            (
+                "fifo",
+                Box::new(|t| append_raw(t, "train/a/fifo", &[], T::Fifo)),
+                "refusing archive entry `train/a/fifo`: device files are not allowed".into(),
+            ),
+            (
+                "block device",
+                Box::new(|t| append_raw(t, "train/a/sda", &[], T::Block)),
+                "refusing archive entry `train/a/sda`: device files are not allowed".into(),
+            ),
+            (
+                "GNU long name with `..`",
+                Box::new({
+                    let long_evil = long_evil.clone();
+                    move |t| {
+                        let mut name = long_evil.clone().into_bytes();
+                        name.push(0);
+                        append_typed(t, "././@LongLink", T::GNULongName, &name);
+                        append_typed(t, "train/a/short.png", T::Regular, b"evil");
+                    }
+                }),
+                format!("refusing archive entry `{long_evil}`: its path contains `..`"),
+            ),
+            (
+                "PAX path with `..`",
+                Box::new(|t| {
+                    append_typed(
+                        t,
+                        "PaxHeaders/x",
+                        T::XHeader,
+                        &pax_record("path", "../../evil.png"),
+                    );
+                    append_typed(t, "train/a/innocent.png", T::Regular, b"evil");
+                }),
+                "refusing archive entry `../../evil.png`: its path contains `..`".into(),
+            ),
+            (
+                "PAX absolute path",
+                Box::new(|t| {
+                    append_typed(
+                        t,
+                        "PaxHeaders/y",
+                        T::XHeader,
+                        &pax_record("path", "/tmp/pipe-evil-pax.png"),
+                    );
+                    append_typed(t, "train/a/innocent.png", T::Regular, b"evil");
+                }),
+                "refusing archive entry `/tmp/pipe-evil-pax.png`: its path is absolute".into(),
+            ),
+            (
+                "a header claiming a terabyte",
+                Box::new(|t| {
+                    let mut h = tar::Header::new_gnu();
+                    h.set_path("train/a/huge.png").expect("path");
+                    h.set_size(1 << 40);
+                    h.set_entry_type(T::Regular);
+                    h.set_cksum();
+                    // the data never follows: the archive is cut after the header
+                    t.get_mut().extend_from_slice(h.as_bytes());
+                }),
+                "entry `train/a/huge.png` is 1099511627776 bytes, more than the 64 MiB".into(),
+            ),
+        ];
+        for (what, add_evil, want) in cases {
+            let mut t = tar::Builder::new(Vec::new());
+            add(&mut t, "train/a/ok.png", &img);
+            add(&mut t, "test/a/ok.png", &img);
+            add_evil(&mut t);
+            let bytes = if what.starts_with("a header") {
+                t.get_ref().clone()
+            } else {
+                t.into_inner().expect("tar")
+            };
+            let dir = tmp.path().join("sub");
+            std::fs::create_dir_all(&dir).expect("mkdir");
+            let path = dir.join("evil.tar");
+            std::fs::write(&path, bytes).expect("write");
+            let e = read(&path).expect_err(what);
+            assert!(e.to_string().contains(&want), "{what}: {e}");
+            let listing: Vec<_> = std::fs::read_dir(&dir)
+                .expect("ls")
+                .map(|e| e.expect("entry").file_name())
+                .collect();
+            assert_eq!(
+                listing,
+                ["evil.tar"],
+                "{what}: nothing written next to the archive"
+            );
+            assert!(!tmp.path().join("evil.png").exists(), "{what}");
+            assert!(!Path::new("/tmp/pipe-evil-pax.png").exists(), "{what}");
+        }
+
+        // a gzip bomb: 65 MiB of zeros named like an image inflate from a few kB, refused by
+        // its size before it is read
+        let mut t = tar::Builder::new(Vec::new());
+        add(&mut t, "train/a/ok.png", &img);
+        add(&mut t, "test/a/ok.png", &img);
+        add(&mut t, "train/a/bomb.png", &vec![0u8; 65 << 20]);
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        std::io::Write::write_all(&mut gz, &t.into_inner().expect("tar")).expect("gz");
+        let gz = gz.finish().expect("gz");
+        assert!(gz.len() < 1 << 20, "{} bytes", gz.len());
+        let path = tmp.path().join("bomb.tar.gz");
+        std::fs::write(&path, gz).expect("write");
+        let e = read(&path).expect_err("bomb");
+        assert!(
+            e.to_string()
+                .contains("entry `train/a/bomb.png` is 68157440 bytes, more than the 64 MiB"),
+            "{e}"
+        );
     }
 
     #[test]

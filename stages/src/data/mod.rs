@@ -188,6 +188,41 @@ pub(crate) const DATASET_STREAM: u64 = 0xda7a;
 /// Result of the data module.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
+/// Reads one tar entry into memory, refusing one that is (or claims to be) larger than
+/// `limit` bytes: an archive's header may claim any size, and a gzip bomb may inflate to any
+/// size, so neither may decide how much is allocated. `shown` names the entry in errors.
+///
+/// # Errors
+/// [`Error::Archive`] naming the entry when it is too large or cannot be read.
+pub(crate) fn read_entry<R: std::io::Read>(
+    entry: &mut tar::Entry<'_, R>,
+    limit: u64,
+    archive: &std::path::Path,
+    shown: &str,
+) -> Result<Vec<u8>> {
+    let too_big = |size: u64| Error::Archive {
+        archive: archive.to_path_buf(),
+        message: format!(
+            "entry `{shown}` is {size} bytes, more than the {} MiB such an entry may have",
+            limit >> 20
+        ),
+    };
+    let size = entry.size();
+    if size > limit {
+        return Err(too_big(size));
+    }
+    let mut buf = Vec::with_capacity(usize::try_from(size).unwrap_or(0));
+    std::io::Read::read_to_end(&mut std::io::Read::take(&mut *entry, limit + 1), &mut buf)
+        .map_err(|e| Error::Archive {
+            archive: archive.to_path_buf(),
+            message: format!("entry `{shown}`: {e}"),
+        })?;
+    if buf.len() as u64 > limit {
+        return Err(too_big(buf.len() as u64));
+    }
+    Ok(buf)
+}
+
 pub(crate) fn io_err(path: impl Into<PathBuf>) -> impl FnOnce(std::io::Error) -> Error {
     let path = path.into();
     move |cause| Error::Io { path, cause }

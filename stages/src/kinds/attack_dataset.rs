@@ -335,7 +335,7 @@ impl TypedStage for AttackDataset {
 
     fn check(p: &AttackDatasetParams) -> Vec<ParamError> {
         let mut e = Checks::default();
-        evaluate::check_attack(&mut e, "", p.eps, Some(p.alpha), p.restarts);
+        evaluate::check_attack(&mut e, "", p.norm, p.eps, Some(p.alpha), p.restarts);
         e.positive("batch_size", p.batch_size);
         if let Some(k) = p.test_subset {
             e.positive("test_subset", k);

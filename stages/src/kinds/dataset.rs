@@ -97,6 +97,9 @@ pub const SYNTHETIC_TRAIN: usize = 5_000;
 /// Default number of synthetic test images.
 pub const SYNTHETIC_TEST: usize = 1_000;
 
+/// Ceiling of the pixels of one synthetic split (8 GiB).
+pub const MAX_SYNTHETIC_BYTES: usize = 8 << 30;
+
 fn default_image_size() -> u32 {
     32
 }
@@ -196,6 +199,23 @@ impl TypedStage for Dataset {
                     "n_classes",
                     format!("expected a value in 2..={MAX_CLASSES}, got {k}"),
                 ));
+            }
+            // the pixels are allocated at once: a typo must not abort the process
+            let bytes_per_image = 3 * (p.image_size as usize).pow(2);
+            let most = MAX_SYNTHETIC_BYTES / bytes_per_image.max(1);
+            for (name, v) in [("n_train", p.n_train), ("n_test", p.n_test)] {
+                if let Some(n) = v
+                    && n > most
+                {
+                    e.push(ParamError::new(
+                        name,
+                        format!(
+                            "expected at most {most} images of {0}x{0} ({1} GiB of pixels), got {n}",
+                            p.image_size,
+                            MAX_SYNTHETIC_BYTES >> 30
+                        ),
+                    ));
+                }
             }
             let k = p.n_classes.unwrap_or(SYNTHETIC_CLASSES);
             if let Some(n) = p.n_train

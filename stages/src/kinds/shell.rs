@@ -13,7 +13,11 @@
 //! stderr in the error. On cancel the command's whole process group gets SIGTERM, then SIGKILL.
 //!
 //! **Security**: a pipeline with shell stages runs arbitrary commands as you. Run only
-//! pipelines you trust, as you would a Makefile.
+//! pipelines you trust, as you would a Makefile; `pipe plan FILE` prints the command of every
+//! shell node that would run. What pipe itself guarantees: `outputs` are relative paths inside
+//! `$PIPE_OUT` (no `..`, no absolute path: refused at plan time), no param holds a NUL, and
+//! the store commits regular files and folders only (a symlink the command leaves in
+//! `$PIPE_OUT` fails the node).
 
 use std::collections::{BTreeMap, VecDeque};
 use std::io::{BufRead, BufReader, Write};
@@ -57,6 +61,18 @@ impl TypedStage for Shell {
         let mut e = Vec::new();
         if p.cmd.trim().is_empty() {
             e.push(ParamError::new("cmd", "expected a non-empty command"));
+        }
+        for name in p.extra.keys() {
+            // `PIPE_PARAM_<name>=<value>`: a `=` in the name would end the variable's name
+            if name.is_empty() || name.contains('=') {
+                e.push(ParamError::new(
+                    name.as_str(),
+                    format!(
+                        "expected a param name without `=` (it becomes the environment \
+                         variable PIPE_PARAM_<name>), got `{name}`"
+                    ),
+                ));
+            }
         }
         for (i, o) in p.outputs.iter().enumerate() {
             let path = std::path::Path::new(o);

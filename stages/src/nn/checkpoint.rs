@@ -107,6 +107,32 @@ pub fn save(varmap: &VarMap, path: impl AsRef<Path>, prefix: &str) -> Result<usi
     Ok(tensors.len())
 }
 
+/// Names of the floating-point `Var`s of `varmap` that hold a NaN or an infinity (or values so
+/// large that their sum overflows: a diverged model either way), sorted. One reduction per
+/// tensor and one scalar copied back: cheap enough to run after every epoch, so a diverged
+/// model is never saved, whatever its loss said (a loss behind BN and normalized embeddings
+/// can stay finite while the weights blow up).
+///
+/// # Errors
+/// Tensor errors.
+pub fn non_finite(varmap: &VarMap) -> Result<Vec<String>> {
+    let mut out = Vec::new();
+    for (name, var) in named_vars(varmap) {
+        if !var.dtype().is_float() {
+            continue;
+        }
+        let sum = var
+            .as_tensor()
+            .sum_all()?
+            .to_dtype(candle::DType::F64)?
+            .to_scalar::<f64>()?;
+        if !sum.is_finite() {
+            out.push(name);
+        }
+    }
+    Ok(out)
+}
+
 /// Writes named tensors to a safetensors file atomically (temporary file in the same folder,
 /// fsync, rename, folder fsync).
 ///
@@ -274,6 +300,32 @@ mod tests {
     use crate::nn::init::{InitRules, build_seeded, named_vars};
     use crate::nn::resnet::{ResNetConfig, resnet18};
     use candle::{DType, Device, ModuleT};
+
+    #[test]
+    fn non_finite_names_every_tensor_holding_nan_or_inf() -> Result<()> {
+        let mut vm = VarMap::new();
+        let dev = Device::Cpu;
+        for (name, values) in [
+            ("a.ok", [1.0f32, -2.0, 3.0]),
+            ("b.nan", [1.0, f32::NAN, 0.0]),
+            ("c.inf", [f32::NEG_INFINITY, 0.0, 0.0]),
+            ("d.huge", [3e38, 3e38, 0.0]),
+        ] {
+            let t = Tensor::new(&values, &dev)?;
+            vm.get((3,), name, candle_nn::Init::Const(0.0), DType::F32, &dev)?;
+            vm.set_one(name, t)?;
+        }
+        // an integer buffer is not a weight
+        vm.get(
+            (1,),
+            "e.count",
+            candle_nn::Init::Const(0.0),
+            DType::I64,
+            &dev,
+        )?;
+        assert_eq!(non_finite(&vm)?, ["b.nan", "c.inf", "d.huge"]);
+        Ok(())
+    }
 
     /// A fresh, empty folder for one test.
     fn test_dir(name: &str) -> Result<PathBuf> {

@@ -320,9 +320,14 @@ pub(crate) fn check_device(e: &mut Checks, device: DeviceSpec) {
 }
 
 /// Range checks of one attack at `path` (`attacks[0]`, or `""` for top-level fields).
+///
+/// Pixels live in `[0, 1]`, so an l_inf radius or step outside `[0, 1]` is a mistake (a
+/// radius written in pixel units, `8` for `8/255`). An l_2 or l_1 radius may exceed 1 (l_1
+/// radii of 12 are usual) and only has to be a finite number >= 0.
 pub(crate) fn check_attack(
     e: &mut Checks,
     path: &str,
+    norm: Norm,
     eps: f64,
     alpha: Option<f64>,
     restarts: usize,
@@ -334,9 +339,16 @@ pub(crate) fn check_attack(
             format!("{path}.{f}")
         }
     };
-    e.non_negative(&at("eps"), eps);
-    if let Some(a) = alpha {
-        e.non_negative(&at("alpha"), a);
+    if norm == Norm::Linf {
+        e.within(&at("eps"), eps, 0.0, 1.0);
+        if let Some(a) = alpha {
+            e.within(&at("alpha"), a, 0.0, 1.0);
+        }
+    } else {
+        e.non_negative(&at("eps"), eps);
+        if let Some(a) = alpha {
+            e.non_negative(&at("alpha"), a);
+        }
     }
     e.positive(&at("restarts"), restarts);
 }
@@ -374,7 +386,6 @@ pub(crate) fn load_data(ctx: &StageCtx<'_>, clf: &Classifier) -> Result<data::Da
     Ok(d)
 }
 
-
 impl TypedStage for Evaluate {
     const KIND: &'static str = "evaluate";
     const VERSION: u32 = 1;
@@ -404,7 +415,14 @@ impl TypedStage for Evaluate {
     fn check(p: &EvaluateParams) -> Vec<ParamError> {
         let mut e = Checks::default();
         for (i, a) in p.attacks.iter().enumerate() {
-            check_attack(&mut e, &format!("attacks[{i}]"), a.eps, a.alpha, a.restarts);
+            check_attack(
+                &mut e,
+                &format!("attacks[{i}]"),
+                a.norm,
+                a.eps,
+                a.alpha,
+                a.restarts,
+            );
         }
         e.positive("batch_size", p.batch_size);
         if let Some(k) = p.test_subset {

@@ -139,7 +139,7 @@ use crate::data::{self, tensor_io::DATA_FILE};
 use crate::device::DeviceSpec;
 use crate::kinds::pretrain::{ENCODER_FILE, TrainHooks, ViewKind};
 use crate::nn::classifier::{FeatureKind, SPEC_FILE, WEIGHTS_FILE};
-use crate::params::{Checks, de_real_opt};
+use crate::params::{Checks, MAX_EPOCHS, MAX_VIEWS, de_real_opt};
 
 /// The `finetune` kind.
 pub struct Finetune;
@@ -552,6 +552,7 @@ impl TypedStage for Finetune {
         });
         if let Some(n) = &c.ncrop {
             e.positive("n_views", n.n_views);
+            e.at_most("n_views", n.n_views, MAX_VIEWS);
         }
         e.positive("batch_size", c.batch_size);
         e.require(
@@ -565,6 +566,7 @@ impl TypedStage for Finetune {
             },
         );
         e.positive("epochs", c.epochs);
+        e.at_most("epochs", c.epochs, MAX_EPOCHS);
         e.positive_real("lr", c.lr);
         e.require(
             c.momentum.is_finite() && (0.0..1.0).contains(&c.momentum),
@@ -575,8 +577,9 @@ impl TypedStage for Finetune {
         if let Schedule::Cosine { t_max } = c.schedule {
             e.positive("t_max", t_max);
         }
-        e.non_negative("eps", c.eps);
-        e.non_negative("alpha", c.alpha);
+        // l_inf radius and step on pixels in [0, 1]
+        e.within("eps", c.eps, 0.0, 1.0);
+        e.within("alpha", c.alpha, 0.0, 1.0);
         e.positive("pgd_steps", c.pgd_steps);
         e.non_negative("beta", c.beta);
         if let DeviceSpec::Cuda(n) = p.device

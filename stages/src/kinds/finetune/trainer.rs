@@ -994,7 +994,8 @@ impl<'d> Finetuner<'d> {
     /// Trains one epoch (the next one), calling the hooks per batch; appends to the curve.
     ///
     /// # Errors
-    /// A non-finite loss (naming epoch and batch), cancellation, or tensor errors.
+    /// A non-finite loss (naming epoch and batch), non-finite weights at the end of the epoch
+    /// (naming the epoch), cancellation, or tensor errors.
     pub fn train_epoch(&mut self, hooks: &TrainHooks<'_>) -> Result<EpochStats> {
         let epoch = self.epoch;
         let start = Instant::now();
@@ -1053,6 +1054,16 @@ impl<'d> Finetuner<'d> {
             stats.lr,
             stats.seconds
         ));
+        // a diverged model must fail here, before its state or checkpoint is saved
+        let bad = checkpoint::non_finite(self.varmap())?;
+        if let Some(first) = bad.first() {
+            return Err(format!(
+                "epoch {epoch}: the weights are not finite after its last step ({} tensors, \
+                 first `{first}`; lr {lr:e}): the training diverged, lower `lr`",
+                bad.len()
+            )
+            .into());
+        }
         self.curve.push(stats.clone());
         self.epoch += 1;
         Ok(stats)
@@ -1100,7 +1111,7 @@ impl<'d> Finetuner<'d> {
         let value = scalar(&loss)?;
         if !value.is_finite() {
             return Err(format!(
-                "the loss is {value} at optimiser step {} (lr {:.6})",
+                "the loss is {value} at optimiser step {} (lr {:e})",
                 self.steps,
                 self.opt.lr()
             )

@@ -77,7 +77,9 @@ use serde_json::{Value, json};
 
 use crate::data::{self, tensor_io::DATA_FILE};
 use crate::device::DeviceSpec;
-use crate::params::{Checks, de_real, de_real_opt, de_real_pair_opt};
+use crate::params::{
+    Checks, MAX_DIM, MAX_EPOCHS, MAX_VIEWS, de_real, de_real_opt, de_real_pair_opt,
+};
 
 /// The `pretrain` kind.
 pub struct Pretrain;
@@ -129,7 +131,8 @@ impl Default for FaithfulParam {
 
 impl<'de> Deserialize<'de> for FaithfulParam {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let expected = "expected true, false or a map with some of q6, q7, q8, q10 set to true/false";
+        let expected =
+            "expected true, false or a map with some of q6, q7, q8, q10 set to true/false";
         match Value::deserialize(d)? {
             Value::Bool(b) => Ok(Self::all(b)),
             Value::Object(m) => {
@@ -464,20 +467,31 @@ impl TypedStage for Pretrain {
         } else {
             e.positive("n_views", c.n_views);
         }
+        e.at_most("n_views", c.n_views, MAX_VIEWS);
         e.positive("epochs", c.epochs);
+        e.at_most("epochs", c.epochs, MAX_EPOCHS);
         e.positive("batch_size", c.batch_size);
         e.require(c.batch_size >= 2, "batch_size", || {
-            format!("expected at least 2 images per batch (BN and the losses need them), got {}", c.batch_size)
+            format!(
+                "expected at least 2 images per batch (BN and the losses need them), got {}",
+                c.batch_size
+            )
         });
         e.positive("m", c.m);
-        e.non_negative("eps", c.eps);
-        e.non_negative("alpha", c.alpha);
+        // l_inf radius and step on pixels in [0, 1]
+        e.within("eps", c.eps, 0.0, 1.0);
+        e.within("alpha", c.alpha, 0.0, 1.0);
         e.positive("pgd_steps", c.pgd_steps);
         for (name, [lo, hi], max) in [("scale", c.scale, 1.0), ("ratio", c.ratio, f64::MAX)] {
             e.require(
                 lo.is_finite() && hi.is_finite() && lo > 0.0 && lo <= hi && hi <= max,
                 name,
-                || format!("expected 0 < lo <= hi{}, got [{lo}, {hi}]", if max == 1.0 { " <= 1" } else { "" }),
+                || {
+                    format!(
+                        "expected 0 < lo <= hi{}, got [{lo}, {hi}]",
+                        if max == 1.0 { " <= 1" } else { "" }
+                    )
+                },
             );
         }
         e.positive_real("lr", c.lr);
@@ -488,13 +502,16 @@ impl TypedStage for Pretrain {
         });
         e.positive_real("lars_eta", c.lars_eta);
         e.non_negative("lars_eps", c.lars_eps);
-        e.require(
-            (1..=1024).contains(&c.width),
-            "width",
-            || format!("expected a width in 1..=1024 (64 = the paper's), got {}", c.width),
-        );
+        e.require((1..=1024).contains(&c.width), "width", || {
+            format!(
+                "expected a width in 1..=1024 (64 = the paper's), got {}",
+                c.width
+            )
+        });
         e.positive("hidden_dim", c.hidden_dim);
+        e.at_most("hidden_dim", c.hidden_dim, MAX_DIM);
         e.positive("z_dim", c.z_dim);
+        e.at_most("z_dim", c.z_dim, MAX_DIM);
         e.positive_real("temperature", c.temperature);
         e.positive_real("base_temperature", c.base_temperature);
         e.non_negative("patch_sim", c.emp.patch_sim);
@@ -581,9 +598,14 @@ fn write_curve(path: &Path, curve: &[EpochStats]) -> Result<(), BoxError> {
     std::fs::write(path, text).map_err(|e| format!("{}: {e}", path.display()).into())
 }
 
-
 /// The `metrics.json` of a finished run.
-pub fn metrics_json(cfg: &PretrainConfig, curve: &[EpochStats], steps: usize, n_train: usize, device: &str) -> Value {
+pub fn metrics_json(
+    cfg: &PretrainConfig,
+    curve: &[EpochStats],
+    steps: usize,
+    n_train: usize,
+    device: &str,
+) -> Value {
     let seconds: f64 = curve.iter().map(|e| e.seconds).sum();
     let images: f64 = curve.iter().map(|e| e.images as f64).sum();
     let last = curve.last();

@@ -388,8 +388,8 @@ impl<'d> Pretrainer<'d> {
 
     /// The images of batch `b` of epoch `epoch` (the epoch's seeded permutation, drop_last).
     pub fn batch_images(&self, epoch: usize, b: usize) -> Vec<u8> {
-        let perm = Rng::derive(self.cfg.seed, &[SHUFFLE_STREAM, epoch as u64])
-            .permutation(self.images.n);
+        let perm =
+            Rng::derive(self.cfg.seed, &[SHUFFLE_STREAM, epoch as u64]).permutation(self.images.n);
         let bs = self.cfg.batch_size;
         let mut out = Vec::with_capacity(bs * self.images.image_len());
         for &i in &perm[b * bs..(b + 1) * bs] {
@@ -401,12 +401,13 @@ impl<'d> Pretrainer<'d> {
     /// Trains one epoch (the next one), calling the hooks per batch; appends to the curve.
     ///
     /// # Errors
-    /// A non-finite loss (naming epoch and batch), cancellation, or tensor errors.
+    /// A non-finite loss (naming epoch and batch), non-finite weights at the end of the epoch
+    /// (naming the epoch), cancellation, or tensor errors.
     pub fn train_epoch(&mut self, hooks: &TrainHooks<'_>) -> Result<EpochStats> {
         let epoch = self.epoch;
         let start = Instant::now();
-        let perm = Rng::derive(self.cfg.seed, &[SHUFFLE_STREAM, epoch as u64])
-            .permutation(self.images.n);
+        let perm =
+            Rng::derive(self.cfg.seed, &[SHUFFLE_STREAM, epoch as u64]).permutation(self.images.n);
         let bs = self.cfg.batch_size;
         let total = (self.iters * self.cfg.epochs) as u64;
         let mut loss_sum = 0.0;
@@ -467,6 +468,17 @@ impl<'d> Pretrainer<'d> {
             stats.seconds,
             stats.images_per_second
         ));
+        // a diverged model must fail here, before its state or checkpoint is saved
+        let bad = checkpoint::non_finite(&self.varmap)?;
+        if let Some(first) = bad.first() {
+            return Err(format!(
+                "epoch {epoch}: the weights are not finite after its last step ({} tensors, \
+                 first `{first}`; lr {:e}): the training diverged, lower `lr`",
+                bad.len(),
+                self.cfg.lr
+            )
+            .into());
+        }
         self.curve.push(stats.clone());
         self.epoch += 1;
         Ok(stats)
@@ -515,7 +527,7 @@ impl<'d> Pretrainer<'d> {
                 let check = scalar(&z.sum_all()?)?;
                 if !check.is_finite() {
                     return Err(format!(
-                        "the loss is NaN: the embeddings are not finite at optimiser step {} (lr {:.6})",
+                        "the loss is NaN: the embeddings are not finite at optimiser step {} (lr {:e})",
                         self.step,
                         self.sched.lr(self.step)
                     )
@@ -548,7 +560,7 @@ impl<'d> Pretrainer<'d> {
         let value = scalar(loss)?;
         if !value.is_finite() {
             return Err(format!(
-                "the loss is {value} at optimiser step {} (lr {:.6})",
+                "the loss is {value} at optimiser step {} (lr {:e})",
                 self.step,
                 self.sched.lr(self.step)
             )
@@ -712,7 +724,10 @@ impl<'d> Pretrainer<'d> {
         let counters = [self.epoch as i64, self.step as i64];
         t.insert("meta/counters".into(), Tensor::new(&counters, &cpu)?);
         let curve = serde_json::to_vec(&self.curve)?;
-        t.insert("meta/curve_json".into(), Tensor::new(curve.as_slice(), &cpu)?);
+        t.insert(
+            "meta/curve_json".into(),
+            Tensor::new(curve.as_slice(), &cpu)?,
+        );
         checkpoint::save_tensors(&t, path)?;
         Ok(())
     }
@@ -801,10 +816,7 @@ pub struct BenchRow {
 ///
 /// # Errors
 /// Invalid settings or tensor errors.
-pub fn bench_mode(
-    cfg: PretrainConfig,
-    steps: usize,
-) -> Result<BenchRow> {
+pub fn bench_mode(cfg: PretrainConfig, steps: usize) -> Result<BenchRow> {
     let steps = steps.max(1);
     let d = crate::data::synthetic(&crate::data::SyntheticConfig {
         n_classes: 10,
