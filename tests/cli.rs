@@ -1,5 +1,5 @@
 //! The CLI surface: `show --json` (metrics, path), `--sweep`/`--set` from the command line,
-//! targets, `log`, the shell stage's environment, and where the store is.
+//! targets, `log`, the shell stage's environment, where the store is, and `devices`.
 
 use std::path::Path;
 
@@ -352,4 +352,32 @@ fn every_shipped_pipeline_plans_cleanly() {
         }
     }
     assert!(n >= 3, "found {n} pipelines");
+}
+
+/// `pipe devices` on the CPU-only build (the default): the CPU, no CUDA device and the reason,
+/// `auto` resolving to the CPU; and no store is created or needed.
+#[test]
+fn devices_lists_the_cpu_and_why_there_is_no_cuda() {
+    let dir = Dir::new("devices");
+    let j = dir.json(&["devices"], 0);
+    assert_eq!(j["version"], env!("CARGO_PKG_VERSION"));
+    assert_eq!(j["cuda_built"], cfg!(feature = "cuda"));
+    assert!(j["cpu_threads"].as_u64().is_some_and(|n| n >= 1), "{j}");
+    assert!(j["cpu_logical"].as_u64().is_some_and(|n| n >= 1), "{j}");
+    let text = dir.pipe(&["devices"]).code(0).stdout;
+    assert!(text.contains("\ncpu "), "{text}");
+    if !cfg!(feature = "cuda") {
+        assert_eq!(j["auto"], "cpu");
+        assert_eq!(j["cuda_devices"], serde_json::json!([]));
+        assert!(j["cuda_kernels_for"].is_null());
+        let why = j["cuda_unavailable"].as_str().unwrap_or_default();
+        assert!(why.contains("without the `cuda` feature"), "{j}");
+        assert!(text.contains("built without CUDA"), "{text}");
+        assert!(
+            text.contains("cuda     none usable: this pipe was built without"),
+            "{text}"
+        );
+        assert!(text.ends_with("auto     cpu\n"), "{text}");
+    }
+    assert!(!dir.store.exists(), "`pipe devices` touched the store");
 }

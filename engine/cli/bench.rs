@@ -92,8 +92,12 @@ pub fn run(what: crate::BenchWhat) -> Result<u8> {
             m,
             methods,
             attacks,
+            device,
             json,
-        } => pretrain(&widths, batch, views, steps, m, &methods, &attacks, json),
+        } => {
+            let device = device.parse().map_err(anyhow::Error::msg)?;
+            pretrain(&widths, batch, views, steps, m, &methods, &attacks, device, json)
+        }
         crate::BenchWhat::Evaluate {
             widths,
             batch,
@@ -143,10 +147,21 @@ fn pretrain(
     m: usize,
     methods: &[String],
     attacks: &[String],
+    device: pipe_stages::device::DeviceSpec,
     json_out: bool,
 ) -> Result<u8> {
     let wanted = |list: &[String], x: &str| list.is_empty() || list.iter().any(|l| l == x);
+    use pipe_stages::device::DeviceSpec;
     use pipe_stages::kinds::pretrain::{PretrainParams, bench_mode};
+    // what `auto` resolves to here, for the report
+    let on = match device {
+        DeviceSpec::Auto if device.backend() == "cuda" => "cuda:0".to_string(),
+        DeviceSpec::Auto => "cpu".to_string(),
+        d => d.to_string(),
+    };
+    if !json_out {
+        println!("on {on}");
+    }
     let mut rows = Vec::new();
     for &width in widths {
         for method in ["simclr", "emp_ssl"] {
@@ -159,7 +174,8 @@ fn pretrain(
                     "method": method, "attack": attack, "width": width, "batch_size": batch,
                     "n_views": n_views, "m": m, "views": "crop",
                 }))?;
-                let r = bench_mode(p.config(), steps).map_err(|e| anyhow::anyhow!("{e}"))?;
+                let r = bench_mode(p.config(), steps, device)
+                    .map_err(|e| anyhow::anyhow!("{e}"))?;
                 if !json_out {
                     println!(
                         "width {:>3} {:>7} {:>4}: batch {} x {:>2} views  {:8.2} s/batch  {:7.1} img/s  CIFAR-10 epoch {:7.1} min",
@@ -175,7 +191,7 @@ fn pretrain(
         println!(
             "{}",
             serde_json::to_string_pretty(
-                &json!({"threads": rayon::current_num_threads(), "rows": rows})
+                &json!({"threads": rayon::current_num_threads(), "device": on, "rows": rows})
             )?
         );
     }

@@ -405,6 +405,7 @@ pub fn dispatch(cli: Cli) -> Result<u8> {
             }
             Ok(if problems.is_empty() { 0 } else { EXIT_FAILED })
         }
+        Command::Devices { json } => crate::devices::run(json),
         Command::Bench { what } => crate::bench::run(what),
     }
 }

@@ -7,6 +7,7 @@
 
 mod bench;
 mod commands;
+mod devices;
 mod progress;
 mod signals;
 
@@ -116,6 +117,12 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// What this binary can compute on: the CPU and, in a `cuda` build, each CUDA device.
+    Devices {
+        /// Print one JSON document on stdout.
+        #[arg(long)]
+        json: bool,
+    },
     /// Benchmarks: the engine, the augmentation engine, dataset decoding (numbers for the notes).
     Bench {
         #[command(subcommand)]
@@ -171,7 +178,8 @@ pub enum BenchWhat {
         #[arg(long)]
         json: bool,
     },
-    /// Images/s of the six pretraining modes (SimCLR, EMP-SSL x none, pgd, free) on the CPU.
+    /// Images/s of the six pretraining modes (SimCLR, EMP-SSL x none, pgd, free), on the CPU
+    /// unless `--device` says otherwise.
     Pretrain {
         /// ResNet widths (64 = the paper's).
         #[arg(long, value_delimiter = ',', default_values_t = [16, 64])]
@@ -194,6 +202,9 @@ pub enum BenchWhat {
         /// Only these attack modes (`none`, `pgd`, `free`; default all).
         #[arg(long, value_delimiter = ',')]
         attacks: Vec<String>,
+        /// Where to train: `cpu`, `cuda:N` or `auto` (`pipe devices` lists them).
+        #[arg(long, default_value = "cpu")]
+        device: String,
         /// Print one JSON document on stdout.
         #[arg(long)]
         json: bool,

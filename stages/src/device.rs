@@ -1,8 +1,10 @@
 //! Devices: the `device: auto | cpu | cuda:N` param and its candle [`Device`].
 //!
-//! `auto` picks `cuda:0` when this binary was built with the `cuda` feature and a GPU is
-//! present, else the CPU. The backend (`cpu` / `cuda`) changes the numbers, so stages key it
-//! (through [`DeviceSpec::backend`]); the ordinal does not.
+//! `auto` picks `cuda:0` when this binary was built with the `cuda` feature and the CUDA driver
+//! reports a device, else the CPU. The backend (`cpu` / `cuda`) changes the numbers, so stages
+//! key it (through [`DeviceSpec::backend`]); the ordinal does not.
+//!
+//! [`inventory`] lists what this binary can compute on (`pipe devices`).
 
 use std::fmt;
 use std::str::FromStr;
@@ -68,12 +70,13 @@ impl DeviceSpec {
     }
 
     /// The backend the spec resolves to on this machine: `cpu` or `cuda` (keyed, since it
-    /// changes results).
+    /// changes results). `auto` is `cuda` only where [`cuda_usable`] (a CUDA build on a machine
+    /// whose driver reports a device).
     pub fn backend(&self) -> &'static str {
         match self {
             DeviceSpec::Cpu => "cpu",
             DeviceSpec::Cuda(_) => "cuda",
-            DeviceSpec::Auto if Self::cuda_built() && candle::utils::cuda_is_available() => "cuda",
+            DeviceSpec::Auto if cuda_usable() => "cuda",
             DeviceSpec::Auto => "cpu",
         }
     }
@@ -90,6 +93,173 @@ impl DeviceSpec {
             DeviceSpec::Cuda(n) if Self::cuda_built() => Device::new_cuda(*n),
             DeviceSpec::Cuda(n) => candle::bail!("device cuda:{n} asked for, but this pipe was built without the `cuda` feature"),
         }
+    }
+}
+
+/// Whether this binary can use CUDA here: it was built with the `cuda` feature and the driver
+/// reports at least one device (asked once per process; candle's own
+/// `cuda_is_available` only says whether the feature was compiled in).
+pub fn cuda_usable() -> bool {
+    #[cfg(feature = "cuda")]
+    {
+        use std::sync::OnceLock;
+        static USABLE: OnceLock<bool> = OnceLock::new();
+        *USABLE.get_or_init(|| cuda::device_count().is_ok_and(|n| n > 0))
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        false
+    }
+}
+
+/// What this binary can compute on: the answer of `pipe devices`.
+#[derive(Clone, Debug, Serialize)]
+pub struct Inventory {
+    /// Whether the binary was built with the `cuda` feature.
+    pub cuda_built: bool,
+    /// The `CUDA_COMPUTE_CAP` candle's kernels were compiled for (a CUDA build with it set).
+    pub cuda_kernels_for: Option<&'static str>,
+    /// What `device: auto` resolves to here (`cpu` or `cuda:0`): `cuda:0` whenever the driver
+    /// reports a device, even one whose check failed (a node on it then fails, saying why).
+    pub auto: String,
+    /// Threads candle's CPU kernels use (`RAYON_NUM_THREADS`, else the physical cores).
+    pub cpu_threads: usize,
+    /// Logical CPUs of the machine.
+    pub cpu_logical: usize,
+    /// The CUDA devices the driver reports, each with what it is and whether it works.
+    pub cuda_devices: Vec<CudaDeviceInfo>,
+    /// Why no CUDA device is usable; `None` when at least one is.
+    pub cuda_unavailable: Option<String>,
+}
+
+/// One CUDA device, as [`inventory`] reports it.
+#[derive(Clone, Debug, Serialize)]
+pub struct CudaDeviceInfo {
+    /// `cuda:N`, as written in params.
+    pub device: String,
+    /// The ordinal N.
+    pub ordinal: usize,
+    /// The driver's name for it (`NVIDIA H100 80GB HBM3`).
+    pub name: Option<String>,
+    /// Compute capability, `major.minor`.
+    pub compute_capability: Option<String>,
+    /// Device memory, bytes.
+    pub memory_bytes: Option<u64>,
+    /// Free device memory when probed, bytes.
+    pub free_bytes: Option<u64>,
+    /// `None` when candle opened the device and a small kernel and a cuBLAS matmul gave the
+    /// right answer on it; else what failed.
+    pub error: Option<String>,
+}
+
+/// Lists the CPU and, in a CUDA build, every CUDA device (opening each and running a 4x4
+/// matmul on it, so a device listed without an error is one that works).
+pub fn inventory() -> Inventory {
+    let (cuda_devices, cuda_unavailable) = cuda::probe();
+    Inventory {
+        cuda_built: DeviceSpec::cuda_built(),
+        cuda_kernels_for: cuda::KERNELS_FOR,
+        auto: match DeviceSpec::Auto.backend() {
+            "cuda" => "cuda:0",
+            _ => "cpu",
+        }
+        .to_string(),
+        cpu_threads: candle::utils::get_num_threads(),
+        cpu_logical: std::thread::available_parallelism().map_or(1, |n| n.get()),
+        cuda_devices,
+        cuda_unavailable,
+    }
+}
+
+/// The CUDA side of [`inventory`].
+#[cfg(feature = "cuda")]
+mod cuda {
+    use super::CudaDeviceInfo;
+    use candle::cuda_backend::cudarc::driver::{CudaContext, DriverError};
+    use candle::{Device, Tensor};
+
+    /// `CUDA_COMPUTE_CAP` when this crate was compiled (what candle-kernels built for).
+    pub(super) const KERNELS_FOR: Option<&str> = option_env!("CUDA_COMPUTE_CAP");
+
+    /// The number of devices the driver reports.
+    pub(super) fn device_count() -> Result<usize, DriverError> {
+        CudaContext::device_count().map(|n| usize::try_from(n).unwrap_or(0))
+    }
+
+    /// Every device, or why there are none.
+    pub(super) fn probe() -> (Vec<CudaDeviceInfo>, Option<String>) {
+        let n = match device_count() {
+            Ok(0) => return (Vec::new(), Some("the CUDA driver reports no device".into())),
+            Ok(n) => n,
+            Err(e) => return (Vec::new(), Some(format!("the CUDA driver says: {e}"))),
+        };
+        let devices: Vec<CudaDeviceInfo> = (0..n).map(probe_one).collect();
+        let why = devices
+            .iter()
+            .all(|d| d.error.is_some())
+            .then(|| format!("none of the {n} CUDA device(s) works (see each one's error)"));
+        (devices, why)
+    }
+
+    fn probe_one(ordinal: usize) -> CudaDeviceInfo {
+        let mut info = CudaDeviceInfo {
+            device: format!("cuda:{ordinal}"),
+            ordinal,
+            name: None,
+            compute_capability: None,
+            memory_bytes: None,
+            free_bytes: None,
+            error: None,
+        };
+        match CudaContext::new(ordinal) {
+            Ok(ctx) => {
+                info.name = ctx.name().ok();
+                info.compute_capability = ctx
+                    .compute_capability()
+                    .ok()
+                    .map(|(a, b)| format!("{a}.{b}"));
+                info.memory_bytes = ctx.total_mem().ok().and_then(|b| u64::try_from(b).ok());
+                info.free_bytes = ctx
+                    .mem_get_info()
+                    .ok()
+                    .and_then(|(f, _)| u64::try_from(f).ok());
+            }
+            Err(e) => {
+                info.error = Some(format!("cannot create a context: {e}"));
+                return info;
+            }
+        }
+        info.error = smoke_test(ordinal).err().map(|e| e.to_string());
+        info
+    }
+
+    /// Opens the device through candle and checks cuBLAS (a matmul) and a PTX kernel (the sum).
+    fn smoke_test(ordinal: usize) -> candle::Result<()> {
+        let dev = Device::new_cuda(ordinal)?;
+        let a = Tensor::arange(0f32, 16., &dev)?.reshape((4, 4))?;
+        // column sums of a are 24, 28, 32, 36, so the sum of a a^T is their sum of squares
+        let s = a.matmul(&a.t()?)?.sum_all()?.to_scalar::<f32>()?;
+        if s != 3680.0 {
+            candle::bail!("a 4x4 matmul on cuda:{ordinal} gave {s}, expected 3680")
+        }
+        Ok(())
+    }
+}
+
+/// The CUDA side of [`inventory`] in a build without CUDA.
+#[cfg(not(feature = "cuda"))]
+mod cuda {
+    use super::CudaDeviceInfo;
+
+    /// No CUDA kernels in this build.
+    pub(super) const KERNELS_FOR: Option<&str> = None;
+
+    /// No devices: the reason.
+    pub(super) fn probe() -> (Vec<CudaDeviceInfo>, Option<String>) {
+        (
+            Vec::new(),
+            Some("this pipe was built without the `cuda` feature".into()),
+        )
     }
 }
 
@@ -114,6 +284,14 @@ mod tests {
             assert_eq!(DeviceSpec::Auto.backend(), "cpu");
             assert!(DeviceSpec::Auto.open().is_ok_and(|d| d.is_cpu()));
             assert!(DeviceSpec::Cuda(0).open().is_err());
+            assert!(!cuda_usable());
+            let inv = inventory();
+            assert!(!inv.cuda_built && inv.cuda_devices.is_empty() && inv.auto == "cpu");
+            assert!(
+                inv.cuda_unavailable
+                    .is_some_and(|w| w.contains("without the `cuda` feature"))
+            );
+            assert!(inv.cpu_threads >= 1);
         }
     }
 }

@@ -16,6 +16,8 @@ pub mod bench;
 pub mod checkpoint;
 pub mod classifier;
 pub mod conv;
+#[cfg(all(test, feature = "cuda"))]
+mod cuda_tests;
 pub mod heads;
 pub mod init;
 pub mod linalg;

@@ -481,7 +481,8 @@ mod fused {
         cfg: &SgdConfig,
     ) -> Result<bool> {
         let p = var.as_detached_tensor();
-        if p.shape() != g.grad.shape() {
+        // CUDA (or any non-f32) parameters take the candle path without touching host memory
+        if !p.device().is_cpu() || p.dtype() != DType::F32 || p.shape() != g.grad.shape() {
             return Ok(false);
         }
         let n = p.elem_count();

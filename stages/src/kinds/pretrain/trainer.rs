@@ -12,6 +12,7 @@ use candle_nn::VarMap;
 use serde::{Deserialize, Serialize};
 
 use crate::data::Split;
+use crate::device::DeviceSpec;
 use crate::nn::attacks::{FreeDelta, Norm, PgdConfig, pgd, pgd_accumulate};
 use crate::nn::augment::{EmpConfig, ImageBatch, MultiView, SimClrConfig};
 use crate::nn::checkpoint;
@@ -812,12 +813,13 @@ pub struct BenchRow {
 }
 
 /// Times `steps` batches (after one warm-up batch) of a pretraining mode at full head sizes
-/// (4096-d `pre_feature`, default `z_dim`) on synthetic 32×32 images, on the CPU.
+/// (4096-d `pre_feature`, default `z_dim`) on synthetic 32×32 images, on `device`.
 ///
 /// # Errors
-/// Invalid settings or tensor errors.
-pub fn bench_mode(cfg: PretrainConfig, steps: usize) -> Result<BenchRow> {
+/// Invalid settings, a device that does not open, or tensor errors.
+pub fn bench_mode(cfg: PretrainConfig, steps: usize, device: DeviceSpec) -> Result<BenchRow> {
     let steps = steps.max(1);
+    let device = device.open()?;
     let d = crate::data::synthetic(&crate::data::SyntheticConfig {
         n_classes: 10,
         n_train: cfg.batch_size * (steps + 1),
@@ -825,7 +827,7 @@ pub fn bench_mode(cfg: PretrainConfig, steps: usize) -> Result<BenchRow> {
         image_size: 32,
         seed: 0,
     });
-    let mut t = Pretrainer::new(cfg, &d.train, &Device::Cpu)?;
+    let mut t = Pretrainer::new(cfg, &d.train, &device)?;
     let mut times = Vec::with_capacity(steps);
     for b in 0..=steps {
         let images = t.batch_images(0, b);

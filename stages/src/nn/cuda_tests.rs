@@ -1,0 +1,271 @@
+//! CPU against CUDA: the building blocks give the same numbers on both devices (f32, within
+//! rounding). Compiled only in a `cuda` build; each test returns early, saying so on stderr,
+//! where no CUDA device is usable. Run on a GPU machine with
+//! `cargo test --release --features cuda -p pipe-stages cuda_vs_cpu -- --nocapture`.
+//!
+//! The CPU side runs this crate's own kernels (the im2col conv, the fused batch norm, the
+//! fused SGD / LARS step); the CUDA side runs candle's, plus the host round trip of the
+//! Cholesky log-det, so each test also checks that a custom op never sees CUDA storage.
+
+use candle::backprop::GradStore;
+use candle::{DType, Device, Module, ModuleT, Result, Tensor, Var};
+use candle_nn::{BatchNorm, VarBuilder, VarMap};
+
+use crate::device::cuda_usable;
+use crate::nn::batch_norm::{add_relu, batch_norm};
+use crate::nn::conv::{Conv2d, Conv2dConfig, KernelImpl};
+use crate::nn::init::{InitRules, init_seeded, trainable};
+use crate::nn::linalg::logdet_spd;
+use crate::nn::losses::{EmpLossConfig, emp_loss};
+use crate::nn::optim::{Lars, LarsConfig};
+use crate::nn::resnet::{ResNetConfig, resnet18};
+
+/// `cuda:0`, or `None` (with a note on stderr) where no CUDA device is usable.
+fn gpu() -> Option<Device> {
+    if !cuda_usable() {
+        eprintln!("no usable CUDA device: CPU-vs-CUDA test skipped");
+        return None;
+    }
+    match Device::new_cuda(0) {
+        Ok(d) => Some(d),
+        Err(e) => {
+            eprintln!("cuda:0 does not open ({e}): CPU-vs-CUDA test skipped");
+            None
+        }
+    }
+}
+
+/// Deterministic f32 values `offset + scale · sin(0.37 i + phase)` on the CPU.
+fn wave(dims: &[usize], phase: f64, scale: f64, offset: f64) -> Result<Tensor> {
+    let n: usize = dims.iter().product();
+    let v: Vec<f32> = (0..n)
+        .map(|i| (offset + scale * (0.37 * i as f64 + phase).sin()) as f32)
+        .collect();
+    Tensor::from_vec(v, dims, &Device::Cpu)
+}
+
+/// `max |a - b| / max(max |b|, 1)`, on the host in f64 (infinite when either holds a NaN or inf).
+fn rel_err(a: &Tensor, b: &Tensor) -> Result<f64> {
+    let host = |t: &Tensor| -> Result<Vec<f64>> {
+        t.to_device(&Device::Cpu)?
+            .to_dtype(DType::F64)?
+            .flatten_all()?
+            .to_vec1::<f64>()
+    };
+    let (a, b) = (host(a)?, host(b)?);
+    if a.len() != b.len() {
+        candle::bail!("{} values against {}", a.len(), b.len())
+    }
+    if a.iter().chain(&b).any(|v| !v.is_finite()) {
+        return Ok(f64::INFINITY);
+    }
+    let scale = b.iter().fold(1f64, |m, v| m.max(v.abs()));
+    let diff = a
+        .iter()
+        .zip(&b)
+        .fold(0f64, |m, (x, y)| m.max((x - y).abs()));
+    Ok(diff / scale)
+}
+
+#[track_caller]
+fn close(what: &str, a: &Tensor, b: &Tensor, tol: f64) -> Result<()> {
+    let e = rel_err(a, b)?;
+    assert!(
+        e <= tol,
+        "{what}: CUDA vs CPU relative error {e:e} > {tol:e}"
+    );
+    Ok(())
+}
+
+fn grad(g: &GradStore, t: &Tensor, what: &str) -> Result<Tensor> {
+    g.get(t)
+        .cloned()
+        .ok_or_else(|| candle::Error::Msg(format!("no gradient for {what}")))
+}
+
+#[test]
+fn cuda_vs_cpu_conv2d_forward_and_both_gradients() -> Result<()> {
+    let Some(dev) = gpu() else { return Ok(()) };
+    for (k, stride, padding) in [(3, 1, 1), (3, 2, 1), (1, 1, 0), (1, 2, 0)] {
+        let x0 = wave(&[4, 8, 16, 16], 0.1, 1.0, 0.0)?;
+        let w0 = (wave(&[16, 8, k, k], 1.3, 1.0, 0.0)? * 0.3)?;
+        let r0 = wave(&[4, 16, 16 / stride, 16 / stride], 2.9, 1.0, 0.0)?;
+        let mut outs = Vec::new();
+        for d in [&Device::Cpu, &dev] {
+            let x = Var::from_tensor(&x0.to_device(d)?)?;
+            let w = Var::from_tensor(&w0.to_device(d)?)?;
+            let conv = Conv2d::new(w.as_tensor().clone(), Conv2dConfig { stride, padding })
+                .with_impl(KernelImpl::Fast);
+            let y = conv.forward(x.as_tensor())?;
+            let g = (&y * r0.to_device(d)?)?.sum_all()?.backward()?;
+            outs.push([
+                y,
+                grad(&g, x.as_tensor(), "x")?,
+                grad(&g, w.as_tensor(), "w")?,
+            ]);
+        }
+        for (i, name) in ["y", "dx", "dw"].iter().enumerate() {
+            close(
+                &format!("conv k{k} s{stride} {name}"),
+                &outs[1][i],
+                &outs[0][i],
+                1e-4,
+            )?;
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn cuda_vs_cpu_batch_norm_relu_and_add_relu() -> Result<()> {
+    let Some(dev) = gpu() else { return Ok(()) };
+    let dims = [6, 5, 7, 7];
+    for train in [true, false] {
+        for relu in [false, true] {
+            let mut outs = Vec::new();
+            for d in [&Device::Cpu, &dev] {
+                let gamma = Var::from_tensor(&wave(&[5], 0.3, 0.5, 1.0)?.to_device(d)?)?;
+                let beta = Var::from_tensor(&wave(&[5], 1.1, 0.4, 0.1)?.to_device(d)?)?;
+                let bn = BatchNorm::new_with_momentum(
+                    5,
+                    wave(&[5], 2.0, 0.3, 0.2)?.to_device(d)?,
+                    wave(&[5], 0.7, 0.2, 1.1)?.to_device(d)?,
+                    gamma.as_tensor().clone(),
+                    beta.as_tensor().clone(),
+                    1e-5,
+                    0.1,
+                )?;
+                let x = Var::from_tensor(&wave(&dims, 0.1, 2.0, 0.3)?.to_device(d)?)?;
+                let skip = Var::from_tensor(&wave(&dims, 0.7, 1.0, 0.0)?.to_device(d)?)?;
+                let y = batch_norm(x.as_tensor(), &bn, train, relu, KernelImpl::Fast)?;
+                let y = add_relu(&y, skip.as_tensor(), KernelImpl::Fast)?;
+                let r = wave(&dims, 2.9, 1.0, 0.2)?.to_device(d)?;
+                let g = (&y * r)?.sum_all()?.backward()?;
+                outs.push([
+                    y.clone(),
+                    grad(&g, x.as_tensor(), "x")?,
+                    grad(&g, gamma.as_tensor(), "gamma")?,
+                    grad(&g, beta.as_tensor(), "beta")?,
+                    grad(&g, skip.as_tensor(), "skip")?,
+                    bn.running_mean().clone(),
+                    bn.running_var().clone(),
+                ]);
+            }
+            let names = [
+                "y",
+                "dx",
+                "dgamma",
+                "dbeta",
+                "dskip",
+                "running_mean",
+                "running_var",
+            ];
+            for (i, name) in names.iter().enumerate() {
+                let what = format!("bn train={train} relu={relu} {name}");
+                close(&what, &outs[1][i], &outs[0][i], 1e-4)?;
+            }
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn cuda_vs_cpu_logdet_and_the_emp_loss_gradient() -> Result<()> {
+    let Some(dev) = gpu() else { return Ok(()) };
+    // 4 views of 16 unit rows in 8 dimensions: the TCR term takes a Cholesky log-det on the host
+    let z0 = wave(&[64, 8], 0.4, 1.0, 0.1)?;
+    let mut outs = Vec::new();
+    for d in [&Device::Cpu, &dev] {
+        let z = Var::from_tensor(&z0.to_device(d)?)?;
+        let unit = z
+            .as_tensor()
+            .broadcast_div(&z.as_tensor().sqr()?.sum_keepdim(1)?.sqrt()?)?;
+        let loss = emp_loss(&unit, 4, &EmpLossConfig::default())?;
+        let g = loss.total.backward()?;
+        let a = (z.as_tensor().t()?.matmul(z.as_tensor())? / 64.0)?.broadcast_add(&Tensor::eye(
+            8,
+            DType::F32,
+            d,
+        )?)?;
+        let ld = logdet_spd(&a)?;
+        assert!(
+            ld.device().same_device(d),
+            "logdet_spd came back on another device"
+        );
+        outs.push([loss.total, loss.tcr, grad(&g, z.as_tensor(), "z")?, ld]);
+    }
+    for (i, name) in ["total", "tcr", "dz", "logdet"].iter().enumerate() {
+        close(&format!("emp {name}"), &outs[1][i], &outs[0][i], 1e-4)?;
+    }
+    Ok(())
+}
+
+/// A width-8 ResNet-18 with the same seeded weights on both devices: a train-mode forward,
+/// the gradients of every parameter, and one LARS step (the fused CPU step against candle's
+/// ops on CUDA).
+#[test]
+fn cuda_vs_cpu_resnet_train_step_with_lars() -> Result<()> {
+    let Some(dev) = gpu() else { return Ok(()) };
+    let cfg = ResNetConfig {
+        width: 8,
+        ..Default::default()
+    };
+    let build = |d: &Device| -> Result<(VarMap, crate::nn::resnet::ResNet)> {
+        let varmap = VarMap::new();
+        let net = resnet18(
+            &cfg,
+            VarBuilder::from_varmap(&varmap, DType::F32, d).pp("encoder"),
+        )?;
+        Ok((varmap, net))
+    };
+    let (cpu_map, cpu_net) = build(&Device::Cpu)?;
+    init_seeded(&cpu_map, 3, &InitRules::default())?;
+    let (gpu_map, gpu_net) = build(&dev)?;
+    {
+        let cpu_vars = cpu_map
+            .data()
+            .lock()
+            .map_err(|_| candle::Error::Msg("poisoned".into()))?;
+        let gpu_vars = gpu_map
+            .data()
+            .lock()
+            .map_err(|_| candle::Error::Msg("poisoned".into()))?;
+        for (name, v) in gpu_vars.iter() {
+            let src = cpu_vars
+                .get(name)
+                .ok_or_else(|| candle::Error::Msg(format!("{name} missing on the CPU")))?;
+            v.set(&src.as_tensor().to_device(&dev)?)?;
+        }
+    }
+    let x0 = wave(&[8, 3, 32, 32], 0.0, 0.5, 0.5)?;
+    let mut results = Vec::new();
+    for (map, net, d) in [
+        (&cpu_map, &cpu_net, &Device::Cpu),
+        (&gpu_map, &gpu_net, &dev),
+    ] {
+        let params = trainable(map);
+        let mut opt = Lars::new_named(&params, LarsConfig::default())?;
+        let y = net.forward_t(&x0.to_device(d)?, true)?;
+        let r = wave(y.dims(), 1.7, 1.0, 0.0)?.to_device(d)?;
+        let g = (&y * r)?.sum_all()?.backward()?;
+        let mut grads = Vec::new();
+        for (name, v) in &params {
+            grads.push((name.clone(), grad(&g, v.as_tensor(), name)?));
+        }
+        opt.step(&g)?;
+        let after: Vec<(String, Tensor)> = params
+            .iter()
+            .map(|(n, v)| (n.clone(), v.as_tensor().clone()))
+            .collect();
+        results.push((y, grads, after));
+    }
+    let (cpu, gpu) = (&results[0], &results[1]);
+    close("resnet features", &gpu.0, &cpu.0, 1e-4)?;
+    for ((name, a), (_, b)) in gpu.1.iter().zip(&cpu.1) {
+        close(&format!("grad {name}"), a, b, 1e-3)?;
+    }
+    for ((name, a), (_, b)) in gpu.2.iter().zip(&cpu.2) {
+        close(&format!("after LARS {name}"), a, b, 1e-4)?;
+    }
+    Ok(())
+}
