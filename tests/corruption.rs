@@ -6,7 +6,7 @@
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
-use crate::util::{Dir, assert_store_sound, expect, key_of, node, statuses};
+use crate::util::{Dir, assert_store_sound, expect, key_of, node, snapshot, statuses};
 
 /// up writes 200 kB of text and a number; mid copies up's data and adds `n`; down copies mid's
 /// data and multiplies by `n`. Each appends its name to `runs.log`.
@@ -86,31 +86,6 @@ fn flip_byte(file: &Path, offset: u64) {
     assert_eq!(after.modified().ok(), meta.modified().ok());
 }
 
-/// `(path, contents)` of every file under `root`, sorted (to compare a folder before and after).
-fn tree(root: &Path) -> Vec<(String, Vec<u8>)> {
-    let mut out = Vec::new();
-    let mut stack = vec![root.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        let Ok(rd) = std::fs::read_dir(&d) else {
-            continue;
-        };
-        for e in rd.flatten() {
-            let p = e.path();
-            if p.is_dir() {
-                stack.push(p);
-            } else {
-                let rel = p
-                    .strip_prefix(root)
-                    .expect("below root")
-                    .display()
-                    .to_string();
-                out.push((rel, std::fs::read(&p).unwrap_or_default()));
-            }
-        }
-    }
-    out.sort();
-    out
-}
 
 /// Contents of `file` in the committed entry of node `id` (of the pipeline with `--set`s).
 fn output(dir: &Dir, p: &str, sets: &[&str], id: &str, file: &str) -> Vec<u8> {
@@ -260,7 +235,7 @@ fn no_recompute_fails_with_2_naming_entry_and_file_and_changes_nothing() {
     let (p, doc) = first_run(&dir);
     let up = key_of(&doc, "up");
     flip_byte(&entry_dir(&dir, &up).join("data.bin"), 77);
-    let before = tree(&dir.store.join("entries"));
+    let before = snapshot(&dir.store.join("entries"));
     let log_before = dir.read("runs.log");
 
     let out = dir
@@ -276,7 +251,7 @@ fn no_recompute_fails_with_2_naming_entry_and_file_and_changes_nothing() {
     assert!(out.stderr.contains("--no-recompute"), "{}", out.stderr);
     assert_eq!(dir.read("runs.log"), log_before, "nothing ran");
     assert_eq!(
-        tree(&dir.store.join("entries")),
+        snapshot(&dir.store.join("entries")),
         before,
         "entries untouched"
     );

@@ -15,7 +15,7 @@ use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::Command;
 
-use crate::util::{Dir, Output, PIPE, assert_store_sound, node, staging_dirs, statuses};
+use crate::util::{Dir, Output, PIPE, assert_store_sound, node, snapshot, staging_dirs, statuses};
 
 /// seed: a small first node. big: needs its seed, then writes 512 kB with `dd` (whose error
 /// names the file). many: needs its seed, then writes `count` empty files with long names (they
@@ -52,30 +52,6 @@ stages:
         cat "$PIPE_IN_s/v" > "$PIPE_OUT/v"
 "#;
 
-/// `(relative path, contents)` of every file under `root`, sorted.
-fn snapshot(root: &Path) -> Vec<(String, Vec<u8>)> {
-    let mut out = Vec::new();
-    let mut stack = vec![root.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        let Ok(rd) = std::fs::read_dir(&d) else {
-            continue;
-        };
-        for e in rd.flatten() {
-            let p = e.path();
-            if p.is_dir() {
-                stack.push(p);
-            } else {
-                let rel = p.strip_prefix(root).expect("below root");
-                out.push((
-                    rel.display().to_string(),
-                    std::fs::read(&p).unwrap_or_default(),
-                ));
-            }
-        }
-    }
-    out.sort();
-    out
-}
 
 /// Whether `unshare -rm` (a private user + mount namespace) works here.
 fn private_mounts_available() -> bool {

@@ -529,3 +529,26 @@ impl Watched {
         (status, out)
     }
 }
+
+/// `(relative path, contents)` of every file under `root`, sorted: compares a folder (a store,
+/// its `entries/`) before and after something that must not change it.
+pub fn snapshot(root: &Path) -> Vec<(String, Vec<u8>)> {
+    let mut out = Vec::new();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let Ok(rd) = std::fs::read_dir(&d) else {
+            continue;
+        };
+        for e in rd.flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                stack.push(p);
+            } else {
+                let rel = p.strip_prefix(root).expect("below root");
+                out.push((rel.display().to_string(), std::fs::read(&p).unwrap_or_default()));
+            }
+        }
+    }
+    out.sort();
+    out
+}

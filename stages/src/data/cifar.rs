@@ -771,16 +771,7 @@ mod tests {
         let dir = tmp.path().join("release");
         write_release(&dir);
         let raw = |t: &mut tar::Builder<Vec<u8>>, path: &str, kind: tar::EntryType, data: &[u8]| {
-            let mut h = tar::Header::new_gnu();
-            h.as_old_mut().name[..path.len()].copy_from_slice(path.as_bytes());
-            h.set_size(data.len() as u64);
-            h.set_entry_type(kind);
-            h.set_mode(0o644);
-            if kind == tar::EntryType::Symlink {
-                h.set_link_name("/etc/passwd").expect("link name");
-            }
-            h.set_cksum();
-            t.append(&h, data).expect("append");
+            crate::data::imagefolder::tests::append_raw(t, path, data, kind);
         };
         let mut t = tar::Builder::new(Vec::new());
         for f in CifarKind::Cifar10.data_files() {

@@ -551,7 +551,7 @@ fn decode(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::data::testutil::{TempDir, cifar10_jpeg};
 
@@ -569,9 +569,10 @@ mod tests {
         out.into_inner()
     }
 
-    /// Appends a regular file with an arbitrary (unchecked) path: the tar crate's own
-    /// `append_data` refuses `..` and absolute paths, which is exactly what we must test.
-    fn append_raw<W: std::io::Write>(
+    /// Appends an entry with an arbitrary (unchecked) path and type: the tar crate's own
+    /// `append_data` refuses `..` and absolute paths, which is exactly what we must test. A
+    /// symlink points at `/etc/passwd`. Shared with the CIFAR reader's tests.
+    pub(crate) fn append_raw<W: std::io::Write>(
         t: &mut tar::Builder<W>,
         path: &str,
         data: &[u8],
