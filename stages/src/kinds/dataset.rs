@@ -805,17 +805,7 @@ mod tests {
     fn cifar_root_is_narrowed_to_what_is_read() {
         let tmp = TempDir::new("dataset-cifar-root");
         let dir = tmp.path();
-        let bins = dir.join("data/cifar-10-batches-bin");
-        std::fs::create_dir_all(&bins).expect("mkdir");
-        for f in CifarKind::Cifar10
-            .train_files()
-            .iter()
-            .chain(&["test_batch.bin"])
-        {
-            let mut rec = vec![1u8];
-            rec.extend(std::iter::repeat_n(9u8, data::cifar::PIXELS));
-            std::fs::write(bins.join(f), rec).expect("write");
-        }
+        fake_cifar(&dir.join("data"));
         let yaml = |root: &str| {
             format!(
                 "stages:\n  data: {{kind: dataset, params: {{source: cifar10, root: {root}}}}}\n"
