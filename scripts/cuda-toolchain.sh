@@ -1,8 +1,13 @@
 #!/usr/bin/env bash
 # A pinned CUDA build toolchain for `cargo build --features cuda`, from NVIDIA's PyPI wheels:
-# no root, no system CUDA, no GPU needed to build.
+# no root, no system CUDA, no GPU needed to build. scripts/cuda-cargo is the way to use it:
 #
-#   eval "$(scripts/cuda-toolchain.sh)" && cargo build --release --features cuda
+#   scripts/cuda-cargo build --release --features cuda
+#
+# (which evals this script's output and runs cargo with cudarc switched to loading the CUDA
+# libraries at run time, see cudarc_loading below). `eval "$(scripts/cuda-toolchain.sh)" &&
+# cargo build --release --features cuda` works too and gives a binary that links them instead.
+# PIPE_CUDA_TOOLKIT=/usr/local/cuda uses a system toolkit rather than the wheels.
 #
 # The first call downloads about 100 MB of wheels (pip, sha256-checked) and unpacks them into
 # .cuda-toolchain/ (git-ignored; PIPE_CUDA_TOOLCHAIN=DIR puts it elsewhere); later calls only
@@ -12,7 +17,8 @@
 #   PATH (nvcc first), CUDA_ROOT / CUDA_PATH / CUDA_HOME (cudarc's and candle-kernels' build
 #   scripts look there for nvcc, headers and libraries), CUDARC_CUDA_VERSION=13000,
 #   CUDA_COMPUTE_CAP (default 90 = H100 / H200; set it before calling to build for another GPU,
-#   e.g. CUDA_COMPUTE_CAP=80 for an A100), LIBRARY_PATH (the link stubs below).
+#   e.g. CUDA_COMPUTE_CAP=80 for an A100), LIBRARY_PATH (the link stubs below),
+#   PIPE_CUDARC_LOADING (the switched cudarc copy, for scripts/cuda-cargo).
 #
 # What the build needs (read off candle-kernels 0.11.1 / cudaforge 0.1.6 and cudarc 0.19.10):
 #   - candle-kernels runs `nvcc` (found on PATH) on its .cu files: PTX for the element-wise,
@@ -39,18 +45,23 @@
 #   - sm_90a code loads only on sm_90 GPUs (H100 / H200); any other GPU needs its own
 #     CUDA_COMPUTE_CAP at build time (`pipe devices` says when the two differ).
 #
-# Linking without the libraries: candle-core 0.11.1 turns on cudarc's `dynamic-linking` feature,
-# and cudarc's build script refuses `dynamic-loading` next to it ("Both ... are active"), so the
-# libraries are NEEDED entries of the binary, resolved by the dynamic loader when pipe starts:
-# a CUDA build starts only where libcuda.so.1 (the driver), libcublas.so.13 (which loads
-# libcublasLt.so.13) and libcurand.so.10 can be found (LD_LIBRARY_PATH or ldconfig); -lnvrtc and
-# -lcublasLt are dropped by the linker's --as-needed (candle 0.11 calls neither). To link here
-# without downloading those libraries (~800 MB of wheels), the script compiles link stubs, as
-# NVIDIA's own lib/stubs/ do: one small shared object per library, with the real SONAME and one
-# empty function for every symbol cudarc's bindings declare. They exist only at link time
-# (LIBRARY_PATH, never LD_LIBRARY_PATH); the binary carries no RPATH to them. The CUDA runtime
-# that candle-kernels links is linked statically (lib/libcudart.a is the wheel's
-# libcudart_static.a), so no libcudart.so is needed at run time.
+# Linking or loading the libraries: candle-core 0.11.1 turns on cudarc's `dynamic-linking`
+# feature, and cudarc's build script refuses `dynamic-loading` next to it ("Both ... are
+# active"). Built that way (plain cargo after eval) the libraries are NEEDED entries of the
+# binary, resolved by the dynamic loader when pipe starts: it starts only where libcuda.so.1
+# (the driver), libcublas.so.13 (which loads libcublasLt.so.13) and libcurand.so.10 can be found
+# (LD_LIBRARY_PATH or ldconfig), even to run on the CPU; -lnvrtc and -lcublasLt are dropped by
+# the linker's --as-needed (candle 0.11 calls neither). To link here without downloading those
+# libraries (~800 MB of wheels), the script compiles link stubs, as NVIDIA's own lib/stubs/ do:
+# one small shared object per library, with the real SONAME and one empty function for every
+# symbol cudarc's bindings declare. They exist only at link time (LIBRARY_PATH, never
+# LD_LIBRARY_PATH); the binary carries no RPATH to them. scripts/cuda-cargo builds against a
+# copy of cudarc switched to its loading mode instead (cudarc_loading below): no CUDA library is
+# NEEDED, cudarc dlopens each when a device is first opened, and pipe checks beforehand that
+# each can be found (stages/src/device.rs), so one binary runs pipelines on the CPU anywhere and
+# on the GPU where the libraries are. Either way the CUDA runtime that candle-kernels links is
+# linked statically (lib/libcudart.a is the wheel's libcudart_static.a), so no libcudart.so is
+# needed at run time.
 
 set -euo pipefail
 
@@ -158,17 +169,75 @@ make_stubs() {
     done
 }
 
+# cudarc switched from linking the CUDA libraries to loading them when first used.
+# candle-core 0.11.1 asks for cudarc's `dynamic-linking`, cudarc's build script refuses
+# `dynamic-loading` next to it, and cargo features only add up, so the switch is made in a copy
+# of the crate that cargo already downloaded (cargo's registry, the version Cargo.lock pins):
+# every `cfg(feature = "dynamic-linking")` in its sources and build script is renamed to a
+# feature nobody enables, and the `dynamic-linking` feature is made to enable
+# `fallback-dynamic-loading`, which is cudarc's own loading mode (the one its default features
+# select). No line of cudarc's code changes otherwise. `scripts/cuda-cargo` puts the copy in
+# place of the registry's with `--config patch.crates-io.cudarc.path=...`.
+cudarc_loading() {
+    local src out n
+    src=$(cudarc_src) || exit 1
+    out=$dest/$(basename "$src")-loading
+    if [[ -f $out/.complete ]] && [[ $(cat "$out/.complete") == "$src" ]]; then
+        printf '%s\n' "$out"
+        return
+    fi
+    rm -rf "$out" "$out.tmp"
+    cp -a "$src" "$out.tmp"
+    rm -f "$out.tmp/.cargo-checksum.json" "$out.tmp/.cargo-ok"
+    n=$(grep -rl 'feature = "dynamic-linking"' "$out.tmp/src" "$out.tmp/build.rs" | wc -l)
+    [[ $n -gt 0 ]] || die "cudarc in $src has no cfg(feature = \"dynamic-linking\"): the patch no longer applies"
+    grep -rl 'feature = "dynamic-linking"' "$out.tmp/src" "$out.tmp/build.rs" |
+        xargs sed -i 's/feature = "dynamic-linking"/feature = "dynamic-linking-replaced-by-pipe"/g'
+    grep -q '^dynamic-linking = \[\]$' "$out.tmp/Cargo.toml" ||
+        die "cudarc's Cargo.toml in $src has no plain 'dynamic-linking = []' feature: the patch no longer applies"
+    sed -i 's/^dynamic-linking = \[\]$/dynamic-linking = ["fallback-dynamic-loading"]/' "$out.tmp/Cargo.toml"
+    printf '%s\n' "$src" >"$out.tmp/.complete"
+    mv "$out.tmp" "$out"
+    say "cudarc switched to loading the CUDA libraries at run time in $out ($n files)"
+    printf '%s\n' "$out"
+}
+
+# A system toolkit: its nvcc and headers; its static CUDA runtime, so that the binary needs no
+# libcudart.so either (candle-kernels links `-lcudart`; the linker takes the first libcudart it
+# finds on the search path, and link/ holds only the static one).
+system_toolkit() {
+    cuda=$(cd "$PIPE_CUDA_TOOLKIT" && pwd) || die "PIPE_CUDA_TOOLKIT=$PIPE_CUDA_TOOLKIT is not a folder"
+    [[ -x $cuda/bin/nvcc ]] || die "no bin/nvcc in PIPE_CUDA_TOOLKIT=$cuda"
+    local static
+    static=$(ls "$cuda"/lib64/libcudart_static.a "$cuda"/lib/libcudart_static.a \
+        "$cuda"/targets/*/lib/libcudart_static.a 2>/dev/null | head -n 1 || true)
+    [[ -n $static ]] || die "no libcudart_static.a under $cuda"
+    mkdir -p "$dest/link"
+    ln -sfn "$static" "$dest/link/libcudart.a"
+}
+
 mkdir -p "$dest"
-if [[ ! -f $cuda/.complete ]] || [[ $(cat "$cuda/.complete") != "$stamp" ]]; then
+if [[ -n ${PIPE_CUDA_TOOLKIT:-} ]]; then
+    system_toolkit
+elif [[ ! -f $cuda/.complete ]] || [[ $(cat "$cuda/.complete") != "$stamp" ]]; then
     install
 fi
+loading=$(cudarc_loading)
 
 q() { printf '%q' "$1"; }
+if [[ -n ${PIPE_CUDA_TOOLKIT:-} ]]; then
+    libs=$dest/link
+    cudarc_version=  # cudarc's build script asks the toolkit's nvcc
+else
+    libs=$cuda/lib/stubs:$cuda/lib
+    cudarc_version=13000
+fi
 cat <<EOF
 export CUDA_ROOT=$(q "$cuda") CUDA_PATH=$(q "$cuda") CUDA_HOME=$(q "$cuda")
 export PATH=$(q "$cuda/bin"):"\$PATH"
-export CUDARC_CUDA_VERSION=13000
+${cudarc_version:+export CUDARC_CUDA_VERSION=$cudarc_version}
 export CUDA_COMPUTE_CAP=$(q "$cap")
-export LIBRARY_PATH=$(q "$cuda/lib/stubs:$cuda/lib")"\${LIBRARY_PATH:+:\$LIBRARY_PATH}"
+export LIBRARY_PATH=$(q "$libs")"\${LIBRARY_PATH:+:\$LIBRARY_PATH}"
+export PIPE_CUDARC_LOADING=$(q "$loading")
 EOF
-say "CUDA $version ($cuda), kernels for compute capability $cap; now: cargo build --release --features cuda"
+say "CUDA toolkit $cuda, kernels for compute capability $cap; now: scripts/cuda-cargo build --release --features cuda"

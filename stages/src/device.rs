@@ -5,6 +5,11 @@
 //! key it (through [`DeviceSpec::backend`]); the ordinal does not.
 //!
 //! [`inventory`] lists what this binary can compute on (`pipe devices`).
+//!
+//! A CUDA build made with `scripts/cuda-cargo` loads the CUDA libraries (driver, cuBLAS,
+//! cuRAND) when a device is first opened, and cudarc panics when one cannot be found; so before
+//! anything here touches cudarc it checks that each library can be loaded
+//! ([`missing_cuda_library`]) and turns a missing one into an error that names it.
 
 use std::fmt;
 use std::str::FromStr;
@@ -90,26 +95,108 @@ impl DeviceSpec {
             DeviceSpec::Cpu => Ok(Device::Cpu),
             DeviceSpec::Auto if self.backend() == "cuda" => Device::new_cuda(0),
             DeviceSpec::Auto => Ok(Device::Cpu),
-            DeviceSpec::Cuda(n) if Self::cuda_built() => Device::new_cuda(*n),
+            DeviceSpec::Cuda(n) if Self::cuda_built() => match missing_cuda_library() {
+                None => Device::new_cuda(*n),
+                Some(why) => candle::bail!("device cuda:{n} cannot be opened: {why}"),
+            },
             DeviceSpec::Cuda(n) => candle::bail!("device cuda:{n} asked for, but this pipe was built without the `cuda` feature"),
         }
     }
 }
 
-/// Whether this binary can use CUDA here: it was built with the `cuda` feature and the driver
-/// reports at least one device (asked once per process; candle's own
-/// `cuda_is_available` only says whether the feature was compiled in).
+/// Whether this binary can use CUDA here: it was built with the `cuda` feature, the CUDA
+/// libraries can be loaded and the driver reports at least one device (asked once per process;
+/// candle's own `cuda_is_available` only says whether the feature was compiled in). Where the
+/// driver is installed but CUDA still cannot be used (cuBLAS missing, a driver error), this
+/// says once on stderr why `auto` falls back to the CPU: that machine was meant to compute on
+/// its GPU.
 pub fn cuda_usable() -> bool {
-    #[cfg(feature = "cuda")]
-    {
-        use std::sync::OnceLock;
-        static USABLE: OnceLock<bool> = OnceLock::new();
-        *USABLE.get_or_init(|| cuda::device_count().is_ok_and(|n| n > 0))
+    use std::sync::Once;
+    static WARNED: Once = Once::new();
+    match cuda_state() {
+        Ok(()) => true,
+        Err(why) => {
+            if DeviceSpec::cuda_built() && loadable(CUDA_LIBRARIES[0].1).is_some() {
+                WARNED.call_once(|| {
+                    eprintln!("pipe: device auto uses the CPU: CUDA cannot be used here: {why}");
+                });
+            }
+            false
+        }
     }
-    #[cfg(not(feature = "cuda"))]
-    {
-        false
+}
+
+/// `Ok` when CUDA can be used here, else why not (asked once per process).
+fn cuda_state() -> &'static Result<(), String> {
+    use std::sync::OnceLock;
+    static STATE: OnceLock<Result<(), String>> = OnceLock::new();
+    STATE.get_or_init(|| {
+        if let Some(why) = missing_cuda_library() {
+            return Err(why);
+        }
+        cuda::usable()
+    })
+}
+
+/// The shared libraries candle's CUDA backend needs, each with the file names looked for: a
+/// subset of those cudarc tries when it loads them (`libX.so`, then versioned names), so a
+/// library found here is one cudarc finds. The driver comes first. cuBLAS loads cuBLASLt itself.
+const CUDA_LIBRARIES: &[(&str, &[&str])] = &[
+    ("the CUDA driver", &["libcuda.so.1", "libcuda.so"]),
+    (
+        "cuBLAS",
+        &["libcublas.so", "libcublas.so.13", "libcublas.so.12", "libcublas.so.11"],
+    ),
+    ("cuRAND", &["libcurand.so", "libcurand.so.10"]),
+    #[cfg(feature = "cudnn")]
+    ("cuDNN", &["libcudnn.so", "libcudnn.so.9"]),
+];
+
+/// The first of `names` the dynamic loader can open here, if any (each is opened and closed
+/// again).
+fn loadable(names: &[&'static str]) -> Option<&'static str> {
+    names.iter().copied().find(|name| {
+        let Ok(c) = std::ffi::CString::new(*name) else {
+            return false;
+        };
+        // Unsafe: dlopen / dlclose. SAFETY: `c` is a valid C string that outlives the call, and a non-null handle is
+        // closed exactly once. Opening runs the library's initialisers, as the later load by
+        // cudarc (or the dynamic loader, in a build that links them) does anyway.
+        #[allow(unsafe_code)]
+        unsafe {
+            let handle = libc::dlopen(c.as_ptr(), libc::RTLD_LAZY | libc::RTLD_LOCAL);
+            if handle.is_null() {
+                false
+            } else {
+                libc::dlclose(handle);
+                true
+            }
+        }
+    })
+}
+
+/// `None` when every CUDA library can be loaded (asked once per process), else which one is
+/// missing and where to put it. A build without `cuda` needs none.
+pub fn missing_cuda_library() -> Option<String> {
+    use std::sync::OnceLock;
+    static MISSING: OnceLock<Option<String>> = OnceLock::new();
+    if !DeviceSpec::cuda_built() {
+        return None;
     }
+    MISSING
+        .get_or_init(|| first_missing(CUDA_LIBRARIES))
+        .clone()
+}
+
+/// The first library of `libs` none of whose names loads, as a message.
+fn first_missing(libs: &[(&str, &[&'static str])]) -> Option<String> {
+    let (what, names) = libs.iter().find(|(_, names)| loadable(names).is_none())?;
+    Some(format!(
+        "{what} cannot be loaded (none of {} is found by the dynamic loader; put the folder that \
+         holds it on LD_LIBRARY_PATH: the driver's libcuda comes with the NVIDIA driver, the \
+         others with the CUDA toolkit or PyTorch's CUDA wheels, site-packages/nvidia/cu13/lib)",
+        names.join(", ")
+    ))
 }
 
 /// What this binary can compute on: the answer of `pipe devices`.
@@ -159,11 +246,7 @@ pub fn inventory() -> Inventory {
     Inventory {
         cuda_built: DeviceSpec::cuda_built(),
         cuda_kernels_for: cuda::KERNELS_FOR,
-        auto: match DeviceSpec::Auto.backend() {
-            "cuda" => "cuda:0",
-            _ => "cpu",
-        }
-        .to_string(),
+        auto: if cuda_state().is_ok() { "cuda:0" } else { "cpu" }.to_string(),
         cpu_threads: candle::utils::get_num_threads(),
         cpu_logical: std::thread::available_parallelism().map_or(1, |n| n.get()),
         cuda_devices,
@@ -186,13 +269,21 @@ mod cuda {
         CudaContext::device_count().map(|n| usize::try_from(n).unwrap_or(0))
     }
 
+    /// `Ok` when the driver reports a device (the libraries were checked before).
+    pub(super) fn usable() -> Result<(), String> {
+        match device_count() {
+            Ok(0) => Err("the CUDA driver reports no device".into()),
+            Ok(_) => Ok(()),
+            Err(e) => Err(format!("the CUDA driver says: {e}")),
+        }
+    }
+
     /// Every device, or why there are none.
     pub(super) fn probe() -> (Vec<CudaDeviceInfo>, Option<String>) {
-        let n = match device_count() {
-            Ok(0) => return (Vec::new(), Some("the CUDA driver reports no device".into())),
-            Ok(n) => n,
-            Err(e) => return (Vec::new(), Some(format!("the CUDA driver says: {e}"))),
-        };
+        if let Err(why) = super::cuda_state() {
+            return (Vec::new(), Some(why.clone()));
+        }
+        let n = device_count().unwrap_or(0);
         let devices: Vec<CudaDeviceInfo> = (0..n).map(probe_one).collect();
         let why = devices
             .iter()
@@ -254,12 +345,17 @@ mod cuda {
     /// No CUDA kernels in this build.
     pub(super) const KERNELS_FOR: Option<&str> = None;
 
+    /// Why CUDA cannot be used.
+    const WITHOUT: &str = "this pipe was built without the `cuda` feature";
+
+    /// Never: no CUDA in this build.
+    pub(super) fn usable() -> Result<(), String> {
+        Err(WITHOUT.into())
+    }
+
     /// No devices: the reason.
     pub(super) fn probe() -> (Vec<CudaDeviceInfo>, Option<String>) {
-        (
-            Vec::new(),
-            Some("this pipe was built without the `cuda` feature".into()),
-        )
+        (Vec::new(), Some(WITHOUT.into()))
     }
 }
 
@@ -276,6 +372,25 @@ mod tests {
         assert_eq!("cuda".parse::<DeviceSpec>().ok(), Some(DeviceSpec::Cuda(0)));
         assert!("gpu".parse::<DeviceSpec>().is_err());
         assert!("cuda:x".parse::<DeviceSpec>().is_err());
+    }
+
+    #[test]
+    fn library_check_names_what_is_missing() {
+        // the C library is always there; a made-up one never is
+        assert_eq!(loadable(&["libpipe-no-such-library.so", "libc.so.6"]), Some("libc.so.6"));
+        assert_eq!(loadable(&["libpipe-no-such-library.so"]), None);
+        let libs: &[(&str, &[&'static str])] = &[
+            ("the C library", &["libc.so.6"]),
+            ("the missing one", &["libpipe-no-such-library.so.1", "libpipe-no-such-library.so"]),
+        ];
+        let why = first_missing(libs).unwrap_or_default();
+        assert!(why.starts_with("the missing one cannot be loaded"), "{why}");
+        assert!(why.contains("libpipe-no-such-library.so.1, libpipe-no-such-library.so"), "{why}");
+        assert!(why.contains("LD_LIBRARY_PATH"), "{why}");
+        assert_eq!(first_missing(&libs[..1]), None);
+        if !DeviceSpec::cuda_built() {
+            assert_eq!(missing_cuda_library(), None);
+        }
     }
 
     #[test]

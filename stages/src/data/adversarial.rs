@@ -30,12 +30,13 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use safetensors::{Dtype, SafeTensors, tensor::TensorView};
 use serde_json::Value;
 
+use super::tensor_io::write_safetensors;
 use super::{Error, Result, io_err};
 
 /// File name of the artifact inside an `attack_dataset` entry.
@@ -149,26 +150,26 @@ impl AdversarialSet {
         let n = self.n;
         let tensors = vec![
             (
-                "images",
+                "images".to_string(),
                 TensorView::new(Dtype::F32, vec![n, 3, self.h, self.w], &images).map_err(st)?,
             ),
             (
-                "labels",
+                "labels".to_string(),
                 TensorView::new(Dtype::I64, vec![n], &labels).map_err(st)?,
             ),
             (
-                "loss",
+                "loss".to_string(),
                 TensorView::new(Dtype::F32, vec![n], &loss).map_err(st)?,
             ),
             (
-                "source_index",
+                "source_index".to_string(),
                 TensorView::new(Dtype::I64, vec![n], &index).map_err(st)?,
             ),
         ];
         let json = |what: &str, v: serde_json::Result<String>| {
             v.map_err(|e| format_err(path, format!("{what}: {e}")))
         };
-        let meta = HashMap::from([
+        let meta = BTreeMap::from([
             ("format".to_string(), FORMAT.to_string()),
             (
                 "classes".to_string(),
@@ -179,13 +180,7 @@ impl AdversarialSet {
                 json("attack config", serde_json::to_string(&self.attack))?,
             ),
         ]);
-        safetensors::serialize_to_file(tensors, Some(meta), path).map_err(|e| match e {
-            safetensors::SafeTensorError::IoError(cause) => Error::Io {
-                path: path.to_path_buf(),
-                cause,
-            },
-            other => format_err(path, other.to_string()),
-        })
+        write_safetensors(path, tensors, meta)
     }
 
     /// Reads a set: the `adversarial.safetensors` file, or the entry folder holding it.
@@ -352,5 +347,31 @@ mod tests {
         let mut bad = set();
         bad.loss.pop();
         assert!(bad.write(&p).is_err());
+    }
+
+    #[test]
+    fn same_set_same_bytes() {
+        // three metadata keys: safetensors writes them in a HashMap's order, which differs
+        // between maps, so unsorted headers would differ in some of these writes
+        let tmp = TempDir::new("adversarial-bytes");
+        let s = set();
+        let files: Vec<Vec<u8>> = (0..12)
+            .map(|i| {
+                let p = tmp.path().join(format!("{i}.safetensors"));
+                s.write(&p).expect("write");
+                std::fs::read(&p).expect("read")
+            })
+            .collect();
+        assert!(files.iter().all(|f| f == &files[0]), "the same set gave different files");
+        let n = usize::try_from(u64::from_le_bytes(files[0][..8].try_into().expect("8"))).expect("n");
+        let header = std::str::from_utf8(&files[0][8..8 + n]).expect("utf8");
+        let meta = header.find("\"__metadata__\"").expect("metadata");
+        let (a, c, f) = (
+            header.find("\"attack\"").expect("attack"),
+            header.find("\"classes\"").expect("classes"),
+            header.find("\"format\"").expect("format"),
+        );
+        assert!(meta < a && a < c && c < f, "{header}");
+        assert_eq!(AdversarialSet::load(&tmp.path().join("3.safetensors")).expect("load"), s);
     }
 }

@@ -5,10 +5,11 @@
 //! [`write_dataset`] writes it (the `dataset` stage's output), [`load_dataset`] reads it back
 //! into owned buffers for later stages.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
+use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 
-use safetensors::{Dtype, SafeTensors, tensor::TensorView};
+use safetensors::{Dtype, SafeTensors, View, tensor::TensorView};
 
 use super::{Dataset, Error, Result, Split, io_err};
 
@@ -66,15 +67,71 @@ pub fn write_dataset(path: &Path, d: &Dataset) -> Result<()> {
     }
     let classes = serde_json::to_string(&d.classes)
         .map_err(|e| format_err(path, format!("class names: {e}")))?;
-    // one metadata key: a HashMap of one entry serializes deterministically
-    let meta = HashMap::from([("classes".to_string(), classes)]);
+    write_safetensors(path, tensors, BTreeMap::from([("classes".to_string(), classes)]))
+}
+
+/// Writes `tensors` and the string metadata `meta` to `path` as a safetensors file whose bytes
+/// depend only on them. safetensors serializes the metadata from a `HashMap`, whose iteration
+/// order changes from one process (and one map) to the next, so the same tensors would give
+/// files that differ in their header's key order, and so in their hashes; the header is
+/// therefore rewritten in place with its keys sorted (same length, same meaning: readers look
+/// tensors up by name and offset).
+///
+/// # Errors
+/// An I/O error, or tensors safetensors refuses (a buffer that disagrees with its shape).
+pub(crate) fn write_safetensors<V: View>(
+    path: &Path,
+    tensors: Vec<(String, V)>,
+    meta: BTreeMap<String, String>,
+) -> Result<()> {
+    let meta: HashMap<String, String> = meta.into_iter().collect();
     safetensors::serialize_to_file(tensors, Some(meta), path).map_err(|e| match e {
         safetensors::SafeTensorError::IoError(cause) => Error::Io {
             path: path.to_path_buf(),
             cause,
         },
         other => format_err(path, other.to_string()),
-    })
+    })?;
+    sort_header(path)
+}
+
+/// Rewrites the JSON header of the safetensors file at `path` with its object keys sorted
+/// (serde_json's map is ordered by key: the workspace does not enable `preserve_order`).
+fn sort_header(path: &Path) -> Result<()> {
+    let io = |cause| Error::Io {
+        path: path.to_path_buf(),
+        cause,
+    };
+    let mut f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .map_err(io)?;
+    let mut len = [0u8; 8];
+    f.read_exact(&mut len).map_err(io)?;
+    let n = usize::try_from(u64::from_le_bytes(len))
+        .map_err(|_| format_err(path, "header length does not fit in memory"))?;
+    let mut header = vec![0u8; n];
+    f.read_exact(&mut header).map_err(io)?;
+    let text = std::str::from_utf8(&header)
+        .map_err(|e| format_err(path, format!("header is not UTF-8: {e}")))?
+        .trim_end_matches(' ');
+    let value: serde_json::Value = serde_json::from_str(text)
+        .map_err(|e| format_err(path, format!("header is not JSON: {e}")))?;
+    let sorted = serde_json::to_string(&value)
+        .map_err(|e| format_err(path, format!("header: {e}")))?;
+    if sorted.len() != text.len() {
+        return Err(format_err(
+            path,
+            format!(
+                "the sorted header has {} bytes, the written one {}",
+                sorted.len(),
+                text.len()
+            ),
+        ));
+    }
+    f.seek(SeekFrom::Start(8)).map_err(io)?;
+    f.write_all(sorted.as_bytes()).map_err(io)
 }
 
 /// Reads a dataset artifact: the `data.safetensors` file, or the entry folder holding it.

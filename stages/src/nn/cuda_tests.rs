@@ -1,7 +1,7 @@
 //! CPU against CUDA: the building blocks give the same numbers on both devices (f32, within
 //! rounding). Compiled only in a `cuda` build; each test returns early, saying so on stderr,
 //! where no CUDA device is usable. Run on a GPU machine with
-//! `cargo test --release --features cuda -p pipe-stages cuda_vs_cpu -- --nocapture`.
+//! `scripts/cuda-cargo test --release --features cuda -p pipe-stages cuda_vs_cpu -- --nocapture`.
 //!
 //! The CPU side runs this crate's own kernels (the im2col conv, the fused batch norm, the
 //! fused SGD / LARS step); the CUDA side runs candle's, plus the host round trip of the
