@@ -358,6 +358,52 @@ fn a_read_only_store_is_refused_naming_the_path_and_left_unchanged() {
 }
 
 #[test]
+fn a_read_only_store_can_still_be_planned_shown_logged_and_verified() {
+    let Some(method) = read_only_method() else {
+        eprintln!(
+            "skipped: running as root without user namespaces: chmod does not stop root and a \
+             read-only bind mount is not possible"
+        );
+        return;
+    };
+    let dir = Dir::new("readonly-read");
+    let p = dir.pipeline("storage.yaml", PIPELINE);
+    let first = dir.json(&["run", &p, "big"], 0);
+    let big_key = crate::util::key_of(&first, "big");
+    let before = snapshot(&dir.store);
+
+    let plan = run_read_only(&dir, &method, "", &["plan", &p, "--json"]).code(0);
+    let plan: serde_json::Value = serde_json::from_str(&plan.stdout).expect("plan JSON");
+    let st = statuses(&plan);
+    assert_eq!(st["seed"], "cached", "{plan:#}");
+    assert_eq!(st["big"], "cached", "{plan:#}");
+    assert_eq!(st["many"], "to-run", "{plan:#}");
+
+    let show = run_read_only(&dir, &method, "", &["show", &p, "big"]).code(0);
+    assert!(show.stdout.contains(&big_key[..12]), "{}", show.stdout);
+    let log = run_read_only(&dir, &method, "", &["log", &p, "big"]).code(0);
+    assert!(log.stdout.contains("records in"), "dd's lines in the log: {}", log.stdout);
+    let verify = run_read_only(&dir, &method, "", &["verify"]).code(0);
+    assert!(
+        verify.stdout.contains("2 entries checked, 0 problem"),
+        "{}",
+        verify.stdout
+    );
+    // damage under the read-only mount is still found (the store is read, not trusted)
+    let v = dir.store.join("entries").join(&big_key[..2]).join(&big_key).join("v");
+    let good = std::fs::read(&v).expect("v");
+    std::fs::write(&v, "8\n").expect("damage");
+    let verify = run_read_only(&dir, &method, "", &["verify"]).code(1);
+    assert!(verify.stdout.contains("1 problem"), "{}", verify.stdout);
+    std::fs::write(&v, good).expect("repair");
+
+    // writing is still refused, and nothing above changed the store
+    run_read_only(&dir, &method, "", &["run", &p]).code(2);
+    assert_eq!(snapshot(&dir.store), before, "the store changed");
+    assert_eq!(dir.count("runs.log", "many"), 0, "nothing ran");
+}
+
+#[test]
 fn read_only_entries_fail_the_commit_naming_the_path_and_leave_no_staging() {
     let Some(method) = read_only_method() else {
         eprintln!(

@@ -35,6 +35,8 @@ const POLL: Duration = Duration::from_millis(25);
 #[derive(Clone, Debug)]
 pub struct Store {
     root: PathBuf,
+    /// Opened with [`Store::open_read_only`]: nothing is created or written, not even the lock.
+    read_only: bool,
 }
 
 /// Outcome of [`Store::begin`].
@@ -79,7 +81,8 @@ pub struct Pending {
 /// A shared or exclusive lock on the whole store (`root/lock`), released on drop.
 #[derive(Debug)]
 pub struct StoreLock {
-    _file: File,
+    /// `None` for a read-only store without a `lock` file (none can be created there).
+    _file: Option<File>,
 }
 
 impl Store {
@@ -130,9 +133,45 @@ impl Store {
             .join(format!(".probe.{}.{}", std::process::id(), next_id()));
         File::create(&probe).at(&probe)?;
         remove_file(&probe)?;
-        let store = Store { root };
+        let store = Store {
+            root,
+            read_only: false,
+        };
         store.open_lock_file()?;
         Ok(store)
+    }
+
+    /// Opens an existing store for reading only, for a store that cannot be written (a
+    /// read-only mount, another user's folder): `plan`, `show`, `log` and `verify` need nothing
+    /// more. Nothing is created, written or moved; [`Store::lock_shared`] takes the shared lock
+    /// through a read-only handle of `lock` (and goes without when that file is missing).
+    /// Writing through the handle fails with the file system's own error.
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::Io`] naming `VERSION` when it cannot be read (no store there);
+    /// [`StoreError::VersionMismatch`] when it holds anything but `1`.
+    pub fn open_read_only(root: impl Into<PathBuf>) -> Result<Store> {
+        let root = root.into();
+        let root = std::path::absolute(&root).at(&root)?;
+        let vpath = root.join("VERSION");
+        let found = fs::read_to_string(&vpath).at(&vpath)?;
+        if found.trim_end() != STORE_VERSION {
+            return Err(StoreError::VersionMismatch {
+                path: vpath,
+                found: found.trim_end().to_string(),
+                expected: STORE_VERSION.to_string(),
+            });
+        }
+        Ok(Store {
+            root,
+            read_only: true,
+        })
+    }
+
+    /// Whether this handle was opened with [`Store::open_read_only`].
+    pub fn is_read_only(&self) -> bool {
+        self.read_only
     }
 
     /// The store's root directory.
@@ -496,7 +535,17 @@ impl Store {
 
     fn lock_store(&self, exclusive: bool) -> Result<StoreLock> {
         let path = self.root.join("lock");
-        let file = self.open_lock_file()?;
+        let file = if self.read_only {
+            match File::open(&path) {
+                Ok(f) => f,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                    return Ok(StoreLock { _file: None });
+                }
+                Err(e) => return Err(StoreError::Io { path, cause: e }),
+            }
+        } else {
+            self.open_lock_file()?
+        };
         let tried = if exclusive {
             file.try_lock()
         } else {
@@ -519,7 +568,7 @@ impl Store {
             }
             Err(TryLockError::Error(e)) => return Err(StoreError::Io { path, cause: e }),
         }
-        Ok(StoreLock { _file: file })
+        Ok(StoreLock { _file: Some(file) })
     }
 
     /// Removes `tmp/<hex>.*`; only call while holding the key lock.
@@ -822,6 +871,33 @@ mod tests {
             .unwrap_or_default();
         v.sort();
         v
+    }
+
+    #[test]
+    fn open_read_only_needs_a_store_and_writes_nothing() -> Result<()> {
+        let t = TestDir::new("open-ro");
+        let root = t.path().join("s");
+        let e = Store::open_read_only(&root).expect_err("no store there");
+        assert!(e.to_string().contains("VERSION"), "{e}");
+        assert!(!root.exists(), "nothing created");
+
+        let store = Store::open(&root)?;
+        let key = key("ro");
+        commit_files(&store, &key, &[("x.txt", b"x")])?;
+        fs::remove_file(root.join("lock")).at(&root.join("lock"))?;
+        let ro = Store::open_read_only(&root)?;
+        assert!(ro.is_read_only() && !store.is_read_only());
+        let _lock = ro.lock_shared()?; // without a lock file: no lock, no file made
+        assert!(!root.join("lock").exists());
+        assert!(ro.contains(&key) && ro.get(&key)?.is_some());
+        assert!(ro.verify(None)?.is_empty());
+
+        fs::write(root.join("VERSION"), "2\n").at(&root.join("VERSION"))?;
+        assert!(matches!(
+            Store::open_read_only(&root),
+            Err(StoreError::VersionMismatch { .. })
+        ));
+        Ok(())
     }
 
     #[test]

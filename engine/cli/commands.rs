@@ -142,7 +142,7 @@ pub fn dispatch(cli: Cli) -> Result<u8> {
             targets,
             json,
         } => {
-            let store = open_store(&store_path)?;
+            let store = open_store_to_read(&store_path)?;
             let _lock = store.lock_shared()?;
             let Some(plan) = load_plan(&pipeline, &store, &targets)? else {
                 return Ok(EXIT_USAGE);
@@ -217,7 +217,7 @@ pub fn dispatch(cli: Cli) -> Result<u8> {
             stage,
             json,
         } => {
-            let store = open_store(&store_path)?;
+            let store = open_store_to_read(&store_path)?;
             let Some(plan) = load_plan(&pipeline, &store, &[])? else {
                 return Ok(EXIT_USAGE);
             };
@@ -299,7 +299,7 @@ pub fn dispatch(cli: Cli) -> Result<u8> {
             Ok(0)
         }
         Command::Log { pipeline, stage } => {
-            let store = open_store(&store_path)?;
+            let store = open_store_to_read(&store_path)?;
             let Some(plan) = load_plan(&pipeline, &store, &[])? else {
                 return Ok(EXIT_USAGE);
             };
@@ -384,7 +384,7 @@ pub fn dispatch(cli: Cli) -> Result<u8> {
             Ok(0)
         }
         Command::Verify { json } => {
-            let store = open_store(&store_path)?;
+            let store = open_store_to_read(&store_path)?;
             let _lock = store.lock_shared()?;
             let n = store.keys()?.len();
             let problems = store.verify(None)?;
@@ -412,6 +412,26 @@ pub fn dispatch(cli: Cli) -> Result<u8> {
 
 fn open_store(path: &Path) -> Result<Store> {
     Store::open(path).with_context(|| format!("cannot open the store at {}", path.display()))
+}
+
+/// The store for a command that only reads it (`plan`, `show`, `log`, `verify`): opened as
+/// usual, or, when it exists but cannot be written (a read-only mount, another user's folder),
+/// read-only.
+fn open_store_to_read(path: &Path) -> Result<Store> {
+    let writable = Store::open(path);
+    let unwritable = matches!(
+        &writable,
+        Err(pipe_cache::StoreError::Io { cause, .. })
+            if matches!(
+                cause.kind(),
+                std::io::ErrorKind::ReadOnlyFilesystem | std::io::ErrorKind::PermissionDenied
+            )
+    );
+    if unwritable && let Ok(store) = Store::open_read_only(path) {
+        tracing::info!("the store at {} cannot be written: opened read-only", path.display());
+        return Ok(store);
+    }
+    writable.with_context(|| format!("cannot open the store at {}", path.display()))
 }
 
 /// Loads, expands and plans a pipeline; prints spec errors and returns None on them.
