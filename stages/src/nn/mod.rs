@@ -11,6 +11,7 @@
 
 pub mod attacks;
 pub mod augment;
+pub mod autoattack;
 pub mod batch_norm;
 pub mod bench;
 pub mod checkpoint;
