@@ -20,6 +20,7 @@
 //! | `batch_size` | 100 | test images per batch (an n-crop head forwards `n_views` times as many rows) |
 //! | `seed` | 0 | random starts, n-crop views and the subset |
 //! | `device` | `auto` | `auto`, `cpu` or `cuda:N` (the backend is keyed, the ordinal is not) |
+//! | `autoattack` | none | AutoAttack runs, one accuracy each (below) |
 //!
 //! Each attack is `{norm, eps, alpha, steps, random_start, restarts}`: `norm` is `linf`
 //! (default), `l2` or `l1`; `eps` is required; `eps` and `alpha` accept fractions (`8/255`);
@@ -43,6 +44,16 @@
 //! `sound` preset and a `custom` list with the same values key alike. Two attacks with the same
 //! norm and ε would share one metric name and are refused: compare settings with one
 //! `evaluate` node per setting (a sweep over `preset`, say).
+//!
+//! `autoattack` is a list of l_inf AutoAttack runs (METHODS.md 11.4, [`crate::nn::autoattack`]),
+//! each `{eps, version, attacks, apgd_iters, fab_iters, square_queries, square_rescale,
+//! n_target_classes}`: `eps` is required; `version` (`original`, the default: R-AA's standard
+//! version, APGD 100 iterations, Square on its unscaled schedule; or `torchattacks`: APGD 10
+//! iterations, Square's schedule rescaled, what R-CF ran) fills the rest, which may also be
+//! given one by one; `attacks` (default all four, in order: `apgd-ce`, `apgd-t`, `fab-t`,
+//! `square`) runs a subset, as R-AA's `attacks_to_run`. Canonicalization writes every field out
+//! and drops `version`, so equivalent runs key alike; a node without `autoattack` keys as
+//! before the param existed. AutoAttack needs a full-image classifier.
 //!
 //! # What is measured
 //!
@@ -74,13 +85,16 @@
 //! - `attacks`: each such name → its resolved config `{norm, eps, alpha, steps, random_start,
 //!   restarts}`;
 //! - `n_test`, `head` (`full_image` or `ncrop`), `n_views` (n-crop), `seconds`, `device`;
+//! - one accuracy per AutoAttack run named `aa_linf_<eps>_acc` (`aa_linf_8/255_acc`), and
+//!   `autoattack`: each such name → its resolved config and `after`, the robust accuracy after
+//!   each of its attacks in order (R-AA's running log);
 //! - with `adversarial`: `transfer_acc`, `transfer_n`, `transfer_attack` (the set's config) and,
 //!   when the originals are found, `transfer_clean_acc`.
 
 mod runner;
 
 pub use runner::{
-    AttackSpec, BenchRow, Error, EvalConfig, EvalReport, Hooks, TransferReport, batch_tensor,
+    AaCounts, AttackSpec, BenchRow, Error, EvalConfig, EvalReport, Hooks, TransferReport, batch_tensor,
     bench, count_correct, evaluate, evaluate_transfer, format_radius, metrics_json, norm_name,
     subset_indices,
 };
@@ -97,6 +111,7 @@ use crate::data::adversarial::{ADVERSARIAL_FILE, AdversarialSet};
 use crate::data::{self, tensor_io::DATA_FILE};
 use crate::device::DeviceSpec;
 use crate::nn::attacks::Norm;
+use crate::nn::autoattack::{AaAttack, AaConfig};
 use crate::nn::classifier::{Classifier, SPEC_FILE, WEIGHTS_FILE};
 use crate::params::{Checks, de_real, de_real_opt};
 
@@ -219,6 +234,87 @@ fn default_batch() -> usize {
     100
 }
 
+/// The AutoAttack version whose values complete a run ([`AaConfig::original`],
+/// [`AaConfig::torchattacks`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AaVersion {
+    /// R-AA's standard version.
+    #[default]
+    Original,
+    /// The standard version as torchattacks runs it.
+    Torchattacks,
+}
+
+/// One AutoAttack run as written (fields left out come from `version`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AutoAttackParam {
+    /// Radius ε (l_inf).
+    #[serde(deserialize_with = "de_real")]
+    pub eps: f64,
+    /// Completes the rest (dropped by canonicalization).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version: Option<AaVersion>,
+    /// The attacks, in order.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attacks: Option<Vec<AaAttack>>,
+    /// APGD iterations.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub apgd_iters: Option<usize>,
+    /// FAB iterations.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fab_iters: Option<usize>,
+    /// Square queries.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub square_queries: Option<usize>,
+    /// Square's schedule rescaled to its queries.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub square_rescale: Option<bool>,
+    /// Targets of APGD-T and FAB-T.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub n_target_classes: Option<usize>,
+}
+
+impl AutoAttackParam {
+    /// The run completed by its version.
+    pub fn resolve(&self) -> AaConfig {
+        let base = match self.version.unwrap_or_default() {
+            AaVersion::Original => AaConfig::original(self.eps),
+            AaVersion::Torchattacks => AaConfig::torchattacks(self.eps),
+        };
+        AaConfig {
+            eps: self.eps,
+            attacks: self.attacks.clone().unwrap_or(base.attacks),
+            apgd_iters: self.apgd_iters.unwrap_or(base.apgd_iters),
+            fab_iters: self.fab_iters.unwrap_or(base.fab_iters),
+            square_queries: self.square_queries.unwrap_or(base.square_queries),
+            square_rescale: self.square_rescale.unwrap_or(base.square_rescale),
+            n_target_classes: self.n_target_classes.unwrap_or(base.n_target_classes),
+        }
+    }
+}
+
+impl From<AaConfig> for AutoAttackParam {
+    fn from(c: AaConfig) -> Self {
+        AutoAttackParam {
+            eps: c.eps,
+            version: None,
+            attacks: Some(c.attacks),
+            apgd_iters: Some(c.apgd_iters),
+            fab_iters: Some(c.fab_iters),
+            square_queries: Some(c.square_queries),
+            square_rescale: Some(c.square_rescale),
+            n_target_classes: Some(c.n_target_classes),
+        }
+    }
+}
+
+/// `aa_linf_8/255_acc`.
+pub fn aa_metric(eps: f64) -> String {
+    format!("aa_linf_{}_acc", format_radius(eps))
+}
+
 /// Params of `evaluate` (see the module docs).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -241,6 +337,9 @@ pub struct EvaluateParams {
     /// Device.
     #[serde(default)]
     pub device: DeviceSpec,
+    /// AutoAttack runs (none unless asked for: absent from the key then).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub autoattack: Vec<AutoAttackParam>,
 }
 
 fn norm_rank(n: Norm) -> u8 {
@@ -288,9 +387,12 @@ impl EvaluateParams {
                 .cmp(&norm_rank(b.norm))
                 .then(a.eps.total_cmp(&b.eps))
         });
+        let mut aa: Vec<AaConfig> = self.autoattack.iter().map(AutoAttackParam::resolve).collect();
+        aa.sort_by(|a, b| a.eps.total_cmp(&b.eps));
         Ok(EvaluateParams {
             attacks: attacks.into_iter().map(AttackParam::from).collect(),
             preset: None,
+            autoattack: aa.into_iter().map(AutoAttackParam::from).collect(),
             ..self.clone()
         })
     }
@@ -302,6 +404,7 @@ impl EvaluateParams {
     pub fn config(&self) -> Result<EvalConfig, Vec<ParamError>> {
         Ok(EvalConfig {
             attacks: self.resolved()?,
+            autoattack: self.autoattack.iter().map(AutoAttackParam::resolve).collect(),
             batch_size: self.batch_size,
             seed: self.seed,
         })
@@ -424,6 +527,32 @@ impl TypedStage for Evaluate {
                 a.restarts,
             );
         }
+        for (i, a) in p.autoattack.iter().enumerate() {
+            let at = |f: &str| format!("autoattack[{i}].{f}");
+            e.within(&at("eps"), a.eps, 0.0, 1.0);
+            let c = a.resolve();
+            e.require(!c.attacks.is_empty(), &at("attacks"), || {
+                "name at least one of apgd-ce, apgd-t, fab-t, square".to_string()
+            });
+            let mut names = c.attacks.clone();
+            names.sort_unstable();
+            names.dedup();
+            e.require(names.len() == c.attacks.len(), &at("attacks"), || {
+                "an attack is listed twice".to_string()
+            });
+            e.positive(&at("apgd_iters"), c.apgd_iters);
+            e.positive(&at("fab_iters"), c.fab_iters);
+            e.positive(&at("square_queries"), c.square_queries);
+            e.positive(&at("n_target_classes"), c.n_target_classes);
+            if let Some(j) = p.autoattack[..i].iter().position(|o| aa_metric(o.eps) == aa_metric(a.eps)) {
+                e.require(false, &format!("autoattack[{i}]"), || {
+                    format!(
+                        "same eps as autoattack[{j}] (both would be reported as `{}`)",
+                        aa_metric(a.eps)
+                    )
+                });
+            }
+        }
         e.positive("batch_size", p.batch_size);
         if let Some(k) = p.test_subset {
             e.positive("test_subset", k);
@@ -510,14 +639,18 @@ impl TypedStage for Evaluate {
             None => &dataset.test,
         };
         ctx.log(format!(
-            "evaluating {} test images ({} head) under {} attack(s)",
+            "evaluating {} test images ({} head) under {} attack(s){}",
             test.n,
             if clf.spec().ncrop.is_some() {
                 "n-crop"
             } else {
                 "full-image"
             },
-            cfg.attacks.len()
+            cfg.attacks.len(),
+            match cfg.autoattack.len() {
+                0 => String::new(),
+                n => format!(" and {n} AutoAttack run(s)"),
+            }
         ));
         let progress = |done: u64, total: u64, msg: &str| ctx.progress(done, total, msg);
         let log = |msg: &str| ctx.log(msg);

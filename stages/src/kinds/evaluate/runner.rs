@@ -11,6 +11,7 @@ use serde_json::{Map, Value, json};
 use crate::data::Split;
 use crate::data::adversarial::AdversarialSet;
 use crate::nn::attacks::{Norm, PgdConfig, pgd};
+use crate::nn::autoattack::{AaConfig, autoattack};
 use crate::nn::augment::{EmpConfig, ImageBatch, MultiView, to_float};
 use crate::nn::classifier::Classifier;
 use crate::nn::losses::cross_entropy_per_example;
@@ -21,6 +22,8 @@ pub type Error = pipe_engine::BoxError;
 
 /// First word of the attack streams (`Rng::derive(seed, &[ATTACK_STREAM, norm, eps bits, batch])`).
 const ATTACK_STREAM: u64 = 0x00a7_7ac4;
+/// First word of the AutoAttack seeds (`Rng::derive(seed, &[AA_STREAM, eps bits, batch])`).
+const AA_STREAM: u64 = 0x00aa_0a77;
 /// First word of the n-crop view seed (`Rng::derive(seed, &[VIEW_STREAM])`).
 pub(crate) const VIEW_STREAM: u64 = 0x5ee_0001;
 
@@ -212,6 +215,8 @@ pub fn count_correct(logits: &Tensor, labels: &[i64]) -> candle::Result<usize> {
 pub struct EvalConfig {
     /// The attacks, each reported under [`AttackSpec::metric`].
     pub attacks: Vec<AttackSpec>,
+    /// AutoAttack runs, each reported under `aa_linf_<eps>_acc` (full-image classifiers only).
+    pub autoattack: Vec<AaConfig>,
     /// Test images per batch (per forward: `n_views` times as many rows for an n-crop head).
     pub batch_size: usize,
     /// Seeds the random starts and the n-crop views.
@@ -227,10 +232,21 @@ pub struct EvalReport {
     pub clean_correct: usize,
     /// Correct under each attack of the config, in its order.
     pub attack_correct: Vec<usize>,
+    /// Per AutoAttack run of the config, in its order.
+    pub autoattack: Vec<AaCounts>,
     /// Views per image of an n-crop head, `None` for the full-image head.
     pub n_views: Option<usize>,
     /// Wall-clock seconds of the loop.
     pub seconds: f64,
+}
+
+/// What one AutoAttack run found over the test images.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct AaCounts {
+    /// Robust to every attack of the run.
+    pub robust: usize,
+    /// Still robust after each attack of the run, in its order.
+    pub after: Vec<usize>,
 }
 
 /// The classifier's forward in eval mode: the full-image head, or the n-crop head on
@@ -286,8 +302,19 @@ pub fn evaluate(
         None => None,
     };
     let n_views = ncrop.as_ref().map(|(_, n, _)| *n);
+    if n_views.is_some() && !cfg.autoattack.is_empty() {
+        return Err("autoattack needs a full-image classifier; this one has an n-crop head".into());
+    }
     let mut clean_correct = 0;
     let mut attack_correct = vec![0; cfg.attacks.len()];
+    let mut aa_counts: Vec<AaCounts> = cfg
+        .autoattack
+        .iter()
+        .map(|a| AaCounts {
+            robust: 0,
+            after: vec![0; a.attacks.len()],
+        })
+        .collect();
     let mut done = 0;
     for (batch, s) in (0..test.n).step_by(cfg.batch_size).enumerate() {
         hooks.check()?;
@@ -327,10 +354,27 @@ pub fn evaluate(
             let res = pgd(&input, objective, &spec.pgd_config(), &mut rng)?;
             attack_correct[a] += count_correct(&forward(&clf, &res.adv, n_views)?, labels)?;
         }
+        for (aa, counts) in cfg.autoattack.iter().zip(&mut aa_counts) {
+            hooks.check()?;
+            let seed = Rng::derive(cfg.seed, &[AA_STREAM, aa.eps.to_bits(), batch as u64]).next_u64();
+            let mut model = |x: &Tensor| clf.logits(x, false);
+            let r = autoattack(&input, labels, &mut model, aa, seed)?;
+            counts.robust += r.robust.iter().filter(|v| **v).count();
+            for (c, n) in counts.after.iter_mut().zip(&r.robust_after) {
+                *c += n;
+            }
+        }
         done += b;
         let mut msg = format!("clean {:.3}", clean_correct as f64 / done as f64);
         for (spec, c) in cfg.attacks.iter().zip(&attack_correct) {
             msg.push_str(&format!(" {} {:.3}", spec.name(), *c as f64 / done as f64));
+        }
+        for (aa, c) in cfg.autoattack.iter().zip(&aa_counts) {
+            msg.push_str(&format!(
+                " aa_{} {:.3}",
+                format_radius(aa.eps),
+                c.robust as f64 / done as f64
+            ));
         }
         (hooks.progress)(done as u64, test.n as u64, &msg);
     }
@@ -338,6 +382,7 @@ pub fn evaluate(
         n: test.n,
         clean_correct,
         attack_correct,
+        autoattack: aa_counts,
         n_views,
         seconds: start.elapsed().as_secs_f64(),
     })
@@ -444,6 +489,21 @@ pub fn metrics_json(
         attacks.insert(spec.metric(), json!(spec));
     }
     m.insert("attacks".into(), Value::Object(attacks));
+    if !cfg.autoattack.is_empty() {
+        let mut runs = Map::new();
+        for (aa, c) in cfg.autoattack.iter().zip(&report.autoattack) {
+            let metric = format!("aa_linf_{}_acc", format_radius(aa.eps));
+            m.insert(metric.clone(), json!(frac(c.robust, report.n)));
+            let after: Map<String, Value> = aa
+                .attacks
+                .iter()
+                .zip(&c.after)
+                .map(|(a, n)| (a.name().to_string(), json!(frac(*n, report.n))))
+                .collect();
+            runs.insert(metric, json!({"config": aa, "after": after}));
+        }
+        m.insert("autoattack".into(), Value::Object(runs));
+    }
     m.insert("n_test".into(), json!(report.n));
     m.insert(
         "head".into(),
@@ -518,6 +578,7 @@ pub fn bench(width: usize, batch: usize, images: usize, steps: usize) -> Result<
             random_start: true,
             restarts: 1,
         }],
+        autoattack: Vec::new(),
         batch_size: batch,
         seed: 0,
     };

@@ -182,6 +182,7 @@ fn run_eval(
 ) -> std::result::Result<EvalReport, Error> {
     let cfg = EvalConfig {
         attacks,
+        autoattack: Vec::new(),
         batch_size,
         seed,
     };
@@ -207,6 +208,7 @@ fn accuracy_falls_with_eps_on_a_trained_model() -> TestResult {
         .collect();
     let cfg = EvalConfig {
         attacks: attacks.clone(),
+        autoattack: Vec::new(),
         batch_size: 24,
         seed: 1,
     };
@@ -337,6 +339,7 @@ fn ncrop_head_is_attacked_through_its_views() -> TestResult {
     let m = metrics_json(
         &EvalConfig {
             attacks: vec![],
+            autoattack: vec![],
             batch_size: 16,
             seed: 9,
         },
@@ -475,5 +478,97 @@ fn end_to_end_through_the_engine() -> TestResult {
     }
     assert_eq!(em["attacks"]["pgd_l2_0.25_acc"]["steps"], json!(20));
     assert_eq!(em["device"], json!("cpu"));
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// AutoAttack
+
+#[test]
+fn autoattack_params_are_written_out_and_keyed() {
+    let none = ok(json!({}));
+    assert!(none.get("autoattack").is_none(), "a node without autoattack keys as before: {none}");
+    let one = ok(json!({"autoattack": [{"eps": "8/255"}]}));
+    assert_eq!(
+        one["autoattack"],
+        json!([{"eps": 8.0 / 255.0, "attacks": ["apgd-ce", "apgd-t", "fab-t", "square"],
+                "apgd_iters": 100, "fab_iters": 100, "square_queries": 5000,
+                "square_rescale": false, "n_target_classes": 9}])
+    );
+    let written = ok(json!({"autoattack": [{"eps": 8.0 / 255.0, "version": "original",
+        "attacks": ["apgd-ce", "apgd-t", "fab-t", "square"], "apgd_iters": 100}]}));
+    assert_eq!(one, written, "the version's values written out key alike");
+    let ta = ok(json!({"autoattack": [{"eps": "4/255", "version": "torchattacks"}]}));
+    assert_eq!(ta["autoattack"][0]["apgd_iters"], json!(10));
+    assert_eq!(ta["autoattack"][0]["square_rescale"], json!(true));
+    assert!(ta["autoattack"][0].get("version").is_none());
+    let two = ok(json!({"autoattack": [{"eps": "8/255"}, {"eps": "4/255", "attacks": ["apgd-ce"]}]}));
+    assert_eq!(two["autoattack"][0]["eps"], json!(4.0 / 255.0), "sorted by eps");
+    assert_ne!(one, two);
+    assert_ne!(one, ok(json!({"autoattack": [{"eps": "8/255", "fab_iters": 50}]})));
+
+    let e = testutil::errors("evaluate", json!({"autoattack": [{"eps": "8/255"}, {"eps": 8.0 / 255.0}]}));
+    assert!(e.iter().any(|m| m.starts_with("autoattack[1]") && m.contains("aa_linf_8/255_acc")), "{e:?}");
+    let e = testutil::errors("evaluate", json!({"autoattack": [{"eps": 8}]}));
+    assert!(e.iter().any(|m| m.starts_with("autoattack[0].eps")), "{e:?}");
+    let e = testutil::errors("evaluate", json!({"autoattack": [{"eps": "8/255", "attacks": []}]}));
+    assert!(e.iter().any(|m| m.starts_with("autoattack[0].attacks")), "{e:?}");
+    let e = testutil::errors("evaluate", json!({"autoattack": [{"eps": "8/255", "attacks": ["apgd-ce", "apgd-ce"]}]}));
+    assert!(e.iter().any(|m| m.contains("listed twice")), "{e:?}");
+    let e = testutil::errors("evaluate", json!({"autoattack": [{"eps": "8/255", "attacks": ["pgd"]}]}));
+    assert!(!e.is_empty(), "an unknown attack name is refused");
+}
+
+#[test]
+fn autoattack_on_a_trained_model() -> TestResult {
+    let d = testutil::data();
+    let clf = testutil::trained_classifier()?;
+    let small = |eps: f64| AaConfig {
+        apgd_iters: 10,
+        fab_iters: 10,
+        square_queries: 30,
+        ..AaConfig::original(eps)
+    };
+    let cfg = EvalConfig {
+        attacks: vec![spec(Norm::Linf, 8.0 / 255.0, 2.0 / 255.0, 10, true)],
+        autoattack: vec![small(8.0 / 255.0), small(0.0)],
+        batch_size: 32,
+        seed: 4,
+    };
+    let r = evaluate(&clf, &d.test, &cfg, &Device::Cpu, &Hooks::default())?;
+    let (aa, zero) = (&r.autoattack[0], &r.autoattack[1]);
+    assert_eq!(zero.robust, r.clean_correct, "eps 0 fools nothing");
+    assert!(aa.robust < r.clean_correct, "{r:?}");
+    // AutoAttack contains a stronger PGD (APGD-CE) and more: no better than PGD-10, up to the
+    // randomness of the starts (2 of 64 images)
+    assert!(aa.robust <= r.attack_correct[0] + 2, "{r:?}");
+    assert_eq!(aa.after.len(), 4);
+    assert!(aa.after.windows(2).all(|w| w[1] <= w[0]), "{aa:?}");
+    assert_eq!(aa.after[3], aa.robust);
+    assert!(aa.after[0] <= r.clean_correct);
+    // the same seed, the same counts; metrics.json names the run
+    assert_eq!(evaluate(&clf, &d.test, &cfg, &Device::Cpu, &Hooks::default())?.autoattack, r.autoattack);
+    let m = metrics_json(&cfg, &r, None, 1.0, "cpu");
+    assert_eq!(m["aa_linf_8/255_acc"], json!(aa.robust as f64 / 64.0));
+    assert_eq!(m["aa_linf_0/255_acc"], m["clean_acc"]);
+    let run = &m["autoattack"]["aa_linf_8/255_acc"];
+    assert_eq!(run["config"]["fab_iters"], json!(10));
+    assert_eq!(run["after"]["square"], m["aa_linf_8/255_acc"]);
+    assert_eq!(run["after"]["apgd-ce"], json!(aa.after[0] as f64 / 64.0));
+
+    // an n-crop classifier is refused
+    let nspec = crate::nn::classifier::ClassifierSpec {
+        ncrop: Some(NcropSpec {
+            n_views: 2,
+            scale: [0.5, 1.0],
+            ratio: [0.75, 4.0 / 3.0],
+        }),
+        ..testutil::spec()
+    };
+    let nclf = testutil::classifier_with(Some(&nspec))?;
+    let e = evaluate(&nclf, &d.test, &cfg, &Device::Cpu, &Hooks::default())
+        .expect_err("n-crop")
+        .to_string();
+    assert!(e.contains("full-image"), "{e}");
     Ok(())
 }
