@@ -283,6 +283,8 @@ enum ReadOnly {
     Chmod,
 }
 
+/// The way to make the store read-only here; `None` (saying on stderr that the test is
+/// skipped) for root without user namespaces.
 fn read_only_method() -> Option<ReadOnly> {
     if private_mounts_available() {
         return Some(ReadOnly::BindMount);
@@ -290,6 +292,12 @@ fn read_only_method() -> Option<ReadOnly> {
     // SAFETY: geteuid has no preconditions and touches no memory.
     #[allow(unsafe_code)]
     let root = unsafe { libc::geteuid() } == 0;
+    if root {
+        eprintln!(
+            "skipped: running as root without user namespaces: chmod does not stop root and a \
+             read-only bind mount is not possible"
+        );
+    }
     (!root).then_some(ReadOnly::Chmod)
 }
 
@@ -327,10 +335,6 @@ exec "$PIPE" --store "$STORE" {args}
 #[test]
 fn a_read_only_store_is_refused_naming_the_path_and_left_unchanged() {
     let Some(method) = read_only_method() else {
-        eprintln!(
-            "skipped: running as root without user namespaces: chmod does not stop root and a \
-             read-only bind mount is not possible"
-        );
         return;
     };
     let dir = Dir::new("readonly");
@@ -360,10 +364,6 @@ fn a_read_only_store_is_refused_naming_the_path_and_left_unchanged() {
 #[test]
 fn a_read_only_store_can_still_be_planned_shown_logged_and_verified() {
     let Some(method) = read_only_method() else {
-        eprintln!(
-            "skipped: running as root without user namespaces: chmod does not stop root and a \
-             read-only bind mount is not possible"
-        );
         return;
     };
     let dir = Dir::new("readonly-read");
@@ -406,10 +406,6 @@ fn a_read_only_store_can_still_be_planned_shown_logged_and_verified() {
 #[test]
 fn read_only_entries_fail_the_commit_naming_the_path_and_leave_no_staging() {
     let Some(method) = read_only_method() else {
-        eprintln!(
-            "skipped: running as root without user namespaces: chmod does not stop root and a \
-             read-only bind mount is not possible"
-        );
         return;
     };
     let dir = Dir::new("readonly-entries");

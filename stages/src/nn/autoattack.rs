@@ -513,13 +513,23 @@ fn targets(cfg: &AaConfig, k: usize) -> usize {
     cfg.n_target_classes.min(k.saturating_sub(1))
 }
 
-/// APGD-T: one APGD run on the targeted DLR per target class, each on the points not fooled yet.
-fn apgd_t(
+/// A model: logits `(B, K)` of a batch.
+type Model<'m> = dyn FnMut(&Tensor) -> Result<Tensor> + 'm;
+
+/// One targeted run of [`per_target`]: `(points, labels, target rank, model)` → per point
+/// whether it is still correct, and the adversarial points.
+type TargetAttack<'a> =
+    dyn FnMut(&Tensor, &[i64], usize, &mut Model<'_>) -> Result<(Vec<bool>, Tensor)> + 'a;
+
+/// Runs `attack(xs, ys, rank)` once per target rank (2nd … (n+1)th class) on the points not
+/// fooled yet; `attack` returns per point whether it is still correct and its adversarial
+/// point. The adversarial points of the fooled ones replace the clean ones.
+fn per_target(
     x: &Tensor,
     y: &[i64],
     model: &mut dyn FnMut(&Tensor) -> Result<Tensor>,
     cfg: &AaConfig,
-    rng: &mut Rng,
+    attack: &mut TargetAttack<'_>,
 ) -> Result<Tensor> {
     let b = x.dim(0)?;
     let k = model(&select(x, &[0])?)?.dim(1)?;
@@ -532,19 +542,25 @@ fn apgd_t(
         }
         let xs = select(x, &idx)?;
         let ys: Vec<i64> = idx.iter().map(|&i| y[i]).collect();
-        let target = ranked_class(model, &xs, rank)?;
-        let (acc_s, adv_s) = apgd_single(
-            &xs,
-            &ys,
-            model,
-            &ApgdLoss::DlrTargeted(&target),
-            cfg.eps,
-            cfg.apgd_iters,
-            rng,
-        )?;
+        let (acc_s, adv_s) = attack(&xs, &ys, rank, model)?;
         adv = scatter_fooled(&adv, &adv_s, &idx, &acc_s, &mut acc)?;
     }
     Ok(adv)
+}
+
+/// APGD-T: one APGD run on the targeted DLR per target class, each on the points not fooled yet.
+fn apgd_t(
+    x: &Tensor,
+    y: &[i64],
+    model: &mut dyn FnMut(&Tensor) -> Result<Tensor>,
+    cfg: &AaConfig,
+    rng: &mut Rng,
+) -> Result<Tensor> {
+    per_target(x, y, model, cfg, &mut |xs, ys, rank, model| {
+        let target = ranked_class(model, xs, rank)?;
+        let loss = ApgdLoss::DlrTargeted(&target);
+        apgd_single(xs, ys, model, &loss, cfg.eps, cfg.apgd_iters, rng)
+    })
 }
 
 /// Writes the rows of `sub` whose `sub_acc` is false into `full` at `idx`, marking them fooled.
@@ -731,26 +747,15 @@ fn fab_t(
     model: &mut dyn FnMut(&Tensor) -> Result<Tensor>,
     cfg: &AaConfig,
 ) -> Result<Tensor> {
-    let b = x.dim(0)?;
-    let k = model(&select(x, &[0])?)?.dim(1)?;
-    let mut adv = x.clone();
-    let mut acc = vec![true; b];
-    for rank in 2..targets(cfg, k) + 2 {
-        let idx: Vec<usize> = (0..b).filter(|&i| acc[i]).collect();
-        if idx.is_empty() {
-            break;
-        }
-        let xs = select(x, &idx)?;
-        let ys: Vec<i64> = idx.iter().map(|&i| y[i]).collect();
-        let adv_s = fab_single(&xs, &ys, model, rank, cfg.fab_iters)?;
-        let pred = predictions(&model(&adv_s)?)?;
-        let dist = adv_s.sub(&xs)?.abs()?.flatten_from(1)?.max(1)?.to_vec1::<f32>()?;
-        let sub_acc: Vec<bool> = (0..idx.len())
+    per_target(x, y, model, cfg, &mut |xs, ys, rank, model| {
+        let adv = fab_single(xs, ys, model, rank, cfg.fab_iters)?;
+        let pred = predictions(&model(&adv)?)?;
+        let dist = adv.sub(xs)?.abs()?.flatten_from(1)?.max(1)?.to_vec1::<f32>()?;
+        let acc = (0..ys.len())
             .map(|k| pred[k] == ys[k] || f64::from(dist[k]) > cfg.eps)
             .collect();
-        adv = scatter_fooled(&adv, &adv_s, &idx, &sub_acc, &mut acc)?;
-    }
-    Ok(adv)
+        Ok((acc, adv))
+    })
 }
 
 // ---------------------------------------------------------------------------------------------
