@@ -162,20 +162,47 @@ pub struct AaResult {
     pub robust_after: Vec<usize>,
 }
 
+/// Cancellation and progress for [`autoattack`] (no-ops by default).
+pub struct AaHooks<'a> {
+    /// Polled before every model call: when true, the run stops with an `interrupted` error
+    /// (an AutoAttack batch can take minutes).
+    pub stop: &'a dyn Fn() -> bool,
+    /// Told after each attack: its name and how many points of the batch are still robust.
+    pub after_attack: &'a dyn Fn(AaAttack, usize),
+}
+
+impl Default for AaHooks<'_> {
+    fn default() -> Self {
+        AaHooks {
+            stop: &|| false,
+            after_attack: &|_, _| {},
+        }
+    }
+}
+
 /// Runs the attacks of `cfg` on the batch `x` (`(B, C, H, W)` in `[0, 1]`) with labels `y`;
 /// attack `a` draws from `Rng::derive(seed, [attack code])`.
 ///
 /// # Errors
 /// An invalid config, logits that are not `(B, K)`, fewer than 4 classes for APGD-T (its DLR
-/// needs the 4th largest logit), a returned point outside the ε-ball or the box, candle errors.
+/// needs the 4th largest logit), a returned point outside the ε-ball or the box, candle errors,
+/// `interrupted` when [`AaHooks::stop`] says so.
 pub fn autoattack(
     x: &Tensor,
     y: &[i64],
     model: &mut dyn FnMut(&Tensor) -> Result<Tensor>,
     cfg: &AaConfig,
     seed: u64,
+    hooks: &AaHooks<'_>,
 ) -> Result<AaResult> {
     cfg.validate()?;
+    let mut checked = |t: &Tensor| -> Result<Tensor> {
+        if (hooks.stop)() {
+            bail!("interrupted")
+        }
+        model(t)
+    };
+    let model: &mut dyn FnMut(&Tensor) -> Result<Tensor> = &mut checked;
     let x = x.detach();
     let b = x.dim(0)?;
     if y.len() != b {
@@ -208,7 +235,9 @@ pub fn autoattack(
                 }
             }
         }
-        robust_after.push(robust.iter().filter(|r| **r).count());
+        let left = robust.iter().filter(|r| **r).count();
+        (hooks.after_attack)(attack, left);
+        robust_after.push(left);
     }
     Ok(AaResult {
         robust,

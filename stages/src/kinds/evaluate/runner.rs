@@ -11,7 +11,7 @@ use serde_json::{Map, Value, json};
 use crate::data::Split;
 use crate::data::adversarial::AdversarialSet;
 use crate::nn::attacks::{Norm, PgdConfig, pgd};
-use crate::nn::autoattack::{AaConfig, autoattack};
+use crate::nn::autoattack::{AaAttack, AaConfig, AaHooks, autoattack};
 use crate::nn::augment::{EmpConfig, ImageBatch, MultiView, to_float};
 use crate::nn::classifier::Classifier;
 use crate::nn::losses::cross_entropy_per_example;
@@ -358,7 +358,26 @@ pub fn evaluate(
             hooks.check()?;
             let seed = Rng::derive(cfg.seed, &[AA_STREAM, aa.eps.to_bits(), batch as u64]).next_u64();
             let mut model = |x: &Tensor| clf.logits(x, false);
-            let r = autoattack(&input, labels, &mut model, aa, seed)?;
+            let stop = || (hooks.cancelled)();
+            let after = |a: AaAttack, left: usize| {
+                (hooks.progress)(
+                    done as u64,
+                    test.n as u64,
+                    &format!(
+                        "autoattack {} on images {}..{}: {} robust after {}",
+                        format_radius(aa.eps),
+                        s,
+                        s + b,
+                        left,
+                        a.name()
+                    ),
+                );
+            };
+            let aa_hooks = AaHooks {
+                stop: &stop,
+                after_attack: &after,
+            };
+            let r = autoattack(&input, labels, &mut model, aa, seed, &aa_hooks)?;
             counts.robust += r.robust.iter().filter(|v| **v).count();
             for (c, n) in counts.after.iter_mut().zip(&r.robust_after) {
                 *c += n;

@@ -224,7 +224,7 @@ fn each_attack_is_sound_and_the_gradient_ones_are_exact_on_a_linear_model() -> R
         &[AaAttack::FabT],
         &AaAttack::STANDARD,
     ] {
-        let r = autoattack(&x, &y, &mut f, &only(attacks, eps), 3)?;
+        let r = autoattack(&x, &y, &mut f, &only(attacks, eps), 3, &AaHooks::default())?;
         assert_eq!(r.clean_correct, 40);
         assert_eq!(r.robust, certified, "{attacks:?}: robust exactly where certified");
         assert_eq!(r.robust_after.len(), attacks.len());
@@ -233,7 +233,7 @@ fn each_attack_is_sound_and_the_gradient_ones_are_exact_on_a_linear_model() -> R
     // APGD-CE and Square: never past a certificate; APGD-CE fools most of the others, the
     // black-box Square (a few hundred queries) most of those at half the radius or closer
     for (attack, within) in [(AaAttack::ApgdCe, 1.0), (AaAttack::Square, 0.7)] {
-        let r = autoattack(&x, &y, &mut f, &only(&[attack], eps), 3)?;
+        let r = autoattack(&x, &y, &mut f, &only(&[attack], eps), 3, &AaHooks::default())?;
         for (i, (r, c)) in r.robust.iter().zip(&certified).enumerate() {
             assert!(*r || !c, "{attack:?} fooled certified point {i}");
         }
@@ -243,10 +243,10 @@ fn each_attack_is_sound_and_the_gradient_ones_are_exact_on_a_linear_model() -> R
         assert!(!near.is_empty() && fooled * 4 >= near.len() * 3, "{attack:?} fooled only {fooled} of {}", near.len());
     }
     // the same seed gives the same result; eps 0 fools nothing
-    let a = autoattack(&x, &y, &mut f, &only(&AaAttack::STANDARD, eps), 5)?;
-    let b = autoattack(&x, &y, &mut f, &only(&AaAttack::STANDARD, eps), 5)?;
+    let a = autoattack(&x, &y, &mut f, &only(&AaAttack::STANDARD, eps), 5, &AaHooks::default())?;
+    let b = autoattack(&x, &y, &mut f, &only(&AaAttack::STANDARD, eps), 5, &AaHooks::default())?;
     assert_eq!(a, b);
-    let z = autoattack(&x, &y, &mut f, &only(&AaAttack::STANDARD, 0.0), 5)?;
+    let z = autoattack(&x, &y, &mut f, &only(&AaAttack::STANDARD, 0.0), 5, &AaHooks::default())?;
     assert!(z.robust.iter().all(|r| *r));
     Ok(())
 }
@@ -271,4 +271,28 @@ fn square_schedule_and_configs() {
     };
     assert!(dup.validate().is_err());
     assert!(AaConfig { eps: 1.5, ..o }.validate().is_err());
+}
+
+#[test]
+fn a_stop_request_interrupts_and_progress_is_reported() -> Result<()> {
+    let (model, x, y, _, eps) = linear_case(11)?;
+    let mut f = |t: &Tensor| model.logits(t);
+    let calls = std::cell::Cell::new(0usize);
+    let stop = || {
+        calls.set(calls.get() + 1);
+        calls.get() > 5
+    };
+    let seen = std::cell::RefCell::new(Vec::new());
+    let after = |a: AaAttack, n: usize| seen.borrow_mut().push((a, n));
+    let hooks = AaHooks { stop: &stop, after_attack: &after };
+    let e = autoattack(&x, &y, &mut f, &only(&AaAttack::STANDARD, eps), 1, &hooks)
+        .expect_err("stopped");
+    assert!(e.to_string().contains("interrupted"), "{e}");
+    assert_eq!(calls.get(), 6, "stops at the first model call after the request");
+    let hooks = AaHooks { stop: &|| false, after_attack: &after };
+    let r = autoattack(&x, &y, &mut f, &only(&AaAttack::STANDARD, eps), 1, &hooks)?;
+    let seen = seen.borrow();
+    assert_eq!(seen.iter().map(|s| s.0).collect::<Vec<_>>(), AaAttack::STANDARD);
+    assert_eq!(seen.iter().map(|s| s.1).collect::<Vec<_>>(), r.robust_after);
+    Ok(())
 }
