@@ -348,7 +348,7 @@ impl Store {
         match lock.try_lock() {
             Ok(()) => {}
             Err(TryLockError::WouldBlock) => {
-                let holder = read_pid(&lock_path);
+                let holder = holder_pid(&lock_path);
                 tracing::debug!(
                     key = %key.short(),
                     holder = ?holder,
@@ -630,6 +630,18 @@ fn test_pause() {
 /// The pid written in a lock file, if it holds one.
 fn read_pid(path: &Path) -> Option<u32> {
     fs::read_to_string(path).ok()?.trim().parse().ok()
+}
+
+/// The pid in a lock file someone holds. The holder writes it just after taking the lock, so a
+/// file still empty is read again, for up to half a second (a busy machine can delay that write).
+fn holder_pid(path: &Path) -> Option<u32> {
+    for _ in 0..50 {
+        if let Some(pid) = read_pid(path) {
+            return Some(pid);
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    None
 }
 
 impl Pending {
