@@ -140,6 +140,15 @@ impl Checks {
         });
     }
 
+    /// A `device: cuda:N` in a build without CUDA, at `device`.
+    pub fn device(&mut self, device: crate::device::DeviceSpec) {
+        if let crate::device::DeviceSpec::Cuda(n) = device {
+            self.require(crate::device::DeviceSpec::cuda_built(), "device", || {
+                format!("device cuda:{n} needs pipe built with `--features cuda`")
+            });
+        }
+    }
+
     /// The errors found.
     pub fn into_errors(self) -> Vec<ParamError> {
         self.errors
@@ -173,6 +182,22 @@ pub fn key_with_backend<P: serde::Serialize>(p: &P, device: crate::device::Devic
     v
 }
 
+/// The file `name` of the artifact in input `slot`, or an error naming the stage kind that
+/// makes such files (`the `dataset` input has no data.safetensors (is it a `dataset` stage?)`).
+///
+/// # Errors
+/// No artifact in `slot`, or none with that file.
+pub fn input_file(
+    ctx: &pipe_engine::StageCtx<'_>,
+    slot: &str,
+    name: &str,
+    made_by: &str,
+) -> Result<std::path::PathBuf, pipe_engine::BoxError> {
+    ctx.input(slot)?.file(name).map_err(|e| {
+        format!("the `{slot}` input has no {name} (is it a `{made_by}` stage?): {e}").into()
+    })
+}
+
 /// The scheduler resources of a node on `device` (a CUDA node holds a GPU).
 pub fn device_resources(device: crate::device::DeviceSpec) -> pipe_engine::Resources {
     pipe_engine::Resources {
@@ -192,6 +217,23 @@ mod tests {
         alpha: Option<f64>,
         #[serde(default, deserialize_with = "de_real_pair_opt")]
         scale: Option<[f64; 2]>,
+    }
+
+    #[test]
+    fn a_cuda_device_needs_a_cuda_build() {
+        use crate::device::DeviceSpec;
+        let mut e = Checks::default();
+        for d in [DeviceSpec::Auto, DeviceSpec::Cpu, DeviceSpec::Cuda(1)] {
+            e.device(d);
+        }
+        let errors = e.into_errors();
+        if DeviceSpec::cuda_built() {
+            assert!(errors.is_empty(), "{errors:?}");
+        } else {
+            assert_eq!(errors.len(), 1, "{errors:?}");
+            assert_eq!(errors[0].path, "device");
+            assert!(errors[0].message.contains("cuda:1") && errors[0].message.contains("--features cuda"));
+        }
     }
 
     #[test]

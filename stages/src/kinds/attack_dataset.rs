@@ -340,7 +340,7 @@ impl TypedStage for AttackDataset {
         if let Some(k) = p.test_subset {
             e.positive("test_subset", k);
         }
-        evaluate::check_device(&mut e, p.device);
+        e.device(p.device);
         e.into_errors()
     }
 

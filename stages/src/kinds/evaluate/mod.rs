@@ -411,17 +411,6 @@ impl EvaluateParams {
     }
 }
 
-/// A `device: cuda:N` in a build without CUDA.
-pub(crate) fn check_device(e: &mut Checks, device: DeviceSpec) {
-    if let DeviceSpec::Cuda(n) = device
-        && !DeviceSpec::cuda_built()
-    {
-        e.require(false, "device", || {
-            format!("device cuda:{n} needs pipe built with `--features cuda`")
-        });
-    }
-}
-
 /// Range checks of one attack at `path` (`attacks[0]`, or `""` for top-level fields).
 ///
 /// Pixels live in `[0, 1]`, so an l_inf radius or step outside `[0, 1]` is a mistake (a
@@ -461,21 +450,14 @@ pub(crate) fn load_model(
     ctx: &StageCtx<'_>,
     device: &candle::Device,
 ) -> Result<Classifier, BoxError> {
-    let model = ctx.input("model")?;
-    let file = |name: &str| {
-        model.file(name).map_err(|e| {
-            format!("the `model` input has no {name} (is it a `finetune` stage?): {e}")
-        })
-    };
+    let file = |name: &str| crate::params::input_file(ctx, "model", name, "finetune");
     let (_vm, clf) = Classifier::load(&file(WEIGHTS_FILE)?, &file(SPEC_FILE)?, device)?;
     Ok(clf)
 }
 
 /// Loads the `dataset` input and checks that the classifier has its number of classes.
 pub(crate) fn load_data(ctx: &StageCtx<'_>, clf: &Classifier) -> Result<data::Dataset, BoxError> {
-    let path = ctx.input("dataset")?.file(DATA_FILE).map_err(|e| {
-        format!("the `dataset` input has no {DATA_FILE} (is it a `dataset` stage?): {e}")
-    })?;
+    let path = crate::params::input_file(ctx, "dataset", DATA_FILE, "dataset")?;
     let d = data::load_dataset(&path)?;
     if clf.spec().classes != d.classes.len() {
         return Err(format!(
@@ -557,7 +539,7 @@ impl TypedStage for Evaluate {
         if let Some(k) = p.test_subset {
             e.positive("test_subset", k);
         }
-        check_device(&mut e, p.device);
+        e.device(p.device);
         let mut errors = e.into_errors();
         match p.resolved() {
             Err(more) => errors.extend(more),

@@ -582,13 +582,7 @@ impl TypedStage for Finetune {
         e.within("alpha", c.alpha, 0.0, 1.0);
         e.positive("pgd_steps", c.pgd_steps);
         e.non_negative("beta", c.beta);
-        if let DeviceSpec::Cuda(n) = p.device
-            && !DeviceSpec::cuda_built()
-        {
-            e.require(false, "device", || {
-                format!("device cuda:{n} needs pipe built with `--features cuda`")
-            });
-        }
+        e.device(p.device);
         e.into_errors()
     }
 
@@ -617,12 +611,8 @@ impl TypedStage for Finetune {
     fn run(p: &FinetuneParams, ctx: &mut StageCtx<'_>) -> Result<(), BoxError> {
         let ctx = &*ctx;
         let cfg = p.config();
-        let enc_path = ctx.input("encoder")?.file(ENCODER_FILE).map_err(|e| {
-            format!("the `encoder` input has no {ENCODER_FILE} (is it a `pretrain` stage?): {e}")
-        })?;
-        let data_path = ctx.input("dataset")?.file(DATA_FILE).map_err(|e| {
-            format!("the `dataset` input has no {DATA_FILE} (is it a `dataset` stage?): {e}")
-        })?;
+        let enc_path = crate::params::input_file(ctx, "encoder", ENCODER_FILE, "pretrain")?;
+        let data_path = crate::params::input_file(ctx, "dataset", DATA_FILE, "dataset")?;
         let dataset = data::load_dataset(&data_path)?;
         let device = p.device.open()?;
         let enc = EncoderWeights::from_file(&enc_path, &device)?;

@@ -517,13 +517,7 @@ impl TypedStage for Pretrain {
         e.non_negative("patch_sim", c.emp.patch_sim);
         e.non_negative("tcr", c.emp.tcr);
         e.positive_real("tcr_eps", c.emp.eps);
-        if let DeviceSpec::Cuda(n) = p.device
-            && !DeviceSpec::cuda_built()
-        {
-            e.require(false, "device", || {
-                format!("device cuda:{n} needs pipe built with `--features cuda`")
-            });
-        }
+        e.device(p.device);
         e.into_errors()
     }
 
@@ -552,9 +546,7 @@ impl TypedStage for Pretrain {
     fn run(p: &PretrainParams, ctx: &mut StageCtx<'_>) -> Result<(), BoxError> {
         let ctx = &*ctx;
         let cfg = p.config();
-        let data_path = ctx.input("dataset")?.file(DATA_FILE).map_err(|e| {
-            format!("the `dataset` input has no {DATA_FILE} (is it a `dataset` stage?): {e}")
-        })?;
+        let data_path = crate::params::input_file(ctx, "dataset", DATA_FILE, "dataset")?;
         let dataset = data::load_dataset(&data_path)?;
         let device = p.device.open()?;
         let mut trainer = Pretrainer::new(cfg, &dataset.train, &device)?;
