@@ -23,7 +23,8 @@ fn format_err(path: &Path, message: impl Into<String>) -> Error {
     }
 }
 
-/// Writes `d` to `path` as safetensors (through a temp file and a rename).
+/// Writes `d` to `path` as safetensors, written in place: the `dataset` stage writes it into
+/// its staging folder, which the store commits atomically.
 ///
 /// # Errors
 /// On an I/O error, or a split whose buffers disagree with its shape.
