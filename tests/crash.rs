@@ -9,8 +9,8 @@ use std::process::Child;
 use std::time::{Duration, Instant};
 
 use crate::util::{
-    Dir, Rng, Watched, assert_store_sound, drain, kill_strays, lock_is_free, node, signal,
-    staging_dirs, statuses, wait_exit, wait_until,
+    Dir, Rng, Watched, assert_store_sound, drain, group_members, kill_strays, lock_is_free, node,
+    signal, staging_dirs, statuses, wait_exit, wait_until,
 };
 
 /// `up` is quick; `slow` writes a partial file, then (while `slow.flag` exists in the work dir)
@@ -70,11 +70,15 @@ fn assert_no_partial_entries(dir: &Dir) {
 #[test]
 fn kill_9_mid_node_leaves_no_entry_and_the_next_run_completes_it() {
     let dir = Dir::new("kill9");
-    let p = dir.pipeline("crashy.yaml", &slow_pipeline("3"));
+    let p = dir.pipeline("crashy.yaml", &slow_pipeline("120"));
     dir.write("slow.flag", "");
     let args = ["run", p.as_str(), "--json"];
     let mut child = dir.spawn(&args);
     let pgid = wait_started(&dir, &mut child);
+    assert!(
+        !group_members(pgid).is_empty(),
+        "the stage's process group {pgid} runs before the kill"
+    );
 
     child.kill().expect("SIGKILL pipe"); // std's kill is SIGKILL
     let status = wait_exit(&mut child, Duration::from_secs(5));
@@ -88,8 +92,18 @@ fn kill_9_mid_node_leaves_no_entry_and_the_next_run_completes_it() {
         "a killed run prints no JSON: {}",
         out.stdout
     );
-    // the stage's own process group outlives pipe (it is its own group): end it too
+    // the stage's command (its own process group, so no signal to pipe reaches it) and the
+    // `sleep` it started are killed by the watchdog when pipe dies
+    let t0 = std::time::Instant::now();
+    while !group_members(pgid).is_empty() && t0.elapsed() < Duration::from_secs(10) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let left = group_members(pgid);
     signal(-pgid, libc::SIGKILL);
+    assert!(
+        left.is_empty(),
+        "the killed run's stage command outlived it: pids {left:?} of group {pgid}"
+    );
 
     let show = dir.json(&["show", &p], 0);
     assert_eq!(

@@ -316,6 +316,30 @@ pub fn signal(pid: i32, sig: i32) -> bool {
     rc == 0
 }
 
+/// Live (not zombie) processes of process group `pgid`, from `/proc/<pid>/stat`.
+pub fn group_members(pgid: i32) -> Vec<i32> {
+    let Ok(procs) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    procs
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|pid| {
+            let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+                return false;
+            };
+            // "pid (comm) state ppid pgrp ...": comm may hold spaces, so split after the last ')'
+            let Some(rest) = stat.rfind(')').map(|i| &stat[i + 1..]) else {
+                return false;
+            };
+            let mut f = rest.split_whitespace();
+            let state = f.next();
+            let pgrp = f.nth(1).and_then(|g| g.parse::<i32>().ok());
+            state != Some("Z") && pgrp == Some(pgid)
+        })
+        .collect()
+}
+
 /// Processes (pids) whose working directory is `root`: every `pipe` started by [`Dir`] and
 /// every `shell` stage command of its pipelines (they run in the pipeline's folder).
 pub fn processes_in(root: &Path) -> Vec<i32> {
@@ -545,7 +569,10 @@ pub fn snapshot(root: &Path) -> Vec<(String, Vec<u8>)> {
                 stack.push(p);
             } else {
                 let rel = p.strip_prefix(root).expect("below root");
-                out.push((rel.display().to_string(), std::fs::read(&p).unwrap_or_default()));
+                out.push((
+                    rel.display().to_string(),
+                    std::fs::read(&p).unwrap_or_default(),
+                ));
             }
         }
     }

@@ -11,6 +11,8 @@
 //!
 //! stdout and stderr go to the node's `log.txt`; a non-zero exit fails the node with the tail of
 //! stderr in the error. On cancel the command's whole process group gets SIGTERM, then SIGKILL.
+//! If `pipe` itself dies without a chance to cancel (`kill -9`, the OOM killer), a watchdog
+//! process SIGKILLs the group: nothing a killed run started keeps a GPU or writes on.
 //!
 //! **Security**: a pipeline with shell stages runs arbitrary commands as you. Run only
 //! pipelines you trust, as you would a Makefile; `pipe plan FILE` prints the command of every
@@ -126,6 +128,7 @@ impl TypedStage for Shell {
         }
         let mut child = cmd.spawn().map_err(|e| format!("cannot start `sh`: {e}"))?;
         let pid = child.id();
+        let mut watchdog = Watchdog::start(pid);
 
         // stderr: into the log, and its last lines kept for the error message
         let tail = Arc::new(Mutex::new(VecDeque::with_capacity(STDERR_TAIL)));
@@ -166,6 +169,8 @@ impl TypedStage for Shell {
             }
             std::thread::sleep(Duration::from_millis(10));
         };
+        // the group leader is reaped: its pid (= the group's id) may be reused from now on
+        watchdog.stop();
         if let Some(r) = reader {
             let _ = r.join();
         }
@@ -188,6 +193,68 @@ impl TypedStage for Shell {
             return Err(msg.into());
         }
         Ok(())
+    }
+}
+
+/// Kills the command's process group if `pipe` dies first.
+///
+/// A small `sh` in a process group of its own (so a Ctrl-C at the terminal does not reach it)
+/// blocks reading a pipe whose only write end we hold (close-on-exec, so no stage command
+/// inherits it). When `pipe` dies, however it dies, the kernel closes that end, the read
+/// returns, and the watchdog SIGKILLs the group. When the command ends normally, we kill the
+/// watchdog instead, before its group id can be reused.
+struct Watchdog {
+    child: Option<std::process::Child>,
+    _alive: Option<std::io::PipeWriter>,
+}
+
+impl Watchdog {
+    fn start(group: u32) -> Watchdog {
+        let spawned = std::io::pipe().and_then(|(read, write)| {
+            Command::new("sh")
+                .arg("-c")
+                // dash's `kill` takes `-s KILL --` but not `-9 --` before a negative pid
+                .arg(r#"read x; kill -s KILL -- "-$1" 2>/dev/null"#)
+                .arg("pipe-watchdog")
+                .arg(group.to_string())
+                .current_dir("/")
+                .stdin(Stdio::from(read))
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .process_group(0)
+                .spawn()
+                .map(|child| (child, write))
+        });
+        match spawned {
+            Ok((child, write)) => Watchdog {
+                child: Some(child),
+                _alive: Some(write),
+            },
+            Err(e) => {
+                tracing::warn!(
+                    "cannot start the watchdog of a shell command ({e}): if pipe is killed, \
+                     the command's process group {group} keeps running"
+                );
+                Watchdog {
+                    child: None,
+                    _alive: None,
+                }
+            }
+        }
+    }
+
+    fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        self._alive = None;
+    }
+}
+
+impl Drop for Watchdog {
+    fn drop(&mut self) {
+        self.stop();
     }
 }
 
