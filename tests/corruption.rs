@@ -86,7 +86,6 @@ fn flip_byte(file: &Path, offset: u64) {
     assert_eq!(after.modified().ok(), meta.modified().ok());
 }
 
-
 /// Contents of `file` in the committed entry of node `id` (of the pipeline with `--set`s).
 fn output(dir: &Dir, p: &str, sets: &[&str], id: &str, file: &str) -> Vec<u8> {
     let mut args = vec!["show", p, id];

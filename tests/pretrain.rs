@@ -36,7 +36,12 @@ stages:
 
 fn entry_file(dir: &Dir, doc: &serde_json::Value, id: &str, file: &str) -> Vec<u8> {
     let key = key_of(doc, id);
-    let path = dir.store.join("entries").join(&key[..2]).join(&key).join(file);
+    let path = dir
+        .store
+        .join("entries")
+        .join(&key[..2])
+        .join(&key)
+        .join(file);
     std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
 }
 
@@ -49,18 +54,35 @@ fn pretrain_writes_its_artifacts_and_a_killed_run_resumes_bit_identically() {
     assert_eq!(node(&doc_a, "pretrain")["status"], "ran", "{doc_a:#}");
     let show = a.json(&["show", &pa, "pretrain"], 0);
     let m = &node(&show, "pretrain")["metrics"];
-    for k in ["final_loss", "final_invariance", "final_tcr", "train_seconds", "train_minutes", "images_per_second"] {
+    for k in [
+        "final_loss",
+        "final_invariance",
+        "final_tcr",
+        "train_seconds",
+        "train_minutes",
+        "images_per_second",
+    ] {
         assert!(m[k].as_f64().is_some_and(f64::is_finite), "{k} in {m}");
     }
     assert_eq!(m["device"], "cpu");
     assert_eq!(m["steps"], 6 * 10 * 2);
-    let curve = String::from_utf8(entry_file(&a, &doc_a, "pretrain", "curve.jsonl")).expect("utf-8");
-    let lines: Vec<serde_json::Value> =
-        curve.lines().map(|l| serde_json::from_str(l).expect("a JSON line")).collect();
+    let curve =
+        String::from_utf8(entry_file(&a, &doc_a, "pretrain", "curve.jsonl")).expect("utf-8");
+    let lines: Vec<serde_json::Value> = curve
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("a JSON line"))
+        .collect();
     assert_eq!(lines.len(), 6);
     for (i, l) in lines.iter().enumerate() {
         assert_eq!(l["epoch"], i);
-        for k in ["loss", "invariance", "tcr", "lr", "seconds", "images_per_second"] {
+        for k in [
+            "loss",
+            "invariance",
+            "tcr",
+            "lr",
+            "seconds",
+            "images_per_second",
+        ] {
             assert!(l[k].as_f64().is_some(), "{k} in {l}");
         }
     }
@@ -74,29 +96,46 @@ fn pretrain_writes_its_artifacts_and_a_killed_run_resumes_bit_identically() {
     let state = b.store.join("scratch").join(&key).join("state.safetensors");
     let args = ["run", pb.as_str(), "--no-progress"];
     let mut child = b.spawn(&args);
-    wait_until(Duration::from_secs(120), "the first epoch checkpoint", || {
-        if let Ok(Some(s)) = child.try_wait() {
-            panic!("pipe exited ({s}) before the first checkpoint");
-        }
-        state.is_file()
-    });
+    wait_until(
+        Duration::from_secs(120),
+        "the first epoch checkpoint",
+        || {
+            if let Ok(Some(s)) = child.try_wait() {
+                panic!("pipe exited ({s}) before the first checkpoint");
+            }
+            state.is_file()
+        },
+    );
     child.kill().expect("SIGKILL pipe");
     let status = wait_exit(&mut child, Duration::from_secs(10));
-    assert!(status.code().is_none(), "pipe should have died of a signal: {status}");
+    assert!(
+        status.code().is_none(),
+        "pipe should have died of a signal: {status}"
+    );
     drop(drain(child, &args));
     let plan = b.json(&["plan", &pb], 0);
-    assert_eq!(node(&plan, "pretrain")["status"], "to-run", "the killed node is not cached");
+    assert_eq!(
+        node(&plan, "pretrain")["status"],
+        "to-run",
+        "the killed node is not cached"
+    );
 
     let doc_b = b.json(&["run", &pb], 0);
     assert_eq!(node(&doc_b, "pretrain")["status"], "ran");
     let log = String::from_utf8(entry_file(&b, &doc_b, "pretrain", "log.txt")).expect("utf-8");
-    assert!(log.contains("resumed from"), "the rerun did not resume:\n{log}");
+    assert!(
+        log.contains("resumed from"),
+        "the rerun did not resume:\n{log}"
+    );
     assert_eq!(
         entry_file(&a, &doc_a, "pretrain", "encoder.safetensors"),
         entry_file(&b, &doc_b, "pretrain", "encoder.safetensors"),
         "the resumed run's encoder differs from the uninterrupted one"
     );
-    assert!(!state.exists(), "the scratch checkpoint is removed on commit");
+    assert!(
+        !state.exists(),
+        "the scratch checkpoint is removed on commit"
+    );
 }
 
 #[test]
@@ -116,9 +155,18 @@ fn params_that_do_not_apply_share_one_node() {
         .collect();
     assert_eq!(keys.len(), 1, "m does not apply to attack: pgd: {plan:#}");
     let plan = d.json(&["plan", &p, "--sweep", "pretrain.eps=4/255,8/255"], 0);
-    let n = plan["nodes"].as_array().expect("nodes").iter().filter(|n| n["stage"] == "pretrain").count();
+    let n = plan["nodes"]
+        .as_array()
+        .expect("nodes")
+        .iter()
+        .filter(|n| n["stage"] == "pretrain")
+        .count();
     assert_eq!(n, 2, "eps applies: {plan:#}");
     // a bad value is a spec error naming the stage and param, before anything runs
     let out = d.pipe(&["run", &p, "--set", "pretrain.eps=8/zero"]).code(2);
-    assert!(out.stderr.contains("eps") && out.stderr.contains("8/255"), "{}", out.stderr);
+    assert!(
+        out.stderr.contains("eps") && out.stderr.contains("8/255"),
+        "{}",
+        out.stderr
+    );
 }

@@ -58,7 +58,11 @@ stages:
 "#;
 
 fn entry_path(dir: &Dir, key: &str, file: &str) -> std::path::PathBuf {
-    dir.store.join("entries").join(&key[..2]).join(key).join(file)
+    dir.store
+        .join("entries")
+        .join(&key[..2])
+        .join(key)
+        .join(file)
 }
 
 #[test]
@@ -76,18 +80,27 @@ fn tiny_cf_amc_ssl_table_runs_caches_and_reruns_one_row() {
     // Rows in rule order with their labels, columns in order.
     let lines: Vec<&str> = md.lines().filter(|l| l.starts_with('|')).collect();
     assert_eq!(
-        lines[0],
-        "| Row | Clean | PGD(4/255) | PGD(8/255) | Stored L2 | Time (min) |",
+        lines[0], "| Row | Clean | PGD(4/255) | PGD(8/255) | Stored L2 | Time (min) |",
         "{md}"
     );
     assert_eq!(lines.len(), 4, "header, rule, two rows:\n{md}");
-    assert!(lines[2].starts_with("| Crop-based SimCLR (2 crops, 2-step PGD, 1 epochs) |"), "{md}");
-    assert!(lines[3].starts_with("| CF-AMC-SSL (4 crops, m=2, 1 epochs) |"), "{md}");
+    assert!(
+        lines[2].starts_with("| Crop-based SimCLR (2 crops, 2-step PGD, 1 epochs) |"),
+        "{md}"
+    );
+    assert!(
+        lines[3].starts_with("| CF-AMC-SSL (4 crops, m=2, 1 epochs) |"),
+        "{md}"
+    );
     // Two rows: every column marks its best (both when tied) and nothing as second.
     for col in 1..=5 {
         let bold = lines[2..]
             .iter()
-            .filter(|l| l.split('|').nth(col + 1).is_some_and(|c| c.trim().starts_with("**")))
+            .filter(|l| {
+                l.split('|')
+                    .nth(col + 1)
+                    .is_some_and(|c| c.trim().starts_with("**"))
+            })
             .count();
         assert!(bold >= 1, "column {col} has a best mark:\n{md}");
     }
@@ -99,37 +112,65 @@ fn tiny_cf_amc_ssl_table_runs_caches_and_reruns_one_row() {
     // Values are the evaluate nodes' numbers, robust <= clean.
     let csv = std::fs::read_to_string(entry_path(&dir, &table_key, "table.csv")).expect("csv");
     let eval_emp = key_of(&first, "eval_emp[cf_amc_ssl]");
-    let row = csv.lines().find(|l| l.contains(&eval_emp)).expect("the CF-AMC row names its evaluate key");
+    let row = csv
+        .lines()
+        .find(|l| l.contains(&eval_emp))
+        .expect("the CF-AMC row names its evaluate key");
     let metrics: serde_json::Value = serde_json::from_slice(
         &std::fs::read(entry_path(&dir, &eval_emp, "metrics.json")).expect("metrics"),
     )
     .expect("json");
     let clean = metrics["clean_acc"].as_f64().expect("clean") * 100.0;
-    assert!(row.contains(&format!(",{clean:.2},")), "{row} has clean {clean:.2}");
-    assert!(row.contains("\"\"steps\"\":3"), "the attack config is in the CSV: {row}");
+    assert!(
+        row.contains(&format!(",{clean:.2},")),
+        "{row} has clean {clean:.2}"
+    );
+    assert!(
+        row.contains("\"\"steps\"\":3"),
+        "the attack config is in the CSV: {row}"
+    );
     for f in ["table.html", "table.tex", "table.json"] {
         assert!(entry_path(&dir, &table_key, f).is_file(), "{f}");
     }
     // The shell stage saw the same table.
-    let copy = std::fs::read_to_string(entry_path(&dir, &key_of(&first, "copy"), "table.md")).expect("copy");
+    let copy = std::fs::read_to_string(entry_path(&dir, &key_of(&first, "copy"), "table.md"))
+        .expect("copy");
     assert_eq!(copy, md);
     // `pipe show FILE table` prints it.
     let show = dir.pipe(&["show", &p, "table"]).code(0);
-    assert!(show.stdout.contains("| CF-AMC-SSL (4 crops, m=2, 1 epochs) |"), "{}", show.stdout);
+    assert!(
+        show.stdout
+            .contains("| CF-AMC-SSL (4 crops, m=2, 1 epochs) |"),
+        "{}",
+        show.stdout
+    );
 
     // Second run: fully cached.
     let second = dir.json(&["run", &p], 0);
-    assert!(statuses(&second).values().all(|s| s == "cached"), "{second:#}");
+    assert!(
+        statuses(&second).values().all(|s| s == "cached"),
+        "{second:#}"
+    );
 
     // The report recomputed from the same entries gives the same bytes.
     let entry = entry_path(&dir, &table_key, "");
     std::fs::remove_dir_all(&entry).expect("remove the report entry");
     let third = dir.json(&["run", &p, "table"], 0);
     assert_eq!(statuses(&third)["table"], "ran");
-    for f in ["table.md", "table.csv", "table.html", "table.tex", "table.json"] {
+    for f in [
+        "table.md",
+        "table.csv",
+        "table.html",
+        "table.tex",
+        "table.json",
+    ] {
         let again = std::fs::read(entry_path(&dir, &table_key, f)).expect(f);
         if f == "table.md" {
-            assert_eq!(String::from_utf8(again).expect("utf-8"), md, "byte-identical {f}");
+            assert_eq!(
+                String::from_utf8(again).expect("utf-8"),
+                md,
+                "byte-identical {f}"
+            );
         } else {
             assert!(!again.is_empty(), "{f}");
         }
@@ -153,12 +194,20 @@ fn tiny_cf_amc_ssl_table_runs_caches_and_reruns_one_row() {
     ];
     assert_eq!(ran.keys().copied().collect::<Vec<_>>(), expected, "{st:?}");
     assert!(
-        st.iter().filter(|(k, _)| !expected.contains(&k.as_str())).all(|(_, s)| s == "cached"),
+        st.iter()
+            .filter(|(k, _)| !expected.contains(&k.as_str()))
+            .all(|(_, s)| s == "cached"),
         "{st:?}"
     );
     let new_key = key_of(&fourth, "table");
     assert_ne!(new_key, table_key);
     let md2 = std::fs::read_to_string(entry_path(&dir, &new_key, "table.md")).expect("table.md");
-    assert!(md2.contains("| Crop-based SimCLR (2 crops, 2-step PGD, 2 epochs) |"), "{md2}");
-    assert!(md2.contains("| CF-AMC-SSL (4 crops, m=2, 1 epochs) |"), "{md2}");
+    assert!(
+        md2.contains("| Crop-based SimCLR (2 crops, 2-step PGD, 2 epochs) |"),
+        "{md2}"
+    );
+    assert!(
+        md2.contains("| CF-AMC-SSL (4 crops, m=2, 1 epochs) |"),
+        "{md2}"
+    );
 }

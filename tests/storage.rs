@@ -52,7 +52,6 @@ stages:
         cat "$PIPE_IN_s/v" > "$PIPE_OUT/v"
 "#;
 
-
 /// Whether `unshare -rm` (a private user + mount namespace) works here.
 fn private_mounts_available() -> bool {
     Command::new("unshare")
@@ -382,7 +381,11 @@ fn a_read_only_store_can_still_be_planned_shown_logged_and_verified() {
     let show = run_read_only(&dir, &method, "", &["show", &p, "big"]).code(0);
     assert!(show.stdout.contains(&big_key[..12]), "{}", show.stdout);
     let log = run_read_only(&dir, &method, "", &["log", &p, "big"]).code(0);
-    assert!(log.stdout.contains("records in"), "dd's lines in the log: {}", log.stdout);
+    assert!(
+        log.stdout.contains("records in"),
+        "dd's lines in the log: {}",
+        log.stdout
+    );
     let verify = run_read_only(&dir, &method, "", &["verify"]).code(0);
     assert!(
         verify.stdout.contains("2 entries checked, 0 problem"),
@@ -390,7 +393,12 @@ fn a_read_only_store_can_still_be_planned_shown_logged_and_verified() {
         verify.stdout
     );
     // damage under the read-only mount is still found (the store is read, not trusted)
-    let v = dir.store.join("entries").join(&big_key[..2]).join(&big_key).join("v");
+    let v = dir
+        .store
+        .join("entries")
+        .join(&big_key[..2])
+        .join(&big_key)
+        .join("v");
     let good = std::fs::read(&v).expect("v");
     std::fs::write(&v, "8\n").expect("damage");
     let verify = run_read_only(&dir, &method, "", &["verify"]).code(1);

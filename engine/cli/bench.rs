@@ -96,7 +96,9 @@ pub fn run(what: crate::BenchWhat) -> Result<u8> {
             json,
         } => {
             let device = device.parse().map_err(anyhow::Error::msg)?;
-            pretrain(&widths, batch, views, steps, m, &methods, &attacks, device, json)
+            pretrain(
+                &widths, batch, views, steps, m, &methods, &attacks, device, json,
+            )
         }
         crate::BenchWhat::Evaluate {
             widths,
@@ -174,13 +176,19 @@ fn pretrain(
                     "method": method, "attack": attack, "width": width, "batch_size": batch,
                     "n_views": n_views, "m": m, "views": "crop",
                 }))?;
-                let r = bench_mode(p.config(), steps, device)
-                    .map_err(|e| anyhow::anyhow!("{e}"))?;
+                let r =
+                    bench_mode(p.config(), steps, device).map_err(|e| anyhow::anyhow!("{e}"))?;
                 if !json_out {
                     println!(
                         "width {:>3} {:>7} {:>4}: batch {} x {:>2} views  {:8.2} s/batch  {:7.1} img/s  CIFAR-10 epoch {:7.1} min",
-                        r.width, method, attack, r.batch, r.n_views, r.seconds_per_batch,
-                        r.images_per_second, r.cifar10_epoch_seconds / 60.0
+                        r.width,
+                        method,
+                        attack,
+                        r.batch,
+                        r.n_views,
+                        r.seconds_per_batch,
+                        r.images_per_second,
+                        r.cifar10_epoch_seconds / 60.0
                     );
                 }
                 rows.push(r);

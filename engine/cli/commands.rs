@@ -428,7 +428,10 @@ fn open_store_to_read(path: &Path) -> Result<Store> {
             )
     );
     if unwritable && let Ok(store) = Store::open_read_only(path) {
-        tracing::info!("the store at {} cannot be written: opened read-only", path.display());
+        tracing::info!(
+            "the store at {} cannot be written: opened read-only",
+            path.display()
+        );
         return Ok(store);
     }
     writable.with_context(|| format!("cannot open the store at {}", path.display()))

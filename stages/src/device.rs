@@ -99,7 +99,9 @@ impl DeviceSpec {
                 None => Device::new_cuda(*n),
                 Some(why) => candle::bail!("device cuda:{n} cannot be opened: {why}"),
             },
-            DeviceSpec::Cuda(n) => candle::bail!("device cuda:{n} asked for, but this pipe was built without the `cuda` feature"),
+            DeviceSpec::Cuda(n) => candle::bail!(
+                "device cuda:{n} asked for, but this pipe was built without the `cuda` feature"
+            ),
         }
     }
 }
@@ -145,7 +147,12 @@ const CUDA_LIBRARIES: &[(&str, &[&str])] = &[
     ("the CUDA driver", &["libcuda.so.1", "libcuda.so"]),
     (
         "cuBLAS",
-        &["libcublas.so", "libcublas.so.13", "libcublas.so.12", "libcublas.so.11"],
+        &[
+            "libcublas.so",
+            "libcublas.so.13",
+            "libcublas.so.12",
+            "libcublas.so.11",
+        ],
     ),
     ("cuRAND", &["libcurand.so", "libcurand.so.10"]),
     #[cfg(feature = "cudnn")]
@@ -246,7 +253,12 @@ pub fn inventory() -> Inventory {
     Inventory {
         cuda_built: DeviceSpec::cuda_built(),
         cuda_kernels_for: cuda::KERNELS_FOR,
-        auto: if cuda_state().is_ok() { "cuda:0" } else { "cpu" }.to_string(),
+        auto: if cuda_state().is_ok() {
+            "cuda:0"
+        } else {
+            "cpu"
+        }
+        .to_string(),
         cpu_threads: candle::utils::get_num_threads(),
         cpu_logical: std::thread::available_parallelism().map_or(1, |n| n.get()),
         cuda_devices,
@@ -365,7 +377,11 @@ mod tests {
 
     #[test]
     fn parse_and_print() {
-        for (s, d) in [("auto", DeviceSpec::Auto), ("cpu", DeviceSpec::Cpu), ("cuda:1", DeviceSpec::Cuda(1))] {
+        for (s, d) in [
+            ("auto", DeviceSpec::Auto),
+            ("cpu", DeviceSpec::Cpu),
+            ("cuda:1", DeviceSpec::Cuda(1)),
+        ] {
             assert_eq!(s.parse::<DeviceSpec>().ok(), Some(d));
             assert_eq!(d.to_string(), s);
         }
@@ -377,15 +393,24 @@ mod tests {
     #[test]
     fn library_check_names_what_is_missing() {
         // the C library is always there; a made-up one never is
-        assert_eq!(loadable(&["libpipe-no-such-library.so", "libc.so.6"]), Some("libc.so.6"));
+        assert_eq!(
+            loadable(&["libpipe-no-such-library.so", "libc.so.6"]),
+            Some("libc.so.6")
+        );
         assert_eq!(loadable(&["libpipe-no-such-library.so"]), None);
         let libs: &[(&str, &[&'static str])] = &[
             ("the C library", &["libc.so.6"]),
-            ("the missing one", &["libpipe-no-such-library.so.1", "libpipe-no-such-library.so"]),
+            (
+                "the missing one",
+                &["libpipe-no-such-library.so.1", "libpipe-no-such-library.so"],
+            ),
         ];
         let why = first_missing(libs).unwrap_or_default();
         assert!(why.starts_with("the missing one cannot be loaded"), "{why}");
-        assert!(why.contains("libpipe-no-such-library.so.1, libpipe-no-such-library.so"), "{why}");
+        assert!(
+            why.contains("libpipe-no-such-library.so.1, libpipe-no-such-library.so"),
+            "{why}"
+        );
         assert!(why.contains("LD_LIBRARY_PATH"), "{why}");
         assert_eq!(first_missing(&libs[..1]), None);
         if !DeviceSpec::cuda_built() {

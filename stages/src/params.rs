@@ -232,7 +232,10 @@ mod tests {
         } else {
             assert_eq!(errors.len(), 1, "{errors:?}");
             assert_eq!(errors[0].path, "device");
-            assert!(errors[0].message.contains("cuda:1") && errors[0].message.contains("--features cuda"));
+            assert!(
+                errors[0].message.contains("cuda:1")
+                    && errors[0].message.contains("--features cuda")
+            );
         }
     }
 

@@ -52,4 +52,3 @@ pub fn reexec_tuned() {
         let _ = cmd.exec();
     }
 }
-

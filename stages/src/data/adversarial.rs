@@ -362,8 +362,12 @@ mod tests {
                 std::fs::read(&p).expect("read")
             })
             .collect();
-        assert!(files.iter().all(|f| f == &files[0]), "the same set gave different files");
-        let n = usize::try_from(u64::from_le_bytes(files[0][..8].try_into().expect("8"))).expect("n");
+        assert!(
+            files.iter().all(|f| f == &files[0]),
+            "the same set gave different files"
+        );
+        let n =
+            usize::try_from(u64::from_le_bytes(files[0][..8].try_into().expect("8"))).expect("n");
         let header = std::str::from_utf8(&files[0][8..8 + n]).expect("utf8");
         let meta = header.find("\"__metadata__\"").expect("metadata");
         let (a, c, f) = (
@@ -372,6 +376,9 @@ mod tests {
             header.find("\"format\"").expect("format"),
         );
         assert!(meta < a && a < c && c < f, "{header}");
-        assert_eq!(AdversarialSet::load(&tmp.path().join("3.safetensors")).expect("load"), s);
+        assert_eq!(
+            AdversarialSet::load(&tmp.path().join("3.safetensors")).expect("load"),
+            s
+        );
     }
 }

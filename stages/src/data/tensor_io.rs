@@ -68,7 +68,11 @@ pub fn write_dataset(path: &Path, d: &Dataset) -> Result<()> {
     }
     let classes = serde_json::to_string(&d.classes)
         .map_err(|e| format_err(path, format!("class names: {e}")))?;
-    write_safetensors(path, tensors, BTreeMap::from([("classes".to_string(), classes)]))
+    write_safetensors(
+        path,
+        tensors,
+        BTreeMap::from([("classes".to_string(), classes)]),
+    )
 }
 
 /// Writes `tensors` and the string metadata `meta` to `path` as a safetensors file whose bytes
@@ -119,8 +123,8 @@ fn sort_header(path: &Path) -> Result<()> {
         .trim_end_matches(' ');
     let value: serde_json::Value = serde_json::from_str(text)
         .map_err(|e| format_err(path, format!("header is not JSON: {e}")))?;
-    let sorted = serde_json::to_string(&value)
-        .map_err(|e| format_err(path, format!("header: {e}")))?;
+    let sorted =
+        serde_json::to_string(&value).map_err(|e| format_err(path, format!("header: {e}")))?;
     if sorted.len() != text.len() {
         return Err(format_err(
             path,

@@ -1,9 +1,9 @@
 //! Stage kinds, one module each.
 
-pub mod dataset;
-pub mod pretrain;
-pub mod evaluate;
 pub mod attack_dataset;
+pub mod dataset;
+pub mod evaluate;
 pub mod finetune;
+pub mod pretrain;
 pub mod report;
 pub mod shell;

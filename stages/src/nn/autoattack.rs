@@ -285,7 +285,12 @@ fn choose(mask: &[bool], a: &Tensor, b: &Tensor) -> Result<Tensor> {
 /// Every point of `adv` within ε of `x` in l_inf (plus float slack) and in `[0, 1]`.
 fn check_in_ball(x: &Tensor, adv: &Tensor, eps: f64, attack: AaAttack) -> Result<()> {
     let b = x.dim(0)?;
-    let d = adv.sub(x)?.abs()?.flatten_from(1)?.max(1)?.to_vec1::<f32>()?;
+    let d = adv
+        .sub(x)?
+        .abs()?
+        .flatten_from(1)?
+        .max(1)?
+        .to_vec1::<f32>()?;
     let lo = adv.flatten_all()?.min(0)?.to_scalar::<f32>()?;
     let hi = adv.flatten_all()?.max(0)?.to_scalar::<f32>()?;
     let worst = d.iter().copied().fold(0f32, f32::max);
@@ -375,7 +380,11 @@ pub fn dlr_targeted(logits: &Tensor, y: &[i64], target: &[i64]) -> Result<Tensor
         bail!("targeted DLR needs at least 4 classes, got {k}")
     }
     let rows = logits.to_dtype(DType::F32)?.to_vec2::<f32>()?;
-    let (mut i1, mut i3, mut i4) = (Vec::with_capacity(b), Vec::with_capacity(b), Vec::with_capacity(b));
+    let (mut i1, mut i3, mut i4) = (
+        Vec::with_capacity(b),
+        Vec::with_capacity(b),
+        Vec::with_capacity(b),
+    );
     for r in &rows {
         let mut order: Vec<u32> = (0..k as u32).collect();
         order.sort_by(|&a, &c| r[c as usize].total_cmp(&r[a as usize]));
@@ -441,7 +450,8 @@ fn apgd_single(
     let mut t: Vec<f32> = (0..b * n).map(|_| rng.uniform(-1.0, 1.0) as f32).collect();
     for row in t.chunks_mut(n) {
         let m = row.iter().fold(0f32, |a, v| a.max(v.abs()));
-        row.iter_mut().for_each(|v| *v = (f64::from(*v) * eps / f64::from(m)) as f32);
+        row.iter_mut()
+            .for_each(|v| *v = (f64::from(*v) * eps / f64::from(m)) as f32);
     }
     let start = Tensor::from_vec(t, x.shape(), dev)?.to_dtype(x.dtype())?;
     let mut x_adv = x.add(&start)?.clamp(0.0, 1.0)?;
@@ -715,32 +725,47 @@ fn fab_single(
         Tensor::from_vec(v.to_vec(), shape.clone(), &dev)?.to_dtype(x.dtype())
     };
     let gather_idx = |v: &[i64]| -> Result<Tensor> {
-        Tensor::from_vec(v.iter().map(|&c| c as u32).collect::<Vec<_>>(), (bs, 1), &dev)
+        Tensor::from_vec(
+            v.iter().map(|&c| c as u32).collect::<Vec<_>>(),
+            (bs, 1),
+            &dev,
+        )
     };
     let (iy, it) = (gather_idx(&la)?, gather_idx(&lt)?);
     for _ in 0..n_iter {
         // f = z_t − z_y and its gradient at x1
         let v = Var::from_tensor(&to_tensor(&x1)?)?;
         let logits = model(v.as_tensor())?;
-        let f = logits.gather(&it, 1)?.sub(&logits.gather(&iy, 1)?)?.squeeze(1)?;
+        let f = logits
+            .gather(&it, 1)?
+            .sub(&logits.gather(&iy, 1)?)?
+            .squeeze(1)?;
         let grads = f.sum_all()?.backward()?;
         let Some(g) = grads.get(v.as_tensor()) else {
             bail!("fab: the model's output does not depend on its input")
         };
-        let g = g.detach().to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+        let g = g
+            .detach()
+            .to_dtype(DType::F32)?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
         let f = f.detach().to_dtype(DType::F32)?.to_vec1::<f32>()?;
         for (e, fe) in f.iter().enumerate() {
             let r = e * n..(e + 1) * n;
             let w = &g[r.clone()];
-            let bb = -fe + w.iter().zip(&x1[r.clone()]).map(|(a, c)| a * c).sum::<f32>();
+            let bb = -fe
+                + w.iter()
+                    .zip(&x1[r.clone()])
+                    .map(|(a, c)| a * c)
+                    .sum::<f32>();
             let d1 = projection_linf(&x1[r.clone()], w, bb);
             let d2 = projection_linf(&x0[r.clone()], w, bb);
             let a1 = d1.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-8);
             let a2 = d2.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-8);
             let alpha = (a1 / (a1 + a2)).clamp(0.0, FAB_ALPHA_MAX);
             for (j, i) in r.enumerate() {
-                let moved = (x1[i] + FAB_ETA * d1[j]) * (1.0 - alpha)
-                    + (x0[i] + d2[j] * FAB_ETA) * alpha;
+                let moved =
+                    (x1[i] + FAB_ETA * d1[j]) * (1.0 - alpha) + (x0[i] + d2[j] * FAB_ETA) * alpha;
                 x1[i] = moved.clamp(0.0, 1.0);
             }
         }
@@ -779,7 +804,12 @@ fn fab_t(
     per_target(x, y, model, cfg, &mut |xs, ys, rank, model| {
         let adv = fab_single(xs, ys, model, rank, cfg.fab_iters)?;
         let pred = predictions(&model(&adv)?)?;
-        let dist = adv.sub(xs)?.abs()?.flatten_from(1)?.max(1)?.to_vec1::<f32>()?;
+        let dist = adv
+            .sub(xs)?
+            .abs()?
+            .flatten_from(1)?
+            .max(1)?
+            .to_vec1::<f32>()?;
         let acc = (0..ys.len())
             .map(|k| pred[k] == ys[k] || f64::from(dist[k]) > cfg.eps)
             .collect();
@@ -874,7 +904,9 @@ fn square(
             break;
         }
         let p = square_p(it, P_INIT, cfg.square_queries, cfg.square_rescale);
-        let s = ((p * n as f64 / c as f64).sqrt().round() as usize).max(1).min(h.min(w));
+        let s = ((p * n as f64 / c as f64).sqrt().round() as usize)
+            .max(1)
+            .min(h.min(w));
         let vh = (rng.f64() * (h - s) as f64) as usize;
         let vw = (rng.f64() * (w - s) as f64) as usize;
         let signs: Vec<f32> = (0..c).map(|_| random_sign(rng)).collect();
@@ -895,7 +927,10 @@ fn square(
                 }
             }
         }
-        let m_new = margins(&model(&to_tensor(cand.clone(), idx.len())?)?, &idx.iter().map(|&e| y[e]).collect::<Vec<_>>())?;
+        let m_new = margins(
+            &model(&to_tensor(cand.clone(), idx.len())?)?,
+            &idx.iter().map(|&e| y[e]).collect::<Vec<_>>(),
+        )?;
         for (k, &e) in idx.iter().enumerate() {
             let improved = m_new[k] < loss[e];
             if improved {

@@ -149,7 +149,11 @@ impl Classifier {
     ///
     /// # Errors
     /// As [`Classifier::build`].
-    pub fn build_seeded(spec: &ClassifierSpec, seed: u64, device: &Device) -> Result<(VarMap, Self)> {
+    pub fn build_seeded(
+        spec: &ClassifierSpec,
+        seed: u64,
+        device: &Device,
+    ) -> Result<(VarMap, Self)> {
         build_seeded(seed, &InitRules::r_cf(ENCODER), DType::F32, device, |vb| {
             Self::build(spec, vb)
         })
@@ -176,7 +180,8 @@ impl Classifier {
     /// # Errors
     /// I/O errors.
     pub fn save(&self, varmap: &VarMap, dir: &Path) -> std::result::Result<(), String> {
-        crate::nn::checkpoint::save(varmap, dir.join(WEIGHTS_FILE), "").map_err(|e| e.to_string())?;
+        crate::nn::checkpoint::save(varmap, dir.join(WEIGHTS_FILE), "")
+            .map_err(|e| e.to_string())?;
         let mut text = serde_json::to_string_pretty(&self.spec).map_err(|e| e.to_string())?;
         text.push('\n');
         std::fs::write(dir.join(SPEC_FILE), text).map_err(|e| format!("{}: {e}", dir.display()))
@@ -235,7 +240,11 @@ impl Classifier {
         Ok(Self {
             spec: self.spec.clone(),
             backbone: self.backbone.frozen()?,
-            pre_feature: self.pre_feature.as_ref().map(PreFeature::frozen).transpose()?,
+            pre_feature: self
+                .pre_feature
+                .as_ref()
+                .map(PreFeature::frozen)
+                .transpose()?,
             head: self.head.detached(),
         })
     }

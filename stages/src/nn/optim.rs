@@ -95,7 +95,10 @@ fn bufs_state(params: &[Param], bufs: &[Option<Tensor>]) -> Vec<(String, Tensor)
     params
         .iter()
         .zip(bufs)
-        .filter_map(|(p, b)| b.as_ref().map(|b| (format!("{MOMENTUM}{}", p.name), b.clone())))
+        .filter_map(|(p, b)| {
+            b.as_ref()
+                .map(|b| (format!("{MOMENTUM}{}", p.name), b.clone()))
+        })
         .collect()
 }
 
@@ -487,35 +490,42 @@ mod fused {
         }
         let n = p.elem_count();
         let (w, rho) = (g.decay as f32, g.rho as f32);
-        let (lr, mu, damp) = (cfg.lr as f32, cfg.momentum as f32, (1.0 - cfg.dampening) as f32);
+        let (lr, mu, damp) = (
+            cfg.lr as f32,
+            cfg.momentum as f32,
+            (1.0 - cfg.dampening) as f32,
+        );
         let (use_mom, nesterov) = (cfg.momentum != 0.0, cfg.nesterov);
         let mut new_p = vec![0f32; n];
         let mut new_b = if use_mom { vec![0f32; n] } else { Vec::new() };
         let done = with_f32(&p, |ps| {
             with_f32(&g.grad, |gs| {
-                let step = |ps: &[f32], gs: &[f32], bs: Option<&[f32]>, np: &mut [f32], nb: &mut [f32]| {
-                    for i in 0..ps.len() {
-                        // d = (g + p w) ρ  (candle: g + (p * w), then * ρ)
-                        let mut d = if w == 0.0 { gs[i] } else { gs[i] + ps[i] * w };
-                        if rho != 1.0 {
-                            d *= rho;
+                let step =
+                    |ps: &[f32], gs: &[f32], bs: Option<&[f32]>, np: &mut [f32], nb: &mut [f32]| {
+                        for i in 0..ps.len() {
+                            // d = (g + p w) ρ  (candle: g + (p * w), then * ρ)
+                            let mut d = if w == 0.0 { gs[i] } else { gs[i] + ps[i] * w };
+                            if rho != 1.0 {
+                                d *= rho;
+                            }
+                            if use_mom {
+                                let b = match bs {
+                                    None => d,
+                                    Some(bs) => bs[i] * mu + d * damp,
+                                };
+                                nb[i] = b;
+                                d = if nesterov { d + b * mu } else { b };
+                            }
+                            np[i] = ps[i] - d * lr;
                         }
-                        if use_mom {
-                            let b = match bs {
-                                None => d,
-                                Some(bs) => bs[i] * mu + d * damp,
-                            };
-                            nb[i] = b;
-                            d = if nesterov { d + b * mu } else { b };
-                        }
-                        np[i] = ps[i] - d * lr;
-                    }
-                };
+                    };
                 let run = |bs: Option<&[f32]>, new_p: &mut [f32], new_b: &mut [f32]| {
                     let nb_chunks: Vec<&mut [f32]> = if use_mom {
                         new_b.chunks_mut(CHUNK).collect()
                     } else {
-                        (0..n.div_ceil(CHUNK)).map(|_| <&mut [f32]>::default()).collect()
+                        (0..n.div_ceil(CHUNK))
+                            .map(|_| <&mut [f32]>::default())
+                            .collect()
                     };
                     new_p
                         .par_chunks_mut(CHUNK)
@@ -955,13 +965,21 @@ impl Adam {
                 (None, None, None) => None,
                 (Some(m), Some(v), Some(t)) => {
                     let t = t.to_dtype(DType::I64)?.to_scalar::<i64>()?;
-                    let t = i32::try_from(t)
-                        .map_err(|_| candle::Error::Msg(format!("adam: step count {t} out of range")))?;
+                    let t = i32::try_from(t).map_err(|_| {
+                        candle::Error::Msg(format!("adam: step count {t} out of range"))
+                    })?;
                     let dev = p.var.device();
                     let dt = p.var.dtype();
-                    Some((m.to_dtype(dt)?.to_device(dev)?, v.to_dtype(dt)?.to_device(dev)?, t))
+                    Some((
+                        m.to_dtype(dt)?.to_device(dev)?,
+                        v.to_dtype(dt)?.to_device(dev)?,
+                        t,
+                    ))
                 }
-                _ => bail!("optimizer state: parameter {} has only part of its Adam state", p.name),
+                _ => bail!(
+                    "optimizer state: parameter {} has only part of its Adam state",
+                    p.name
+                ),
             });
         }
         self.state = next;
@@ -1097,15 +1115,37 @@ mod tests {
         for lars in [false, true] {
             let mk = |dt: DType| -> Result<Vec<(String, Var)>> {
                 Ok(vec![
-                    ("w".into(), Var::from_tensor(&Tensor::new(vals.as_slice(), &dev)?.reshape((n / 3, 3))?.to_dtype(dt)?)?),
-                    ("b".into(), Var::from_tensor(&Tensor::new(bias.as_slice(), &dev)?.to_dtype(dt)?)?),
+                    (
+                        "w".into(),
+                        Var::from_tensor(
+                            &Tensor::new(vals.as_slice(), &dev)?
+                                .reshape((n / 3, 3))?
+                                .to_dtype(dt)?,
+                        )?,
+                    ),
+                    (
+                        "b".into(),
+                        Var::from_tensor(&Tensor::new(bias.as_slice(), &dev)?.to_dtype(dt)?)?,
+                    ),
                 ])
             };
             let (p32, p64) = (mk(DType::F32)?, mk(DType::F64)?);
-            let sgd = SgdConfig { lr: 0.3, momentum: 0.9, dampening: 0.0, nesterov: true, weight_decay: 1e-2 };
+            let sgd = SgdConfig {
+                lr: 0.3,
+                momentum: 0.9,
+                dampening: 0.0,
+                nesterov: true,
+                weight_decay: 1e-2,
+            };
             let mk_opt = |p: &[(String, Var)]| -> Result<Box<dyn Optim>> {
                 Ok(if lars {
-                    Box::new(Lars::new_named(p, LarsConfig { sgd, ..LarsConfig::default() })?)
+                    Box::new(Lars::new_named(
+                        p,
+                        LarsConfig {
+                            sgd,
+                            ..LarsConfig::default()
+                        },
+                    )?)
                 } else {
                     Box::new(Sgd::new_named(p, sgd)?)
                 })
@@ -1129,7 +1169,10 @@ mod tests {
                 let a = a.flatten_all()?.to_dtype(DType::F64)?.to_vec1::<f64>()?;
                 let b = b.flatten_all()?.to_vec1::<f64>()?;
                 for (x, y) in a.iter().zip(&b) {
-                    assert!((x - y).abs() <= 1e-5 * (1.0 + y.abs()), "lars {lars}: {x} vs {y}");
+                    assert!(
+                        (x - y).abs() <= 1e-5 * (1.0 + y.abs()),
+                        "lars {lars}: {x} vs {y}"
+                    );
                 }
             }
             let m32 = o32.state();

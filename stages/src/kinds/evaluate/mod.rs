@@ -94,9 +94,9 @@
 mod runner;
 
 pub use runner::{
-    AaCounts, AttackSpec, BenchRow, Error, EvalConfig, EvalReport, Hooks, TransferReport, batch_tensor,
-    bench, count_correct, evaluate, evaluate_transfer, format_radius, metrics_json, norm_name,
-    subset_indices,
+    AaCounts, AttackSpec, BenchRow, Error, EvalConfig, EvalReport, Hooks, TransferReport,
+    batch_tensor, bench, count_correct, evaluate, evaluate_transfer, format_radius, metrics_json,
+    norm_name, subset_indices,
 };
 
 use std::time::Instant;
@@ -387,7 +387,11 @@ impl EvaluateParams {
                 .cmp(&norm_rank(b.norm))
                 .then(a.eps.total_cmp(&b.eps))
         });
-        let mut aa: Vec<AaConfig> = self.autoattack.iter().map(AutoAttackParam::resolve).collect();
+        let mut aa: Vec<AaConfig> = self
+            .autoattack
+            .iter()
+            .map(AutoAttackParam::resolve)
+            .collect();
         aa.sort_by(|a, b| a.eps.total_cmp(&b.eps));
         Ok(EvaluateParams {
             attacks: attacks.into_iter().map(AttackParam::from).collect(),
@@ -404,7 +408,11 @@ impl EvaluateParams {
     pub fn config(&self) -> Result<EvalConfig, Vec<ParamError>> {
         Ok(EvalConfig {
             attacks: self.resolved()?,
-            autoattack: self.autoattack.iter().map(AutoAttackParam::resolve).collect(),
+            autoattack: self
+                .autoattack
+                .iter()
+                .map(AutoAttackParam::resolve)
+                .collect(),
             batch_size: self.batch_size,
             seed: self.seed,
         })
@@ -526,7 +534,10 @@ impl TypedStage for Evaluate {
             e.positive(&at("fab_iters"), c.fab_iters);
             e.positive(&at("square_queries"), c.square_queries);
             e.positive(&at("n_target_classes"), c.n_target_classes);
-            if let Some(j) = p.autoattack[..i].iter().position(|o| aa_metric(o.eps) == aa_metric(a.eps)) {
+            if let Some(j) = p.autoattack[..i]
+                .iter()
+                .position(|o| aa_metric(o.eps) == aa_metric(a.eps))
+            {
                 e.require(false, &format!("autoattack[{i}]"), || {
                     format!(
                         "same eps as autoattack[{j}] (both would be reported as `{}`)",

@@ -11,8 +11,8 @@ use serde_json::{Map, Value, json};
 use crate::data::Split;
 use crate::data::adversarial::AdversarialSet;
 use crate::nn::attacks::{Norm, PgdConfig, pgd};
-use crate::nn::autoattack::{AaAttack, AaConfig, AaHooks, autoattack};
 use crate::nn::augment::{EmpConfig, ImageBatch, MultiView, to_float};
+use crate::nn::autoattack::{AaAttack, AaConfig, AaHooks, autoattack};
 use crate::nn::classifier::Classifier;
 use crate::nn::losses::cross_entropy_per_example;
 use crate::rng::Rng;
@@ -356,7 +356,8 @@ pub fn evaluate(
         }
         for (aa, counts) in cfg.autoattack.iter().zip(&mut aa_counts) {
             hooks.check()?;
-            let seed = Rng::derive(cfg.seed, &[AA_STREAM, aa.eps.to_bits(), batch as u64]).next_u64();
+            let seed =
+                Rng::derive(cfg.seed, &[AA_STREAM, aa.eps.to_bits(), batch as u64]).next_u64();
             let mut model = |x: &Tensor| clf.logits(x, false);
             let stop = || (hooks.cancelled)();
             let after = |a: AaAttack, left: usize| {

@@ -1,5 +1,4 @@
 use super::*;
-use std::path::Path;
 use crate::kinds::evaluate::testutil;
 use crate::nn::augment::{EmpConfig, ImageBatch};
 use crate::nn::classifier::NcropSpec;
@@ -7,6 +6,7 @@ use crate::nn::losses::cross_entropy_per_example;
 use crate::rng::Rng;
 use candle::{Device, Module, Tensor};
 use serde_json::json;
+use std::path::Path;
 
 type TestResult = std::result::Result<(), Box<dyn std::error::Error + Send + Sync>>;
 
@@ -487,7 +487,10 @@ fn end_to_end_through_the_engine() -> TestResult {
 #[test]
 fn autoattack_params_are_written_out_and_keyed() {
     let none = ok(json!({}));
-    assert!(none.get("autoattack").is_none(), "a node without autoattack keys as before: {none}");
+    assert!(
+        none.get("autoattack").is_none(),
+        "a node without autoattack keys as before: {none}"
+    );
     let one = ok(json!({"autoattack": [{"eps": "8/255"}]}));
     assert_eq!(
         one["autoattack"],
@@ -495,27 +498,59 @@ fn autoattack_params_are_written_out_and_keyed() {
                 "apgd_iters": 100, "fab_iters": 100, "square_queries": 5000,
                 "square_rescale": false, "n_target_classes": 9}])
     );
-    let written = ok(json!({"autoattack": [{"eps": 8.0 / 255.0, "version": "original",
-        "attacks": ["apgd-ce", "apgd-t", "fab-t", "square"], "apgd_iters": 100}]}));
+    let written = ok(
+        json!({"autoattack": [{"eps": 8.0 / 255.0, "version": "original",
+        "attacks": ["apgd-ce", "apgd-t", "fab-t", "square"], "apgd_iters": 100}]}),
+    );
     assert_eq!(one, written, "the version's values written out key alike");
     let ta = ok(json!({"autoattack": [{"eps": "4/255", "version": "torchattacks"}]}));
     assert_eq!(ta["autoattack"][0]["apgd_iters"], json!(10));
     assert_eq!(ta["autoattack"][0]["square_rescale"], json!(true));
     assert!(ta["autoattack"][0].get("version").is_none());
-    let two = ok(json!({"autoattack": [{"eps": "8/255"}, {"eps": "4/255", "attacks": ["apgd-ce"]}]}));
-    assert_eq!(two["autoattack"][0]["eps"], json!(4.0 / 255.0), "sorted by eps");
+    let two =
+        ok(json!({"autoattack": [{"eps": "8/255"}, {"eps": "4/255", "attacks": ["apgd-ce"]}]}));
+    assert_eq!(
+        two["autoattack"][0]["eps"],
+        json!(4.0 / 255.0),
+        "sorted by eps"
+    );
     assert_ne!(one, two);
-    assert_ne!(one, ok(json!({"autoattack": [{"eps": "8/255", "fab_iters": 50}]})));
+    assert_ne!(
+        one,
+        ok(json!({"autoattack": [{"eps": "8/255", "fab_iters": 50}]}))
+    );
 
-    let e = testutil::errors("evaluate", json!({"autoattack": [{"eps": "8/255"}, {"eps": 8.0 / 255.0}]}));
-    assert!(e.iter().any(|m| m.starts_with("autoattack[1]") && m.contains("aa_linf_8/255_acc")), "{e:?}");
+    let e = testutil::errors(
+        "evaluate",
+        json!({"autoattack": [{"eps": "8/255"}, {"eps": 8.0 / 255.0}]}),
+    );
+    assert!(
+        e.iter()
+            .any(|m| m.starts_with("autoattack[1]") && m.contains("aa_linf_8/255_acc")),
+        "{e:?}"
+    );
     let e = testutil::errors("evaluate", json!({"autoattack": [{"eps": 8}]}));
-    assert!(e.iter().any(|m| m.starts_with("autoattack[0].eps")), "{e:?}");
-    let e = testutil::errors("evaluate", json!({"autoattack": [{"eps": "8/255", "attacks": []}]}));
-    assert!(e.iter().any(|m| m.starts_with("autoattack[0].attacks")), "{e:?}");
-    let e = testutil::errors("evaluate", json!({"autoattack": [{"eps": "8/255", "attacks": ["apgd-ce", "apgd-ce"]}]}));
+    assert!(
+        e.iter().any(|m| m.starts_with("autoattack[0].eps")),
+        "{e:?}"
+    );
+    let e = testutil::errors(
+        "evaluate",
+        json!({"autoattack": [{"eps": "8/255", "attacks": []}]}),
+    );
+    assert!(
+        e.iter().any(|m| m.starts_with("autoattack[0].attacks")),
+        "{e:?}"
+    );
+    let e = testutil::errors(
+        "evaluate",
+        json!({"autoattack": [{"eps": "8/255", "attacks": ["apgd-ce", "apgd-ce"]}]}),
+    );
     assert!(e.iter().any(|m| m.contains("listed twice")), "{e:?}");
-    let e = testutil::errors("evaluate", json!({"autoattack": [{"eps": "8/255", "attacks": ["pgd"]}]}));
+    let e = testutil::errors(
+        "evaluate",
+        json!({"autoattack": [{"eps": "8/255", "attacks": ["pgd"]}]}),
+    );
     assert!(!e.is_empty(), "an unknown attack name is refused");
 }
 
@@ -547,7 +582,10 @@ fn autoattack_on_a_trained_model() -> TestResult {
     assert_eq!(aa.after[3], aa.robust);
     assert!(aa.after[0] <= r.clean_correct);
     // the same seed, the same counts; metrics.json names the run
-    assert_eq!(evaluate(&clf, &d.test, &cfg, &Device::Cpu, &Hooks::default())?.autoattack, r.autoattack);
+    assert_eq!(
+        evaluate(&clf, &d.test, &cfg, &Device::Cpu, &Hooks::default())?.autoattack,
+        r.autoattack
+    );
     let m = metrics_json(&cfg, &r, None, 1.0, "cpu");
     assert_eq!(m["aa_linf_8/255_acc"], json!(aa.robust as f64 / 64.0));
     assert_eq!(m["aa_linf_0/255_acc"], m["clean_acc"]);

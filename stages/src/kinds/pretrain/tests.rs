@@ -25,23 +25,38 @@ fn normalize(v: Value) -> std::result::Result<Value, Vec<ParamError>> {
 fn errors(v: Value) -> Vec<String> {
     match normalize(v) {
         Ok(p) => panic!("expected errors, got {p}"),
-        Err(e) => e.into_iter().map(|e| format!("{}: {}", e.path, e.message)).collect(),
+        Err(e) => e
+            .into_iter()
+            .map(|e| format!("{}: {}", e.path, e.message))
+            .collect(),
     }
 }
 
 #[test]
 fn defaults_follow_method_and_attack() {
     let c = params(json!({"method": "emp_ssl"})).config();
-    assert_eq!((c.views, c.n_views, c.batch_size, c.epochs, c.z_dim), (ViewKind::Patch, 64, 128, 30, 1024));
+    assert_eq!(
+        (c.views, c.n_views, c.batch_size, c.epochs, c.z_dim),
+        (ViewKind::Patch, 64, 128, 30, 1024)
+    );
     assert_eq!((c.scale, c.ratio), ([0.25, 0.25], [1.0, 1.0]));
     let c = params(json!({"method": "emp_ssl", "attack": "pgd"})).config();
-    assert_eq!((c.views, c.n_views, c.batch_size, c.epochs, c.pgd_steps), (ViewKind::Crop, 16, 128, 30, 5));
+    assert_eq!(
+        (c.views, c.n_views, c.batch_size, c.epochs, c.pgd_steps),
+        (ViewKind::Crop, 16, 128, 30, 5)
+    );
     assert!((c.eps - 8.0 / 255.0).abs() < 1e-15 && c.alpha == 0.01);
     let c = params(json!({"method": "emp_ssl", "attack": "free"})).config();
     assert_eq!((c.n_views, c.batch_size, c.epochs, c.m), (16, 100, 10, 3));
     let c = params(json!({"method": "simclr", "attack": "free"})).config();
-    assert_eq!((c.n_views, c.batch_size, c.epochs, c.z_dim), (2, 512, 167, 128));
-    assert_eq!((c.temperature, c.base_temperature, c.lr, c.width), (0.07, 0.07, 0.3, 64));
+    assert_eq!(
+        (c.n_views, c.batch_size, c.epochs, c.z_dim),
+        (2, 512, 167, 128)
+    );
+    assert_eq!(
+        (c.temperature, c.base_temperature, c.lr, c.width),
+        (0.07, 0.07, 0.3, 64)
+    );
     let c = params(json!({"method": "simclr"})).config();
     assert_eq!((c.views, c.epochs), (ViewKind::Crop, 500));
     assert!(c.faithful.q6 && c.faithful.q7 && c.faithful.q8 && c.faithful.q10);
@@ -67,8 +82,10 @@ fn canonical_form_keys_equivalent_params_alike() -> TestResult {
         .map_err(|e| format!("{e:?}"))?;
     assert_ne!(a, d);
     // standard training drops every attack param
-    let s = normalize(json!({"method": "simclr", "eps": 0.1, "m": 2, "pgd_steps": 9, "faithful": false}))
-        .map_err(|e| format!("{e:?}"))?;
+    let s = normalize(
+        json!({"method": "simclr", "eps": 0.1, "m": 2, "pgd_steps": 9, "faithful": false}),
+    )
+    .map_err(|e| format!("{e:?}"))?;
     for k in ["eps", "alpha", "m", "pgd_steps", "patch_sim", "tcr"] {
         assert!(s.get(k).is_none(), "{k} in {s}");
     }
@@ -80,19 +97,33 @@ fn canonical_form_keys_equivalent_params_alike() -> TestResult {
 #[test]
 fn bad_params_are_named() {
     let e = errors(json!({"method": "simclr", "n_views": 4, "epochs": 0, "scale": [0.5, 0.2]}));
-    assert!(e.iter().any(|m| m.starts_with("n_views: SimCLR uses exactly 2 views")), "{e:?}");
+    assert!(
+        e.iter()
+            .any(|m| m.starts_with("n_views: SimCLR uses exactly 2 views")),
+        "{e:?}"
+    );
     assert!(e.iter().any(|m| m.starts_with("epochs:")), "{e:?}");
     assert!(e.iter().any(|m| m.starts_with("scale:")), "{e:?}");
     let e = errors(json!({"method": "emp_ssl", "faithful": {"q9": true}}));
-    assert!(e.iter().any(|m| m.contains("unknown switch faithful.q9")), "{e:?}");
+    assert!(
+        e.iter().any(|m| m.contains("unknown switch faithful.q9")),
+        "{e:?}"
+    );
     let e = errors(json!({"method": "emp_ssl", "eps": "8/zero"}));
-    assert!(e.iter().any(|m| m.starts_with("eps:") && m.contains("8/255")), "{e:?}");
+    assert!(
+        e.iter()
+            .any(|m| m.starts_with("eps:") && m.contains("8/255")),
+        "{e:?}"
+    );
     let e = errors(json!({"method": "byol"}));
     assert!(e.iter().any(|m| m.starts_with("method:")), "{e:?}");
     let e = errors(json!({"method": "emp_ssl", "epoch": 3}));
     assert!(e.iter().any(|m| m.contains("epoch")), "{e:?}");
     let e = errors(json!({"method": "emp_ssl", "lr": -1, "batch_size": 1}));
-    assert!(e.iter().any(|m| m.starts_with("lr:")) && e.iter().any(|m| m.starts_with("batch_size:")), "{e:?}");
+    assert!(
+        e.iter().any(|m| m.starts_with("lr:")) && e.iter().any(|m| m.starts_with("batch_size:")),
+        "{e:?}"
+    );
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -124,8 +155,20 @@ fn values(vm: &candle_nn::VarMap) -> Vec<(String, Vec<u8>)> {
         .map(|(n, v)| {
             let t = v.as_tensor().flatten_all().expect("flat");
             let bytes = match t.dtype() {
-                candle::DType::I64 => t.to_vec1::<i64>().expect("i64").iter().flat_map(|x| x.to_le_bytes()).collect(),
-                _ => t.to_dtype(candle::DType::F32).expect("f32").to_vec1::<f32>().expect("f32").iter().flat_map(|x| x.to_le_bytes()).collect(),
+                candle::DType::I64 => t
+                    .to_vec1::<i64>()
+                    .expect("i64")
+                    .iter()
+                    .flat_map(|x| x.to_le_bytes())
+                    .collect(),
+                _ => t
+                    .to_dtype(candle::DType::F32)
+                    .expect("f32")
+                    .to_vec1::<f32>()
+                    .expect("f32")
+                    .iter()
+                    .flat_map(|x| x.to_le_bytes())
+                    .collect(),
             };
             (n, bytes)
         })
@@ -145,14 +188,22 @@ fn six_modes_train_with_finite_losses_and_checkpoints_load_back() -> TestResult 
             }
             let curve = t.curve();
             assert_eq!(curve.len(), 2);
-            assert!(curve.iter().all(|e| e.loss.is_finite()), "{method}/{attack}: {curve:?}");
+            assert!(
+                curve.iter().all(|e| e.loss.is_finite()),
+                "{method}/{attack}: {curve:?}"
+            );
             let m = if attack == "free" { 2 } else { 1 };
             assert_eq!(t.steps(), 2 * 4 * m, "{method}/{attack}: optimiser updates");
             if method == "emp_ssl" {
-                assert!(curve[0].terms.contains_key("invariance") && curve[0].terms.contains_key("tcr"));
+                assert!(
+                    curve[0].terms.contains_key("invariance") && curve[0].terms.contains_key("tcr")
+                );
             }
             if attack == "none" {
-                assert!(curve[1].loss < curve[0].loss, "{method}: loss did not decrease: {curve:?}");
+                assert!(
+                    curve[1].loss < curve[0].loss,
+                    "{method}: loss did not decrease: {curve:?}"
+                );
             }
             // the checkpoint loads back into a fresh encoder with every tensor equal
             let path = tmp.path().join(format!("{method}-{attack}.safetensors"));
@@ -167,19 +218,37 @@ fn six_modes_train_with_finite_losses_and_checkpoints_load_back() -> TestResult 
             crate::nn::checkpoint::load(&fresh, &path, "", true)?;
             assert_eq!(values(&fresh), values(t.varmap()), "{method}/{attack}");
             let names = crate::nn::checkpoint::tensor_names(&path)?;
-            assert!(names.iter().any(|n| n == "encoder.layer4.1.bn2.running_var"));
-            assert!(names.iter().any(|n| n == "pre_feature.0.weight") && names.iter().any(|n| n == "projection.3.bias"));
+            assert!(
+                names
+                    .iter()
+                    .any(|n| n == "encoder.layer4.1.bn2.running_var")
+            );
+            assert!(
+                names.iter().any(|n| n == "pre_feature.0.weight")
+                    && names.iter().any(|n| n == "projection.3.bias")
+            );
         }
     }
     Ok(())
 }
 
 fn max_abs(t: &Tensor) -> f64 {
-    t.abs().and_then(|a| a.flatten_all()?.max(D::Minus1)?.to_dtype(candle::DType::F64)?.to_scalar::<f64>()).expect("max")
+    t.abs()
+        .and_then(|a| {
+            a.flatten_all()?
+                .max(D::Minus1)?
+                .to_dtype(candle::DType::F64)?
+                .to_scalar::<f64>()
+        })
+        .expect("max")
 }
 
 fn min_max(t: &Tensor) -> (f64, f64) {
-    let f = t.flatten_all().expect("flat").to_dtype(candle::DType::F64).expect("f64");
+    let f = t
+        .flatten_all()
+        .expect("flat")
+        .to_dtype(candle::DType::F64)
+        .expect("f64");
     (
         f.min(0).and_then(|v| v.to_scalar::<f64>()).expect("min"),
         f.max(0).and_then(|v| v.to_scalar::<f64>()).expect("max"),
@@ -203,12 +272,23 @@ fn free_delta_persists_stays_in_the_ball_and_in_the_box_when_clean() -> TestResu
             }
             t.train_batch(&images, b as u64)?;
             let delta = t.free_delta().ok_or("no delta")?.clone();
-            assert!(max_abs(&delta) <= eps + 1e-6, "{method}: |delta| {} > eps {eps}", max_abs(&delta));
+            assert!(
+                max_abs(&delta) <= eps + 1e-6,
+                "{method}: |delta| {} > eps {eps}",
+                max_abs(&delta)
+            );
             // after the ascent δ is re-projected into the box of the current batch (both modes)
             let x = t.views_for(&images, b as u64)?;
-            let target = if method == "simclr" { x.narrow(0, x.dim(0)? / 2, x.dim(0)? / 2)? } else { x };
+            let target = if method == "simclr" {
+                x.narrow(0, x.dim(0)? / 2, x.dim(0)? / 2)?
+            } else {
+                x
+            };
             let (lo, hi) = min_max(&(target + &delta)?);
-            assert!(lo >= -1e-6 && hi <= 1.0 + 1e-6, "{method}: x + delta in [{lo}, {hi}]");
+            assert!(
+                lo >= -1e-6 && hi <= 1.0 + 1e-6,
+                "{method}: x + delta in [{lo}, {hi}]"
+            );
         }
     }
     Ok(())
@@ -235,8 +315,16 @@ fn clean_free_mode_reprojects_on_a_new_batch_faithful_does_not() -> TestResult {
         let (lo, hi) = min_max(&(&x1 + fd.0.delta())?);
         outside[i] = (-lo).max(hi - 1.0).max(0.0);
     }
-    assert!(outside[0] > 0.01, "faithful: x + delta stays inside ({})", outside[0]);
-    assert!(outside[1] < 1e-6, "clean: x + delta leaves the box ({})", outside[1]);
+    assert!(
+        outside[0] > 0.01,
+        "faithful: x + delta stays inside ({})",
+        outside[0]
+    );
+    assert!(
+        outside[1] < 1e-6,
+        "clean: x + delta leaves the box ({})",
+        outside[1]
+    );
     Ok(())
 }
 
@@ -262,7 +350,11 @@ fn same_seed_same_bits_and_resume_is_bit_identical() -> TestResult {
         };
         let a = run(2)?;
         let b = run(2)?;
-        assert_eq!(values(a.varmap()), values(b.varmap()), "{method}/{attack}: same seed, other bits");
+        assert_eq!(
+            values(a.varmap()),
+            values(b.varmap()),
+            "{method}/{attack}: same seed, other bits"
+        );
         // stop after epoch 1, resume in a fresh trainer from the saved state
         let path = tmp.path().join(format!("{method}-{attack}.state"));
         run(1)?.save_state(&path)?;
@@ -271,7 +363,11 @@ fn same_seed_same_bits_and_resume_is_bit_identical() -> TestResult {
         assert_eq!((r.epochs_done(), r.steps()), (1, a.steps() / 2));
         r.train_epoch(&TrainHooks::default())?;
         assert!(r.finished());
-        assert_eq!(values(r.varmap()), values(a.varmap()), "{method}/{attack}: resumed run differs");
+        assert_eq!(
+            values(r.varmap()),
+            values(a.varmap()),
+            "{method}/{attack}: resumed run differs"
+        );
         let losses = |t: &Pretrainer<'_>| t.curve().iter().map(|e| e.loss).collect::<Vec<_>>();
         assert_eq!(losses(&r), losses(&a));
         // another seed gives other weights
@@ -302,6 +398,8 @@ fn a_diverging_run_fails_naming_epoch_and_batch() -> TestResult {
 #[test]
 fn batch_larger_than_the_data_is_an_error() {
     let d = data(8);
-    let err = Pretrainer::new(small("simclr", "none"), &d.train, &Device::Cpu).err().map(|e| e.to_string());
+    let err = Pretrainer::new(small("simclr", "none"), &d.train, &Device::Cpu)
+        .err()
+        .map(|e| e.to_string());
     assert!(err.is_some_and(|e| e.contains("batch_size 16 is larger than the 8 training images")));
 }

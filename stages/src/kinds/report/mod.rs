@@ -41,7 +41,9 @@ mod tests;
 
 use std::collections::{BTreeMap, HashSet, VecDeque};
 
-use pipe_engine::{Artifact, BoxError, NormalizeCtx, ParamError, Slot, Slots, StageCtx, TypedStage};
+use pipe_engine::{
+    Artifact, BoxError, NormalizeCtx, ParamError, Slot, Slots, StageCtx, TypedStage,
+};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
@@ -117,7 +119,9 @@ impl TryFrom<Value> for Column {
                         percent: None,
                         precision: None,
                     }),
-                    other => Err(format!("the header of `{metric}` must be text, got {other}")),
+                    other => Err(format!(
+                        "the header of `{metric}` must be text, got {other}"
+                    )),
                 }
             }
             other => Err(format!("{expected}, got {other}")),
@@ -187,7 +191,10 @@ impl TypedStage for Report {
         let mut seen = HashSet::new();
         for (i, c) in p.columns.iter().enumerate() {
             if c.metric.trim().is_empty() {
-                errors.push(ParamError::new(format!("columns[{i}]"), "empty metric name"));
+                errors.push(ParamError::new(
+                    format!("columns[{i}]"),
+                    "empty metric name",
+                ));
             } else if !seen.insert(c.metric.as_str()) {
                 errors.push(ParamError::new(
                     format!("columns[{i}]"),
@@ -195,11 +202,17 @@ impl TypedStage for Report {
                 ));
             }
             if c.precision.is_some_and(|d| d > 12) {
-                errors.push(ParamError::new(format!("columns[{i}].precision"), "expected 0 to 12"));
+                errors.push(ParamError::new(
+                    format!("columns[{i}].precision"),
+                    "expected 0 to 12",
+                ));
             }
         }
         if p.precision > 12 {
-            errors.push(ParamError::new("precision", format!("expected 0 to 12, got {}", p.precision)));
+            errors.push(ParamError::new(
+                "precision",
+                format!("expected 0 to 12, got {}", p.precision),
+            ));
         }
         if let Some(s) = &p.sort
             && !p.columns.iter().any(|c| &c.metric == s)
@@ -230,16 +243,23 @@ impl TypedStage for Report {
             c.header.get_or_insert_with(|| c.metric.clone());
             c.higher_is_better
                 .get_or_insert_with(|| table::default_higher_is_better(&c.metric));
-            c.percent.get_or_insert_with(|| table::default_percent(&c.metric));
+            c.percent
+                .get_or_insert_with(|| table::default_percent(&c.metric));
             c.precision.get_or_insert(p.precision);
         }
         Ok(p)
     }
 
     fn outputs(_p: &ReportParams) -> Vec<String> {
-        ["table.md", "table.csv", "table.html", "table.tex", "table.json"]
-            .map(String::from)
-            .to_vec()
+        [
+            "table.md",
+            "table.csv",
+            "table.html",
+            "table.tex",
+            "table.json",
+        ]
+        .map(String::from)
+        .to_vec()
     }
 
     fn run(p: &ReportParams, ctx: &mut StageCtx<'_>) -> Result<(), BoxError> {
@@ -261,8 +281,10 @@ impl TypedStage for Report {
         write("table.md", &markdown(&table))?;
         write("table.csv", &csv(&table))?;
         write("table.tex", &latex(&table))?;
-        let figures: Vec<(String, String)> =
-            plots.iter().map(|p| (p.caption.clone(), p.svg.clone())).collect();
+        let figures: Vec<(String, String)> = plots
+            .iter()
+            .map(|p| (p.caption.clone(), p.svg.clone()))
+            .collect();
         write("table.html", &html(&table, &figures))?;
         for pl in &plots {
             write(&pl.file, &pl.svg)?;
@@ -343,7 +365,13 @@ fn link(e: &Artifact) -> Result<Link, BoxError> {
     Ok(Link {
         kind: e.manifest.meta.kind.clone(),
         key: e.key.hex(),
-        params: e.manifest.meta.params.as_object().cloned().unwrap_or_default(),
+        params: e
+            .manifest
+            .meta
+            .params
+            .as_object()
+            .cloned()
+            .unwrap_or_default(),
         metrics,
     })
 }

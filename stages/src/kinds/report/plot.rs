@@ -55,12 +55,7 @@ fn file_safe(s: &str) -> String {
 pub fn swept(runs: &[Run], wanted: Option<&[String]>) -> Result<Vec<(String, String)>, String> {
     let varying = varying_params(runs);
     let flats: Vec<BTreeMap<String, Value>> = runs.iter().map(Run::flat_params).collect();
-    let numeric = |k: &str| {
-        flats
-            .iter()
-            .filter_map(|f| f.get(k))
-            .all(Value::is_number)
-    };
+    let numeric = |k: &str| flats.iter().filter_map(|f| f.get(k)).all(Value::is_number);
     let is_swept = |k: &str| {
         let mut groups: BTreeMap<String, Vec<String>> = BTreeMap::new();
         for f in &flats {
@@ -95,7 +90,11 @@ pub fn swept(runs: &[Run], wanted: Option<&[String]>) -> Result<Vec<(String, Str
                     Some((k, _)) => Err(format!("plots: `{k}` is not numeric")),
                     None => Err(format!(
                         "plots: `{n}` does not vary between the runs (params that do: {})",
-                        varying.iter().map(|(_, s)| s.as_str()).collect::<Vec<_>>().join(", ")
+                        varying
+                            .iter()
+                            .map(|(_, s)| s.as_str())
+                            .collect::<Vec<_>>()
+                            .join(", ")
                     )),
                 }
             })
@@ -152,7 +151,11 @@ pub fn plots(table: &Table, runs: &[Run], xs: &[(String, String)]) -> Result<Vec
 fn range(v: impl Iterator<Item = f64> + Clone) -> (f64, f64) {
     let lo = v.clone().fold(f64::INFINITY, f64::min);
     let hi = v.fold(f64::NEG_INFINITY, f64::max);
-    let pad = if hi > lo { (hi - lo) * 0.08 } else { lo.abs().max(1.0) * 0.1 };
+    let pad = if hi > lo {
+        (hi - lo) * 0.08
+    } else {
+        lo.abs().max(1.0) * 0.1
+    };
     (lo - pad, hi + pad)
 }
 
@@ -192,7 +195,9 @@ fn draw(
                 .map_err(e)?;
             if labelled {
                 s.label(if name.is_empty() { "all" } else { name })
-                    .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], color.stroke_width(2)));
+                    .legend(move |(x, y)| {
+                        PathElement::new(vec![(x, y), (x + 18, y)], color.stroke_width(2))
+                    });
             }
             chart
                 .draw_series(pts.iter().map(|&p| Circle::new(p, 3, color.filled())))

@@ -146,7 +146,12 @@ pub fn html(t: &Table, plots: &[(String, String)]) -> String {
     let _ = writeln!(s, "<h1>{}</h1>", html_escape(&title));
     s.push_str("<table>\n<thead><tr><th>Row</th>");
     for c in &t.columns {
-        let _ = write!(s, "<th title=\"{}\">{}</th>", html_escape(&c.metric), html_escape(c.title()));
+        let _ = write!(
+            s,
+            "<th title=\"{}\">{}</th>",
+            html_escape(&c.metric),
+            html_escape(c.title())
+        );
     }
     s.push_str("</tr></thead>\n<tbody>\n");
     for r in &t.rows {
@@ -218,7 +223,8 @@ pub fn tex_escape(s: &str) -> String {
 /// A `table` float with a booktabs `tabular`; best in red, second in blue (needs the
 /// `booktabs` and `xcolor` packages). Each row ends with a comment naming its run key.
 pub fn latex(t: &Table) -> String {
-    let mut s = String::from("% pipe report: needs \\usepackage{booktabs} and \\usepackage{xcolor}\n");
+    let mut s =
+        String::from("% pipe report: needs \\usepackage{booktabs} and \\usepackage{xcolor}\n");
     s.push_str("\\begin{table}[t]\n\\centering\n");
     if let Some(title) = &t.title {
         let _ = writeln!(s, "\\caption{{{}}}", tex_escape(title));

@@ -208,7 +208,9 @@ pub fn fill_template(template: &str, run: &Run) -> Result<String, String> {
             continue;
         }
         if c == b'}' {
-            return Err(format!("unmatched `}}` in label `{template}` (write `}}}}`)"));
+            return Err(format!(
+                "unmatched `}}` in label `{template}` (write `}}}}`)"
+            ));
         }
         let Some(j) = after.find('}') else {
             return Err(format!("unclosed `{{` in label `{template}`"));
@@ -318,7 +320,8 @@ impl Column {
     }
     /// Whether the value is a fraction shown in %.
     pub fn is_percent(&self) -> bool {
-        self.percent.unwrap_or_else(|| default_percent(&self.metric))
+        self.percent
+            .unwrap_or_else(|| default_percent(&self.metric))
     }
     /// The header text.
     pub fn title(&self) -> &str {
@@ -492,7 +495,13 @@ fn mark_column(rows: &mut [Row], j: usize, higher: bool) {
         return;
     }
     let n = vals.len();
-    vals.sort_by(|a, b| if higher { b.total_cmp(a) } else { a.total_cmp(b) });
+    vals.sort_by(|a, b| {
+        if higher {
+            b.total_cmp(a)
+        } else {
+            a.total_cmp(b)
+        }
+    });
     vals.dedup();
     let best = vals[0];
     let second = if n >= 3 { vals.get(1).copied() } else { None };
@@ -523,7 +532,10 @@ pub fn varying_params(runs: &[Run]) -> Vec<(String, String)> {
         })
         .cloned()
         .collect();
-    let bare = |k: &str| k.split_once('.').map_or(k.to_string(), |(_, b)| b.to_string());
+    let bare = |k: &str| {
+        k.split_once('.')
+            .map_or(k.to_string(), |(_, b)| b.to_string())
+    };
     varying
         .iter()
         .map(|k| {
@@ -543,7 +555,9 @@ fn auto_labels(runs: &[Run]) -> Vec<String> {
             let flat = r.flat_params();
             let parts: Vec<String> = varying
                 .iter()
-                .filter_map(|(k, shown)| flat.get(k).map(|v| format!("{shown}={}", format_value(v))))
+                .filter_map(|(k, shown)| {
+                    flat.get(k).map(|v| format!("{shown}={}", format_value(v)))
+                })
                 .collect();
             if parts.is_empty() {
                 format!("{} {}", r.chain[0].kind, short(r.key()))

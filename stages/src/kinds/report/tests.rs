@@ -34,14 +34,24 @@ fn run(id: &str, pre: Value, minutes: f64, clean: f64, pgd: f64) -> Run {
                     "seconds": 3.0
                 }),
             ),
-            link("dataset", "d0", json!({"source": "synthetic", "seed": 0}), json!({"n_train": 100})),
+            link(
+                "dataset",
+                "d0",
+                json!({"source": "synthetic", "seed": 0}),
+                json!({"n_train": 100}),
+            ),
             link(
                 "finetune",
                 &format!("f{id}"),
                 json!({"mode": "slf", "epochs": 25, "seed": 0}),
                 json!({"train_acc": 0.5, "seconds": 1.0}),
             ),
-            link("pretrain", &format!("p{id}"), pre, json!({"train_minutes": minutes})),
+            link(
+                "pretrain",
+                &format!("p{id}"),
+                pre,
+                json!({"train_minutes": minutes}),
+            ),
         ],
     }
 }
@@ -49,14 +59,38 @@ fn run(id: &str, pre: Value, minutes: f64, clean: f64, pgd: f64) -> Run {
 fn params(v: Value) -> ReportParams {
     let p: ReportParams = serde_json::from_value(v).expect("params parse");
     assert!(Report::check(&p).is_empty(), "{:?}", Report::check(&p));
-    Report::canonicalize(p, &NormalizeCtx { pipeline_dir: Path::new(".") }).expect("canonical")
+    Report::canonicalize(
+        p,
+        &NormalizeCtx {
+            pipeline_dir: Path::new("."),
+        },
+    )
+    .expect("canonical")
 }
 
 fn three_rows() -> Vec<Run> {
     vec![
-        run("1", json!({"method": "emp_ssl", "attack": "pgd", "views": "patch", "n_views": 16, "epochs": 30}), 530.0, 0.61, 0.1695),
-        run("2", json!({"method": "emp_ssl", "attack": "free", "views": "crop", "n_views": 16, "epochs": 10, "m": 3}), 97.0, 0.7588, 0.3334),
-        run("3", json!({"method": "simclr", "attack": "free", "views": "crop", "n_views": 2, "epochs": 167, "m": 3}), 157.0, 0.7025, 0.245),
+        run(
+            "1",
+            json!({"method": "emp_ssl", "attack": "pgd", "views": "patch", "n_views": 16, "epochs": 30}),
+            530.0,
+            0.61,
+            0.1695,
+        ),
+        run(
+            "2",
+            json!({"method": "emp_ssl", "attack": "free", "views": "crop", "n_views": 16, "epochs": 10, "m": 3}),
+            97.0,
+            0.7588,
+            0.3334,
+        ),
+        run(
+            "3",
+            json!({"method": "simclr", "attack": "free", "views": "crop", "n_views": 2, "epochs": 167, "m": 3}),
+            157.0,
+            0.7025,
+            0.245,
+        ),
     ]
 }
 
@@ -85,12 +119,22 @@ fn columns_parse_in_three_forms_and_resolve_defaults() {
     ], "precision": 1}));
     let c = &p.columns;
     assert_eq!(c[0].header.as_deref(), Some("clean_acc"));
-    assert_eq!((c[0].higher_is_better, c[0].percent, c[0].precision), (Some(true), Some(true), Some(1)));
+    assert_eq!(
+        (c[0].higher_is_better, c[0].percent, c[0].precision),
+        (Some(true), Some(true), Some(1))
+    );
     assert_eq!(c[1].header.as_deref(), Some("Time (min)"));
-    assert_eq!((c[1].higher_is_better, c[1].percent), (Some(false), Some(false)));
-    assert_eq!((c[2].higher_is_better, c[2].precision), (Some(false), Some(4)));
+    assert_eq!(
+        (c[1].higher_is_better, c[1].percent),
+        (Some(false), Some(false))
+    );
+    assert_eq!(
+        (c[2].higher_is_better, c[2].precision),
+        (Some(false), Some(4))
+    );
     // The canonical form reads back to itself (it is what gets keyed and run).
-    let again: ReportParams = serde_json::from_value(serde_json::to_value(&p).expect("ser")).expect("de");
+    let again: ReportParams =
+        serde_json::from_value(serde_json::to_value(&p).expect("ser")).expect("de");
     assert_eq!(again.columns, p.columns);
 
     for bad in [
@@ -98,17 +142,28 @@ fn columns_parse_in_three_forms_and_resolve_defaults() {
         json!({"columns": [{"metric": "a", "colour": "red"}]}),
         json!({"columns": [{"a": 1}]}),
     ] {
-        assert!(serde_json::from_value::<ReportParams>(bad.clone()).is_err(), "{bad}");
+        assert!(
+            serde_json::from_value::<ReportParams>(bad.clone()).is_err(),
+            "{bad}"
+        );
     }
-    let dup: ReportParams = serde_json::from_value(json!({"columns": ["a", "a"], "sort": "b"})).expect("parses");
+    let dup: ReportParams =
+        serde_json::from_value(json!({"columns": ["a", "a"], "sort": "b"})).expect("parses");
     let errs = Report::check(&dup);
-    assert!(errs.iter().any(|e| e.message.contains("listed twice")), "{errs:?}");
+    assert!(
+        errs.iter().any(|e| e.message.contains("listed twice")),
+        "{errs:?}"
+    );
     assert!(errs.iter().any(|e| e.path == "sort"), "{errs:?}");
     let empty: ReportParams = serde_json::from_value(json!({"columns": []})).expect("parses");
     assert!(!Report::check(&empty).is_empty());
     let brace: ReportParams =
         serde_json::from_value(json!({"columns": ["a"], "label": "x {m"})).expect("parses");
-    assert!(Report::check(&brace).iter().any(|e| e.message.contains("unclosed")));
+    assert!(
+        Report::check(&brace)
+            .iter()
+            .any(|e| e.message.contains("unclosed"))
+    );
 }
 
 #[test]
@@ -124,13 +179,21 @@ fn rows_follow_the_rules_with_filled_labels_values_and_marks() {
         ]
     );
     let shown = |r: usize| -> Vec<String> {
-        t.rows[r].cells.iter().map(|c| c.as_ref().expect("cell").shown.clone()).collect()
+        t.rows[r]
+            .cells
+            .iter()
+            .map(|c| c.as_ref().expect("cell").shown.clone())
+            .collect()
     };
     assert_eq!(shown(0), ["70.25", "24.50", "157"]);
     assert_eq!(shown(1), ["61.00", "16.95", "530"]);
     assert_eq!(shown(2), ["75.88", "33.34", "97"]);
     let marks = |r: usize| -> Vec<Mark> {
-        t.rows[r].cells.iter().map(|c| c.as_ref().expect("cell").mark).collect()
+        t.rows[r]
+            .cells
+            .iter()
+            .map(|c| c.as_ref().expect("cell").mark)
+            .collect()
     };
     // Accuracies: higher is better. Time: lower is better.
     assert_eq!(marks(0), [Mark::Second, Mark::Second, Mark::Second]);
@@ -150,7 +213,11 @@ fn rows_follow_the_rules_with_filled_labels_values_and_marks() {
     let mut p = paper_params();
     p.sort = Some("pretrain.train_minutes".into());
     let sorted = build(&p, &three_rows()).expect("table");
-    let first: Vec<&str> = sorted.rows.iter().map(|r| &r.cells[2].as_ref().expect("c").shown[..]).collect();
+    let first: Vec<&str> = sorted
+        .rows
+        .iter()
+        .map(|r| &r.cells[2].as_ref().expect("c").shown[..])
+        .collect();
     assert_eq!(first, ["97", "157", "530"]);
 }
 
@@ -158,13 +225,23 @@ fn rows_follow_the_rules_with_filled_labels_values_and_marks() {
 fn ties_share_the_mark_and_two_rows_get_no_second() {
     let mut runs = three_rows();
     // Row 3 ties row 2 once rounded to 2 digits.
-    runs[2].chain[0].metrics.insert("clean_acc".into(), json!(0.758_81));
+    runs[2].chain[0]
+        .metrics
+        .insert("clean_acc".into(), json!(0.758_81));
     let t = build(&paper_params(), &runs).expect("table");
-    let clean: Vec<Mark> = t.rows.iter().map(|r| r.cells[0].as_ref().expect("c").mark).collect();
+    let clean: Vec<Mark> = t
+        .rows
+        .iter()
+        .map(|r| r.cells[0].as_ref().expect("c").mark)
+        .collect();
     assert_eq!(clean, [Mark::Best, Mark::Second, Mark::Best]);
 
     let t2 = build(&paper_params(), &runs[..2]).expect("table");
-    let marks: Vec<Mark> = t2.rows.iter().map(|r| r.cells[1].as_ref().expect("c").mark).collect();
+    let marks: Vec<Mark> = t2
+        .rows
+        .iter()
+        .map(|r| r.cells[1].as_ref().expect("c").mark)
+        .collect();
     assert_eq!(marks, [Mark::None, Mark::Best]);
 }
 
@@ -174,10 +251,19 @@ fn names_are_qualified_or_unambiguous() {
     let r = &runs[0];
     // `epochs` is in finetune and pretrain: an error naming both.
     let e = fill_template("{epochs}", r).expect_err("ambiguous");
-    assert!(e.contains("finetune.epochs") && e.contains("pretrain.epochs"), "{e}");
-    assert_eq!(fill_template("{pretrain.epochs} / {finetune.epochs}", r).expect("ok"), "30 / 25");
+    assert!(
+        e.contains("finetune.epochs") && e.contains("pretrain.epochs"),
+        "{e}"
+    );
+    assert_eq!(
+        fill_template("{pretrain.epochs} / {finetune.epochs}", r).expect("ok"),
+        "30 / 25"
+    );
     // `seed` is in the run's own node: that one wins.
-    assert_eq!(fill_template("{seed} {{braces}}", r).expect("ok"), "0 {braces}");
+    assert_eq!(
+        fill_template("{seed} {{braces}}", r).expect("ok"),
+        "0 {braces}"
+    );
     let missing = fill_template("m={m}", r).expect_err("no m in a pgd row");
     assert!(missing.contains("{m}"), "{missing}");
     // A metric two ancestor kinds have is ambiguous too; the run's own wins.
@@ -189,7 +275,9 @@ fn names_are_qualified_or_unambiguous() {
     assert!(no_own.metric("seconds").is_err());
     // A metric name with a dot that is no kind stays whole.
     let mut dotted = r.clone();
-    dotted.chain[0].metrics.insert("pgd_l2_0.5_acc".into(), json!(0.25));
+    dotted.chain[0]
+        .metrics
+        .insert("pgd_l2_0.5_acc".into(), json!(0.25));
     assert!(dotted.metric("pgd_l2_0.5_acc").expect("ok").is_some());
 }
 
@@ -197,10 +285,15 @@ fn names_are_qualified_or_unambiguous() {
 fn a_column_no_run_has_is_an_error_listing_the_metrics() {
     let p = params(json!({"columns": ["clean_acc", "pgd_linf_4/255_acc"]}));
     let e = build(&p, &three_rows()).expect_err("missing column");
-    assert!(e.contains("pgd_linf_4/255_acc") && e.contains("evaluate.clean_acc"), "{e}");
+    assert!(
+        e.contains("pgd_linf_4/255_acc") && e.contains("evaluate.clean_acc"),
+        "{e}"
+    );
     // Present in one run only: a dash elsewhere, no error.
     let mut runs = three_rows();
-    runs[0].chain[0].metrics.insert("pgd_linf_4/255_acc".into(), json!(0.4));
+    runs[0].chain[0]
+        .metrics
+        .insert("pgd_linf_4/255_acc".into(), json!(0.4));
     let t = build(&p, &runs).expect("table");
     assert!(t.rows[1].cells[1].is_none());
     assert!(markdown(&t).contains("| – |"));
@@ -210,15 +303,29 @@ fn a_column_no_run_has_is_an_error_listing_the_metrics() {
 fn unmatched_runs_get_labels_from_the_params_that_differ() {
     let runs: Vec<Run> = [1, 3, 5]
         .iter()
-        .map(|m| run(&m.to_string(), json!({"method": "emp_ssl", "attack": "free", "m": m, "eps": 8.0/255.0}), 1.0, 0.5, 0.2))
+        .map(|m| {
+            run(
+                &m.to_string(),
+                json!({"method": "emp_ssl", "attack": "free", "m": m, "eps": 8.0/255.0}),
+                1.0,
+                0.5,
+                0.2,
+            )
+        })
         .collect();
     let t = build(&params(json!({"columns": ["clean_acc"]})), &runs).expect("table");
     let labels: Vec<&str> = t.rows.iter().map(|r| r.label.as_str()).collect();
     assert_eq!(labels, ["m=1", "m=3", "m=5"]);
-    let t = build(&params(json!({"columns": ["clean_acc"], "label": "eps {eps}, m {m}"})), &runs).expect("table");
+    let t = build(
+        &params(json!({"columns": ["clean_acc"], "label": "eps {eps}, m {m}"})),
+        &runs,
+    )
+    .expect("table");
     assert_eq!(t.rows[0].label, "eps 8/255, m 1");
     // Fractions in a rule match the stored number.
-    let p = params(json!({"columns": ["clean_acc"], "rows": [{"match": {"eps": "8/255", "m": 5}, "label": "five"}]}));
+    let p = params(
+        json!({"columns": ["clean_acc"], "rows": [{"match": {"eps": "8/255", "m": 5}, "label": "five"}]}),
+    );
     let t = build(&p, &runs).expect("table");
     assert_eq!(t.rows[0].label, "five");
 }
@@ -242,7 +349,11 @@ fn markdown_csv_html_and_latex_carry_marks_and_sources() {
     assert!(lines[0].starts_with("row,Clean,PGD(8/255),Time (min),mark,run_key,Clean source"));
     assert!(lines[3].starts_with("\"CF-AMC-SSL (16 crops, m=3, 10 epochs)\",75.88,33.34,97,best:Clean;best:PGD(8/255);best:Time (min),"));
     assert!(lines[3].contains(&"e2".repeat(32)), "run key in the row");
-    assert!(lines[3].contains("\"\"steps\"\":20"), "attack config quoted: {}", lines[3]);
+    assert!(
+        lines[3].contains("\"\"steps\"\":20"),
+        "attack config quoted: {}",
+        lines[3]
+    );
     assert!(lines[3].contains(&format!("pretrain {} train_minutes", "p2".repeat(32))));
 
     let h = html(&t, &[("a plot".into(), "<svg></svg>".into())]);
@@ -291,8 +402,14 @@ fn swept_params_are_found_and_plotted_deterministically() {
     assert_eq!(a[1].file, "plot_m_pretrain.train_minutes.svg");
     assert_eq!(a[0].svg, b[0].svg, "same input, same bytes");
     assert!(a[0].svg.starts_with("<svg"));
-    assert!(a[0].svg.contains("method=emp_ssl, n_views=16"), "legend names the series");
-    assert!(a[0].svg.matches("<circle").count() >= 6, "one marker per point");
+    assert!(
+        a[0].svg.contains("method=emp_ssl, n_views=16"),
+        "legend names the series"
+    );
+    assert!(
+        a[0].svg.matches("<circle").count() >= 6,
+        "one marker per point"
+    );
 }
 
 #[test]

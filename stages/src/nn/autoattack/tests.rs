@@ -69,7 +69,11 @@ fn dlr_targeted_value_and_gradient() -> Result<()> {
             up[i][j] += 1e-4;
             down[i][j] -= 1e-4;
             let fd = (f(&up) - f(&down)) / 2e-4;
-            assert!((f64::from(g[i][j]) - fd).abs() < 1e-3, "({i},{j}): {} vs {fd}", g[i][j]);
+            assert!(
+                (f64::from(g[i][j]) - fd).abs() < 1e-3,
+                "({i},{j}): {} vs {fd}",
+                g[i][j]
+            );
         }
     }
     Ok(())
@@ -107,17 +111,33 @@ fn projection_is_the_minimal_linf_step_onto_the_hyperplane() {
         let n = 1 + rng.below_usize(40);
         let t: Vec<f32> = (0..n).map(|_| rng.f64() as f32).collect();
         let w: Vec<f32> = (0..n)
-            .map(|_| if rng.f64() < 0.15 { 0.0 } else { rng.normal() as f32 })
+            .map(|_| {
+                if rng.f64() < 0.15 {
+                    0.0
+                } else {
+                    rng.normal() as f32
+                }
+            })
             .collect();
         // a reachable hyperplane: through a random point of the box
         let u: Vec<f32> = (0..n).map(|_| rng.f64() as f32).collect();
         let b: f32 = w.iter().zip(&u).map(|(a, c)| a * c).sum();
         let d = projection_linf(&t, &w, b);
-        let reached: f32 = w.iter().zip(t.iter().zip(&d)).map(|(a, (c, e))| a * (c + e)).sum();
+        let reached: f32 = w
+            .iter()
+            .zip(t.iter().zip(&d))
+            .map(|(a, (c, e))| a * (c + e))
+            .sum();
         let scale: f32 = w.iter().map(|v| v.abs()).sum::<f32>().max(1e-6);
-        assert!((reached - b).abs() <= 1e-4 * scale, "case {case}: <w, t+d> = {reached}, b = {b}");
+        assert!(
+            (reached - b).abs() <= 1e-4 * scale,
+            "case {case}: <w, t+d> = {reached}, b = {b}"
+        );
         for i in 0..n {
-            assert!((-1e-6..=1.0 + 1e-6).contains(&(t[i] + d[i])), "case {case}: box");
+            assert!(
+                (-1e-6..=1.0 + 1e-6).contains(&(t[i] + d[i])),
+                "case {case}: box"
+            );
             if w[i] == 0.0 {
                 assert_eq!(d[i], 0.0);
             }
@@ -125,7 +145,10 @@ fn projection_is_the_minimal_linf_step_onto_the_hyperplane() {
         let c = f64::from(b) - t.iter().zip(&w).map(|(a, c)| f64::from(a * c)).sum::<f64>();
         let r = min_radius(&t, &w, c);
         let got = d.iter().fold(0f32, |m, v| m.max(v.abs()));
-        assert!((f64::from(got) - r).abs() < 1e-4, "case {case}: |d| = {got}, minimal {r}");
+        assert!(
+            (f64::from(got) - r).abs() < 1e-4,
+            "case {case}: |d| = {got}, minimal {r}"
+        );
     }
 }
 
@@ -217,7 +240,10 @@ fn each_attack_is_sound_and_the_gradient_ones_are_exact_on_a_linear_model() -> R
     assert!(eps > 0.005 && eps < 0.3, "eps {eps}: the box must not bind");
     let certified: Vec<bool> = dist.iter().map(|&d| d > eps).collect();
     let n_cert = certified.iter().filter(|c| **c).count();
-    assert!(n_cert > 5 && n_cert < 35, "a mixed case: {n_cert} of 40 certified");
+    assert!(
+        n_cert > 5 && n_cert < 35,
+        "a mixed case: {n_cert} of 40 certified"
+    );
     let mut f = |t: &Tensor| model.logits(t);
     for attacks in [
         &[AaAttack::ApgdT][..],
@@ -226,27 +252,65 @@ fn each_attack_is_sound_and_the_gradient_ones_are_exact_on_a_linear_model() -> R
     ] {
         let r = autoattack(&x, &y, &mut f, &only(attacks, eps), 3, &AaHooks::default())?;
         assert_eq!(r.clean_correct, 40);
-        assert_eq!(r.robust, certified, "{attacks:?}: robust exactly where certified");
+        assert_eq!(
+            r.robust, certified,
+            "{attacks:?}: robust exactly where certified"
+        );
         assert_eq!(r.robust_after.len(), attacks.len());
         assert_eq!(*r.robust_after.last().unwrap_or(&0), n_cert);
     }
     // APGD-CE and Square: never past a certificate; APGD-CE fools most of the others, the
     // black-box Square (a few hundred queries) most of those at half the radius or closer
     for (attack, within) in [(AaAttack::ApgdCe, 1.0), (AaAttack::Square, 0.7)] {
-        let r = autoattack(&x, &y, &mut f, &only(&[attack], eps), 3, &AaHooks::default())?;
+        let r = autoattack(
+            &x,
+            &y,
+            &mut f,
+            &only(&[attack], eps),
+            3,
+            &AaHooks::default(),
+        )?;
         for (i, (r, c)) in r.robust.iter().zip(&certified).enumerate() {
             assert!(*r || !c, "{attack:?} fooled certified point {i}");
         }
         let near: Vec<usize> = (0..40).filter(|&i| dist[i] < within * eps).collect();
         let fooled = near.iter().filter(|&&i| !r.robust[i]).count();
-        eprintln!("{attack:?}: fooled {fooled} of the {} points within {within} eps", near.len());
-        assert!(!near.is_empty() && fooled * 4 >= near.len() * 3, "{attack:?} fooled only {fooled} of {}", near.len());
+        eprintln!(
+            "{attack:?}: fooled {fooled} of the {} points within {within} eps",
+            near.len()
+        );
+        assert!(
+            !near.is_empty() && fooled * 4 >= near.len() * 3,
+            "{attack:?} fooled only {fooled} of {}",
+            near.len()
+        );
     }
     // the same seed gives the same result; eps 0 fools nothing
-    let a = autoattack(&x, &y, &mut f, &only(&AaAttack::STANDARD, eps), 5, &AaHooks::default())?;
-    let b = autoattack(&x, &y, &mut f, &only(&AaAttack::STANDARD, eps), 5, &AaHooks::default())?;
+    let a = autoattack(
+        &x,
+        &y,
+        &mut f,
+        &only(&AaAttack::STANDARD, eps),
+        5,
+        &AaHooks::default(),
+    )?;
+    let b = autoattack(
+        &x,
+        &y,
+        &mut f,
+        &only(&AaAttack::STANDARD, eps),
+        5,
+        &AaHooks::default(),
+    )?;
     assert_eq!(a, b);
-    let z = autoattack(&x, &y, &mut f, &only(&AaAttack::STANDARD, 0.0), 5, &AaHooks::default())?;
+    let z = autoattack(
+        &x,
+        &y,
+        &mut f,
+        &only(&AaAttack::STANDARD, 0.0),
+        5,
+        &AaHooks::default(),
+    )?;
     assert!(z.robust.iter().all(|r| *r));
     Ok(())
 }
@@ -261,7 +325,15 @@ fn square_schedule_and_configs() {
     // rescaled to 5000 queries: query 2500 counts as 5000
     assert_eq!(square_p(2500, 0.8, 5000, true), 0.8 / 128.0);
     let o = AaConfig::original(8.0 / 255.0);
-    assert_eq!((o.apgd_iters, o.fab_iters, o.square_queries, o.square_rescale), (100, 100, 5000, false));
+    assert_eq!(
+        (
+            o.apgd_iters,
+            o.fab_iters,
+            o.square_queries,
+            o.square_rescale
+        ),
+        (100, 100, 5000, false)
+    );
     let t = AaConfig::torchattacks(8.0 / 255.0);
     assert_eq!((t.apgd_iters, t.square_rescale), (10, true));
     assert!(o.validate().is_ok());
@@ -284,15 +356,28 @@ fn a_stop_request_interrupts_and_progress_is_reported() -> Result<()> {
     };
     let seen = std::cell::RefCell::new(Vec::new());
     let after = |a: AaAttack, n: usize| seen.borrow_mut().push((a, n));
-    let hooks = AaHooks { stop: &stop, after_attack: &after };
+    let hooks = AaHooks {
+        stop: &stop,
+        after_attack: &after,
+    };
     let e = autoattack(&x, &y, &mut f, &only(&AaAttack::STANDARD, eps), 1, &hooks)
         .expect_err("stopped");
     assert!(e.to_string().contains("interrupted"), "{e}");
-    assert_eq!(calls.get(), 6, "stops at the first model call after the request");
-    let hooks = AaHooks { stop: &|| false, after_attack: &after };
+    assert_eq!(
+        calls.get(),
+        6,
+        "stops at the first model call after the request"
+    );
+    let hooks = AaHooks {
+        stop: &|| false,
+        after_attack: &after,
+    };
     let r = autoattack(&x, &y, &mut f, &only(&AaAttack::STANDARD, eps), 1, &hooks)?;
     let seen = seen.borrow();
-    assert_eq!(seen.iter().map(|s| s.0).collect::<Vec<_>>(), AaAttack::STANDARD);
+    assert_eq!(
+        seen.iter().map(|s| s.0).collect::<Vec<_>>(),
+        AaAttack::STANDARD
+    );
     assert_eq!(seen.iter().map(|s| s.1).collect::<Vec<_>>(), r.robust_after);
     Ok(())
 }
