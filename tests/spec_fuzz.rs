@@ -16,7 +16,9 @@
 //!   (duplicate keys), deleted or cut.
 //!
 //! Each test runs [`DEFAULT_CASES`] cases (`PROPTEST_CASES=N` for more; `PIPE_FUZZ_SHOW=1` prints
-//! the grammar's invalid documents with their errors). The shipped pipelines'
+//! the grammar's invalid documents with their errors) from a fixed seed, so that CI checks the
+//! same documents every time and a failure reproduces; `PIPE_FUZZ_SEED=N` picks another seed,
+//! `PIPE_FUZZ_SEED=random` a new one per run (printed), to explore. The shipped pipelines'
 //! data root is pointed at a two-image folder in a temp dir, so valid mutations get as far as
 //! expansion without reading the real data set.
 
@@ -27,7 +29,7 @@ use std::time::{Duration, Instant};
 
 use pipe_engine::{Overrides, Registry, StatCache};
 use proptest::prelude::*;
-use proptest::test_runner::{Config, TestCaseError, TestRunner};
+use proptest::test_runner::{Config, RngAlgorithm, TestCaseError, TestRng, TestRunner};
 use serde_yaml::Value as Y;
 
 /// Cases per test unless `PROPTEST_CASES` says otherwise.
@@ -43,14 +45,37 @@ fn cases() -> u32 {
         .unwrap_or(DEFAULT_CASES)
 }
 
+/// The seed of every runner: [`DEFAULT_SEED`] unless `PIPE_FUZZ_SEED` says otherwise.
+const DEFAULT_SEED: u64 = 0x5eed_f022;
+
+fn seed() -> u64 {
+    match std::env::var("PIPE_FUZZ_SEED") {
+        Err(_) => DEFAULT_SEED,
+        Ok(s) if s == "random" => {
+            let t = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos());
+            (t as u64) ^ (u64::from(std::process::id()) << 32)
+        }
+        Ok(s) => s
+            .parse()
+            .unwrap_or_else(|_| panic!("PIPE_FUZZ_SEED: expected a number or `random`, got `{s}`")),
+    }
+}
+
 fn runner() -> TestRunner {
-    TestRunner::new(Config {
+    let seed = seed();
+    eprintln!("spec_fuzz: seed {seed} (PIPE_FUZZ_SEED={seed} reproduces this run)");
+    let mut bytes = [0u8; 32];
+    bytes[..8].copy_from_slice(&seed.to_le_bytes());
+    let config = Config {
         cases: cases(),
         // failures print the generated text; no regression files in the source tree
         failure_persistence: None,
         max_shrink_iters: 200,
         ..Config::default()
-    })
+    };
+    TestRunner::new_with_rng(config, TestRng::from_seed(RngAlgorithm::ChaCha, &bytes))
 }
 
 fn registry() -> Registry {
