@@ -381,3 +381,78 @@ fn devices_lists_the_cpu_and_why_there_is_no_cuda() {
     }
     assert!(!dir.store.exists(), "`pipe devices` touched the store");
 }
+
+/// `PIPE_AUTO_DEVICE` fixes what `device: auto` means: it changes the key of a training node
+/// (the backend is keyed) and not of the data; `cuda` on a machine that cannot compute on CUDA
+/// fails the node instead of computing CPU numbers under a CUDA key; a bad value is refused.
+#[test]
+fn pipe_auto_device_fixes_what_auto_means_in_keys_and_at_run_time() {
+    let dir = Dir::new("auto-device");
+    let p = dir.pipeline(
+        "auto.yaml",
+        r#"
+name: auto
+stages:
+  data:
+    kind: dataset
+    params: {source: synthetic, n_classes: 4, n_train: 32, n_test: 8, seed: 1}
+  pretrain:
+    kind: pretrain
+    inputs: {dataset: data}
+    params: {method: simclr, attack: none, views: crop, batch_size: 16, epochs: 1, width: 8, hidden_dim: 32}
+"#,
+    );
+    let plan = |auto: Option<&str>| {
+        let mut c = dir.command(&["plan", &p, "--json"]);
+        match auto {
+            Some(a) => c.env("PIPE_AUTO_DEVICE", a),
+            None => c.env_remove("PIPE_AUTO_DEVICE"),
+        };
+        crate::util::Output::from_process(&["plan"], c.output().expect("pipe plan"))
+            .code(0)
+            .json()
+    };
+    let (cpu, cuda) = (plan(Some("cpu")), plan(Some("cuda")));
+    assert_eq!(node(&cpu, "data")["key"], node(&cuda, "data")["key"]);
+    assert_ne!(
+        node(&cpu, "pretrain")["key"],
+        node(&cuda, "pretrain")["key"]
+    );
+    if !cfg!(feature = "cuda") {
+        let unset = plan(None);
+        assert_eq!(
+            node(&unset, "pretrain")["key"],
+            node(&cpu, "pretrain")["key"]
+        );
+        let run = crate::util::Output::from_process(
+            &["run"],
+            dir.command(&["run", &p, "--json"])
+                .env("PIPE_AUTO_DEVICE", "cuda")
+                .output()
+                .expect("pipe run"),
+        )
+        .code(1);
+        let err = node(&run.json(), "pretrain")["error"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
+        assert!(
+            err.contains("device auto is cuda:0 here (PIPE_AUTO_DEVICE=cuda)"),
+            "{err}"
+        );
+    }
+    let bad = crate::util::Output::from_process(
+        &["devices"],
+        dir.command(&["devices"])
+            .env("PIPE_AUTO_DEVICE", "gpu")
+            .output()
+            .expect("pipe devices"),
+    )
+    .code(2);
+    assert!(
+        bad.stderr
+            .contains("PIPE_AUTO_DEVICE: expected `cpu` or `cuda`, got `gpu`"),
+        "{}",
+        bad.stderr
+    );
+}

@@ -14,5 +14,6 @@ mod gc;
 mod pretrain;
 mod report;
 mod security;
+mod slurm;
 mod spec_fuzz;
 mod storage;

@@ -29,7 +29,10 @@ const EXIT_FAILED: u8 = 1;
 
 pub fn dispatch(cli: Cli) -> Result<u8> {
     let store_path = cli.store.clone();
+    // a bad value would change what `device: auto` means in keys: refuse it up front
+    pipe_stages::device::auto_override().map_err(anyhow::Error::msg)?;
     match cli.command {
+        Command::Exec { key } => crate::slurm::exec(&store_path, &key),
         Command::Run {
             pipeline,
             targets,
@@ -39,6 +42,9 @@ pub fn dispatch(cli: Cli) -> Result<u8> {
             json,
             no_progress,
             no_recompute,
+            executor,
+            sbatch_args,
+            slurm_poll,
         } => {
             let store = open_store(&store_path)?;
             let _lock = store.lock_shared()?;
@@ -61,6 +67,12 @@ pub fn dispatch(cli: Cli) -> Result<u8> {
                 keep_going,
                 ..RunOptions::default()
             };
+            if executor == crate::ExecutorArg::Slurm {
+                opts.executor = crate::slurm::executor(&pipeline, &store, sbatch_args, slurm_poll)?;
+                opts.jobs = crate::slurm::DEFAULT_JOBS;
+            } else if !sbatch_args.is_empty() {
+                anyhow::bail!("--sbatch-arg is for `--executor slurm`");
+            }
             if let Some(j) = jobs {
                 opts.jobs = j.max(1);
             }
@@ -410,7 +422,7 @@ pub fn dispatch(cli: Cli) -> Result<u8> {
     }
 }
 
-fn open_store(path: &Path) -> Result<Store> {
+pub(crate) fn open_store(path: &Path) -> Result<Store> {
     Store::open(path).with_context(|| format!("cannot open the store at {}", path.display()))
 }
 

@@ -10,6 +10,7 @@ mod commands;
 mod devices;
 mod progress;
 mod signals;
+mod slurm;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -73,6 +74,25 @@ pub enum Command {
         /// store's `corrupt/` and recomputing it.
         #[arg(long)]
         no_recompute: bool,
+        /// Where nodes are computed: `local` (this process) or `slurm` (one `sbatch` job per
+        /// node running `pipe exec NODE_KEY`; the store and this binary must be on a file
+        /// system the compute nodes share). With `slurm`, `-j` counts jobs in the queue at once
+        /// (default 256) and `--gpus` does not apply.
+        #[arg(long, value_enum, default_value_t = ExecutorArg::Local)]
+        executor: ExecutorArg,
+        /// An extra `sbatch` argument for every job, repeatable:
+        /// `--sbatch-arg=--partition=gpu --sbatch-arg=--time=12:00:00`.
+        #[arg(long = "sbatch-arg", value_name = "ARG", allow_hyphen_values = true)]
+        sbatch_args: Vec<String>,
+        /// Seconds between two `squeue` polls of a job.
+        #[arg(long, value_name = "SECONDS", default_value_t = 5.0)]
+        slurm_poll: f64,
+    },
+    /// Compute one node of a `pipe run --executor slurm` in this process (what each Slurm job
+    /// runs): the key names the job file the run wrote into the store.
+    Exec {
+        /// The node's full key (64 hex digits).
+        key: String,
     },
     /// Show what a run would do, and why each node would run.
     Plan {
@@ -128,6 +148,15 @@ pub enum Command {
         #[command(subcommand)]
         what: BenchWhat,
     },
+}
+
+/// `pipe run --executor`.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ExecutorArg {
+    /// Worker threads of this process.
+    Local,
+    /// One Slurm job per node.
+    Slurm,
 }
 
 /// What `pipe bench` times.

@@ -43,6 +43,19 @@ pub struct RunOptions {
     pub keep_going: bool,
     /// Recorded in manifests.
     pub pipe_version: String,
+    /// Where nodes run: in this process, or as Slurm jobs.
+    pub executor: Executor,
+}
+
+/// Where the nodes of a run are computed.
+#[derive(Clone, Debug, Default)]
+pub enum Executor {
+    /// On worker threads of this process.
+    #[default]
+    Local,
+    /// One Slurm job per node running `pipe exec NODE_KEY` ([`crate::slurm`]); `--gpus` does
+    /// not apply (Slurm allocates the GPUs).
+    Slurm(crate::slurm::SlurmOptions),
 }
 
 impl Default for RunOptions {
@@ -54,6 +67,7 @@ impl Default for RunOptions {
             gpus: 1,
             keep_going: false,
             pipe_version: env!("CARGO_PKG_VERSION").to_string(),
+            executor: Executor::Local,
         }
     }
 }
@@ -250,7 +264,8 @@ pub fn run(
                     if free_jobs == 0 {
                         break;
                     }
-                    let gpu = nodes[i].resources.gpu;
+                    // Slurm hands out the GPUs of Slurm jobs
+                    let gpu = nodes[i].resources.gpu && matches!(opts.executor, Executor::Local);
                     // with no GPU tokens at all the node starts and fails at once (below) rather
                     // than waiting forever
                     let no_gpus = gpu && opts.gpus == 0;
@@ -274,7 +289,13 @@ pub fn run(
                         let on_wait = &mut |pid| {
                             let _ = tx.send((i, Msg::Event(Event::Waiting(i, pid))));
                         };
-                        let outcome = if no_gpus {
+                        let outcome = if let Executor::Slurm(slurm) = &opts.executor {
+                            match crate::slurm::run_node(slurm, store, &nodes[i], cancel, &report) {
+                                Ok(o) => o,
+                                Err(_) if cancel.load(Ordering::Relaxed) => Outcome::Skipped,
+                                Err(msg) => Outcome::Failed(msg),
+                            }
+                        } else if no_gpus {
                             Outcome::Failed("the node needs a GPU but --gpus is 0".into())
                         } else {
                             match run_node(
@@ -305,7 +326,10 @@ pub fn run(
                 Ok((i, Msg::Done(r))) => {
                     running -= 1;
                     free_jobs += 1;
-                    if nodes[i].resources.gpu && opts.gpus > 0 {
+                    if nodes[i].resources.gpu
+                        && opts.gpus > 0
+                        && matches!(opts.executor, Executor::Local)
+                    {
                         free_gpus += 1;
                     }
                     match &r.outcome {
@@ -364,6 +388,40 @@ pub fn run(
         results,
         interrupted: cancel.load(Ordering::Relaxed),
     }
+}
+
+/// Runs node `i` of `plan` in this process, as a worker of [`run`] would (`pipe exec` on a
+/// Slurm node): its inputs must be committed already. Stage events go to `report`.
+///
+/// # Errors
+/// Why the node failed or was interrupted (nothing is committed then).
+pub fn run_one(
+    plan: &Plan,
+    i: usize,
+    registry: &Registry,
+    store: &Store,
+    opts: &RunOptions,
+    cancel: &AtomicBool,
+    report: &(dyn Fn(StageEvent) + Sync),
+) -> Result<Outcome, String> {
+    let intact = Intact::new(&BTreeSet::new());
+    run_node(
+        plan,
+        i,
+        registry,
+        store,
+        opts,
+        cancel,
+        &host(),
+        report,
+        &mut |pid| {
+            report(StageEvent::Log(match pid {
+                Some(p) => format!("waiting for the key lock held by pid {p}"),
+                None => "waiting for the key lock".into(),
+            }))
+        },
+        &intact,
+    )
 }
 
 fn skip_dependents(

@@ -36,6 +36,7 @@ pub mod key;
 pub mod plan;
 pub mod record;
 pub mod registry;
+pub mod slurm;
 pub mod spec;
 pub mod stage;
 pub mod statcache;
@@ -43,7 +44,7 @@ pub mod testing;
 pub mod value;
 
 pub use error::{BoxError, Error, ParamError, Result, SpecError, SpecErrors};
-pub use exec::{Event, NodeResult, Observer, Outcome, Quiet, RunOptions, Summary};
+pub use exec::{Event, Executor, NodeResult, Observer, Outcome, Quiet, RunOptions, Summary};
 pub use graph::{Graph, Node};
 pub use integrity::{Corruption, OnCorrupt};
 pub use key::NodeKey;

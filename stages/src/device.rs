@@ -1,7 +1,8 @@
 //! Devices: the `device: auto | cpu | cuda:N` param and its candle [`Device`].
 //!
 //! `auto` picks `cuda:0` when this binary was built with the `cuda` feature and the CUDA driver
-//! reports a device, else the CPU. The backend (`cpu` / `cuda`) changes the numbers, so stages
+//! reports a device, else the CPU; `PIPE_AUTO_DEVICE=cpu|cuda` fixes it instead (a Slurm run
+//! plans on a login node for the compute nodes: see [`auto_backend`]). The backend (`cpu` / `cuda`) changes the numbers, so stages
 //! key it (through [`DeviceSpec::backend`]); the ordinal does not.
 //!
 //! [`inventory`] lists what this binary can compute on (`pipe devices`).
@@ -81,8 +82,7 @@ impl DeviceSpec {
         match self {
             DeviceSpec::Cpu => "cpu",
             DeviceSpec::Cuda(_) => "cuda",
-            DeviceSpec::Auto if cuda_usable() => "cuda",
-            DeviceSpec::Auto => "cpu",
+            DeviceSpec::Auto => auto_backend(),
         }
     }
 
@@ -93,7 +93,17 @@ impl DeviceSpec {
     pub fn open(&self) -> candle::Result<Device> {
         match self {
             DeviceSpec::Cpu => Ok(Device::Cpu),
-            DeviceSpec::Auto if self.backend() == "cuda" => Device::new_cuda(0),
+            // CUDA here, or `PIPE_AUTO_DEVICE=cuda` (then a machine without it is an error,
+            // never a silent fall back to numbers the key does not describe)
+            DeviceSpec::Auto if self.backend() == "cuda" => {
+                DeviceSpec::Cuda(0).open().map_err(|e| {
+                    let why = match auto_override() {
+                        Ok(Some(_)) => format!(" ({AUTO_DEVICE_ENV}=cuda)"),
+                        _ => String::new(),
+                    };
+                    candle::Error::Msg(format!("device auto is cuda:0 here{why}, but: {e}"))
+                })
+            }
             DeviceSpec::Auto => Ok(Device::Cpu),
             DeviceSpec::Cuda(n) if Self::cuda_built() => match missing_cuda_library() {
                 None => Device::new_cuda(*n),
@@ -104,6 +114,41 @@ impl DeviceSpec {
             ),
         }
     }
+}
+
+/// The environment variable that fixes what `device: auto` resolves to.
+pub const AUTO_DEVICE_ENV: &str = "PIPE_AUTO_DEVICE";
+
+/// What [`AUTO_DEVICE_ENV`] says `auto` is: `Ok(None)` when unset or empty, else `cpu` or
+/// `cuda`, or an error for any other value (the CLI refuses to start with it).
+///
+/// # Errors
+/// A value other than `cpu` and `cuda`.
+pub fn auto_override() -> Result<Option<&'static str>, String> {
+    match std::env::var(AUTO_DEVICE_ENV) {
+        Err(std::env::VarError::NotPresent) => Ok(None),
+        Ok(v) if v.is_empty() => Ok(None),
+        Ok(v) if v == "cpu" => Ok(Some("cpu")),
+        Ok(v) if v == "cuda" => Ok(Some("cuda")),
+        Ok(v) => Err(format!(
+            "{AUTO_DEVICE_ENV}: expected `cpu` or `cuda`, got `{v}`"
+        )),
+        Err(e) => Err(format!("{AUTO_DEVICE_ENV}: {e}")),
+    }
+}
+
+/// The backend `device: auto` resolves to, here and in node keys: what [`AUTO_DEVICE_ENV`]
+/// says when set (so that a run planned on a login node without a GPU keys, and its Slurm jobs
+/// compute, `auto` nodes for the GPU nodes), else `cuda` where [`cuda_usable`], else `cpu`.
+/// Read once per process.
+pub fn auto_backend() -> &'static str {
+    use std::sync::OnceLock;
+    static AUTO: OnceLock<&'static str> = OnceLock::new();
+    AUTO.get_or_init(|| match auto_override() {
+        Ok(Some(b)) => b,
+        _ if cuda_usable() => "cuda",
+        _ => "cpu",
+    })
 }
 
 /// Whether this binary can use CUDA here: it was built with the `cuda` feature, the CUDA
@@ -253,7 +298,7 @@ pub fn inventory() -> Inventory {
     Inventory {
         cuda_built: DeviceSpec::cuda_built(),
         cuda_kernels_for: cuda::KERNELS_FOR,
-        auto: if cuda_state().is_ok() {
+        auto: if auto_backend() == "cuda" {
             "cuda:0"
         } else {
             "cpu"

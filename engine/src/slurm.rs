@@ -1,0 +1,331 @@
+//! The Slurm executor: every node that must run becomes one `sbatch` job running
+//! `pipe exec NODE_KEY` on a compute node; the store sits on a file system both see.
+//!
+//! For each ready node the coordinator (a worker thread of [`crate::exec::run`], holding one
+//! `-j` slot) writes the job file `jobs/<key>.json` into the store, saying which pipeline file
+//! and overrides the key came from, and submits
+//!
+//! ```text
+//! sbatch --parsable --job-name pipe:<node> --output <store>/jobs/<key>.out [--gres gpu:1]
+//!        <--sbatch-arg ...> --wrap '<pipe> --store <store> exec <key>'
+//! ```
+//!
+//! `pipe exec` loads that pipeline again, finds the node whose key is `<key>` (refusing if the
+//! file changed meanwhile so that no node has it any more), and runs it as a local run would:
+//! key lock, input re-check, stage, declared outputs, commit. The coordinator polls `squeue`
+//! until the job has left the queue, then looks in the store: an entry means `ran`; none means
+//! `failed`, with the tail of the job's output in the message (the stage's own log is in the
+//! store's `failed/`, as for a local run, so `pipe log` shows it). Ctrl-C `scancel`s the jobs in
+//! flight. A node another run committed meanwhile is not submitted (`cached`).
+//!
+//! A GPU node (one that claims the scheduler's `gpu` resource) asks for `--gres gpu:1`; how
+//! many run at once is Slurm's business, so `--gpus` does not limit them.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use pipe_cache::{Store, now_rfc3339, write_atomic};
+use serde_json::{Value, json};
+
+use crate::exec::Outcome;
+use crate::graph::Node;
+use crate::stage::StageEvent;
+
+/// How to submit to Slurm.
+#[derive(Clone, Debug)]
+pub struct SlurmOptions {
+    /// The command that runs `pipe` on a compute node, up to (not including) `exec KEY`:
+    /// `[<pipe>, --store, <store>]`.
+    pub pipe: Vec<String>,
+    /// Environment the job's command line sets (`PIPE_AUTO_DEVICE`, so that `device: auto`
+    /// resolves there as it did for the key).
+    pub env: Vec<(String, String)>,
+    /// Extra `sbatch` arguments (`--partition gpu`, `--time 12:00:00`, ...).
+    pub sbatch_args: Vec<String>,
+    /// What `pipe exec` needs to rebuild the plan (pipeline file, overrides), written into each
+    /// job file beside the node and key.
+    pub job: Value,
+    /// How often `squeue` is asked.
+    pub poll: Duration,
+    /// The `sbatch`, `squeue` and `scancel` programs (found on PATH by default).
+    pub programs: [String; 3],
+}
+
+impl Default for SlurmOptions {
+    fn default() -> Self {
+        SlurmOptions {
+            pipe: vec!["pipe".into()],
+            env: Vec::new(),
+            sbatch_args: Vec::new(),
+            job: json!({}),
+            poll: Duration::from_secs(5),
+            programs: ["sbatch".into(), "squeue".into(), "scancel".into()],
+        }
+    }
+}
+
+/// The store's folder of job files and job outputs.
+pub fn jobs_dir(store: &Store) -> PathBuf {
+    store.root().join("jobs")
+}
+
+/// `jobs/<key>.json`.
+pub fn job_file(store: &Store, key: &pipe_cache::Key) -> PathBuf {
+    jobs_dir(store).join(format!("{}.json", key.hex()))
+}
+
+/// `jobs/<key>.out`: what the job printed.
+pub fn job_output(store: &Store, key: &pipe_cache::Key) -> PathBuf {
+    jobs_dir(store).join(format!("{}.out", key.hex()))
+}
+
+/// Quotes one word for `sh`.
+fn sh_quote(s: &str) -> String {
+    if !s.is_empty()
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_./:=,+@%".contains(&b))
+    {
+        s.to_string()
+    } else {
+        format!("'{}'", s.replace('\'', r"'\''"))
+    }
+}
+
+/// The `sbatch` arguments for `node` (without the program).
+pub fn sbatch_args(opts: &SlurmOptions, store: &Store, node: &Node) -> Vec<String> {
+    let key = node.key.key();
+    let mut wrap: Vec<String> = Vec::new();
+    if !opts.env.is_empty() {
+        wrap.push("env".into());
+        wrap.extend(opts.env.iter().map(|(k, v)| format!("{k}={v}")));
+    }
+    wrap.extend(opts.pipe.iter().cloned());
+    wrap.push("exec".into());
+    wrap.push(key.hex());
+    let mut args = vec![
+        "--parsable".to_string(),
+        "--job-name".into(),
+        format!("pipe:{}", node.id),
+        "--output".into(),
+        job_output(store, key).display().to_string(),
+    ];
+    if node.resources.gpu {
+        args.extend(["--gres".into(), "gpu:1".into()]);
+    }
+    args.extend(opts.sbatch_args.iter().cloned());
+    args.push("--wrap".into());
+    args.push(
+        wrap.iter()
+            .map(|w| sh_quote(w))
+            .collect::<Vec<_>>()
+            .join(" "),
+    );
+    args
+}
+
+/// The last `n` lines of a file (empty if it cannot be read).
+fn tail(path: &Path, n: usize) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n    ")
+}
+
+/// Runs `program args`, returning stdout, or an error naming the program and its stderr.
+fn call(program: &str, args: &[String]) -> Result<String, String> {
+    let out = Command::new(program)
+        .args(args)
+        .output()
+        .map_err(|e| format!("cannot run `{program}`: {e} (is Slurm installed here?)"))?;
+    if !out.status.success() {
+        return Err(format!(
+            "`{program}` failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        ));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Submits `node` and waits for its job; the outcome as [`crate::exec::run`] reports it.
+pub(crate) fn run_node(
+    opts: &SlurmOptions,
+    store: &Store,
+    node: &Node,
+    cancel: &AtomicBool,
+    report: &(dyn Fn(StageEvent) + Sync),
+) -> Result<Outcome, String> {
+    let key = node.key.key();
+    if store.contains(key) {
+        return Ok(Outcome::Cached);
+    }
+    let dir = jobs_dir(store);
+    std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    let mut job = opts.job.clone();
+    if !job.is_object() {
+        job = json!({});
+    }
+    job["key"] = json!(key.hex());
+    job["node"] = json!(node.id);
+    job["submitted"] = json!(now_rfc3339());
+    let file = job_file(store, key);
+    let text = serde_json::to_vec_pretty(&job).map_err(|e| e.to_string())?;
+    write_atomic(&file, &text).map_err(|e| e.to_string())?;
+    let output = job_output(store, key);
+    let _ = std::fs::remove_file(&output);
+
+    let [sbatch, squeue, scancel] = &opts.programs;
+    let submitted = call(sbatch, &sbatch_args(opts, store, node))?;
+    // `--parsable`: `<id>` or `<id>;<cluster>`
+    let id = submitted
+        .lines()
+        .next()
+        .and_then(|l| l.split(';').next())
+        .map(str::trim)
+        .filter(|id| !id.is_empty() && id.bytes().all(|b| b.is_ascii_digit() || b == b'_'))
+        .ok_or_else(|| format!("`{sbatch}` printed no job id: `{}`", submitted.trim()))?
+        .to_string();
+    tracing::info!(node = %node.id, job = %id, "submitted");
+    report(StageEvent::Log(format!("Slurm job {id} submitted")));
+
+    let mut state = String::new();
+    let mut misses = 0;
+    let t0 = Instant::now();
+    loop {
+        if cancel.load(Ordering::Relaxed) {
+            let _ = call(scancel, std::slice::from_ref(&id));
+            return Err(format!("interrupted (Slurm job {id} cancelled)"));
+        }
+        // `squeue -h -j ID -o %T`: the state while queued or running, nothing (or an
+        // "Invalid job id" error) once it has left the queue
+        let now = match call(
+            squeue,
+            &[
+                "-h".into(),
+                "-j".into(),
+                id.clone(),
+                "-o".into(),
+                "%T".into(),
+            ],
+        ) {
+            Ok(s) => s.trim().to_string(),
+            Err(e) if e.contains("Invalid job id") => String::new(),
+            Err(e) => {
+                // a busy controller: try again a few times before giving up on the job
+                misses += 1;
+                if misses > 20 {
+                    return Err(format!("Slurm job {id}: {e}"));
+                }
+                std::thread::sleep(opts.poll);
+                continue;
+            }
+        };
+        misses = 0;
+        if now.is_empty()
+            || matches!(
+                now.as_str(),
+                "COMPLETED"
+                    | "FAILED"
+                    | "CANCELLED"
+                    | "TIMEOUT"
+                    | "OUT_OF_MEMORY"
+                    | "NODE_FAIL"
+                    | "PREEMPTED"
+                    | "BOOT_FAIL"
+                    | "DEADLINE"
+            )
+        {
+            break;
+        }
+        if now != state {
+            report(StageEvent::Progress {
+                done: 0,
+                total: 1,
+                message: format!("Slurm job {id} {}", now.to_lowercase()),
+            });
+            state = now;
+        }
+        std::thread::sleep(opts.poll);
+    }
+    tracing::info!(node = %node.id, job = %id, seconds = t0.elapsed().as_secs_f64(), "job ended");
+    if store.contains(key) {
+        let _ = std::fs::remove_file(&file);
+        let _ = std::fs::remove_file(&output);
+        return Ok(Outcome::Ran);
+    }
+    let mut msg = format!(
+        "Slurm job {id} ended without committing the node; its output ({}) ends with:\n    {}",
+        output.display(),
+        tail(&output, 15)
+    );
+    if !output.exists() {
+        msg = format!(
+            "Slurm job {id} ended without committing the node and left no output at {} \
+             (is the store on a file system the compute nodes share?)",
+            output.display()
+        );
+    }
+    Err(msg)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn words_are_quoted_for_sh() {
+        assert_eq!(sh_quote("/opt/pipe"), "/opt/pipe");
+        assert_eq!(sh_quote("a b"), "'a b'");
+        assert_eq!(sh_quote("it's"), r"'it'\''s'");
+        assert_eq!(sh_quote(""), "''");
+        assert_eq!(sh_quote("$HOME"), "'$HOME'");
+    }
+
+    #[test]
+    fn a_gpu_node_asks_for_one_gpu_and_the_wrap_runs_pipe_exec_with_its_key() {
+        let root = std::env::temp_dir().join(format!("pipe-slurm-unit-{}", std::process::id()));
+        let store = Store::open(&root).expect("store");
+        let key: pipe_cache::Key = "ab".repeat(32).parse().expect("key");
+        let mut node = Node {
+            key: crate::NodeKey(key),
+            kind: "pretrain".into(),
+            version: 1,
+            id: "pretrain[m=3]".into(),
+            aliases: Vec::new(),
+            stages: vec!["pretrain".into()],
+            params: json!({}),
+            external: Default::default(),
+            inputs: Default::default(),
+            resources: crate::Resources { gpu: true },
+            outputs: Vec::new(),
+        };
+        let opts = SlurmOptions {
+            pipe: vec!["/opt/my pipe/pipe".into(), "--store".into(), "/s".into()],
+            env: vec![("PIPE_AUTO_DEVICE".into(), "cuda".into())],
+            sbatch_args: vec!["--time=1:00:00".into()],
+            ..SlurmOptions::default()
+        };
+        let args = sbatch_args(&opts, &store, &node);
+        let hex = "ab".repeat(32);
+        let out = root.join("jobs").join(format!("{hex}.out"));
+        assert_eq!(
+            args,
+            [
+                "--parsable",
+                "--job-name",
+                "pipe:pretrain[m=3]",
+                "--output",
+                &out.display().to_string(),
+                "--gres",
+                "gpu:1",
+                "--time=1:00:00",
+                "--wrap",
+                &format!("env PIPE_AUTO_DEVICE=cuda '/opt/my pipe/pipe' --store /s exec {hex}"),
+            ]
+        );
+        node.resources.gpu = false;
+        assert!(!sbatch_args(&opts, &store, &node).contains(&"--gres".to_string()));
+        let _ = std::fs::remove_dir_all(&root);
+    }
+}

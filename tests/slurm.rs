@@ -1,0 +1,334 @@
+//! `pipe run --executor slurm` and `pipe exec` against a stand-in Slurm: `sbatch` runs the job's
+//! `--wrap` command in the background in a session of its own (its pid is the job id) and
+//! records its arguments, `squeue` says RUNNING while that process lives, `scancel` sends
+//! SIGTERM to its session. Everything else is the real protocol: job files in the store, one
+//! `pipe exec NODE_KEY` per node, results read back from the store.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::Duration;
+
+use serde_json::Value;
+
+use crate::caching::entry_file;
+use crate::util::{Dir, Output, drain, group_members, node, statuses, wait_exit, wait_until};
+
+const SBATCH: &str = r#"#!/bin/sh
+# stand-in sbatch: one file of arguments per submission, the job in the background
+printf '%s\n' "$@" > "$FAKE_SLURM/sbatch.$(date +%s%N).$$"
+out=/dev/null; wrap=""
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --output) out="$2"; shift 2 ;;
+    --wrap) wrap="$2"; shift 2 ;;
+    --job-name|--gres) shift 2 ;;
+    *) shift ;;
+  esac
+done
+[ -n "$wrap" ] || { echo "sbatch: error: no --wrap" >&2; exit 1; }
+setsid sh -c "$wrap" > "$out" 2>&1 < /dev/null &
+echo "$!"
+"#;
+
+const SQUEUE: &str = r#"#!/bin/sh
+# stand-in squeue -h -j ID -o %T: RUNNING while the job's process lives (not a zombie)
+id=""
+while [ $# -gt 0 ]; do
+  case "$1" in -j) id="$2"; shift 2 ;; *) shift ;; esac
+done
+state=$(cut -d' ' -f3 "/proc/$id/stat" 2>/dev/null)
+case "$state" in ""|Z) ;; *) echo RUNNING ;; esac
+"#;
+
+const SCANCEL: &str = r#"#!/bin/sh
+echo "$1" >> "$FAKE_SLURM/scancel.log"
+kill -s TERM -- "-$1"
+"#;
+
+/// A work dir whose `pipe` sees the stand-in Slurm first on PATH.
+struct Cluster {
+    dir: Dir,
+    bin: PathBuf,
+}
+
+impl Cluster {
+    fn new(name: &str) -> Cluster {
+        let dir = Dir::new(name);
+        let bin = dir.path("fake-slurm");
+        std::fs::create_dir_all(&bin).expect("fake-slurm/");
+        for (name, text) in [("sbatch", SBATCH), ("squeue", SQUEUE), ("scancel", SCANCEL)] {
+            let p = dir.write(&format!("fake-slurm/{name}"), text);
+            std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        }
+        Cluster { dir, bin }
+    }
+
+    fn command(&self, args: &[&str]) -> Command {
+        let mut c = self.dir.command(args);
+        let path = std::env::var("PATH").unwrap_or_default();
+        c.env("PATH", format!("{}:{path}", self.bin.display()))
+            .env("FAKE_SLURM", &self.bin)
+            .env_remove("PIPE_AUTO_DEVICE");
+        c
+    }
+
+    fn pipe(&self, args: &[&str]) -> Output {
+        Output::from_process(args, self.command(args).output().expect("start pipe"))
+    }
+
+    /// The arguments of every submission, in order.
+    fn submissions(&self) -> Vec<Vec<String>> {
+        // `sbatch.<ns since 1970>.<pid>`: the names sort by time
+        let mut files: Vec<(String, PathBuf)> = std::fs::read_dir(&self.bin)
+            .expect("fake-slurm/")
+            .flatten()
+            .map(|e| (e.file_name().to_string_lossy().to_string(), e.path()))
+            .filter(|(name, _)| name.starts_with("sbatch."))
+            .collect();
+        files.sort();
+        files
+            .into_iter()
+            .map(|(_, p)| {
+                std::fs::read_to_string(p)
+                    .expect("a submission")
+                    .lines()
+                    .map(str::to_string)
+                    .collect()
+            })
+            .collect()
+    }
+}
+
+/// The value after `flag` in one submission's arguments.
+fn arg<'a>(sub: &'a [String], flag: &str) -> &'a str {
+    let i = sub
+        .iter()
+        .position(|a| a == flag)
+        .unwrap_or_else(|| panic!("no {flag} in {sub:?}"));
+    &sub[i + 1]
+}
+
+const SWEEP: &str = r#"
+name: cluster
+stages:
+  a:
+    kind: shell
+    params:
+      cmd: echo a >> runs.log; echo 10 > "$PIPE_OUT/v"
+      outputs: [v]
+  b:
+    kind: shell
+    inputs: {up: a}
+    sweep: {n: [2, 5]}
+    params:
+      cmd: echo "b $PIPE_PARAM_n" >> runs.log; echo $(( $(cat "$PIPE_IN_up/v") * PIPE_PARAM_n )) > "$PIPE_OUT/v"
+      outputs: [v]
+"#;
+
+#[test]
+fn every_node_runs_as_one_slurm_job_with_the_keys_of_a_local_run() {
+    let c = Cluster::new("slurm");
+    let p = c.dir.pipeline("cluster.yaml", SWEEP);
+    let out = c
+        .pipe(&[
+            "run",
+            &p,
+            "--executor",
+            "slurm",
+            "--slurm-poll",
+            "0.05",
+            "--sbatch-arg=--partition=gpu",
+            "--json",
+        ])
+        .code(0);
+    let doc = out.json();
+    assert_eq!(
+        statuses(&doc),
+        crate::util::expect(&[("a", "ran"), ("b[n=2]", "ran"), ("b[n=5]", "ran")])
+    );
+    assert_eq!(entry_file(&c.dir, &p, "b[n=2]", "v"), "20\n");
+    assert_eq!(entry_file(&c.dir, &p, "b[n=5]", "v"), "50\n");
+    assert_eq!(c.dir.count("runs.log", "a"), 1);
+
+    // one job per node, `a` first (its dependents wait for its entry)
+    let subs = c.submissions();
+    assert_eq!(subs.len(), 3, "{subs:?}");
+    assert_eq!(arg(&subs[0], "--job-name"), "pipe:a");
+    for sub in &subs {
+        assert!(sub.contains(&"--parsable".to_string()), "{sub:?}");
+        assert!(sub.contains(&"--partition=gpu".to_string()), "{sub:?}");
+        assert!(
+            !sub.contains(&"--gres".to_string()),
+            "shell nodes need no GPU: {sub:?}"
+        );
+        let name = arg(sub, "--job-name")
+            .strip_prefix("pipe:")
+            .expect("pipe:<node>");
+        let key = node(&doc, name)["key"].as_str().expect("key").to_string();
+        let wrap = arg(sub, "--wrap");
+        assert!(
+            wrap.contains(&format!(" exec {key}")) && wrap.contains("PIPE_AUTO_DEVICE=cpu"),
+            "{wrap}"
+        );
+        assert!(
+            arg(sub, "--output").ends_with(&format!("jobs/{key}.out")),
+            "{sub:?}"
+        );
+    }
+    // finished jobs leave no job file or output behind
+    let left: Vec<_> = std::fs::read_dir(c.dir.store.join("jobs"))
+        .expect("jobs/")
+        .flatten()
+        .map(|e| e.file_name())
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
+
+    // the same nodes locally: all cached under the same keys; and nothing is resubmitted
+    let local = c.dir.json(&["run", &p], 0);
+    for id in ["a", "b[n=2]", "b[n=5]"] {
+        assert_eq!(node(&local, id)["status"], "cached");
+        assert_eq!(node(&local, id)["key"], node(&doc, id)["key"]);
+    }
+    let again = c
+        .pipe(&["run", &p, "--executor", "slurm", "--json"])
+        .code(0)
+        .json();
+    assert_eq!(again["cached"], 3);
+    assert_eq!(c.submissions().len(), 3);
+}
+
+#[test]
+fn a_failed_job_fails_its_node_with_the_output_and_pipe_log_shows_the_stage_log() {
+    let c = Cluster::new("slurm-fail");
+    let p = c.dir.pipeline(
+        "fail.yaml",
+        r#"
+name: fail
+stages:
+  up:
+    kind: shell
+    params: {cmd: 'echo 1 > "$PIPE_OUT/v"'}
+  bad:
+    kind: shell
+    inputs: {up: up}
+    params: {cmd: 'echo "boom from the job" >&2; exit 3'}
+  after:
+    kind: shell
+    inputs: {x: bad}
+    params: {cmd: 'true'}
+"#,
+    );
+    let out = c
+        .pipe(&[
+            "run",
+            &p,
+            "--executor",
+            "slurm",
+            "--slurm-poll",
+            "0.05",
+            "--json",
+        ])
+        .code(1);
+    let doc = out.json();
+    assert_eq!(
+        statuses(&doc),
+        crate::util::expect(&[("up", "ran"), ("bad", "failed"), ("after", "skipped")])
+    );
+    let err = node(&doc, "bad")["error"]
+        .as_str()
+        .expect("error")
+        .to_string();
+    assert!(
+        err.contains("Slurm job") && err.contains("boom from the job") && err.contains("code 3"),
+        "{err}"
+    );
+    assert_eq!(c.submissions().len(), 2, "`after` is never submitted");
+    let log = c.dir.pipe(&["log", &p, "bad"]).code(0);
+    assert!(log.stdout.contains("boom from the job"), "{}", log.stdout);
+
+    // the failed job's file stays: `pipe exec` reruns it by hand, and refuses once the
+    // pipeline no longer has that node
+    let key = node(&doc, "bad")["key"].as_str().expect("key").to_string();
+    assert!(c.dir.store.join(format!("jobs/{key}.json")).is_file());
+    let again = c.pipe(&["exec", &key]).code(1);
+    assert!(
+        again.stderr.contains("boom from the job"),
+        "{}",
+        again.stderr
+    );
+    c.dir.pipeline(
+        "fail.yaml",
+        &std::fs::read_to_string(&p)
+            .expect("read")
+            .replace("exit 3", "exit 0"),
+    );
+    let changed = c.pipe(&["exec", &key]).code(2);
+    assert!(
+        changed.stderr.contains("has no node with key") && changed.stderr.contains("`bad`"),
+        "{}",
+        changed.stderr
+    );
+    let bad = c.pipe(&["exec", "xyz"]).code(2);
+    assert!(bad.stderr.contains("not a node key"), "{}", bad.stderr);
+    let unknown = c.pipe(&["exec", &"0".repeat(64)]).code(2);
+    assert!(unknown.stderr.contains("no job file"), "{}", unknown.stderr);
+}
+
+#[test]
+fn sigterm_cancels_the_jobs_in_flight() {
+    let c = Cluster::new("slurm-cancel");
+    let p = c.dir.pipeline(
+        "slow.yaml",
+        r#"
+name: slow
+stages:
+  slow:
+    kind: shell
+    params: {cmd: 'echo $$ > started.tmp && mv started.tmp started; sleep 120'}
+"#,
+    );
+    let args = [
+        "run",
+        p.as_str(),
+        "--executor",
+        "slurm",
+        "--slurm-poll",
+        "0.05",
+    ];
+    let mut child = c
+        .command(&args)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("start pipe");
+    wait_until(
+        Duration::from_secs(20),
+        "the job's command to start",
+        || c.dir.path("started").exists(),
+    );
+    let pid = i32::try_from(child.id()).expect("pid");
+    crate::util::signal(pid, libc::SIGTERM);
+    let status = wait_exit(&mut child, Duration::from_secs(20));
+    let out = drain(child, &args);
+    assert_eq!(status.code(), Some(143), "{}", out.stderr);
+    let cancelled = std::fs::read_to_string(c.bin.join("scancel.log")).expect("scancel was called");
+    let job: i32 = cancelled
+        .trim()
+        .parse()
+        .unwrap_or_else(|e| panic!("scancel got `{cancelled}`: {e}"));
+    assert_eq!(c.submissions().len(), 1);
+    // the job (`pipe exec`, its own session in the stand-in) is gone, and so is the stage's
+    // command with its `sleep` (`pipe exec` stopped it as a local run does)
+    let stage: i32 = c
+        .dir
+        .read("started")
+        .trim()
+        .parse()
+        .expect("the stage's pid");
+    wait_until(Duration::from_secs(20), "the cancelled job to end", || {
+        group_members(job).is_empty() && group_members(stage).is_empty()
+    });
+    let show: Value = c.dir.json(&["show", &p], 0);
+    assert_ne!(node(&show, "slow")["status"], "cached");
+}
