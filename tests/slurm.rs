@@ -28,17 +28,18 @@ while [ $# -gt 0 ]; do
 done
 [ -n "$wrap" ] || { echo "sbatch: error: no --wrap" >&2; exit 1; }
 setsid sh -c "$wrap" > "$out" 2>&1 < /dev/null &
+echo "$!" >> "$FAKE_SLURM/jobs.log"
 echo "$!"
 "#;
 
 const SQUEUE: &str = r#"#!/bin/sh
-# stand-in squeue -h -j ID -o %T: RUNNING while the job's process lives (not a zombie)
-id=""
-while [ $# -gt 0 ]; do
-  case "$1" in -j) id="$2"; shift 2 ;; *) shift ;; esac
-done
-state=$(cut -d' ' -f3 "/proc/$id/stat" 2>/dev/null)
-case "$state" in ""|Z) ;; *) echo RUNNING ;; esac
+# stand-in squeue -h -u UID -o '%i %T': every submitted job whose process lives (not a zombie)
+echo "$*" >> "$FAKE_SLURM/squeue.log"
+[ -f "$FAKE_SLURM/jobs.log" ] || exit 0
+while read -r id; do
+  state=$(cut -d' ' -f3 "/proc/$id/stat" 2>/dev/null)
+  case "$state" in ""|Z) ;; *) echo "$id RUNNING" ;; esac
+done < "$FAKE_SLURM/jobs.log"
 "#;
 
 const SCANCEL: &str = r#"#!/bin/sh
@@ -176,6 +177,13 @@ fn every_node_runs_as_one_slurm_job_with_the_keys_of_a_local_run() {
             "{sub:?}"
         );
     }
+    // one `squeue` per poll for all the run's jobs, listing this user's jobs
+    let polls = std::fs::read_to_string(c.bin.join("squeue.log")).expect("squeue was asked");
+    let uid = std::os::unix::fs::MetadataExt::uid(&std::fs::metadata("/proc/self").expect("me"));
+    assert!(
+        polls.lines().all(|l| l == format!("-h -u {uid} -o %i %T")),
+        "{polls}"
+    );
     // finished jobs leave no job file or output behind
     let left: Vec<_> = std::fs::read_dir(c.dir.store.join("jobs"))
         .expect("jobs/")

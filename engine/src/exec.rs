@@ -252,6 +252,8 @@ pub fn run(
     let host = host();
     let intact = Intact::new(&plan.checked);
     let intact = &intact;
+    let queue = crate::slurm::Queue::default();
+    let queue = &queue;
     let (tx, rx) = mpsc::channel::<(usize, Msg)>();
     std::thread::scope(|scope| {
         loop {
@@ -290,7 +292,9 @@ pub fn run(
                             let _ = tx.send((i, Msg::Event(Event::Waiting(i, pid))));
                         };
                         let outcome = if let Executor::Slurm(slurm) = &opts.executor {
-                            match crate::slurm::run_node(slurm, store, &nodes[i], cancel, &report) {
+                            match crate::slurm::run_node(
+                                slurm, queue, store, &nodes[i], cancel, &report,
+                            ) {
                                 Ok(o) => o,
                                 Err(_) if cancel.load(Ordering::Relaxed) => Outcome::Skipped,
                                 Err(msg) => Outcome::Failed(msg),

@@ -12,8 +12,9 @@
 //!
 //! `pipe exec` loads that pipeline again, finds the node whose key is `<key>` (refusing if the
 //! file changed meanwhile so that no node has it any more), and runs it as a local run would:
-//! key lock, input re-check, stage, declared outputs, commit. The coordinator polls `squeue`
-//! until the job has left the queue, then looks in the store: an entry means `ran`; none means
+//! key lock, input re-check, stage, declared outputs, commit. The coordinator asks `squeue`
+//! (once per poll for all the run's jobs: `squeue -h -u <uid> -o '%i %T'`) until the job has
+//! left the queue, then looks in the store: an entry means `ran`; none means
 //! `failed`, with the tail of the job's output in the message (the stage's own log is in the
 //! store's `failed/`, as for a local run, so `pipe log` shows it). Ctrl-C `scancel`s the jobs in
 //! flight. A node another run committed meanwhile is not submitted (`cached`).
@@ -21,8 +22,10 @@
 //! A GPU node (one that claims the scheduler's `gpu` resource) asks for `--gres gpu:1`; how
 //! many run at once is Slurm's business, so `--gpus` does not limit them.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
@@ -148,9 +151,123 @@ fn call(program: &str, args: &[String]) -> Result<String, String> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
+/// Where a job is, as `squeue` last said.
+enum JobState {
+    /// In the queue, in this state (`PENDING`, `RUNNING`, `COMPLETING`, ...).
+    In(String),
+    /// Gone from the queue.
+    Ended,
+}
+
+/// The jobs of one run and their states, from one `squeue -u <uid>` per poll for all of them
+/// (a thread per job asking `squeue -j` every few seconds would load the controller).
+#[derive(Default)]
+pub(crate) struct Queue {
+    inner: Mutex<QueueState>,
+}
+
+#[derive(Default)]
+struct QueueState {
+    /// Job id -> consecutive polls that did not list it.
+    watched: HashMap<String, u32>,
+    /// Job id -> state, from the last poll.
+    states: HashMap<String, String>,
+    last: Option<Instant>,
+    /// Consecutive failed polls.
+    failures: u32,
+}
+
+impl Queue {
+    fn watch(&self, id: &str) {
+        self.lock().watched.insert(id.to_string(), 0);
+    }
+
+    fn forget(&self, id: &str) {
+        self.lock().watched.remove(id);
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, QueueState> {
+        self.inner
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// The state of job `id`, polling `squeue` if the last poll is older than `opts.poll`. A
+    /// job counts as ended once two polls in a row did not list it (a job just submitted may
+    /// not be listed yet).
+    fn state(&self, id: &str, opts: &SlurmOptions) -> Result<JobState, String> {
+        let mut q = self.lock();
+        if q.last.is_none_or(|t| t.elapsed() >= opts.poll) {
+            q.last = Some(Instant::now());
+            match poll(&opts.programs[1]) {
+                Ok(states) => {
+                    q.failures = 0;
+                    let QueueState { watched, .. } = &mut *q;
+                    for (job, misses) in watched.iter_mut() {
+                        *misses = if states.contains_key(job) {
+                            0
+                        } else {
+                            *misses + 1
+                        };
+                    }
+                    q.states = states;
+                }
+                Err(e) => {
+                    // a busy controller: keep the last answer a while before giving up
+                    q.failures += 1;
+                    if q.failures > 20 {
+                        return Err(format!("Slurm job {id}: {e}"));
+                    }
+                    tracing::warn!("{e}");
+                }
+            }
+        }
+        if q.watched.get(id).is_some_and(|&misses| misses >= 2) {
+            return Ok(JobState::Ended);
+        }
+        Ok(match q.states.get(id) {
+            Some(s) if !ENDED.contains(&s.as_str()) => JobState::In(s.clone()),
+            Some(_) => JobState::Ended,
+            None => JobState::In("PENDING".into()),
+        })
+    }
+}
+
+/// States of a job that will not run again.
+const ENDED: [&str; 10] = [
+    "COMPLETED",
+    "FAILED",
+    "CANCELLED",
+    "TIMEOUT",
+    "OUT_OF_MEMORY",
+    "NODE_FAIL",
+    "PREEMPTED",
+    "BOOT_FAIL",
+    "DEADLINE",
+    "SPECIAL_EXIT",
+];
+
+/// `squeue -h -u <uid> -o '%i %T'`: job id -> state, for every job of this user.
+fn poll(squeue: &str) -> Result<HashMap<String, String>, String> {
+    use std::os::unix::fs::MetadataExt;
+    let uid = std::fs::metadata("/proc/self")
+        .map(|m| m.uid())
+        .map_err(|e| format!("cannot tell this process's user: {e}"))?;
+    let args = ["-h", "-u", &uid.to_string(), "-o", "%i %T"].map(str::to_string);
+    let out = call(squeue, &args)?;
+    Ok(out
+        .lines()
+        .filter_map(|l| {
+            let mut f = l.split_whitespace();
+            Some((f.next()?.to_string(), f.next()?.to_string()))
+        })
+        .collect())
+}
+
 /// Submits `node` and waits for its job; the outcome as [`crate::exec::run`] reports it.
 pub(crate) fn run_node(
     opts: &SlurmOptions,
+    queue: &Queue,
     store: &Store,
     node: &Node,
     cancel: &AtomicBool,
@@ -175,7 +292,7 @@ pub(crate) fn run_node(
     let output = job_output(store, key);
     let _ = std::fs::remove_file(&output);
 
-    let [sbatch, squeue, scancel] = &opts.programs;
+    let [sbatch, _, scancel] = &opts.programs;
     let submitted = call(sbatch, &sbatch_args(opts, store, node))?;
     // `--parsable`: `<id>` or `<id>;<cluster>`
     let id = submitted
@@ -189,65 +306,33 @@ pub(crate) fn run_node(
     tracing::info!(node = %node.id, job = %id, "submitted");
     report(StageEvent::Log(format!("Slurm job {id} submitted")));
 
+    queue.watch(&id);
     let mut state = String::new();
-    let mut misses = 0;
     let t0 = Instant::now();
-    loop {
+    let ended = loop {
         if cancel.load(Ordering::Relaxed) {
+            queue.forget(&id);
             let _ = call(scancel, std::slice::from_ref(&id));
             return Err(format!("interrupted (Slurm job {id} cancelled)"));
         }
-        // `squeue -h -j ID -o %T`: the state while queued or running, nothing (or an
-        // "Invalid job id" error) once it has left the queue
-        let now = match call(
-            squeue,
-            &[
-                "-h".into(),
-                "-j".into(),
-                id.clone(),
-                "-o".into(),
-                "%T".into(),
-            ],
-        ) {
-            Ok(s) => s.trim().to_string(),
-            Err(e) if e.contains("Invalid job id") => String::new(),
-            Err(e) => {
-                // a busy controller: try again a few times before giving up on the job
-                misses += 1;
-                if misses > 20 {
-                    return Err(format!("Slurm job {id}: {e}"));
-                }
-                std::thread::sleep(opts.poll);
-                continue;
-            }
-        };
-        misses = 0;
-        if now.is_empty()
-            || matches!(
-                now.as_str(),
-                "COMPLETED"
-                    | "FAILED"
-                    | "CANCELLED"
-                    | "TIMEOUT"
-                    | "OUT_OF_MEMORY"
-                    | "NODE_FAIL"
-                    | "PREEMPTED"
-                    | "BOOT_FAIL"
-                    | "DEADLINE"
-            )
-        {
-            break;
-        }
-        if now != state {
-            report(StageEvent::Progress {
-                done: 0,
-                total: 1,
-                message: format!("Slurm job {id} {}", now.to_lowercase()),
-            });
-            state = now;
-        }
         std::thread::sleep(opts.poll);
-    }
+        match queue.state(&id, opts) {
+            Ok(JobState::Ended) => break Ok(()),
+            Ok(JobState::In(now)) => {
+                if now != state {
+                    report(StageEvent::Progress {
+                        done: 0,
+                        total: 1,
+                        message: format!("Slurm job {id} {}", now.to_lowercase()),
+                    });
+                    state = now;
+                }
+            }
+            Err(e) => break Err(e),
+        }
+    };
+    queue.forget(&id);
+    ended?;
     tracing::info!(node = %node.id, job = %id, seconds = t0.elapsed().as_secs_f64(), "job ended");
     if store.contains(key) {
         let _ = std::fs::remove_file(&file);
