@@ -340,3 +340,64 @@ stages:
     let show: Value = c.dir.json(&["show", &p], 0);
     assert_ne!(node(&show, "slow")["status"], "cached");
 }
+
+#[test]
+fn a_rerun_after_the_submitting_run_was_killed_waits_for_the_job_in_flight() {
+    let c = Cluster::new("slurm-adopt");
+    let p = c.dir.pipeline(
+        "adopt.yaml",
+        r#"
+name: adopt
+stages:
+  slow:
+    kind: shell
+    params:
+      cmd: |
+        echo run >> runs.log
+        echo $$ > started.tmp && mv started.tmp started
+        sleep 2
+        echo 7 > "$PIPE_OUT/v"
+      outputs: [v]
+"#,
+    );
+    let args = [
+        "run",
+        p.as_str(),
+        "--executor",
+        "slurm",
+        "--slurm-poll",
+        "0.05",
+    ];
+    let mut first = c
+        .command(&args)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("start pipe");
+    wait_until(
+        Duration::from_secs(20),
+        "the job's command to start",
+        || c.dir.path("started").exists(),
+    );
+    first.kill().expect("SIGKILL the submitting run");
+    let _ = wait_exit(&mut first, Duration::from_secs(10));
+    drain(first, &args);
+
+    // the job goes on without it; the next run finds it queued and waits for it
+    let doc = c
+        .pipe(&[
+            "run",
+            &p,
+            "--executor",
+            "slurm",
+            "--slurm-poll",
+            "0.05",
+            "--json",
+        ])
+        .code(0)
+        .json();
+    assert_eq!(node(&doc, "slow")["status"], "ran");
+    assert_eq!(c.submissions().len(), 1, "the key was submitted twice");
+    assert_eq!(c.dir.count("runs.log", "run"), 1);
+    assert_eq!(entry_file(&c.dir, &p, "slow", "v"), "7\n");
+}

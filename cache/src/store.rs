@@ -1399,6 +1399,46 @@ mod tests {
     }
 
     #[test]
+    fn gc_keeps_only_the_job_files_of_kept_uncommitted_keys() -> Result<()> {
+        let t = TestDir::new("gc-jobs");
+        let store = Store::open(t.path())?;
+        let (failed, done, gone) = (key("failed"), key("done"), key("gone"));
+        commit_files(&store, &done, &[("x", b"1")])?;
+        let jobs = store.root().join("jobs");
+        fs::create_dir_all(&jobs).at(&jobs)?;
+        for k in [failed, done, gone] {
+            for ext in ["json", "out"] {
+                let p = jobs.join(format!("{}.{ext}", k.hex()));
+                fs::write(&p, b"{}").at(&p)?;
+            }
+        }
+        fs::write(jobs.join("notes.txt"), b"mine").at(&jobs)?;
+        let keep: BTreeSet<Key> = [failed, done].into_iter().collect();
+        assert_eq!(store.gc(&keep, true)?.jobs_removed, 4);
+        assert_eq!(
+            fs::read_dir(&jobs).at(&jobs)?.count(),
+            7,
+            "a dry run removed something"
+        );
+        assert_eq!(store.gc(&keep, false)?.jobs_removed, 4);
+        let mut left: Vec<String> = fs::read_dir(&jobs)
+            .at(&jobs)?
+            .map(|e| e.map(|e| e.file_name().to_string_lossy().into_owned()))
+            .collect::<std::io::Result<_>>()
+            .at(&jobs)?;
+        left.sort();
+        assert_eq!(
+            left,
+            [
+                format!("{}.json", failed.hex()),
+                format!("{}.out", failed.hex()),
+                "notes.txt".to_string()
+            ]
+        );
+        Ok(())
+    }
+
+    #[test]
     fn gc_removes_scratch_of_committed_keys_only() -> Result<()> {
         let t = TestDir::new("gc-scratch");
         let store = Store::open(t.path())?;

@@ -385,6 +385,13 @@ pub fn dispatch(cli: Cli) -> Result<u8> {
                     report.kept
                 );
             }
+            if report.jobs_removed > 0 {
+                let verb = if dry_run { "would remove" } else { "removed" };
+                println!(
+                    "{verb} {} Slurm job files of nodes that are done or no longer wanted",
+                    report.jobs_removed
+                );
+            }
             if report.corrupt_removed > 0 {
                 let verb = if dry_run { "would remove" } else { "removed" };
                 println!(

@@ -17,7 +17,9 @@
 //! left the queue, then looks in the store: an entry means `ran`; none means
 //! `failed`, with the tail of the job's output in the message (the stage's own log is in the
 //! store's `failed/`, as for a local run, so `pipe log` shows it). Ctrl-C `scancel`s the jobs in
-//! flight. A node another run committed meanwhile is not submitted (`cached`).
+//! flight. A node another run committed meanwhile is not submitted (`cached`); a node whose job
+//! an earlier, killed run submitted and Slurm still holds is not submitted again: the run waits
+//! for that job (its id is in the job file).
 //!
 //! A GPU node (one that claims the scheduler's `gpu` resource) asks for `--gres gpu:1`; how
 //! many run at once is Slurm's business, so `--gpus` does not limit them.
@@ -182,6 +184,24 @@ impl Queue {
         self.lock().watched.insert(id.to_string(), 0);
     }
 
+    /// Whether `squeue` lists job `id` now (polling if the last poll is older than
+    /// `opts.poll`; no when it cannot be asked).
+    fn is_listed(&self, id: &str, opts: &SlurmOptions) -> bool {
+        let mut q = self.lock();
+        if q.last.is_none_or(|t| t.elapsed() >= opts.poll) {
+            match poll(&opts.programs[1]) {
+                Ok(states) => {
+                    q.states = states;
+                    q.last = Some(Instant::now());
+                }
+                Err(_) => return false,
+            }
+        }
+        q.states
+            .get(id)
+            .is_some_and(|s| !ENDED.contains(&s.as_str()))
+    }
+
     fn forget(&self, id: &str) {
         self.lock().watched.remove(id);
     }
@@ -279,32 +299,53 @@ pub(crate) fn run_node(
     }
     let dir = jobs_dir(store);
     std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-    let mut job = opts.job.clone();
-    if !job.is_object() {
-        job = json!({});
-    }
-    job["key"] = json!(key.hex());
-    job["node"] = json!(node.id);
-    job["submitted"] = json!(now_rfc3339());
     let file = job_file(store, key);
-    let text = serde_json::to_vec_pretty(&job).map_err(|e| e.to_string())?;
-    write_atomic(&file, &text).map_err(|e| e.to_string())?;
     let output = job_output(store, key);
-    let _ = std::fs::remove_file(&output);
-
     let [sbatch, _, scancel] = &opts.programs;
-    let submitted = call(sbatch, &sbatch_args(opts, store, node))?;
-    // `--parsable`: `<id>` or `<id>;<cluster>`
-    let id = submitted
-        .lines()
-        .next()
-        .and_then(|l| l.split(';').next())
-        .map(str::trim)
-        .filter(|id| !id.is_empty() && id.bytes().all(|b| b.is_ascii_digit() || b == b'_'))
-        .ok_or_else(|| format!("`{sbatch}` printed no job id: `{}`", submitted.trim()))?
-        .to_string();
-    tracing::info!(node = %node.id, job = %id, "submitted");
-    report(StageEvent::Log(format!("Slurm job {id} submitted")));
+
+    // a job an earlier run submitted for this key (that run was killed, or lost its login
+    // session) and Slurm still holds: wait for it instead of computing the key twice
+    let earlier = std::fs::read(&file)
+        .ok()
+        .and_then(|b| serde_json::from_slice::<Value>(&b).ok())
+        .and_then(|j| j["job_id"].as_str().map(str::to_string))
+        .filter(|id| queue.is_listed(id, opts));
+    let id = if let Some(id) = earlier {
+        tracing::info!(node = %node.id, job = %id, "adopted");
+        report(StageEvent::Log(format!(
+            "Slurm job {id}, submitted by an earlier run for this key, is still queued: waiting for it"
+        )));
+        id
+    } else {
+        let mut job = opts.job.clone();
+        if !job.is_object() {
+            job = json!({});
+        }
+        job["key"] = json!(key.hex());
+        job["node"] = json!(node.id);
+        job["submitted"] = json!(now_rfc3339());
+        let write = |job: &Value| -> Result<(), String> {
+            let text = serde_json::to_vec_pretty(job).map_err(|e| e.to_string())?;
+            write_atomic(&file, &text).map_err(|e| e.to_string())
+        };
+        write(&job)?;
+        let _ = std::fs::remove_file(&output);
+        let submitted = call(sbatch, &sbatch_args(opts, store, node))?;
+        // `--parsable`: `<id>` or `<id>;<cluster>`
+        let id = submitted
+            .lines()
+            .next()
+            .and_then(|l| l.split(';').next())
+            .map(str::trim)
+            .filter(|id| !id.is_empty() && id.bytes().all(|b| b.is_ascii_digit() || b == b'_'))
+            .ok_or_else(|| format!("`{sbatch}` printed no job id: `{}`", submitted.trim()))?
+            .to_string();
+        job["job_id"] = json!(id);
+        write(&job)?;
+        tracing::info!(node = %node.id, job = %id, "submitted");
+        report(StageEvent::Log(format!("Slurm job {id} submitted")));
+        id
+    };
 
     queue.watch(&id);
     let mut state = String::new();

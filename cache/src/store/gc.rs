@@ -27,6 +27,9 @@ pub struct GcReport {
     /// `scratch/<hex>` dirs removed because their key is committed (a crash
     /// between commit and scratch cleanup leaves them).
     pub stale_scratch_removed: usize,
+    /// Files of `jobs/` (`<hex>.json`, `<hex>.out`: what the Slurm executor wrote for a
+    /// key) removed because their key is not kept or is committed.
+    pub jobs_removed: usize,
 }
 
 impl Store {
@@ -128,6 +131,28 @@ impl Store {
                 continue;
             }
             remove_tree_or_file(&path)?;
+        }
+        // the Slurm executor's job files: those of failed jobs of kept keys stay (`pipe exec`
+        // reruns them, and their output says what went wrong)
+        let jobs = self.root.join("jobs");
+        if jobs.is_dir() {
+            for item in fs::read_dir(&jobs).at(&jobs)? {
+                let item = item.at(&jobs)?;
+                let name = item.file_name().to_string_lossy().into_owned();
+                let stale = name
+                    .get(..64)
+                    .and_then(|hex| hex.parse::<Key>().ok())
+                    .is_some_and(|key| !keep.contains(&key) || self.contains(&key));
+                if !stale {
+                    continue;
+                }
+                let path = item.path();
+                report.freed_bytes += tree_size(&path);
+                report.jobs_removed += 1;
+                if !dry_run {
+                    remove_tree_or_file(&path)?;
+                }
+            }
         }
         tracing::info!(
             removed = report.removed.len(),
