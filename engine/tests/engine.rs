@@ -108,6 +108,7 @@ fn opts(jobs: usize, gpus: usize, keep_going: bool) -> RunOptions {
         gpus,
         keep_going,
         pipe_version: "test".into(),
+        ..Default::default()
     }
 }
 

@@ -756,6 +756,7 @@ mod tests {
             gpus: 0,
             keep_going: false,
             pipe_version: "test".into(),
+            ..Default::default()
         };
         let cancel = AtomicBool::new(false);
         let s =

@@ -430,6 +430,7 @@ fn end_to_end_through_the_engine() -> TestResult {
         gpus: 0,
         keep_going: false,
         pipe_version: "test".into(),
+        ..Default::default()
     };
     let cancel = AtomicBool::new(false);
     let s = pipe_engine::exec::run(&plan, &reg, &store, &opts, &cancel, &mut pipe_engine::Quiet);

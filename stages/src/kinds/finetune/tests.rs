@@ -873,6 +873,7 @@ fn end_to_end_through_the_engine() -> TestResult {
         gpus: 0,
         keep_going: false,
         pipe_version: "test".into(),
+        ..Default::default()
     };
     let cancel = AtomicBool::new(false);
     let s = pipe_engine::exec::run(&plan, &reg, &store, &opts, &cancel, &mut pipe_engine::Quiet);
@@ -1220,6 +1221,7 @@ fn the_stage_resumes_from_the_state_in_its_scratch_folder() -> TestResult {
         gpus: 0,
         keep_going: false,
         pipe_version: "test".into(),
+        ..Default::default()
     };
     let cancel = AtomicBool::new(false);
     let plan_of = |yaml: &str| -> std::result::Result<pipe_engine::plan::Plan, String> {
