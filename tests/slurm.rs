@@ -355,7 +355,7 @@ stages:
       cmd: |
         echo run >> runs.log
         echo $$ > started.tmp && mv started.tmp started
-        sleep 2
+        sleep 3
         echo 7 > "$PIPE_OUT/v"
       outputs: [v]
 "#,
@@ -396,7 +396,13 @@ stages:
         ])
         .code(0)
         .json();
-    assert_eq!(node(&doc, "slow")["status"], "ran");
+    // `ran` (the job ended while this run waited for it), or `cached` on a machine so slow
+    // that it ended before this run planned; never a second job
+    let status = node(&doc, "slow")["status"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    assert!(status == "ran" || status == "cached", "{doc:#}");
     assert_eq!(c.submissions().len(), 1, "the key was submitted twice");
     assert_eq!(c.dir.count("runs.log", "run"), 1);
     assert_eq!(entry_file(&c.dir, &p, "slow", "v"), "7\n");
