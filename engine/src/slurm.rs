@@ -356,7 +356,10 @@ pub(crate) fn run_node(
             let _ = call(scancel, std::slice::from_ref(&id));
             return Err(format!("interrupted (Slurm job {id} cancelled)"));
         }
-        std::thread::sleep(opts.poll);
+        sleep_unless(cancel, opts.poll);
+        if cancel.load(Ordering::Relaxed) {
+            continue;
+        }
         match queue.state(&id, opts) {
             Ok(JobState::Ended) => break Ok(()),
             Ok(JobState::In(now)) => {
@@ -375,29 +378,118 @@ pub(crate) fn run_node(
     queue.forget(&id);
     ended?;
     tracing::info!(node = %node.id, job = %id, seconds = t0.elapsed().as_secs_f64(), "job ended");
-    if store.contains(key) {
-        let _ = std::fs::remove_file(&file);
-        let _ = std::fs::remove_file(&output);
-        return Ok(Outcome::Ran);
+    // The entry, as this machine sees it: on NFS a lookup may be cached for a while after the
+    // compute node committed, so look again while the job's output says it committed (or says
+    // nothing yet), and stop at once when it says `pipe exec` failed.
+    let t1 = Instant::now();
+    loop {
+        if store.contains(key) {
+            let _ = std::fs::remove_file(&file);
+            let _ = std::fs::remove_file(&output);
+            return Ok(Outcome::Ran);
+        }
+        let text = std::fs::read_to_string(&output).unwrap_or_default();
+        let said = exec_said(&text, &node.id);
+        let patience = match said {
+            Said::Failed => Duration::ZERO,
+            Said::Committed => COMMIT_VISIBLE,
+            Said::Nothing => OUTPUT_VISIBLE,
+        };
+        if t1.elapsed() >= patience || cancel.load(Ordering::Relaxed) {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(200));
     }
-    let mut msg = format!(
-        "Slurm job {id} ended without committing the node; its output ({}) ends with:\n    {}",
-        output.display(),
-        tail(&output, 15)
-    );
     if !output.exists() {
-        msg = format!(
+        return Err(format!(
             "Slurm job {id} ended without committing the node and left no output at {} \
              (is the store on a file system the compute nodes share?)",
             output.display()
-        );
+        ));
     }
-    Err(msg)
+    Err(format!(
+        "Slurm job {id} ended without committing the node; its output ({}) ends with:\n    {}",
+        output.display(),
+        tail(&output, 15)
+    ))
+}
+
+/// How long a job's commit may take to show here once its output says it committed.
+const COMMIT_VISIBLE: Duration = Duration::from_secs(120);
+/// How long a job that ended with no verdict in its output may take to show its entry.
+const OUTPUT_VISIBLE: Duration = Duration::from_secs(20);
+
+/// What `pipe exec` printed last about `node`.
+#[derive(Debug, PartialEq)]
+enum Said {
+    Committed,
+    Failed,
+    Nothing,
+}
+
+fn exec_said(output: &str, node: &str) -> Said {
+    for line in output.lines().rev() {
+        if line.starts_with(&format!("failed: {node}: ")) || line.starts_with("error: ") {
+            return Said::Failed;
+        }
+        if let Some(rest) = line.strip_prefix(&format!("pipe exec: {node} "))
+            && (rest.starts_with("ran (") || rest.starts_with("was cached already"))
+        {
+            return Said::Committed;
+        }
+    }
+    Said::Nothing
+}
+
+/// Sleeps `d`, waking early when `cancel` is set.
+fn sleep_unless(cancel: &AtomicBool, d: Duration) {
+    let t = Instant::now();
+    while t.elapsed() < d && !cancel.load(Ordering::Relaxed) {
+        std::thread::sleep((d - t.elapsed()).min(Duration::from_millis(100)));
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_verdict_of_pipe_exec_is_read_from_the_last_line_about_the_node() {
+        let node = "b[n=2]";
+        assert_eq!(exec_said("", node), Said::Nothing);
+        assert_eq!(
+            exec_said(
+                "pipe exec: b[n=2] (ab12) on n1\n1/1 loss\npipe exec: b[n=2] ran (3.1 s)\n",
+                node
+            ),
+            Said::Committed
+        );
+        assert_eq!(
+            exec_said("pipe exec: b[n=2] was cached already (0.0 s)\n", node),
+            Said::Committed
+        );
+        assert_eq!(
+            exec_said(
+                "pipe exec: b[n=2] (ab12) on n1\nfailed: b[n=2]: command exited with code 3\n",
+                node
+            ),
+            Said::Failed
+        );
+        assert_eq!(exec_said("error: no job file x\n", node), Said::Failed);
+        // another node's verdict says nothing about this one
+        assert_eq!(
+            exec_said("pipe exec: b[n=5] ran (1.0 s)\n", node),
+            Said::Nothing
+        );
+        // killed by Slurm mid-run: no verdict
+        assert_eq!(
+            exec_said(
+                "pipe exec: b[n=2] (ab12) on n1\nslurmstepd: *** JOB 12 CANCELLED ***\n",
+                node
+            ),
+            Said::Nothing
+        );
+    }
 
     #[test]
     fn words_are_quoted_for_sh() {
