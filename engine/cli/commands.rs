@@ -68,7 +68,12 @@ pub fn dispatch(cli: Cli) -> Result<u8> {
                 ..RunOptions::default()
             };
             if executor == crate::ExecutorArg::Slurm {
-                opts.executor = crate::slurm::executor(&pipeline, &store, sbatch_args, slurm_poll)?;
+                // nodes whose `device: auto` the submitting machine resolves for the compute nodes
+                let auto = plan.graph.nodes.iter().zip(&plan.status).any(|(n, s)| {
+                    matches!(s, Status::Run(_)) && n.params.get("device") == Some(&json!("auto"))
+                });
+                opts.executor =
+                    crate::slurm::executor(&pipeline, &store, sbatch_args, slurm_poll, auto)?;
                 opts.jobs = crate::slurm::DEFAULT_JOBS;
             } else if !sbatch_args.is_empty() {
                 anyhow::bail!("--sbatch-arg is for `--executor slurm`");

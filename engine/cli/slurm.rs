@@ -22,6 +22,7 @@ pub fn executor(
     store: &Store,
     sbatch_args: Vec<String>,
     poll_seconds: f64,
+    runs_auto_nodes: bool,
 ) -> Result<Executor> {
     if !(poll_seconds.is_finite() && poll_seconds > 0.0) {
         bail!("--slurm-poll: expected a positive number of seconds, got {poll_seconds}");
@@ -30,11 +31,12 @@ pub fn executor(
     let file = std::path::absolute(&pipeline.file)
         .with_context(|| format!("{}", pipeline.file.display()))?;
     let auto = pipe_stages::device::auto_backend();
-    if pipe_stages::device::auto_override()
-        .ok()
-        .flatten()
-        .is_none()
+    if runs_auto_nodes
         && auto == "cpu"
+        && pipe_stages::device::auto_override()
+            .ok()
+            .flatten()
+            .is_none()
     {
         eprintln!(
             "pipe: `device: auto` resolves to the CPU here, so its nodes are keyed, and their Slurm \

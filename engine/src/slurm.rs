@@ -429,7 +429,11 @@ enum Said {
 
 fn exec_said(output: &str, node: &str) -> Said {
     for line in output.lines().rev() {
-        if line.starts_with(&format!("failed: {node}: ")) || line.starts_with("error: ") {
+        // slurmstepd's own verdicts: `slurmstepd-n1: error: *** JOB 12 ON n1 CANCELLED AT …
+        // DUE TO TIME LIMIT ***`, `… Detected 1 oom-kill event(s) …`
+        let stepd = line.starts_with("slurmstepd")
+            && (line.contains("error: ***") || line.contains("oom-kill"));
+        if line.starts_with(&format!("failed: {node}: ")) || line.starts_with("error: ") || stepd {
             return Said::Failed;
         }
         if let Some(rest) = line.strip_prefix(&format!("pipe exec: {node} "))
@@ -481,12 +485,24 @@ mod tests {
             exec_said("pipe exec: b[n=5] ran (1.0 s)\n", node),
             Said::Nothing
         );
-        // killed by Slurm mid-run: no verdict
+        // killed by Slurm mid-run, without a word from `pipe exec`
         assert_eq!(
             exec_said(
-                "pipe exec: b[n=2] (ab12) on n1\nslurmstepd: *** JOB 12 CANCELLED ***\n",
+                "pipe exec: b[n=2] (ab12) on n1\nslurmstepd-n1: error: *** JOB 12 ON n1 CANCELLED AT 2026-11-23T23:14:35 DUE TO TIME LIMIT ***\n",
                 node
             ),
+            Said::Failed
+        );
+        assert_eq!(
+            exec_said(
+                "slurmstepd: error: Detected 1 oom-kill event(s) in StepId=12.batch\n",
+                node
+            ),
+            Said::Failed
+        );
+        // killed with no word from anyone (the machine went down): no verdict
+        assert_eq!(
+            exec_said("pipe exec: b[n=2] (ab12) on n1\n", node),
             Said::Nothing
         );
     }
