@@ -78,6 +78,23 @@ impl Cluster {
         Output::from_process(args, self.command(args).output().expect("start pipe"))
     }
 
+    /// Starts `pipe ARGS` in the background and waits until its job's command has written the
+    /// `started` marker.
+    fn spawn_until_started(&self, args: &[&str]) -> std::process::Child {
+        let child = self
+            .command(args)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("start pipe");
+        wait_until(
+            Duration::from_secs(20),
+            "the job's command to start",
+            || self.dir.path("started").exists(),
+        );
+        child
+    }
+
     /// The arguments of every submission, in order.
     fn submissions(&self) -> Vec<Vec<String>> {
         // `sbatch.<ns since 1970>.<pid>`: the names sort by time
@@ -296,25 +313,8 @@ stages:
     params: {cmd: 'echo $$ > started.tmp && mv started.tmp started; sleep 120'}
 "#,
     );
-    let args = [
-        "run",
-        p.as_str(),
-        "--executor",
-        "slurm",
-        "--slurm-poll",
-        "0.05",
-    ];
-    let mut child = c
-        .command(&args)
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("start pipe");
-    wait_until(
-        Duration::from_secs(20),
-        "the job's command to start",
-        || c.dir.path("started").exists(),
-    );
+    let args = ["run", &p, "--executor", "slurm", "--slurm-poll", "0.05"];
+    let mut child = c.spawn_until_started(&args);
     let pid = i32::try_from(child.id()).expect("pid");
     crate::util::signal(pid, libc::SIGTERM);
     let status = wait_exit(&mut child, Duration::from_secs(20));
@@ -360,25 +360,8 @@ stages:
       outputs: [v]
 "#,
     );
-    let args = [
-        "run",
-        p.as_str(),
-        "--executor",
-        "slurm",
-        "--slurm-poll",
-        "0.05",
-    ];
-    let mut first = c
-        .command(&args)
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("start pipe");
-    wait_until(
-        Duration::from_secs(20),
-        "the job's command to start",
-        || c.dir.path("started").exists(),
-    );
+    let args = ["run", &p, "--executor", "slurm", "--slurm-poll", "0.05"];
+    let mut first = c.spawn_until_started(&args);
     first.kill().expect("SIGKILL the submitting run");
     let _ = wait_exit(&mut first, Duration::from_secs(10));
     drain(first, &args);
