@@ -78,6 +78,13 @@ impl Cluster {
         Output::from_process(args, self.command(args).output().expect("start pipe"))
     }
 
+    /// `pipe run FILE --executor slurm --slurm-poll 0.05 EXTRA...`, checking the exit code.
+    fn run(&self, file: &str, extra: &[&str], code: i32) -> Output {
+        let mut args = vec!["run", file, "--executor", "slurm", "--slurm-poll", "0.05"];
+        args.extend_from_slice(extra);
+        self.pipe(&args).code(code)
+    }
+
     /// Starts `pipe ARGS` in the background and waits until its job's command has written the
     /// `started` marker.
     fn spawn_until_started(&self, args: &[&str]) -> std::process::Child {
@@ -148,18 +155,7 @@ stages:
 fn every_node_runs_as_one_slurm_job_with_the_keys_of_a_local_run() {
     let c = Cluster::new("slurm");
     let p = c.dir.pipeline("cluster.yaml", SWEEP);
-    let out = c
-        .pipe(&[
-            "run",
-            &p,
-            "--executor",
-            "slurm",
-            "--slurm-poll",
-            "0.05",
-            "--sbatch-arg=--partition=gpu",
-            "--json",
-        ])
-        .code(0);
+    let out = c.run(&p, &["--sbatch-arg=--partition=gpu", "--json"], 0);
     let doc = out.json();
     assert_eq!(
         statuses(&doc),
@@ -244,17 +240,7 @@ stages:
     params: {cmd: 'true'}
 "#,
     );
-    let out = c
-        .pipe(&[
-            "run",
-            &p,
-            "--executor",
-            "slurm",
-            "--slurm-poll",
-            "0.05",
-            "--json",
-        ])
-        .code(1);
+    let out = c.run(&p, &["--json"], 1);
     let doc = out.json();
     assert_eq!(
         statuses(&doc),
@@ -367,18 +353,7 @@ stages:
     drain(first, &args);
 
     // the job goes on without it; the next run finds it queued and waits for it
-    let doc = c
-        .pipe(&[
-            "run",
-            &p,
-            "--executor",
-            "slurm",
-            "--slurm-poll",
-            "0.05",
-            "--json",
-        ])
-        .code(0)
-        .json();
+    let doc = c.run(&p, &["--json"], 0).json();
     // `ran` (the job ended while this run waited for it), or `cached` on a machine so slow
     // that it ended before this run planned; never a second job
     let status = node(&doc, "slow")["status"]

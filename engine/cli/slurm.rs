@@ -127,7 +127,7 @@ pub fn exec(store_path: &Path, key: &str) -> Result<u8> {
         "pipe exec: {} ({}) on {}",
         node.id,
         node.key.short(),
-        hostname()
+        pipe_engine::exec::host()
     );
     // progress into the job's output: every log line, and progress at most every 30 s
     let last = Mutex::new(None::<Instant>);
@@ -178,10 +178,4 @@ pub fn exec(store_path: &Path, key: &str) -> Result<u8> {
             })
         }
     }
-}
-
-fn hostname() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .map(|s| s.trim().to_string())
-        .unwrap_or_else(|_| "this host".into())
 }

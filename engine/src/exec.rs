@@ -169,7 +169,8 @@ enum Msg {
     Done(NodeResult),
 }
 
-fn host() -> String {
+/// This machine's host name (recorded in manifests).
+pub fn host() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|s| s.trim().to_string())
         .or_else(|_| std::env::var("HOSTNAME"))

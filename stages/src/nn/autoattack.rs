@@ -282,15 +282,15 @@ fn choose(mask: &[bool], a: &Tensor, b: &Tensor) -> Result<Tensor> {
         .where_cond(a, b)
 }
 
+/// The l_inf distance of each row of `adv` from the same row of `x`.
+fn linf_distances(x: &Tensor, adv: &Tensor) -> Result<Vec<f32>> {
+    adv.sub(x)?.abs()?.flatten_from(1)?.max(1)?.to_vec1::<f32>()
+}
+
 /// Every point of `adv` within ε of `x` in l_inf (plus float slack) and in `[0, 1]`.
 fn check_in_ball(x: &Tensor, adv: &Tensor, eps: f64, attack: AaAttack) -> Result<()> {
     let b = x.dim(0)?;
-    let d = adv
-        .sub(x)?
-        .abs()?
-        .flatten_from(1)?
-        .max(1)?
-        .to_vec1::<f32>()?;
+    let d = linf_distances(x, adv)?;
     let lo = adv.flatten_all()?.min(0)?.to_scalar::<f32>()?;
     let hi = adv.flatten_all()?.max(0)?.to_scalar::<f32>()?;
     let worst = d.iter().copied().fold(0f32, f32::max);
@@ -804,12 +804,7 @@ fn fab_t(
     per_target(x, y, model, cfg, &mut |xs, ys, rank, model| {
         let adv = fab_single(xs, ys, model, rank, cfg.fab_iters)?;
         let pred = predictions(&model(&adv)?)?;
-        let dist = adv
-            .sub(xs)?
-            .abs()?
-            .flatten_from(1)?
-            .max(1)?
-            .to_vec1::<f32>()?;
+        let dist = linf_distances(xs, &adv)?;
         let acc = (0..ys.len())
             .map(|k| pred[k] == ys[k] || f64::from(dist[k]) > cfg.eps)
             .collect();
