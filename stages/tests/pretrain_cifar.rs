@@ -20,7 +20,7 @@ use std::time::Instant;
 use candle::{DType, Device, Tensor};
 use pipe_stages::data::{Hooks, ReadOptions, Split, read_image_folder};
 use pipe_stages::kinds::pretrain::{PretrainParams, Pretrainer, TrainHooks};
-use pipe_stages::nn::heads::Encoder;
+use pipe_stages::nn::resnet::ResNet;
 use serde_json::json;
 
 type Result<T> = std::result::Result<T, Box<dyn std::error::Error + Send + Sync>>;
@@ -46,12 +46,12 @@ struct Features {
     d: usize,
 }
 
-/// The pooled backbone feature of every image of `split` (u8 CHW → f32 in [0, 1], no
-/// normalisation), with eval-mode BN (running statistics).
-fn features(enc: &Encoder, split: &Split) -> Result<Features> {
+/// The pooled backbone feature of every image of `split` (u8 CHW → f32 in [0, 1]; the
+/// backbone's own input normalisation, if any), with eval-mode BN (running statistics) of the
+/// last branch (`pgd` for a dual-BN encoder, as `finetune` reads it).
+fn features(backbone: &ResNet, split: &Split) -> Result<Features> {
     const CHUNK: usize = 500;
-    let backbone = enc.backbone();
-    let branch = &backbone.branches()[0];
+    let branch = backbone.branches().last().ok_or("no BN branch")?;
     let mut x = Vec::with_capacity(split.n * backbone.feature_dim());
     let mut start = 0;
     while start < split.n {
@@ -212,9 +212,9 @@ fn emp_ssl_beats_random_init_under_a_linear_probe() -> Result<()> {
         // the same seed's encoder, never trained
         let fresh = Pretrainer::new(cfg.clone(), &data.train, &Device::Cpu)?;
         let (r_train, r_test) = probe(
-            &features(fresh.encoder(), &data.train)?,
+            &features(fresh.backbone(), &data.train)?,
             &data.train.labels,
-            &features(fresh.encoder(), &data.test)?,
+            &features(fresh.backbone(), &data.test)?,
             &data.test.labels,
             k,
         )?;
@@ -234,9 +234,9 @@ fn emp_ssl_beats_random_init_under_a_linear_probe() -> Result<()> {
         }
         let train_secs = started.elapsed().as_secs_f64();
         let (t_train, t_test) = probe(
-            &features(trainer.encoder(), &data.train)?,
+            &features(trainer.backbone(), &data.train)?,
             &data.train.labels,
-            &features(trainer.encoder(), &data.test)?,
+            &features(trainer.backbone(), &data.test)?,
             &data.test.labels,
             k,
         )?;

@@ -13,7 +13,7 @@
 //! use candle::{DType, Device, Tensor};
 //! use pipe_stages::nn::classifier::{Classifier, ClassifierSpec, FeatureKind};
 //!
-//! let spec = ClassifierSpec { width: 8, hidden_dim: 32, features: FeatureKind::PreFeature, classes: 10, ncrop: None };
+//! let spec = ClassifierSpec { width: 8, hidden_dim: 32, features: FeatureKind::PreFeature, classes: 10, ncrop: None, input_norm: false };
 //! let (_vm, clf) = Classifier::build_seeded(&spec, 0, &Device::Cpu)?;
 //! let x = Tensor::zeros((2, 3, 32, 32), DType::F32, &Device::Cpu)?;
 //! assert_eq!(clf.logits(&x, false)?.dims(), &[2, 10]);
@@ -76,6 +76,10 @@ pub struct ClassifierSpec {
     /// The bag-of-features head, if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ncrop: Option<NcropSpec>,
+    /// The backbone normalises its input by ImageNet's mean and std (ACL-family encoders,
+    /// [`ResNetConfig::input_norm`]); absent in the file when off.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub input_norm: bool,
 }
 
 impl ClassifierSpec {
@@ -115,6 +119,7 @@ impl Classifier {
         let backbone = resnet18(
             &ResNetConfig {
                 width: spec.width,
+                input_norm: spec.input_norm,
                 ..Default::default()
             },
             vb.pp(ENCODER),

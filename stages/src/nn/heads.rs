@@ -406,10 +406,91 @@ impl AclHead {
     }
 }
 
+impl AclHead {
+    /// The head on detached weights, sharing the BN running statistics (see
+    /// [`ResNet::frozen`]).
+    ///
+    /// # Errors
+    /// Never in practice (the shapes were checked when `self` was built).
+    pub fn frozen(&self) -> Result<Self> {
+        Ok(Self {
+            fc1: detached_linear(&self.fc1),
+            bn1: self.bn1.frozen()?,
+            fc2: detached_linear(&self.fc2),
+            bn2: self.bn2.frozen()?,
+            fc3: detached_linear(&self.fc3),
+            bn3: self.bn3.frozen()?,
+            default_branch: self.default_branch.clone(),
+        })
+    }
+}
+
 impl ModuleT for AclHead {
     /// [`AclHead::forward_branch`] with the default branch.
     fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
         self.forward_branch(x, &self.default_branch, train)
+    }
+}
+
+/// The ACL family's pretraining model (R-AIR `resnet_multi_bn`): a ResNet-18 with the input
+/// normalisation and BN branches (`normal`, plus `pgd` for adversarial training) under
+/// [`ENCODER`], and the 3-layer [`AclHead`] (`8 · width` wide, the same branches) under
+/// [`PROJECTION`].
+#[derive(Debug, Clone)]
+pub struct AclEncoder {
+    backbone: ResNet,
+    head: AclHead,
+}
+
+/// Builds [`AclEncoder`] at the root of `vb` with these BN `branches` (first = default).
+///
+/// # Errors
+/// On an invalid width or branch list.
+pub fn acl_encoder(width: usize, branches: &[String], vb: VarBuilder) -> Result<AclEncoder> {
+    let backbone = resnet18(
+        &ResNetConfig {
+            width,
+            branches: branches.to_vec(),
+            input_norm: true,
+        },
+        vb.pp(ENCODER),
+    )?;
+    let dim = backbone.feature_dim();
+    let head = acl_head(
+        &AclHeadConfig {
+            in_dim: dim,
+            dim,
+            branches: branches.to_vec(),
+        },
+        vb.pp(PROJECTION),
+    )?;
+    Ok(AclEncoder { backbone, head })
+}
+
+impl AclEncoder {
+    /// Unit-normalised embeddings `(b, 8 · width)` of `x` with every BN on `branch`.
+    ///
+    /// # Errors
+    /// On an unknown branch or a shape mismatch.
+    pub fn embed(&self, x: &Tensor, branch: &str, train: bool) -> Result<Tensor> {
+        let f = self.backbone.forward_branch(x, branch, train)?;
+        l2_normalize(&self.head.forward_branch(&f, branch, train)?)
+    }
+
+    /// The model on detached weights (input gradients only), for attacks.
+    ///
+    /// # Errors
+    /// Never in practice.
+    pub fn frozen(&self) -> Result<Self> {
+        Ok(Self {
+            backbone: self.backbone.frozen()?,
+            head: self.head.frozen()?,
+        })
+    }
+
+    /// The backbone.
+    pub fn backbone(&self) -> &ResNet {
+        &self.backbone
     }
 }
 

@@ -10,6 +10,7 @@
 //! | tensor | rule |
 //! |---|---|
 //! | `m.running_mean`, `m.num_batches_tracked` | 0 |
+//! | `….normalize.mean`, `….normalize.std` (input normalisation, [`crate::nn::resnet::INPUT_NORM`]) | ImageNet's per-channel constants |
 //! | `m.running_var` | 1 |
 //! | `m.weight` / `m.bias` where `m.running_mean` exists (BN) | 1 / 0 |
 //! | `m.weight` of rank 4 (conv, shape (c_out, c_in, k, k)) | Kaiming-normal, fan-out, ReLU gain: N(0, 2 / (c_out·k·k)) (torchvision's ResNet init) |
@@ -80,8 +81,14 @@ pub fn name_stream(name: &str) -> u64 {
 /// True for the tensors that are state, not parameters: `running_mean`, `running_var`,
 /// `num_batches_tracked`.
 pub fn is_buffer(name: &str) -> bool {
-    let last = name.rsplit('.').next().unwrap_or(name);
+    let (module, last) = split_name(name);
     matches!(last, "running_mean" | "running_var" | "num_batches_tracked")
+        || (is_input_norm(module) && matches!(last, "mean" | "std"))
+}
+
+/// Whether `module` is a ResNet's input-normalisation module (`normalize`, `encoder.normalize`).
+fn is_input_norm(module: &str) -> bool {
+    module.rsplit('.').next() == Some(crate::nn::resnet::INPUT_NORM)
 }
 
 /// A sorted snapshot of the `VarMap`'s contents.
@@ -111,8 +118,14 @@ pub fn trainable(varmap: &VarMap) -> Vec<(String, Var)> {
 #[derive(Debug, Clone, Copy, PartialEq)]
 enum Draw {
     Const(f64),
-    Normal { std: f64 },
-    Uniform { bound: f64 },
+    /// One value per element of a 3-element tensor.
+    Channels([f64; 3]),
+    Normal {
+        std: f64,
+    },
+    Uniform {
+        bound: f64,
+    },
 }
 
 /// Splits `a.b.weight` into (`a.b`, `weight`).
@@ -147,6 +160,13 @@ fn rule_for(
     let dims = var.dims();
     let is_bn = all.contains_key(&sibling(module, "running_mean"));
     let draw = match param {
+        "mean" | "std" if is_input_norm(module) && dims == [3] => {
+            Draw::Channels(if param == "mean" {
+                crate::nn::resnet::IMAGENET_MEAN
+            } else {
+                crate::nn::resnet::IMAGENET_STD
+            })
+        }
         "running_mean" | "num_batches_tracked" => Draw::Const(0.0),
         "running_var" => Draw::Const(1.0),
         "weight" if is_bn => Draw::Const(1.0),
@@ -196,9 +216,10 @@ where
         .enumerate()
         .for_each(|(chunk, vals)| {
             let mut rng = Rng::derive(seed, &[stream, chunk as u64]);
-            for v in vals.iter_mut() {
+            for (i, v) in vals.iter_mut().enumerate() {
                 *v = cast(match draw {
                     Draw::Const(c) => c,
+                    Draw::Channels(c) => c[(chunk * CHUNK + i) % 3],
                     Draw::Normal { std } => std * rng.normal(),
                     Draw::Uniform { bound } => rng.uniform(-bound, bound),
                 });

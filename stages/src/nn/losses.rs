@@ -243,6 +243,87 @@ pub fn info_nce_first_positive(z: &Tensor, views: usize, temperature: f64) -> Re
 }
 
 // ---------------------------------------------------------------------------------------------
+// AIR's invariance regularisers (METHODS.md 6)
+
+/// The two regularisers of AIR (METHODS.md 6), each a scalar.
+#[derive(Debug, Clone)]
+pub struct AirRegularizers {
+    /// Standard invariant regularisation (natural views against the original image).
+    pub sir: Tensor,
+    /// Adversarial invariant regularisation (adversarial views against the original image
+    /// times adversarial against natural).
+    pub air: Tensor,
+}
+
+/// `softmax_k(cos(a_k, b_k) / τ)` over the batch, `(B,)`, for unit rows `a`, `b` `(B, d)`.
+fn diagonal_softmax(a: &Tensor, b: &Tensor, temperature: f64, log: bool) -> Result<Tensor> {
+    let s = ((a * b)?.sum(1)? / temperature)?;
+    if log {
+        candle_nn::ops::log_softmax(&s, 0)
+    } else {
+        candle_nn::ops::softmax(&s, 0)
+    }
+}
+
+/// AIR's SIR and AIR terms from unit-normalised embeddings `(B, d)`: natural views `zi`, `zj`,
+/// the original images `zo`, adversarial views `zi_adv`, `zj_adv`.
+///
+/// With `p_u = softmax_k(cos(z^u_k, z^o_k)/τ)` and `q_u = softmax_k(cos(z̃^u_k, z^o_k)/τ) ·
+/// softmax_k(cos(z̃^u_k, z^u_k)/τ)` (element-wise, not renormalised):
+/// - `faithful` (R-AIR's `F.kl_div(p_i, log p_j, log_target=True, reduction="sum")`,
+///   \[Q28\]): `SIR = Σ_k p_j (log p_j − p_i)`, `AIR = Σ_k q_j (log q_j − q_i)`;
+/// - clean: `SIR = KL(p_i ‖ p_j)`, `AIR = KL(q̂_i ‖ q̂_j)` with `q̂ = q / Σ q`.
+///
+/// # Errors
+/// Shape mismatches or a non-positive temperature.
+pub fn air_regularizers(
+    zi: &Tensor,
+    zj: &Tensor,
+    zo: &Tensor,
+    zi_adv: &Tensor,
+    zj_adv: &Tensor,
+    temperature: f64,
+    faithful: bool,
+) -> Result<AirRegularizers> {
+    check_temperature("air_regularizers", "temperature", temperature)?;
+    let dims = zi.dims();
+    for (name, z) in [
+        ("zj", zj),
+        ("zo", zo),
+        ("zi_adv", zi_adv),
+        ("zj_adv", zj_adv),
+    ] {
+        if z.dims() != dims || dims.len() != 2 {
+            bail!(
+                "air_regularizers: {name} has shape {:?}, expected {:?} = zi's (B, d)",
+                z.dims(),
+                dims
+            )
+        }
+    }
+    let q = |adv: &Tensor, nat: &Tensor| -> Result<Tensor> {
+        diagonal_softmax(adv, zo, temperature, false)?
+            * diagonal_softmax(adv, nat, temperature, false)?
+    };
+    let (qi, qj) = (q(zi_adv, zi)?, q(zj_adv, zj)?);
+    if faithful {
+        let pi = diagonal_softmax(zi, zo, temperature, false)?;
+        let log_pj = diagonal_softmax(zj, zo, temperature, true)?;
+        let sir = (log_pj.exp()? * (&log_pj - &pi)?)?.sum_all()?;
+        let air = (&qj * (qj.log()? - &qi)?)?.sum_all()?;
+        Ok(AirRegularizers { sir, air })
+    } else {
+        let log_pi = diagonal_softmax(zi, zo, temperature, true)?;
+        let log_pj = diagonal_softmax(zj, zo, temperature, true)?;
+        let sir = (log_pi.exp()? * (&log_pi - &log_pj)?)?.sum_all()?;
+        let norm = |q: &Tensor| q.broadcast_div(&q.sum_all()?);
+        let (qi, qj) = (norm(&qi)?, norm(&qj)?);
+        let air = (&qi * (qi.log()? - qj.log()?)?)?.sum_all()?;
+        Ok(AirRegularizers { sir, air })
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
 // EMP-SSL (L2)
 // ---------------------------------------------------------------------------------------------
 
@@ -549,6 +630,96 @@ mod tests {
             .flatten_all()?
             .to_vec1::<f64>()?;
         Ok((loss.to_scalar::<f64>()?, g))
+    }
+
+    /// AIR's regularisers in plain f64 loops (R-AIR `AIR.py`, written from the formulas).
+    fn air_reference(z: [&[f64]; 5], b: usize, d: usize, tau: f64, faithful: bool) -> (f64, f64) {
+        let [zi, zj, zo, zia, zja] = z;
+        let dot = |u: &[f64], v: &[f64], k: usize| -> f64 {
+            (0..d).map(|c| u[k * d + c] * v[k * d + c]).sum::<f64>() / tau
+        };
+        let softmax = |u: &[f64], v: &[f64]| -> Vec<f64> {
+            let s: Vec<f64> = (0..b).map(|k| dot(u, v, k)).collect();
+            let total: f64 = s.iter().map(|x| x.exp()).sum();
+            s.iter().map(|x| x.exp() / total).collect()
+        };
+        let (pi, pj) = (softmax(zi, zo), softmax(zj, zo));
+        let qi: Vec<f64> = softmax(zia, zo)
+            .iter()
+            .zip(softmax(zia, zi))
+            .map(|(a, c)| a * c)
+            .collect();
+        let qj: Vec<f64> = softmax(zja, zo)
+            .iter()
+            .zip(softmax(zja, zj))
+            .map(|(a, c)| a * c)
+            .collect();
+        if faithful {
+            // F.kl_div(input, target, log_target=True, reduction="sum")
+            //   = sum exp(target) * (target - input)
+            let sir = (0..b).map(|k| pj[k] * (pj[k].ln() - pi[k])).sum();
+            let air = (0..b).map(|k| qj[k] * (qj[k].ln() - qi[k])).sum();
+            (sir, air)
+        } else {
+            let kl = |p: &[f64], q: &[f64]| -> f64 {
+                let (sp, sq): (f64, f64) = (p.iter().sum(), q.iter().sum());
+                (0..b)
+                    .map(|k| p[k] / sp * ((p[k] / sp).ln() - (q[k] / sq).ln()))
+                    .sum()
+            };
+            (kl(&pi, &pj), kl(&qi, &qj))
+        }
+    }
+
+    #[test]
+    fn air_regularizers_match_the_reference_formulas() -> Result<()> {
+        let (b, d, tau) = (6, 5, 0.5);
+        let mut rng = Rng::new(11);
+        let z: Vec<Vec<f64>> = (0..5).map(|_| unit_rows(&mut rng, b, d)).collect();
+        let t: Vec<Tensor> = z.iter().map(|v| tensor(v, b, d)).collect::<Result<_>>()?;
+        let mut seen = Vec::new();
+        for faithful in [true, false] {
+            let r = air_regularizers(&t[0], &t[1], &t[2], &t[3], &t[4], tau, faithful)?;
+            let (sir, air) = (r.sir.to_scalar::<f64>()?, r.air.to_scalar::<f64>()?);
+            let (esir, eair) =
+                air_reference([&z[0], &z[1], &z[2], &z[3], &z[4]], b, d, tau, faithful);
+            assert!(
+                (sir - esir).abs() < 1e-12,
+                "faithful {faithful}: SIR {sir} vs {esir}"
+            );
+            assert!(
+                (air - eair).abs() < 1e-12,
+                "faithful {faithful}: AIR {air} vs {eair}"
+            );
+            seen.push((sir, air));
+        }
+        // the two modes really differ, and a true KL of a distribution with itself is 0
+        assert!((seen[0].0 - seen[1].0).abs() > 1e-3 && (seen[0].1 - seen[1].1).abs() > 1e-3);
+        let same = air_regularizers(&t[0], &t[0], &t[2], &t[3], &t[3], tau, false)?;
+        assert!(same.sir.to_scalar::<f64>()?.abs() < 1e-12);
+        assert!(same.air.to_scalar::<f64>()?.abs() < 1e-12);
+        // the faithful SIR's gradient (through p_i and log p_j) matches finite differences
+        let f = |zi: &Tensor| {
+            air_regularizers(zi, &t[1], &t[2], &t[3], &t[4], tau, true).map(|r| r.sir)
+        };
+        let (_, g) = value_and_grad(f, &z[0], b, d)?;
+        let fd = central_fd(
+            |zi| {
+                let zi = tensor(zi, b, d)?;
+                air_regularizers(&zi, &t[1], &t[2], &t[3], &t[4], tau, true)?
+                    .sir
+                    .to_scalar::<f64>()
+            },
+            &z[0],
+            1e-6,
+        )?;
+        for (a, e) in g.iter().zip(&fd) {
+            assert!(
+                (a - e).abs() < 1e-6,
+                "gradient {a} vs finite difference {e}"
+            );
+        }
+        Ok(())
     }
 
     /// Central finite differences of `f` at every entry of `z`.

@@ -116,6 +116,10 @@ pub struct ResNetConfig {
     pub width: usize,
     /// BN branches, each with its own BNs everywhere; the first is the default branch.
     pub branches: Vec<String>,
+    /// Normalise the input by ImageNet's per-channel mean and std as the first op (the ACL
+    /// family's models, METHODS.md 0); the constants are buffers `normalize.mean` and
+    /// `normalize.std`, as in R-AIR's `state_dict`. Off: raw `[0, 1]` pixels (CF-AMC-SSL).
+    pub input_norm: bool,
 }
 
 impl Default for ResNetConfig {
@@ -123,8 +127,23 @@ impl Default for ResNetConfig {
         Self {
             width: 64,
             branches: vec![DEFAULT_BRANCH.to_string()],
+            input_norm: false,
         }
     }
+}
+
+/// The module of the input-normalisation buffers ([`ResNetConfig::input_norm`]).
+pub const INPUT_NORM: &str = "normalize";
+/// ImageNet's per-channel mean (R-AIR / R-RCS `NormalizeByChannelMeanStd`).
+pub const IMAGENET_MEAN: [f64; 3] = [0.485, 0.456, 0.406];
+/// ImageNet's per-channel standard deviation.
+pub const IMAGENET_STD: [f64; 3] = [0.229, 0.224, 0.225];
+
+/// The `(mean, std)` buffers of the input normalisation, each `(1, 3, 1, 1)`.
+#[derive(Debug, Clone)]
+struct InputNorm {
+    mean: Tensor,
+    std: Tensor,
 }
 
 impl ResNetConfig {
@@ -474,6 +493,7 @@ pub struct ResNet {
     layers: Vec<Vec<BasicBlock>>,
     branches: Vec<String>,
     width: usize,
+    input_norm: Option<InputNorm>,
 }
 
 /// Builds the CIFAR ResNet-18 below `vb` (conventionally `vb.pp("encoder")`).
@@ -487,6 +507,20 @@ pub fn resnet18(cfg: &ResNetConfig, vb: VarBuilder) -> Result<ResNet> {
     cfg.validate()?;
     let w = cfg.width;
     let br = &cfg.branches;
+    let input_norm = if cfg.input_norm {
+        let nvb = vb.pp(INPUT_NORM);
+        // placeholders until the seeded init (ImageNet's constants) or a checkpoint sets them
+        let get = |name: &str| {
+            nvb.get_with_hints(3, name, Init::Const(1.0))?
+                .reshape((1, 3, 1, 1))
+        };
+        Some(InputNorm {
+            mean: get("mean")?,
+            std: get("std")?,
+        })
+    } else {
+        None
+    };
     let conv1 = conv_no_bias(3, w, 3, 1, 1, vb.pp("conv1"))?;
     let bn1 = branch_batch_norm(w, br, vb.pp("bn1"))?;
     let mut layers = Vec::with_capacity(4);
@@ -505,6 +539,7 @@ pub fn resnet18(cfg: &ResNetConfig, vb: VarBuilder) -> Result<ResNet> {
         layers,
         branches: br.clone(),
         width: w,
+        input_norm,
     })
 }
 
@@ -543,7 +578,16 @@ impl ResNet {
                 .collect::<Result<_>>()?,
             branches: self.branches.clone(),
             width: self.width,
+            input_norm: self.input_norm.as_ref().map(|n| InputNorm {
+                mean: n.mean.detach(),
+                std: n.std.detach(),
+            }),
         })
+    }
+
+    /// Whether the input is normalised inside the model ([`ResNetConfig::input_norm`]).
+    pub fn has_input_norm(&self) -> bool {
+        self.input_norm.is_some()
     }
 
     /// The network with every convolution, BN and ReLU running `imp`: this crate's fused CPU
@@ -579,7 +623,12 @@ impl ResNet {
                 x.shape()
             )
         }
-        let mut x = self.conv1.forward(x)?;
+        let mut x = match &self.input_norm {
+            Some(n) => self
+                .conv1
+                .forward(&x.broadcast_sub(&n.mean)?.broadcast_div(&n.std)?)?,
+            None => self.conv1.forward(x)?,
+        };
         x = self.bn1.forward_act(&x, branch, train, true)?;
         for layer in &self.layers {
             for block in layer {
@@ -611,10 +660,67 @@ mod tests {
         let cfg = ResNetConfig {
             width,
             branches: branches.iter().map(|s| s.to_string()).collect(),
+            input_norm: false,
         };
         let net = resnet18(&cfg, vb.pp("encoder"))?;
         init_seeded(&varmap, seed, &InitRules::default())?;
         Ok((varmap, net))
+    }
+
+    #[test]
+    fn input_norm_is_imagenet_standardisation_in_front_of_the_same_net() -> Result<()> {
+        let varmap = VarMap::new();
+        let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
+        let cfg = ResNetConfig {
+            width: 8,
+            input_norm: true,
+            ..Default::default()
+        };
+        let net = resnet18(&cfg, vb.pp("encoder"))?;
+        init_seeded(&varmap, 3, &InitRules::default())?;
+        assert!(net.has_input_norm());
+        // two buffers, not parameters: 60 trainable tensors as without them
+        assert_eq!(varmap.all_vars().len(), 122);
+        assert_eq!(trainable(&varmap).len(), 60);
+        let data = varmap
+            .data()
+            .lock()
+            .map_err(|e| candle::Error::Msg(e.to_string()))?;
+        let mean = data["encoder.normalize.mean"]
+            .as_tensor()
+            .to_vec1::<f32>()?;
+        let std = data["encoder.normalize.std"].as_tensor().to_vec1::<f32>()?;
+        drop(data);
+        assert_eq!(mean, [0.485f32, 0.456, 0.406]);
+        assert_eq!(std, [0.229f32, 0.224, 0.225]);
+        // the same weights (same seed and names) without the normalisation, fed
+        // (x - mean) / std by hand
+        let (_, plain) = build(8, &["normal"], 3)?;
+        let x = input(2, 16, 0.3)?;
+        let v: Vec<f32> = x.flatten_all()?.to_vec1::<f32>()?;
+        let hw = 16 * 16;
+        let standardised: Vec<f32> = v
+            .iter()
+            .enumerate()
+            .map(|(i, &p)| {
+                let c = (i / hw) % 3;
+                (p - mean[c]) / std[c]
+            })
+            .collect();
+        let xs = Tensor::from_vec(standardised, (2, 3, 16, 16), &Device::Cpu)?;
+        let a = net.forward_t(&x, false)?.flatten_all()?.to_vec1::<f32>()?;
+        let b = plain
+            .forward_t(&xs, false)?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
+        let worst = a
+            .iter()
+            .zip(&b)
+            .map(|(p, q)| (p - q).abs())
+            .fold(0.0f32, f32::max);
+        assert!(worst < 1e-5, "max |difference| {worst}");
+        assert!(a.iter().any(|&v| v > 0.0));
+        Ok(())
     }
 
     /// A deterministic (b, 3, h, w) input: `0.5 + 0.5 sin(0.37 i + phase)` over the flat index.

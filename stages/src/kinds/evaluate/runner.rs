@@ -580,6 +580,7 @@ pub fn bench(width: usize, batch: usize, images: usize, steps: usize) -> Result<
         features: FeatureKind::PreFeature,
         classes: 10,
         ncrop: None,
+        input_norm: false,
     };
     let (_vm, clf) = Classifier::build_seeded(&spec, 0, &Device::Cpu)?;
     let d = crate::data::synthetic(&crate::data::SyntheticConfig {

@@ -61,6 +61,7 @@ pub(crate) fn spec() -> ClassifierSpec {
         features: FeatureKind::Backbone,
         classes: 4,
         ncrop: None,
+        input_norm: false,
     }
 }
 

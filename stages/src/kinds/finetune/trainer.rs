@@ -61,7 +61,7 @@ use crate::nn::init::{InitRules, build_seeded, named_vars, trainable};
 use crate::nn::losses::{cross_entropy, cross_entropy_per_example, kl_per_example, trades_loss};
 use crate::nn::optim::{Adam, AdamConfig, Optim, Sgd, SgdConfig};
 use crate::nn::resnet::{
-    BranchBatchNorm, DEFAULT_BRANCH, ResNet, ResNetConfig, branch_batch_norm, resnet18,
+    BranchBatchNorm, DEFAULT_BRANCH, INPUT_NORM, ResNet, ResNetConfig, branch_batch_norm, resnet18,
 };
 use crate::nn::schedule::{Cosine, MultiStep};
 use crate::rng::Rng;
@@ -225,14 +225,22 @@ impl FinetuneConfig {
         }
     }
 
-    /// The classifier this run trains, on an encoder of `width` and `hidden_dim`.
-    pub fn spec(&self, width: usize, hidden_dim: usize, classes: usize) -> ClassifierSpec {
+    /// The classifier this run trains, on an encoder of `width` and `hidden_dim` (with the
+    /// input normalisation when `input_norm`).
+    pub fn spec(
+        &self,
+        width: usize,
+        hidden_dim: usize,
+        input_norm: bool,
+        classes: usize,
+    ) -> ClassifierSpec {
         ClassifierSpec {
             width,
             hidden_dim,
             features: self.features,
             classes,
             ncrop: self.ncrop,
+            input_norm,
         }
     }
 
@@ -368,6 +376,7 @@ pub struct EncoderWeights {
     width: usize,
     hidden_dim: Option<usize>,
     pgd_branch: bool,
+    input_norm: bool,
 }
 
 impl EncoderWeights {
@@ -401,11 +410,13 @@ impl EncoderWeights {
             }
         };
         let pgd_branch = tensors.contains_key(&format!("encoder.bn1.{PGD_BRANCH}.weight"));
+        let input_norm = tensors.contains_key(&format!("encoder.{INPUT_NORM}.mean"));
         Ok(Self {
             tensors,
             width,
             hidden_dim,
             pgd_branch,
+            input_norm,
         })
     }
 
@@ -445,6 +456,12 @@ impl EncoderWeights {
     /// Whether the encoder has a `pgd` BN branch (which is then the one read).
     pub fn has_pgd_branch(&self) -> bool {
         self.pgd_branch
+    }
+
+    /// Whether the encoder normalises its input inside the model (`encoder.normalize.*`, the
+    /// ACL family); the classifier then does too.
+    pub fn has_input_norm(&self) -> bool {
+        self.input_norm
     }
 
     /// The checkpoint tensor that initialises the model variable `name`: the same name, with
@@ -528,6 +545,7 @@ impl DualClassifier {
             &ResNetConfig {
                 width: spec.width,
                 branches: branches.clone(),
+                input_norm: spec.input_norm,
             },
             vb.pp(ENCODER),
         )?;
@@ -764,7 +782,7 @@ impl<'d> Finetuner<'d> {
             }
             (_, h) => h.unwrap_or(0),
         };
-        let spec = cfg.spec(enc.width(), hidden_dim, classes);
+        let spec = cfg.spec(enc.width(), hidden_dim, enc.has_input_norm(), classes);
         let (model, params) = match cfg.mode {
             Mode::Slf | Mode::Alf => {
                 let (varmap, clf) = Classifier::build_seeded(&spec, cfg.seed, device)?;

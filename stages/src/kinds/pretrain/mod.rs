@@ -110,6 +110,12 @@ pub struct FaithfulParam {
     /// \[Q10\] δ re-projected against the previous batch only.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub q10: Option<bool>,
+    /// \[Q28\] AIR's regularisers as R-AIR computes them.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub q28: Option<bool>,
+    /// \[Q31\] the ACL family's PGD start is not clamped to the box.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub q31: Option<bool>,
 }
 
 impl FaithfulParam {
@@ -119,6 +125,8 @@ impl FaithfulParam {
             q7: Some(v),
             q8: Some(v),
             q10: Some(v),
+            q28: Some(v),
+            q31: Some(v),
         }
     }
 }
@@ -131,8 +139,7 @@ impl Default for FaithfulParam {
 
 impl<'de> Deserialize<'de> for FaithfulParam {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let expected =
-            "expected true, false or a map with some of q6, q7, q8, q10 set to true/false";
+        let expected = "expected true, false or a map with some of q6, q7, q8, q10, q28, q31 set to true/false";
         match Value::deserialize(d)? {
             Value::Bool(b) => Ok(Self::all(b)),
             Value::Object(m) => {
@@ -148,6 +155,8 @@ impl<'de> Deserialize<'de> for FaithfulParam {
                         "q7" => &mut out.q7,
                         "q8" => &mut out.q8,
                         "q10" => &mut out.q10,
+                        "q28" => &mut out.q28,
+                        "q31" => &mut out.q31,
                         _ => {
                             return Err(serde::de::Error::custom(format!(
                                 "unknown switch faithful.{k}: {expected}"
@@ -167,11 +176,11 @@ impl<'de> Deserialize<'de> for FaithfulParam {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PretrainParams {
-    /// `simclr` or `emp_ssl`.
+    /// `simclr`, `emp_ssl`, `acl` or `air`.
     pub method: Method,
-    /// `none`, `pgd` or `free`.
-    #[serde(default)]
-    pub attack: AttackMode,
+    /// `none`, `pgd` or `free` (default `none`; `pgd` for the ACL family).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attack: Option<AttackMode>,
     /// `crop` or `patch`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub views: Option<ViewKind>,
@@ -219,8 +228,12 @@ pub struct PretrainParams {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pgd_steps: Option<usize>,
     /// Base learning rate.
-    #[serde(default = "default_lr", deserialize_with = "de_real")]
-    pub lr: f64,
+    #[serde(
+        default,
+        deserialize_with = "de_real_opt",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub lr: Option<f64>,
     /// SGD momentum.
     #[serde(default = "default_momentum", deserialize_with = "de_real")]
     pub momentum: f64,
@@ -228,14 +241,22 @@ pub struct PretrainParams {
     #[serde(default = "yes")]
     pub nesterov: bool,
     /// Weight decay.
-    #[serde(default = "default_weight_decay", deserialize_with = "de_real")]
-    pub weight_decay: f64,
+    #[serde(
+        default,
+        deserialize_with = "de_real_opt",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub weight_decay: Option<f64>,
     /// solo-learn's LARS wrapper around the SGD.
     #[serde(default = "yes")]
     pub lars: bool,
     /// LARS trust coefficient.
-    #[serde(default = "default_lars_eta", deserialize_with = "de_real")]
-    pub lars_eta: f64,
+    #[serde(
+        default,
+        deserialize_with = "de_real_opt",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub lars_eta: Option<f64>,
     /// LARS `clip`.
     #[serde(default = "yes")]
     pub lars_clip: bool,
@@ -289,6 +310,26 @@ pub struct PretrainParams {
         skip_serializing_if = "Option::is_none"
     )]
     pub tcr_eps: Option<f64>,
+    /// ACL family: DynACL's strength schedule.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dyn_aug: Option<bool>,
+    /// AIR: weight of SIR.
+    #[serde(
+        default,
+        deserialize_with = "de_real_opt",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub lambda1: Option<f64>,
+    /// AIR: weight of AIR.
+    #[serde(
+        default,
+        deserialize_with = "de_real_opt",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub lambda2: Option<f64>,
+    /// ACL family: warm-up epochs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub warmup_epochs: Option<usize>,
     /// Seed.
     #[serde(default)]
     pub seed: u64,
@@ -300,17 +341,8 @@ pub struct PretrainParams {
     pub faithful: FaithfulParam,
 }
 
-fn default_lr() -> f64 {
-    0.3
-}
 fn default_momentum() -> f64 {
     0.9
-}
-fn default_weight_decay() -> f64 {
-    1e-4
-}
-fn default_lars_eta() -> f64 {
-    0.005
 }
 fn default_lars_eps() -> f64 {
     1e-8
@@ -327,16 +359,20 @@ impl PretrainParams {
     /// dropped (the canonical form that is keyed).
     pub fn canonical(&self) -> PretrainParams {
         let c = self.config();
+        let acl = c.method.is_acl_family();
         let emp = c.method == Method::EmpSsl;
         let free = c.attack == AttackMode::Free;
         let pgd = c.attack == AttackMode::Pgd;
         let attacked = c.attack != AttackMode::None;
+        // the ACL family has its own optimiser, head and views: the CF-AMC-SSL settings of
+        // those do not apply and keep their defaults (so writing them changes nothing)
+        let cf = |v: bool, default: bool| if acl { default } else { v };
         PretrainParams {
             method: c.method,
-            attack: c.attack,
-            views: Some(c.views),
-            scale: Some(c.scale),
-            ratio: Some(c.ratio),
+            attack: Some(c.attack),
+            views: (!acl).then_some(c.views),
+            scale: (!acl).then_some(c.scale),
+            ratio: (!acl).then_some(c.ratio),
             n_views: Some(c.n_views),
             epochs: Some(c.epochs),
             batch_size: Some(c.batch_size),
@@ -344,99 +380,154 @@ impl PretrainParams {
             eps: attacked.then_some(c.eps),
             alpha: attacked.then_some(c.alpha),
             pgd_steps: pgd.then_some(c.pgd_steps),
-            lr: c.lr,
+            lr: Some(c.lr),
             momentum: c.momentum,
-            nesterov: c.nesterov,
-            weight_decay: c.weight_decay,
-            lars: c.lars,
-            lars_eta: c.lars_eta,
-            lars_clip: c.lars_clip,
-            lars_eps: c.lars_eps,
-            lars_exclude_bias_n_norm: c.lars_exclude_bias_n_norm,
+            nesterov: cf(c.nesterov, true),
+            weight_decay: Some(c.weight_decay),
+            lars: cf(c.lars, true),
+            lars_eta: Some(c.lars_eta),
+            lars_clip: cf(c.lars_clip, true),
+            lars_eps: if acl { default_lars_eps() } else { c.lars_eps },
+            lars_exclude_bias_n_norm: cf(c.lars_exclude_bias_n_norm, true),
             width: c.width,
-            hidden_dim: c.hidden_dim,
-            z_dim: Some(c.z_dim),
+            hidden_dim: if acl { default_hidden() } else { c.hidden_dim },
+            z_dim: (!acl).then_some(c.z_dim),
             temperature: (!emp).then_some(c.temperature),
-            base_temperature: (!emp).then_some(c.base_temperature),
+            base_temperature: (!emp && !acl).then_some(c.base_temperature),
             patch_sim: emp.then_some(c.emp.patch_sim),
             tcr: emp.then_some(c.emp.tcr),
             tcr_eps: emp.then_some(c.emp.eps),
+            dyn_aug: acl.then_some(c.dyn_aug),
+            lambda1: (c.method == Method::Air).then_some(c.lambda1),
+            lambda2: (c.method == Method::Air).then_some(c.lambda2),
+            warmup_epochs: acl.then_some(c.warmup_epochs),
             seed: c.seed,
             device: self.device,
             faithful: FaithfulParam {
-                q6: free.then_some(c.faithful.q6),
-                q7: pgd.then_some(c.faithful.q7),
-                q8: pgd.then_some(c.faithful.q8),
-                q10: free.then_some(c.faithful.q10),
+                q6: (free && !acl).then_some(c.faithful.q6),
+                q7: (pgd && !acl).then_some(c.faithful.q7),
+                q8: (pgd && !acl).then_some(c.faithful.q8),
+                q10: (free && !acl).then_some(c.faithful.q10),
+                q28: (c.method == Method::Air && pgd).then_some(c.faithful.q28),
+                q31: (acl && pgd).then_some(c.faithful.q31),
             },
         }
     }
 
     /// The resolved training configuration (defaults by method and attack, METHODS.md 15).
     pub fn config(&self) -> PretrainConfig {
-        let emp = self.method == Method::EmpSsl;
-        let (attack, free) = (self.attack, self.attack == AttackMode::Free);
+        let method = self.method;
+        let acl = method.is_acl_family();
+        let emp = method == Method::EmpSsl;
+        let attack = self.attack.unwrap_or(if acl {
+            AttackMode::Pgd
+        } else {
+            AttackMode::None
+        });
+        let free = attack == AttackMode::Free;
         let views = self.views.unwrap_or(if emp && attack == AttackMode::None {
             ViewKind::Patch
         } else {
             ViewKind::Crop
         });
-        let (scale, ratio) = views.scale_ratio();
+        let (scale, ratio) = if acl {
+            // strength 1; DynACL narrows the scale per epoch ([`PretrainConfig::strength`])
+            ([0.1, 1.0], [3.0 / 4.0, 4.0 / 3.0])
+        } else {
+            views.scale_ratio()
+        };
         let n_views = self.n_views.unwrap_or(match (emp, attack) {
             (false, _) => 2,
             (true, AttackMode::None) => 64,
             (true, _) => 16,
         });
-        let epochs = self.epochs.unwrap_or(match (emp, free) {
-            (true, true) => 10,
-            (true, false) => 30,
-            (false, true) => 167,
-            (false, false) => 500,
+        let epochs = self.epochs.unwrap_or(match (method, free) {
+            (Method::Acl | Method::Air, _) => 1000,
+            (Method::EmpSsl, true) => 10,
+            (Method::EmpSsl, false) => 30,
+            (Method::Simclr, true) => 167,
+            (Method::Simclr, false) => 500,
         });
         let batch_size = self.batch_size.unwrap_or(match (emp, free) {
             (true, true) => 100,
             (true, false) => 128,
             (false, _) => 512,
         });
+        let eps = self.eps.unwrap_or(8.0 / 255.0);
         let f = self.faithful;
+        let (acl_or, air) = (
+            |a: f64, cf: f64| if acl { a } else { cf },
+            method == Method::Air,
+        );
         PretrainConfig {
-            method: self.method,
+            method,
             attack,
             views,
-            scale: self.scale.unwrap_or(scale),
-            ratio: self.ratio.unwrap_or(ratio),
+            scale: if acl {
+                scale
+            } else {
+                self.scale.unwrap_or(scale)
+            },
+            ratio: if acl {
+                ratio
+            } else {
+                self.ratio.unwrap_or(ratio)
+            },
             n_views,
             epochs,
             batch_size,
             m: self.m.unwrap_or(3),
-            eps: self.eps.unwrap_or(8.0 / 255.0),
-            alpha: self.alpha.unwrap_or(0.01),
+            eps,
+            alpha: self.alpha.unwrap_or(acl_or(eps / 4.0, 0.01)),
             pgd_steps: self.pgd_steps.unwrap_or(5),
-            lr: self.lr,
+            lr: self.lr.unwrap_or(acl_or(5.0, 0.3)),
             momentum: self.momentum,
             nesterov: self.nesterov,
-            weight_decay: self.weight_decay,
+            weight_decay: self.weight_decay.unwrap_or(acl_or(1e-6, 1e-4)),
             lars: self.lars,
-            lars_eta: self.lars_eta,
+            lars_eta: self.lars_eta.unwrap_or(acl_or(1e-3, 0.005)),
             lars_clip: self.lars_clip,
             lars_eps: self.lars_eps,
             lars_exclude_bias_n_norm: self.lars_exclude_bias_n_norm,
             width: self.width,
             hidden_dim: self.hidden_dim,
-            z_dim: self.z_dim.unwrap_or(if emp { 1024 } else { 128 }),
-            temperature: self.temperature.unwrap_or(0.07),
-            base_temperature: self.base_temperature.unwrap_or(0.07),
+            z_dim: if acl {
+                8 * self.width
+            } else {
+                self.z_dim.unwrap_or(if emp { 1024 } else { 128 })
+            },
+            temperature: self.temperature.unwrap_or(acl_or(0.5, 0.07)),
+            base_temperature: if acl {
+                // R-AIR's NT-Xent has no base-temperature scale
+                self.temperature.unwrap_or(0.5)
+            } else {
+                self.base_temperature.unwrap_or(0.07)
+            },
             emp: crate::nn::losses::EmpLossConfig {
                 patch_sim: self.patch_sim.unwrap_or(200.0),
                 tcr: self.tcr.unwrap_or(1.0),
                 eps: self.tcr_eps.unwrap_or(0.2),
             },
+            dyn_aug: acl && self.dyn_aug.unwrap_or(false),
+            lambda1: if air {
+                self.lambda1.unwrap_or(0.5)
+            } else {
+                0.0
+            },
+            lambda2: if air {
+                self.lambda2.unwrap_or(0.5)
+            } else {
+                0.0
+            },
+            warmup_epochs: self.warmup_epochs.unwrap_or(10),
             seed: self.seed,
             faithful: Faithful {
                 q6: f.q6.unwrap_or(true),
                 q7: f.q7.unwrap_or(true),
                 q8: f.q8.unwrap_or(true),
                 q10: f.q10.unwrap_or(true),
+                q28: f.q28.unwrap_or(true),
+                q31: f.q31.unwrap_or(true),
             },
         }
     }
@@ -462,10 +553,25 @@ impl TypedStage for Pretrain {
         let emp = c.method == Method::EmpSsl;
         if !emp {
             e.require(c.n_views == 2, "n_views", || {
-                format!("SimCLR uses exactly 2 views, got {}", c.n_views)
+                let name = if c.method.is_acl_family() {
+                    "ACL / AIR"
+                } else {
+                    "SimCLR"
+                };
+                format!("{name} uses exactly 2 views, got {}", c.n_views)
             });
         } else {
             e.positive("n_views", c.n_views);
+        }
+        if c.method.is_acl_family() {
+            e.require(c.attack != AttackMode::Free, "attack", || {
+                "ACL / AIR train with `pgd` (dual-BN adversarial training, the default) or \
+                 `none` (plain contrastive learning); there is no free-adversarial variant"
+                    .into()
+            });
+            e.non_negative("lambda1", c.lambda1);
+            e.non_negative("lambda2", c.lambda2);
+            e.at_most("warmup_epochs", c.warmup_epochs, MAX_EPOCHS);
         }
         e.at_most("n_views", c.n_views, MAX_VIEWS);
         e.positive("epochs", c.epochs);

@@ -403,3 +403,204 @@ fn batch_larger_than_the_data_is_an_error() {
         .map(|e| e.to_string());
     assert!(err.is_some_and(|e| e.contains("batch_size 16 is larger than the 8 training images")));
 }
+
+// ---------------------------------------------------------------------------------------------
+// The ACL family (METHODS.md 5, 6).
+
+#[test]
+fn acl_family_defaults_keys_and_errors() -> TestResult {
+    // R-AIR's defaults (METHODS.md 15, rows 57-69)
+    let c = params(json!({"method": "acl"})).config();
+    assert_eq!(
+        (
+            c.attack,
+            c.n_views,
+            c.batch_size,
+            c.epochs,
+            c.pgd_steps,
+            c.warmup_epochs
+        ),
+        (AttackMode::Pgd, 2, 512, 1000, 5, 10)
+    );
+    assert_eq!(
+        (c.lr, c.weight_decay, c.lars_eta, c.momentum),
+        (5.0, 1e-6, 1e-3, 0.9)
+    );
+    assert!((c.eps - 8.0 / 255.0).abs() < 1e-15 && (c.alpha - 2.0 / 255.0).abs() < 1e-15);
+    assert_eq!((c.temperature, c.base_temperature), (0.5, 0.5));
+    assert!(!c.dyn_aug && c.lambda1 == 0.0 && c.faithful.q31);
+    assert_eq!(c.branches(), ["normal", "pgd"]);
+    let c = params(json!({"method": "air", "dyn_aug": true})).config();
+    assert!(c.dyn_aug && (c.lambda1, c.lambda2) == (0.5, 0.5) && c.faithful.q28);
+    // the CF-AMC-SSL defaults are untouched
+    let c = params(json!({"method": "simclr"})).config();
+    assert_eq!(
+        (c.lr, c.weight_decay, c.lars_eta, c.attack),
+        (0.3, 1e-4, 0.005, AttackMode::None)
+    );
+
+    // DynACL's schedule, 0-based epochs, E = 200, K = 50
+    let c = params(json!({"method": "acl", "dyn_aug": true, "epochs": 200})).config();
+    let s: Vec<f64> = [0, 49, 50, 99, 100, 199]
+        .iter()
+        .map(|&e| c.strength(e))
+        .collect();
+    assert_eq!(s, [1.0, 1.0, 0.75, 0.75, 0.5, 0.25]);
+    assert!((c.omega(150) - 2.0 / 3.0 * 0.75).abs() < 1e-15 && c.omega(10) == 0.0);
+    let plain = params(json!({"method": "acl", "epochs": 200})).config();
+    assert_eq!((plain.strength(150), plain.omega(150)), (1.0, 0.0));
+    // R-AIR keeps the last partial batch: 1000 images at 512 are 2 batches
+    assert_eq!(c.iters_per_epoch(1000), 2);
+    assert_eq!(small("simclr", "none").iters_per_epoch(1000), 62);
+
+    // keying: CF-only params drop out, ACL params count, AIR's λ only for AIR
+    let a = normalize(json!({"method": "acl"})).map_err(|e| format!("{e:?}"))?;
+    let b = normalize(json!({
+        "method": "acl", "attack": "pgd", "alpha": "2/255", "views": "patch", "nesterov": false,
+        "z_dim": 7, "hidden_dim": 9, "lambda1": 3, "m": 4, "lars_clip": false,
+        "faithful": {"q7": false, "q28": false}
+    }))
+    .map_err(|e| format!("{e:?}"))?;
+    assert_eq!(a, b);
+    assert_eq!(a["faithful"], json!({"q31": true}));
+    for k in [
+        "views",
+        "scale",
+        "z_dim",
+        "lambda1",
+        "base_temperature",
+        "m",
+    ] {
+        assert!(a.get(k).is_none(), "{k} in {a}");
+    }
+    for changed in [
+        json!({"method": "acl", "dyn_aug": true}),
+        json!({"method": "acl", "warmup_epochs": 5}),
+        json!({"method": "acl", "faithful": {"q31": false}}),
+        json!({"method": "acl", "attack": "none"}),
+        json!({"method": "air"}),
+    ] {
+        let n = normalize(changed.clone()).map_err(|e| format!("{e:?}"))?;
+        assert_ne!(a, n, "{changed}");
+    }
+    let air = normalize(json!({"method": "air"})).map_err(|e| format!("{e:?}"))?;
+    let air2 =
+        normalize(json!({"method": "air", "lambda1": 0.25})).map_err(|e| format!("{e:?}"))?;
+    assert_ne!(air, air2);
+    assert_eq!(air["faithful"], json!({"q28": true, "q31": true}));
+
+    let e = errors(json!({"method": "air", "attack": "free", "n_views": 4, "lambda2": -1}));
+    assert!(
+        e.iter()
+            .any(|m| m.starts_with("attack: ACL / AIR train with")),
+        "{e:?}"
+    );
+    assert!(
+        e.iter()
+            .any(|m| m.starts_with("n_views: ACL / AIR uses exactly 2 views")),
+        "{e:?}"
+    );
+    assert!(e.iter().any(|m| m.starts_with("lambda2:")), "{e:?}");
+    Ok(())
+}
+
+fn small_acl(method: &str, extra: Value) -> PretrainConfig {
+    let mut v = json!({
+        "method": method, "width": 8, "batch_size": 16, "epochs": 2, "pgd_steps": 2,
+        "lr": 0.5, "warmup_epochs": 1, "seed": 1,
+    });
+    if let (Value::Object(m), Value::Object(e)) = (&mut v, extra) {
+        m.extend(e);
+    }
+    params(v).config()
+}
+
+#[test]
+fn acl_and_air_train_on_dual_bn_and_write_a_normalised_checkpoint() -> TestResult {
+    // 40 images at batch 16: two full batches and a partial one of 8 (kept, as in R-AIR)
+    let d = data(40);
+    let tmp = crate::data::testutil::TempDir::new("pretrain-acl");
+    let train = |cfg: PretrainConfig| -> std::result::Result<Pretrainer<'_>, trainer::Error> {
+        let mut t = Pretrainer::new(cfg, &d.train, &Device::Cpu)?;
+        while !t.finished() {
+            t.train_epoch(&TrainHooks::default())?;
+        }
+        Ok(t)
+    };
+    let acl = train(small_acl("acl", json!({})))?;
+    assert_eq!((acl.iters_per_epoch(), acl.steps()), (3, 6));
+    let curve = acl.curve();
+    assert_eq!(curve[0].images, 40);
+    assert!(curve.iter().all(|e| e.loss.is_finite()), "{curve:?}");
+    let (nat, adv) = (curve[0].terms["nat_cl"], curve[0].terms["adv_cl"]);
+    // ω = 0: the loss is the sum of the two contrastive terms
+    assert!((curve[0].loss - (nat + adv)).abs() < 1e-5, "{curve:?}");
+    assert!(nat != adv, "{curve:?}");
+
+    // AIR with λ1 = λ2 = 0 trains exactly the same parameters (the extra forward of the
+    // original images moves only the normal branch's running statistics)
+    let air0 = train(small_acl("air", json!({"lambda1": 0, "lambda2": 0})))?;
+    let trainable_values = |t: &Pretrainer<'_>| -> Vec<(String, Vec<u8>)> {
+        values(t.varmap())
+            .into_iter()
+            .filter(|(n, _)| !crate::nn::init::is_buffer(n))
+            .collect()
+    };
+    assert_eq!(trainable_values(&air0), trainable_values(&acl));
+    assert_ne!(values(air0.varmap()), values(acl.varmap()));
+    // AIR's total is the weighted sum of its four terms
+    let air = train(small_acl("air", json!({"lambda1": 0.5, "lambda2": 2.0})))?;
+    let e = &air.curve()[1];
+    let expected =
+        e.terms["nat_cl"] + e.terms["adv_cl"] + 0.5 * e.terms["sir"] + 2.0 * e.terms["air"];
+    assert!((e.loss - expected).abs() < 1e-5, "{e:?}");
+    assert_ne!(trainable_values(&air), trainable_values(&acl));
+
+    // the checkpoint: R-AIR's layout under our names, read by `finetune` through `pgd`
+    let path = tmp.path().join("acl.safetensors");
+    acl.save_encoder(&path)?;
+    let names = crate::nn::checkpoint::tensor_names(&path)?;
+    for n in [
+        "encoder.normalize.mean",
+        "encoder.normalize.std",
+        "encoder.bn1.weight",
+        "encoder.bn1.pgd.weight",
+        "encoder.layer4.1.bn2.pgd.running_var",
+        "projection.fc1.bias",
+        "projection.bn3.pgd.running_mean",
+    ] {
+        assert!(names.iter().any(|m| m == n), "{n} missing from {names:?}");
+    }
+    assert!(!names.iter().any(|n| n.starts_with("pre_feature.")));
+    let enc = crate::kinds::finetune::EncoderWeights::from_file(&path, &Device::Cpu)?;
+    assert!(enc.has_pgd_branch() && enc.has_input_norm());
+    assert_eq!((enc.width(), enc.hidden_dim()), (8, None));
+
+    // plain contrastive learning (R-AIR without --ACL_DS) has one branch and one term
+    let cl = train(small_acl("acl", json!({"attack": "none"})))?;
+    assert_eq!(cl.backbone().branches(), ["normal"]);
+    assert!(cl.curve()[0].terms.is_empty() && cl.curve()[1].loss.is_finite());
+    Ok(())
+}
+
+#[test]
+fn dynacl_resume_is_bit_identical() -> TestResult {
+    let d = data(40);
+    let tmp = crate::data::testutil::TempDir::new("pretrain-acl-resume");
+    let cfg = small_acl("air", json!({"dyn_aug": true}));
+    let run = |epochs: usize| -> std::result::Result<Pretrainer<'_>, trainer::Error> {
+        let mut t = Pretrainer::new(cfg.clone(), &d.train, &Device::Cpu)?;
+        for _ in 0..epochs {
+            t.train_epoch(&TrainHooks::default())?;
+        }
+        Ok(t)
+    };
+    let a = run(2)?;
+    let path = tmp.path().join("air.state");
+    run(1)?.save_state(&path)?;
+    let mut r = Pretrainer::new(cfg.clone(), &d.train, &Device::Cpu)?;
+    r.load_state(&path)?;
+    r.train_epoch(&TrainHooks::default())?;
+    assert_eq!(values(r.varmap()), values(a.varmap()));
+    Ok(())
+}

@@ -14,14 +14,16 @@ use serde::{Deserialize, Serialize};
 use crate::data::Split;
 use crate::device::DeviceSpec;
 use crate::nn::attacks::{FreeDelta, Norm, PgdConfig, pgd, pgd_accumulate};
-use crate::nn::augment::{EmpConfig, ImageBatch, MultiView, SimClrConfig};
+use crate::nn::augment::{
+    DynAclConfig, EmpConfig, ImageBatch, Layout, MultiView, MultiViewConfig, SimClrConfig,
+};
 use crate::nn::checkpoint;
-use crate::nn::heads::{Encoder, EncoderConfig, HeadConfig, encoder};
+use crate::nn::heads::{AclEncoder, Encoder, EncoderConfig, HeadConfig, acl_encoder, encoder};
 use crate::nn::init::{InitRules, build_seeded, is_buffer, named_vars, trainable};
-use crate::nn::losses::{EmpLossConfig, emp_loss, nt_xent};
-use crate::nn::optim::{Lars, LarsConfig, Optim, Sgd, SgdConfig};
-use crate::nn::resnet::ResNetConfig;
-use crate::nn::schedule::{Cosine, FreeAdvLr};
+use crate::nn::losses::{EmpLossConfig, air_regularizers, emp_loss, nt_xent};
+use crate::nn::optim::{AclLars, AclLarsConfig, Lars, LarsConfig, Optim, Sgd, SgdConfig};
+use crate::nn::resnet::{DEFAULT_BRANCH, ResNet, ResNetConfig};
+use crate::nn::schedule::{Cosine, FreeAdvLr, LrSchedule, WarmupCosine};
 use crate::rng::Rng;
 
 /// Errors of the loop (messages for the node's log).
@@ -41,7 +43,26 @@ pub enum Method {
     Simclr,
     /// EMP-SSL: n views, invariance + total coding rate (METHODS.md 4).
     EmpSsl,
+    /// ACL / DynACL: dual-BN adversarial contrastive learning (METHODS.md 5).
+    Acl,
+    /// ACL-AIR / DynACL-AIR: ACL plus the SIR and AIR invariance regularisers (METHODS.md 6).
+    Air,
 }
+
+impl Method {
+    /// ACL and AIR: R-AIR's model (input normalisation, dual BN, 3-layer head), LARS with
+    /// warm-up, the strength-`s` views.
+    pub fn is_acl_family(self) -> bool {
+        matches!(self, Method::Acl | Method::Air)
+    }
+}
+
+/// The BN branch that adversarial inputs use in the ACL family.
+pub const PGD_BRANCH: &str = "pgd";
+/// DynACL's strength step, in epochs (`K`).
+pub const DYNACL_K: usize = 50;
+/// DynACL's weight of the adversarial term (`Λ`): `ω = Λ (1 − s)`.
+pub const DYNACL_LAMBDA: f64 = 2.0 / 3.0;
 
 /// Adversarial training mode.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -87,6 +108,10 @@ pub struct Faithful {
     pub q8: bool,
     /// \[Q10\] δ re-projected against the previous batch only.
     pub q10: bool,
+    /// \[Q28\] AIR's regularisers as R-AIR computes them (not KL divergences).
+    pub q28: bool,
+    /// \[Q31\] the ACL family's PGD random start is not clamped to the box.
+    pub q31: bool,
 }
 
 /// A fully resolved pretraining configuration.
@@ -146,6 +171,14 @@ pub struct PretrainConfig {
     pub base_temperature: f64,
     /// EMP-SSL loss.
     pub emp: EmpLossConfig,
+    /// ACL family: DynACL's augmentation-strength schedule and adversarial weight.
+    pub dyn_aug: bool,
+    /// AIR: weight of SIR.
+    pub lambda1: f64,
+    /// AIR: weight of AIR.
+    pub lambda2: f64,
+    /// ACL family: linear warm-up epochs of the learning rate.
+    pub warmup_epochs: usize,
     /// Seed.
     pub seed: u64,
     /// Quirk switches.
@@ -167,8 +200,55 @@ impl PretrainConfig {
         }
     }
 
-    fn view_generator(&self) -> Result<MultiView> {
+    /// The ACL family's BN branches: `normal`, and `pgd` when adversarial.
+    pub fn branches(&self) -> Vec<String> {
+        let mut b = vec![DEFAULT_BRANCH.to_string()];
+        if self.attack != AttackMode::None {
+            b.push(PGD_BRANCH.to_string());
+        }
+        b
+    }
+
+    /// The augmentation strength `s` of 0-based `epoch` (ACL family): 1, or under DynACL
+    /// `1 − ⌊e / K⌋ · K / E` (R-AIR's 1-based `1 − ⌊(e − 1) / K⌋ · K / E`).
+    pub fn strength(&self, epoch: usize) -> f64 {
+        if !self.dyn_aug {
+            return 1.0;
+        }
+        1.0 - ((epoch / DYNACL_K) * DYNACL_K) as f64 / self.epochs as f64
+    }
+
+    /// The weight `ω` of the adversarial term in epoch `epoch`: `Λ (1 − s)` under DynACL,
+    /// else 0.
+    pub fn omega(&self, epoch: usize) -> f64 {
+        if self.dyn_aug {
+            DYNACL_LAMBDA * (1.0 - self.strength(epoch))
+        } else {
+            0.0
+        }
+    }
+
+    /// Batches per epoch for `n` images: `drop_last` for CF-AMC-SSL's methods, the last
+    /// partial batch kept for the ACL family (\[Q32\]).
+    pub fn iters_per_epoch(&self, n: usize) -> usize {
+        if self.method.is_acl_family() {
+            n.div_ceil(self.batch_size)
+        } else {
+            n / self.batch_size
+        }
+    }
+
+    fn view_generator(&self, epoch: usize) -> Result<MultiView> {
         Ok(match self.method {
+            Method::Acl | Method::Air => {
+                // view-major (rows 0..B view i, B..2B view j) instead of R-AIR's interleaving:
+                // the losses pair rows explicitly and BN sees the same set of rows
+                let cfg = DynAclConfig::with_strength(self.strength(epoch)).config();
+                MultiView::new(MultiViewConfig {
+                    layout: Layout::ViewMajor,
+                    ..cfg
+                })?
+            }
             Method::EmpSsl => EmpConfig {
                 n_views: self.n_views,
                 scale: self.scale,
@@ -241,17 +321,26 @@ pub struct Pretrainer<'d> {
     images: &'d Split,
     device: Device,
     varmap: VarMap,
-    enc: Encoder,
+    net: Net,
     params: Vec<(String, Var)>,
     opt: Box<dyn Optim>,
-    sched: Cosine,
+    sched: Box<dyn LrSchedule>,
     views: MultiView,
+    views_epoch: usize,
     aug_seed: u64,
     free: Option<FreeDelta>,
     step: usize,
     epoch: usize,
     iters: usize,
     curve: Vec<EpochStats>,
+}
+
+/// The model a [`Pretrainer`] trains.
+enum Net {
+    /// CF-AMC-SSL's encoder (SimCLR, EMP-SSL).
+    Cf(Encoder),
+    /// R-AIR's model (ACL, AIR).
+    Acl(AclEncoder),
 }
 
 fn scalar(t: &Tensor) -> Result<f64> {
@@ -266,7 +355,7 @@ impl<'d> Pretrainer<'d> {
     /// Fewer training images than one batch, images that do not fit the view generator, or
     /// tensor errors.
     pub fn new(cfg: PretrainConfig, images: &'d Split, device: &Device) -> Result<Self> {
-        let iters = images.n / cfg.batch_size;
+        let iters = cfg.iters_per_epoch(images.n);
         if iters == 0 {
             return Err(format!(
                 "batch_size {} is larger than the {} training images (batches are drop_last)",
@@ -274,16 +363,53 @@ impl<'d> Pretrainer<'d> {
             )
             .into());
         }
-        let views = cfg.view_generator()?;
-        let enc_cfg = cfg.encoder();
-        let (varmap, enc) = build_seeded(
-            cfg.seed,
-            &InitRules::r_cf(crate::nn::heads::ENCODER),
-            DType::F32,
-            device,
-            |vb| encoder(&enc_cfg, vb),
-        )?;
+        let views = cfg.view_generator(0)?;
+        let (varmap, net) = if cfg.method.is_acl_family() {
+            // R-AIR keeps torchvision's init everywhere (its stem is built in __init__)
+            let (vm, m) =
+                build_seeded(cfg.seed, &InitRules::default(), DType::F32, device, |vb| {
+                    acl_encoder(cfg.width, &cfg.branches(), vb)
+                })?;
+            (vm, Net::Acl(m))
+        } else {
+            let enc_cfg = cfg.encoder();
+            let (vm, e) = build_seeded(
+                cfg.seed,
+                &InitRules::r_cf(crate::nn::heads::ENCODER),
+                DType::F32,
+                device,
+                |vb| encoder(&enc_cfg, vb),
+            )?;
+            (vm, Net::Cf(e))
+        };
         let params = trainable(&varmap);
+        if cfg.method.is_acl_family() {
+            let opt = AclLars::new_named(
+                &params,
+                AclLarsConfig {
+                    lr: cfg.lr,
+                    momentum: cfg.momentum,
+                    eta: cfg.lars_eta,
+                    weight_decay: cfg.weight_decay,
+                },
+            )?;
+            let sched = WarmupCosine {
+                base_lr: cfg.lr,
+                warmup_steps: cfg.warmup_epochs * iters,
+                total_steps: cfg.epochs * iters,
+                min_factor: 1e-6 / cfg.lr,
+            };
+            return Ok(Self::assemble(
+                cfg,
+                images,
+                device,
+                (varmap, net, params),
+                Box::new(opt),
+                Box::new(sched),
+                views,
+                iters,
+            ));
+        }
         let sgd = SgdConfig {
             lr: cfg.lr,
             momentum: cfg.momentum,
@@ -322,24 +448,48 @@ impl<'d> Pretrainer<'d> {
             ),
             _ => Cosine::per_iteration(cfg.lr, 0.0, n, cfg.batch_size, cfg.epochs),
         };
+        Ok(Self::assemble(
+            cfg,
+            images,
+            device,
+            (varmap, net, params),
+            opt,
+            Box::new(sched),
+            views,
+            iters,
+        ))
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn assemble(
+        cfg: PretrainConfig,
+        images: &'d Split,
+        device: &Device,
+        (varmap, net, params): (VarMap, Net, Vec<(String, Var)>),
+        opt: Box<dyn Optim>,
+        sched: Box<dyn LrSchedule>,
+        views: MultiView,
+        iters: usize,
+    ) -> Self {
         let aug_seed = Rng::derive(cfg.seed, &[AUGMENT_STREAM]).next_u64();
-        Ok(Self {
+        Self {
             cfg,
             images,
             device: device.clone(),
             varmap,
-            enc,
+            net,
             params,
             opt,
             sched,
             views,
+            views_epoch: 0,
             aug_seed,
             free: None,
             step: 0,
             epoch: 0,
             iters,
             curve: Vec::new(),
-        })
+        }
     }
 
     /// The configuration.
@@ -362,7 +512,7 @@ impl<'d> Pretrainer<'d> {
         self.step
     }
 
-    /// Batches per epoch (`⌊n / batch_size⌋`).
+    /// Batches per epoch (`⌊n / batch_size⌋`; the ACL family keeps a last partial batch).
     pub fn iters_per_epoch(&self) -> usize {
         self.iters
     }
@@ -377,9 +527,26 @@ impl<'d> Pretrainer<'d> {
         &self.varmap
     }
 
-    /// The encoder.
-    pub fn encoder(&self) -> &Encoder {
-        &self.enc
+    /// CF-AMC-SSL's encoder (SimCLR, EMP-SSL); `None` for the ACL family.
+    pub fn encoder(&self) -> Option<&Encoder> {
+        match &self.net {
+            Net::Cf(e) => Some(e),
+            Net::Acl(_) => None,
+        }
+    }
+
+    /// The backbone being trained (any method).
+    pub fn backbone(&self) -> &ResNet {
+        match &self.net {
+            Net::Cf(e) => e.backbone(),
+            Net::Acl(m) => m.backbone(),
+        }
+    }
+
+    /// The images of the batch `b` of an epoch's permutation (the last one may be partial).
+    fn batch_range(&self, b: usize) -> std::ops::Range<usize> {
+        let bs = self.cfg.batch_size;
+        b * bs..((b + 1) * bs).min(self.images.n)
     }
 
     /// The free-adversarial δ (after the first free batch).
@@ -391,12 +558,20 @@ impl<'d> Pretrainer<'d> {
     pub fn batch_images(&self, epoch: usize, b: usize) -> Vec<u8> {
         let perm =
             Rng::derive(self.cfg.seed, &[SHUFFLE_STREAM, epoch as u64]).permutation(self.images.n);
-        let bs = self.cfg.batch_size;
-        let mut out = Vec::with_capacity(bs * self.images.image_len());
-        for &i in &perm[b * bs..(b + 1) * bs] {
+        let mut out = Vec::with_capacity(self.cfg.batch_size * self.images.image_len());
+        for &i in &perm[self.batch_range(b)] {
             out.extend_from_slice(self.images.image(i));
         }
         out
+    }
+
+    /// Sets the view generator of `epoch` (the ACL family's strength changes per epoch).
+    fn views_for_epoch(&mut self, epoch: usize) -> Result<()> {
+        if self.cfg.method.is_acl_family() && self.views_epoch != epoch {
+            self.views = self.cfg.view_generator(epoch)?;
+            self.views_epoch = epoch;
+        }
+        Ok(())
     }
 
     /// Trains one epoch (the next one), calling the hooks per batch; appends to the curve.
@@ -414,12 +589,16 @@ impl<'d> Pretrainer<'d> {
         let mut loss_sum = 0.0;
         let mut terms: BTreeMap<String, f64> = BTreeMap::new();
         let mut buf = Vec::with_capacity(bs * self.images.image_len());
+        self.views_for_epoch(epoch)?;
+        let mut images = 0;
         for b in 0..self.iters {
             if (hooks.cancelled)() {
                 return Err(format!("cancelled during epoch {epoch}, batch {b}").into());
             }
             buf.clear();
-            for &i in &perm[b * bs..(b + 1) * bs] {
+            let range = self.batch_range(b);
+            images += range.len();
+            for &i in &perm[range] {
                 buf.extend_from_slice(self.images.image(i));
             }
             let global = (epoch * self.iters + b) as u64;
@@ -431,7 +610,7 @@ impl<'d> Pretrainer<'d> {
                 *terms.entry((*k).to_string()).or_default() += v;
             }
             let secs = start.elapsed().as_secs_f64();
-            let rate = ((b + 1) * bs) as f64 / secs.max(1e-9);
+            let rate = images as f64 / secs.max(1e-9);
             (hooks.progress)(
                 (epoch * self.iters + b + 1) as u64,
                 total,
@@ -449,7 +628,6 @@ impl<'d> Pretrainer<'d> {
             *v /= n;
         }
         let seconds = start.elapsed().as_secs_f64();
-        let images = self.iters * bs;
         let stats = EpochStats {
             epoch,
             loss: loss_sum / n,
@@ -493,6 +671,9 @@ impl<'d> Pretrainer<'d> {
     /// A non-finite loss or tensor errors.
     pub fn train_batch(&mut self, images: &[u8], global: u64) -> Result<BatchStats> {
         let x = self.views_for(images, global)?;
+        if self.cfg.method.is_acl_family() {
+            return self.acl(&x, images, global);
+        }
         match self.cfg.attack {
             AttackMode::None => self.standard(&x),
             AttackMode::Pgd => self.adversarial(&x, global),
@@ -551,6 +732,72 @@ impl<'d> Pretrainer<'d> {
         }
     }
 
+    /// CF-AMC-SSL's encoder.
+    fn cf(&self) -> Result<&Encoder> {
+        match &self.net {
+            Net::Cf(e) => Ok(e),
+            Net::Acl(_) => Err("internal: SimCLR / EMP-SSL step on an ACL model".into()),
+        }
+    }
+
+    /// One ACL / AIR step (R-AIR `pretraining.py`): PGD on both views jointly through the
+    /// `pgd` branch in eval mode, then `(1 − ω) ℓ_CL(natural, normal branch) + (1 + ω)
+    /// ℓ_CL(adversarial, pgd branch)` (+ `λ₁ SIR + λ₂ AIR` for AIR, with the original images
+    /// through the `normal` branch). Without an attack: ℓ_CL on the `normal` branch
+    /// (R-AIR without `--ACL_DS`, \[Q30\]).
+    fn acl(&mut self, x: &Tensor, images: &[u8], global: u64) -> Result<BatchStats> {
+        let Net::Acl(model) = &self.net else {
+            return Err("internal: ACL step on a CF-AMC model".into());
+        };
+        let tau = self.cfg.temperature;
+        let cl = |z: &Tensor| nt_xent(z, tau, tau);
+        let b = x.dim(0)? / 2;
+        let (loss, terms) = if self.cfg.attack == AttackMode::None {
+            let loss = cl(&model.embed(x, DEFAULT_BRANCH, true)?)?;
+            (loss, Vec::new())
+        } else {
+            let pgd_cfg = PgdConfig {
+                clamp_after_init: !self.cfg.faithful.q31,
+                ..PgdConfig::new(Norm::Linf, self.cfg.eps, self.cfg.alpha, self.cfg.pgd_steps)
+            };
+            let mut rng = Rng::derive(self.cfg.seed, &[ATTACK_STREAM, global]);
+            // R-AIR zeroes the parameter gradients after the attack: input gradients only
+            let attacker = model.frozen()?;
+            let objective = |xa: &Tensor| cl(&attacker.embed(xa, PGD_BRANCH, false)?);
+            let adv = pgd(x, objective, &pgd_cfg, &mut rng)?.adv;
+            let z = model.embed(x, DEFAULT_BRANCH, true)?;
+            let za = model.embed(&adv, PGD_BRANCH, true)?;
+            let omega = self.cfg.omega(self.epoch);
+            let (nat, advl) = (cl(&z)?, cl(&za)?);
+            let mut loss = ((&nat * (1.0 - omega))? + (&advl * (1.0 + omega))?)?;
+            let mut terms = vec![("nat_cl", nat), ("adv_cl", advl)];
+            if self.cfg.method == Method::Air {
+                let (h, w) = (self.images.h, self.images.w);
+                let xo = (Tensor::from_slice(images, (b, 3, h, w), &self.device)?
+                    .to_dtype(DType::F32)?
+                    / 255.0)?;
+                let zo = model.embed(&xo, DEFAULT_BRANCH, true)?;
+                let r = air_regularizers(
+                    &z.narrow(0, 0, b)?,
+                    &z.narrow(0, b, b)?,
+                    &zo,
+                    &za.narrow(0, 0, b)?,
+                    &za.narrow(0, b, b)?,
+                    tau,
+                    self.cfg.faithful.q28,
+                )?;
+                loss = ((loss + (&r.sir * self.cfg.lambda1)?)? + (&r.air * self.cfg.lambda2)?)?;
+                terms.push(("sir", r.sir));
+                terms.push(("air", r.air));
+            }
+            (loss, terms)
+        };
+        let stats = self.finite(&loss, &terms)?;
+        let grads = loss.backward()?;
+        self.update(&grads)?;
+        Ok(stats)
+    }
+
     /// SimCLR's two views `(x1, x2)` of view-major `x`.
     fn split_views(&self, x: &Tensor) -> Result<(Tensor, Tensor)> {
         let b = x.dim(0)? / 2;
@@ -584,10 +831,10 @@ impl<'d> Pretrainer<'d> {
 
     fn standard(&mut self, x: &Tensor) -> Result<BatchStats> {
         let (loss, terms) = match self.cfg.method {
-            Method::EmpSsl => self.ssl_loss(&self.enc, x, None)?,
-            Method::Simclr => {
+            Method::EmpSsl => self.ssl_loss(self.cf()?, x, None)?,
+            Method::Simclr | Method::Acl | Method::Air => {
                 let (x1, x2) = self.split_views(x)?;
-                self.ssl_loss(&self.enc, &x1, Some(&x2))?
+                self.ssl_loss(self.cf()?, &x1, Some(&x2))?
             }
         };
         let stats = self.finite(&loss, &terms)?;
@@ -617,15 +864,15 @@ impl<'d> Pretrainer<'d> {
         // [Q7] faithful: the attack runs on the live weights and its parameter gradients are
         // kept; clean: on a frozen copy (input gradient only).
         let attack_enc = if self.cfg.faithful.q7 {
-            self.enc.clone()
+            self.cf()?.clone()
         } else {
-            self.enc.frozen()?
+            self.cf()?.frozen()?
         };
         // [Q8] clean: the attack's train-mode forwards leave the running statistics alone.
         let saved = (!self.cfg.faithful.q8).then(|| self.bn_buffers());
         let (x1, target) = match self.cfg.method {
             Method::EmpSsl => (None, x.clone()),
-            Method::Simclr => {
+            Method::Simclr | Method::Acl | Method::Air => {
                 let (x1, x2) = self.split_views(x)?;
                 (Some(x1), x2)
             }
@@ -636,7 +883,9 @@ impl<'d> Pretrainer<'d> {
                 // EMP: all n·B views jointly
                 Method::EmpSsl => this.ssl_loss(&attack_enc, xa, None),
                 // SimCLR [Q9]: the clean second view against its own perturbed copy
-                Method::Simclr => this.ssl_loss(&attack_enc, &target, Some(xa)),
+                Method::Simclr | Method::Acl | Method::Air => {
+                    this.ssl_loss(&attack_enc, &target, Some(xa))
+                }
             };
             r.map(|(l, _)| l)
                 .map_err(|e| candle::Error::Msg(e.to_string()))
@@ -653,9 +902,9 @@ impl<'d> Pretrainer<'d> {
             }
         }
         let (loss, terms) = match &x1 {
-            None => self.ssl_loss(&self.enc, &adv, None)?,
+            None => self.ssl_loss(self.cf()?, &adv, None)?,
             // training pairs the clean first view with the adversarial second view
-            Some(x1) => self.ssl_loss(&self.enc, x1, Some(&adv))?,
+            Some(x1) => self.ssl_loss(self.cf()?, x1, Some(&adv))?,
         };
         let stats = self.finite(&loss, &terms)?;
         let mut grads = loss.backward()?;
@@ -669,7 +918,7 @@ impl<'d> Pretrainer<'d> {
     fn free(&mut self, x: &Tensor) -> Result<BatchStats> {
         let (x1, target) = match self.cfg.method {
             Method::EmpSsl => (None, x.clone()),
-            Method::Simclr => {
+            Method::Simclr | Method::Acl | Method::Air => {
                 let (x1, x2) = self.split_views(x)?;
                 (Some(x1), x2)
             }
@@ -683,8 +932,8 @@ impl<'d> Pretrainer<'d> {
         for _ in 0..self.cfg.m {
             let (dv, xa) = fd.perturb(&target)?;
             let (loss, terms) = match &x1 {
-                None => self.ssl_loss(&self.enc, &xa, None)?,
-                Some(x1) => self.ssl_loss(&self.enc, x1, Some(&xa))?,
+                None => self.ssl_loss(self.cf()?, &xa, None)?,
+                Some(x1) => self.ssl_loss(self.cf()?, x1, Some(&xa))?,
             };
             let stats = match self.finite(&loss, &terms) {
                 Ok(s) => s,
