@@ -837,29 +837,40 @@ fn cancellation_and_a_diverging_run_fail_clearly() -> TestResult {
     Ok(())
 }
 
-#[test]
-fn end_to_end_through_the_engine() -> TestResult {
+/// Runs `data` (synthetic, 4 classes, 48 + 8 images) → `pre` (pretrain with `pre_params`) →
+/// `ft` (finetune with `ft_params`) → `ev` (evaluate, PGD-1) through the engine and returns
+/// the folder (kept alive), the plan and the store.
+fn run_chain(
+    tag: &str,
+    pre_params: &str,
+    ft_params: &str,
+) -> std::result::Result<
+    (TempDir, pipe_engine::plan::Plan, pipe_cache::Store),
+    Box<dyn std::error::Error + Send + Sync>,
+> {
     use pipe_engine::{Overrides, graph, spec};
     use std::sync::atomic::AtomicBool;
-    let tmp = TempDir::new("finetune-e2e");
+    let tmp = TempDir::new(tag);
     let dir = tmp.path();
-    let yaml = "stages:
+    let yaml = format!(
+        "stages:
   data:
     kind: dataset
-    params: {source: synthetic, n_classes: 4, n_train: 48, n_test: 8, seed: 1}
+    params: {{source: synthetic, n_classes: 4, n_train: 48, n_test: 8, seed: 1}}
   pre:
     kind: pretrain
-    inputs: {dataset: data}
-    params: {method: emp_ssl, n_views: 2, views: crop, batch_size: 16, epochs: 1, width: 8, hidden_dim: 32, z_dim: 16, seed: 2}
+    inputs: {{dataset: data}}
+    params: {pre_params}
   ft:
     kind: finetune
-    inputs: {encoder: pre, dataset: data}
-    params: {mode: slf, epochs: 2, batch_size: 16, lr: 0.01, seed: 3}
+    inputs: {{encoder: pre, dataset: data}}
+    params: {ft_params}
   ev:
     kind: evaluate
-    inputs: {model: ft, dataset: data}
-    params: {attacks: [{eps: 8/255, steps: 1}], batch_size: 8}
-";
+    inputs: {{model: ft, dataset: data}}
+    params: {{attacks: [{{eps: 8/255, steps: 1}}], batch_size: 8}}
+"
+    );
     let file = dir.join("p.yaml");
     std::fs::write(&file, yaml)?;
     let mut reg = pipe_engine::Registry::new();
@@ -878,13 +889,34 @@ fn end_to_end_through_the_engine() -> TestResult {
     let cancel = AtomicBool::new(false);
     let s = pipe_engine::exec::run(&plan, &reg, &store, &opts, &cancel, &mut pipe_engine::Quiet);
     assert!(!s.failed(), "{:?}", s.results);
+    Ok((tmp, plan, store))
+}
+
+/// The committed entry of node `id`.
+fn entry_of_node(
+    plan: &pipe_engine::plan::Plan,
+    store: &pipe_cache::Store,
+    id: &str,
+) -> std::result::Result<pipe_cache::Entry, Box<dyn std::error::Error + Send + Sync>> {
     let node = plan
         .graph
         .nodes
         .iter()
-        .find(|n| n.id == "ft")
-        .ok_or("no ft node")?;
-    let entry = store.get(node.key.key())?.ok_or("ft not committed")?;
+        .find(|n| n.id == id)
+        .ok_or(format!("no {id} node"))?;
+    Ok(store
+        .get(node.key.key())?
+        .ok_or(format!("{id} not committed"))?)
+}
+
+#[test]
+fn end_to_end_through_the_engine() -> TestResult {
+    let (_tmp, plan, store) = run_chain(
+        "finetune-e2e",
+        "{method: emp_ssl, n_views: 2, views: crop, batch_size: 16, epochs: 1, width: 8, hidden_dim: 32, z_dim: 16, seed: 2}",
+        "{mode: slf, epochs: 2, batch_size: 16, lr: 0.01, seed: 3}",
+    )?;
+    let entry = entry_of_node(&plan, &store, "ft")?;
     let names = crate::nn::checkpoint::tensor_names(entry.file(WEIGHTS_FILE)?)?;
     assert_eq!(names, expected_names(true));
     let (_, clf) = Classifier::load(
@@ -904,19 +936,68 @@ fn end_to_end_through_the_engine() -> TestResult {
     assert!(m["train_acc"].is_number() && m["train_loss"].is_number() && m["seconds"].is_number());
     assert_eq!(m["curve"].as_array().map(Vec::len), Some(2));
     // `evaluate` consumes the artifact as it is
-    let node = plan
-        .graph
-        .nodes
-        .iter()
-        .find(|n| n.id == "ev")
-        .ok_or("no ev node")?;
-    let entry = store.get(node.key.key())?.ok_or("ev not committed")?;
+    let entry = entry_of_node(&plan, &store, "ev")?;
     let m: Value = serde_json::from_slice(&std::fs::read(entry.file("metrics.json")?)?)?;
     let (clean, pgd) = (
         m["clean_acc"].as_f64().ok_or("clean_acc")?,
         m["pgd_linf_8/255_acc"].as_f64().ok_or("pgd acc")?,
     );
     assert!((0.0..=1.0).contains(&clean) && pgd <= clean, "{m}");
+    Ok(())
+}
+
+#[test]
+fn acl_encoder_is_finetuned_through_its_pgd_branch_and_normalisation() -> TestResult {
+    let (_tmp, plan, store) = run_chain(
+        "finetune-acl",
+        "{method: air, dyn_aug: true, batch_size: 16, epochs: 2, pgd_steps: 1, width: 8, lr: 0.5, warmup_epochs: 1, seed: 2}",
+        "{mode: slf, features: backbone, epochs: 2, batch_size: 16, lr: 0.01, seed: 3}",
+    )?;
+    let ft = entry_of_node(&plan, &store, "ft")?;
+    let (_, clf) = Classifier::load(&ft.file(WEIGHTS_FILE)?, &ft.file(SPEC_FILE)?, &Device::Cpu)?;
+    assert!(clf.spec().input_norm && clf.backbone().has_input_norm());
+    let spec_text = std::fs::read_to_string(ft.file(SPEC_FILE)?)?;
+    assert!(spec_text.contains("\"input_norm\": true"), "{spec_text}");
+    // SLF keeps the encoder: the classifier's backbone is the pretrained `pgd` branch, input
+    // normalisation included (checked against the pretrained model rebuilt from its file)
+    let pre = entry_of_node(&plan, &store, "pre")?;
+    let branches = vec!["normal".to_string(), "pgd".to_string()];
+    let (vm, model) = crate::nn::init::build_seeded(
+        0,
+        &crate::nn::init::InitRules::default(),
+        candle::DType::F32,
+        &Device::Cpu,
+        |vb| crate::nn::heads::acl_encoder(8, &branches, vb),
+    )?;
+    crate::nn::checkpoint::load(
+        &vm,
+        &pre.file(crate::kinds::pretrain::ENCODER_FILE)?,
+        "",
+        true,
+    )?;
+    let x = Tensor::rand(0f32, 1f32, (3, 3, 32, 32), &Device::Cpu)?;
+    let want = model.backbone().forward_branch(&x, "pgd", false)?;
+    let got = clf.backbone().forward_branch(&x, "normal", false)?;
+    let diff = (want - got)?.abs()?.max_all()?.to_scalar::<f32>()?;
+    assert!(diff < 1e-5, "backbone features differ by {diff}");
+    // and not the `normal` branch's
+    let normal = model.backbone().forward_branch(&x, "normal", false)?;
+    let other = (normal - clf.backbone().forward_branch(&x, "normal", false)?)?
+        .abs()?
+        .max_all()?
+        .to_scalar::<f32>()?;
+    assert!(
+        other > 1e-4,
+        "the normal branch gives the same features ({other})"
+    );
+    let ev = entry_of_node(&plan, &store, "ev")?;
+    let m: Value = serde_json::from_slice(&std::fs::read(ev.file("metrics.json")?)?)?;
+    assert!(
+        m["clean_acc"]
+            .as_f64()
+            .is_some_and(|a| (0.0..=1.0).contains(&a)),
+        "{m}"
+    );
     Ok(())
 }
 

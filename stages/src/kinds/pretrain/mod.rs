@@ -1,12 +1,13 @@
 //! `pretrain`: SimCLR and EMP-SSL, each standard, PGD-adversarial or free-adversarial (the six
-//! training scripts of CF-AMC-SSL; METHODS.md sections 3 and 4).
+//! training scripts of CF-AMC-SSL; METHODS.md sections 3 and 4), and the ACL family: ACL,
+//! DynACL, ACL-AIR and DynACL-AIR (R-AIR `pretraining.py`; METHODS.md sections 5 and 6).
 //!
 //! # Params
 //!
 //! | param | default | meaning |
 //! |---|---|---|
-//! | `method` | (required) | `simclr` or `emp_ssl` |
-//! | `attack` | `none` | `none`, `pgd` (T-step l_inf PGD per batch) or `free` (m replays with a persistent δ) |
+//! | `method` | (required) | `simclr`, `emp_ssl`, `acl` or `air` (the ACL family: see below) |
+//! | `attack` | `none`; `pgd` for `acl` / `air` | `none`, `pgd` (T-step l_inf PGD per batch) or `free` (m replays with a persistent δ) |
 //! | `views` | `patch` for standard EMP-SSL, else `crop` | `crop`: scale [0.08, 1], ratio [3/4, 4/3]; `patch`: scale 0.25, ratio 1 |
 //! | `scale`, `ratio` | from `views` | explicit `[lo, hi]` overrides of the crop |
 //! | `n_views` | 2 SimCLR; 64 standard EMP-SSL, 16 adversarial EMP-SSL | views per image (SimCLR must be 2) |
@@ -27,6 +28,37 @@
 //! | `device` | `auto` | `auto`, `cpu` or `cuda:N` (the backend is keyed, the ordinal is not) |
 //! | `faithful` | `true` | the reference-code quirks, `true` / `false` for all or a map `{q6, q7, q8, q10}` |
 //!
+//! # The ACL family (`method: acl | air`)
+//!
+//! R-AIR's model and loop: a ResNet-18 (`width`) that normalises its input by ImageNet's mean
+//! and std (buffers `encoder.normalize.mean` / `.std`), with two BN branches `normal` and `pgd`
+//! (`attack: pgd`, R-AIR's `--ACL_DS`) and the 3-layer head under `projection.` (`fc1` → BN →
+//! ReLU → `fc2` → BN → ReLU → `fc3` → BN, `8 · width` wide, per-branch BNs). Each batch: two
+//! views from the strength-`s` pipeline (RandomResizedCrop scale `[1 − 0.9 s, 1]` bicubic, flip,
+//! jitter `(0.4 s, 0.4 s, 0.4 s, 0.1 s)` with p `0.8 s`, grayscale p `0.2 s`); PGD (`pgd_steps`,
+//! `eps`, `alpha`, uniform start) on both views jointly, maximising NT-Xent (τ = `temperature`)
+//! through the `pgd` branch in eval mode; then `(1 − ω) ℓ_CL(natural, normal) + (1 + ω)
+//! ℓ_CL(adversarial, pgd)`, and for `air` `+ λ₁ SIR + λ₂ AIR` with the un-augmented image through
+//! `normal`. LARS (R-AIR's: trust on every tensor) with `lr`, `momentum`, `weight_decay`,
+//! `lars_eta`; `warmup_epochs` of linear warm-up, then cosine to 1e-6, stepped before each
+//! update (\[Q32\]); the last partial batch is kept. `attack: none` is plain contrastive
+//! learning on one branch (R-AIR without `--ACL_DS`, \[Q30\]).
+//!
+//! | param | default | meaning |
+//! |---|---|---|
+//! | `dyn_aug` | `false` | DynACL: strength `s = 1 − ⌊e/K⌋·K/E` (0-based epoch `e`, `E` epochs) and `ω = (2/3)(1 − s)`; off: `s = 1`, `ω = 0` (ACL) |
+//! | `dyn_k` | 50 | DynACL's `K` (R-AIR fixes 50 for 1000 epochs; shorter runs need a smaller one to see the schedule) |
+//! | `lambda1`, `lambda2` | 0.5, 0.5 | `air`: weights of SIR and AIR |
+//! | `warmup_epochs` | 10 | learning-rate warm-up |
+//! | defaults that differ | | `epochs` 1000, `batch_size` 512, `lr` 5.0, `weight_decay` 1e-6, `lars_eta` 1e-3, `alpha` `eps`/4, `temperature` 0.5 (no base-temperature scale), `n_views` 2 |
+//!
+//! `views`, `scale`, `ratio`, `z_dim`, `hidden_dim`, `m`, `base_temperature`, `nesterov` and
+//! the solo-learn LARS switches do not apply and are dropped from the key. Fine-tune the encoder
+//! with `features: backbone` (it has no `pre_feature` head); `finetune` reads the `pgd` branch
+//! and keeps the input normalisation. One deliberate difference: R-AIR also runs the
+//! un-augmented image through `normal` under plain ACL (λ = 0), which only moves that
+//! branch's running statistics; we skip that forward unless the method is `air`.
+//!
 //! The `faithful` switches (METHODS.md section 17):
 //! - `q6` (free only): the cosine's `T_max` is `⌊n/B⌋·epochs` although the scheduler steps `m`
 //!   times per batch, so the rate goes 0.3 → 0 → 0.3 → 0 for m = 3; clean: `T_max` = all steps.
@@ -38,6 +70,11 @@
 //!   counters as they were.
 //! - `q10` (free only): δ is re-projected into the box of the previous batch only, so the first
 //!   replay of a batch may see pixels in `[−ε, 1 + ε]`; clean: re-projected when a batch arrives.
+//!
+//! - `q28` (`air`): SIR and AIR as R-AIR computes them, `Σ p_j (log p_j − p_i)` (not KL
+//!   divergences); clean: `KL(p_i ‖ p_j)` and the KL of the renormalised AIR products.
+//! - `q31` (ACL family with `pgd`): the PGD start `x + U(−ε, ε)` goes into the first forward
+//!   unclamped; clean: clamped to `[0, 1]` first.
 //!
 //! Params that do not apply are dropped before keying (`m` without `attack: free`, `eps` without
 //! an attack, `temperature` for EMP-SSL, the switches of other attacks), so sweeping them
@@ -313,6 +350,9 @@ pub struct PretrainParams {
     /// ACL family: DynACL's strength schedule.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dyn_aug: Option<bool>,
+    /// DynACL: epochs per strength step.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dyn_k: Option<usize>,
     /// AIR: weight of SIR.
     #[serde(
         default,
@@ -398,6 +438,7 @@ impl PretrainParams {
             tcr: emp.then_some(c.emp.tcr),
             tcr_eps: emp.then_some(c.emp.eps),
             dyn_aug: acl.then_some(c.dyn_aug),
+            dyn_k: c.dyn_aug.then_some(c.dyn_k),
             lambda1: (c.method == Method::Air).then_some(c.lambda1),
             lambda2: (c.method == Method::Air).then_some(c.lambda2),
             warmup_epochs: acl.then_some(c.warmup_epochs),
@@ -509,6 +550,7 @@ impl PretrainParams {
                 eps: self.tcr_eps.unwrap_or(0.2),
             },
             dyn_aug: acl && self.dyn_aug.unwrap_or(false),
+            dyn_k: self.dyn_k.unwrap_or(trainer::DYNACL_K),
             lambda1: if air {
                 self.lambda1.unwrap_or(0.5)
             } else {
@@ -572,6 +614,7 @@ impl TypedStage for Pretrain {
             e.non_negative("lambda1", c.lambda1);
             e.non_negative("lambda2", c.lambda2);
             e.at_most("warmup_epochs", c.warmup_epochs, MAX_EPOCHS);
+            e.positive("dyn_k", c.dyn_k);
         }
         e.at_most("n_views", c.n_views, MAX_VIEWS);
         e.positive("epochs", c.epochs);

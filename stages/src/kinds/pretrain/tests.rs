@@ -447,6 +447,9 @@ fn acl_family_defaults_keys_and_errors() -> TestResult {
         .collect();
     assert_eq!(s, [1.0, 1.0, 0.75, 0.75, 0.5, 0.25]);
     assert!((c.omega(150) - 2.0 / 3.0 * 0.75).abs() < 1e-15 && c.omega(10) == 0.0);
+    let c = params(json!({"method": "acl", "dyn_aug": true, "epochs": 4, "dyn_k": 2})).config();
+    let s: Vec<f64> = (0..4).map(|e| c.strength(e)).collect();
+    assert_eq!(s, [1.0, 1.0, 0.5, 0.5]);
     let plain = params(json!({"method": "acl", "epochs": 200})).config();
     assert_eq!((plain.strength(150), plain.omega(150)), (1.0, 0.0));
     // R-AIR keeps the last partial batch: 1000 images at 512 are 2 batches
@@ -457,7 +460,7 @@ fn acl_family_defaults_keys_and_errors() -> TestResult {
     let a = normalize(json!({"method": "acl"})).map_err(|e| format!("{e:?}"))?;
     let b = normalize(json!({
         "method": "acl", "attack": "pgd", "alpha": "2/255", "views": "patch", "nesterov": false,
-        "z_dim": 7, "hidden_dim": 9, "lambda1": 3, "m": 4, "lars_clip": false,
+        "z_dim": 7, "hidden_dim": 9, "lambda1": 3, "m": 4, "lars_clip": false, "dyn_k": 3,
         "faithful": {"q7": false, "q28": false}
     }))
     .map_err(|e| format!("{e:?}"))?;
@@ -475,6 +478,7 @@ fn acl_family_defaults_keys_and_errors() -> TestResult {
     }
     for changed in [
         json!({"method": "acl", "dyn_aug": true}),
+        json!({"method": "acl", "dyn_aug": true, "dyn_k": 10}),
         json!({"method": "acl", "warmup_epochs": 5}),
         json!({"method": "acl", "faithful": {"q31": false}}),
         json!({"method": "acl", "attack": "none"}),

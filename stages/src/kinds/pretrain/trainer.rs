@@ -59,7 +59,7 @@ impl Method {
 
 /// The BN branch that adversarial inputs use in the ACL family.
 pub const PGD_BRANCH: &str = "pgd";
-/// DynACL's strength step, in epochs (`K`).
+/// DynACL's default strength step, in epochs (`K`).
 pub const DYNACL_K: usize = 50;
 /// DynACL's weight of the adversarial term (`Λ`): `ω = Λ (1 − s)`.
 pub const DYNACL_LAMBDA: f64 = 2.0 / 3.0;
@@ -173,6 +173,8 @@ pub struct PretrainConfig {
     pub emp: EmpLossConfig,
     /// ACL family: DynACL's augmentation-strength schedule and adversarial weight.
     pub dyn_aug: bool,
+    /// DynACL: epochs per strength step (`K`, 50).
+    pub dyn_k: usize,
     /// AIR: weight of SIR.
     pub lambda1: f64,
     /// AIR: weight of AIR.
@@ -215,7 +217,8 @@ impl PretrainConfig {
         if !self.dyn_aug {
             return 1.0;
         }
-        1.0 - ((epoch / DYNACL_K) * DYNACL_K) as f64 / self.epochs as f64
+        let k = self.dyn_k.max(1);
+        1.0 - ((epoch / k) * k) as f64 / self.epochs as f64
     }
 
     /// The weight `ω` of the adversarial term in epoch `epoch`: `Λ (1 − s)` under DynACL,
