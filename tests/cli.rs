@@ -456,3 +456,60 @@ stages:
         bad.stderr
     );
 }
+
+/// `pipe bench pretrain` times the ACL family too (no free-adversarial variant), and refuses a
+/// method it does not know.
+#[test]
+fn bench_pretrain_covers_the_acl_family() {
+    let dir = Dir::new("bench-acl");
+    let j = dir.json(
+        &[
+            "bench",
+            "pretrain",
+            "--methods",
+            "acl,air",
+            "--widths",
+            "2",
+            "--batch",
+            "4",
+            "--steps",
+            "1",
+        ],
+        0,
+    );
+    let rows: Vec<(String, String, u64)> = j["rows"]
+        .as_array()
+        .expect("rows")
+        .iter()
+        .map(|r| {
+            assert!(
+                r["images_per_second"].as_f64().is_some_and(|v| v > 0.0),
+                "{r}"
+            );
+            (
+                r["method"].as_str().unwrap_or_default().to_string(),
+                r["attack"].as_str().unwrap_or_default().to_string(),
+                r["n_views"].as_u64().unwrap_or_default(),
+            )
+        })
+        .collect();
+    let want: Vec<(String, String, u64)> = [
+        ("acl", "none"),
+        ("acl", "pgd"),
+        ("air", "none"),
+        ("air", "pgd"),
+    ]
+    .iter()
+    .map(|(m, a)| (m.to_string(), a.to_string(), 2))
+    .collect();
+    assert_eq!(rows, want);
+    let out = dir
+        .pipe(&["bench", "pretrain", "--methods", "byol"])
+        .code(2);
+    assert!(
+        out.stderr.contains("unknown method \"byol\""),
+        "{}",
+        out.stderr
+    );
+    assert!(out.stdout.is_empty(), "{}", out.stdout);
+}

@@ -153,6 +153,19 @@ fn pretrain(
     json_out: bool,
 ) -> Result<u8> {
     let wanted = |list: &[String], x: &str| list.is_empty() || list.iter().any(|l| l == x);
+    const METHODS: [&str; 4] = ["simclr", "emp_ssl", "acl", "air"];
+    const ATTACKS: [&str; 3] = ["none", "pgd", "free"];
+    for (list, known, what) in [
+        (methods, &METHODS[..], "method"),
+        (attacks, &ATTACKS[..], "attack"),
+    ] {
+        if let Some(bad) = list.iter().find(|l| !known.contains(&l.as_str())) {
+            anyhow::bail!(
+                "unknown {what} {bad:?}: expected one of {}",
+                known.join(", ")
+            );
+        }
+    }
     use pipe_stages::device::DeviceSpec;
     use pipe_stages::kinds::pretrain::{PretrainParams, bench_mode};
     // what `auto` resolves to here, for the report
@@ -166,12 +179,15 @@ fn pretrain(
     }
     let mut rows = Vec::new();
     for &width in widths {
-        for method in ["simclr", "emp_ssl"] {
-            for attack in ["none", "pgd", "free"] {
-                if !wanted(methods, method) || !wanted(attacks, attack) {
+        for method in METHODS {
+            for attack in ATTACKS {
+                // the ACL family has no free-adversarial variant
+                let acl = matches!(method, "acl" | "air");
+                if !wanted(methods, method) || !wanted(attacks, attack) || (acl && attack == "free")
+                {
                     continue;
                 }
-                let n_views = if method == "simclr" { 2 } else { views };
+                let n_views = if method == "emp_ssl" { views } else { 2 };
                 let p: PretrainParams = serde_json::from_value(json!({
                     "method": method, "attack": attack, "width": width, "batch_size": batch,
                     "n_views": n_views, "m": m, "views": "crop",

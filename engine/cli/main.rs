@@ -207,8 +207,8 @@ pub enum BenchWhat {
         #[arg(long)]
         json: bool,
     },
-    /// Images/s of the six pretraining modes (SimCLR, EMP-SSL x none, pgd, free), on the CPU
-    /// unless `--device` says otherwise.
+    /// Images/s of the pretraining modes (SimCLR, EMP-SSL x none, pgd, free; ACL, AIR x none,
+    /// pgd), on the CPU unless `--device` says otherwise.
     Pretrain {
         /// ResNet widths (64 = the paper's).
         #[arg(long, value_delimiter = ',', default_values_t = [16, 64])]
@@ -225,7 +225,7 @@ pub enum BenchWhat {
         /// Free replays m.
         #[arg(long, default_value_t = 3)]
         m: usize,
-        /// Only these methods (`simclr`, `emp_ssl`; default both).
+        /// Only these methods (`simclr`, `emp_ssl`, `acl`, `air`; default all; ACL / AIR have no `free`).
         #[arg(long, value_delimiter = ',')]
         methods: Vec<String>,
         /// Only these attack modes (`none`, `pgd`, `free`; default all).
