@@ -269,3 +269,50 @@ fn cuda_vs_cpu_resnet_train_step_with_lars() -> Result<()> {
     }
     Ok(())
 }
+
+/// One AIR step (input normalisation, dual BN, R-AIR's head, joint PGD through the `pgd`
+/// branch, NT-Xent on both branches, SIR / AIR, R-AIR's LARS) gives the same loss, terms and
+/// updated weights on CUDA as on the CPU. The views and the PGD start come from our host RNG,
+/// so both devices see the same inputs; a sign step may flip where a gradient is ~0, hence the
+/// looser tolerance.
+#[test]
+fn cuda_vs_cpu_air_step() -> std::result::Result<(), Box<dyn std::error::Error + Send + Sync>> {
+    use crate::kinds::pretrain::{PretrainParams, Pretrainer};
+    let Some(dev) = gpu() else { return Ok(()) };
+    let d = crate::data::synthetic(&crate::data::SyntheticConfig {
+        n_classes: 4,
+        n_train: 16,
+        n_test: 4,
+        image_size: 32,
+        seed: 5,
+    });
+    let cfg = serde_json::from_value::<PretrainParams>(serde_json::json!({
+        "method": "air", "width": 8, "batch_size": 16, "epochs": 1, "pgd_steps": 2,
+        "warmup_epochs": 0, "lr": 0.5, "seed": 1,
+    }))?
+    .config();
+    let mut cpu = Pretrainer::new(cfg.clone(), &d.train, &Device::Cpu)?;
+    let mut cuda = Pretrainer::new(cfg, &d.train, &dev)?;
+    let images = cpu.batch_images(0, 0);
+    let a = cpu.train_batch(&images, 0)?;
+    let b = cuda.train_batch(&images, 0)?;
+    assert!(
+        (a.loss - b.loss).abs() < 1e-3 * a.loss.abs().max(1.0),
+        "loss {a:?} vs {b:?}"
+    );
+    for ((k, x), (_, y)) in a.terms.iter().zip(&b.terms) {
+        assert!((x - y).abs() < 2e-3 * x.abs().max(1.0), "{k}: {x} vs {y}");
+    }
+    let values = |t: &Pretrainer<'_>| -> Result<Vec<(String, Tensor)>> {
+        crate::nn::init::named_vars(t.varmap())
+            .into_iter()
+            .map(|(n, v)| Ok((n, v.as_tensor().to_device(&Device::Cpu)?)))
+            .collect()
+    };
+    for ((name, x), (_, y)) in values(&cuda)?.iter().zip(&values(&cpu)?) {
+        if x.dtype().is_float() {
+            close(&format!("after the AIR step {name}"), x, y, 1e-2)?;
+        }
+    }
+    Ok(())
+}
