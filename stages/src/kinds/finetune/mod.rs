@@ -43,7 +43,7 @@
 //! | `features` | `pre_feature` | `pre_feature` or `backbone` |
 //! | `head` | `full` | `full` (single images) or `ncrop` (the head reads the mean feature of `n_views` random EMP views, METHODS.md 11.1a; SLF only) |
 //! | `n_views`, `views` | 4, `crop` | the n-crop draw: `crop` (scale [0.08, 1], ratio [3/4, 4/3]) or `patch` (scale 0.25, ratio 1), every colour augmentation on (\[Q20\]); drawn once per training image |
-//! | `preset` | `cf_adam` for SLF with the full head, `cf_sgd` for SLF with the n-crop head, `air` for ALF / AFF | fills in every optimisation param left out (table below) |
+//! | `preset` | `cf_adam` for SLF with the full head, `cf_sgd` for SLF with the n-crop head, `air` for ALF / AFF | fills in every optimisation param left out (table below); also R-AIR's per-pretraining rows `acl`, `dynacl`, `acl_air`, `dynacl_air`, `dynacl_air_pp` (+ `_cifar100`) |
 //! | `optimizer` | preset | `adam` (default betas) or `sgd` (momentum, no Nesterov) |
 //! | `lr`, `momentum`, `weight_decay` | preset | L2 weight decay on every trained tensor |
 //! | `schedule` | preset | `constant`, `cosine` (`t_max` epochs, stepped per epoch, periodic beyond) or `multistep` (×0.1 from each of `milestones`, 0-based epochs) |
@@ -72,8 +72,18 @@
 //! | `air`, SLF / ALF | SGD | 0.01 | 0.9 | 2e-4 | multistep 10, 20 | 512 | 25 | no | yes | zeros | METHODS.md 10.3, the ACL / DynACL CIFAR-10 row |
 //! | `air`, AFF | SGD | 0.1 | 0.9 | 2e-4 | multistep 15, 20 | 128 | 25 | no | yes | zeros | METHODS.md 10.3, the fallback row (= DynACL's AFF) |
 //!
-//! The `air` preset picks, per mode, the 10.3 row that most pretraining labels share; for
-//! another row (e.g. ACL's AFF, 128 / 0.1 / 40,60 / 100) write its values out.
+//! The `air` preset picks, per mode, the 10.3 row that most pretraining labels share. The
+//! per-pretraining presets are R-AIR's `setup_hyperparameter` rows (METHODS.md 10.3), with the
+//! `air` preset's SGD, weight decay, multistep ×0.1, augmentation and zero head, and per mode
+//! batch / lr / milestones / epochs:
+//!
+//! | preset (CIFAR-10; `_cifar100` for CIFAR-100) | SLF | ALF | AFF |
+//! |---|---|---|---|
+//! | `acl` (ACL, ACL-RCS) | 512 / 0.01 (C100 0.05) / 10,20 / 25 | as SLF | 128 / 0.1 / 40,60 / 100 |
+//! | `dynacl` (DynACL, DynACL-RCS) | 512 / 0.01 (C100 0.05) / 10,20 / 25 | as SLF | 128 / 0.1 / 15,20 / 25 |
+//! | `acl_air` | 512 / 0.005 (C100 0.1) / 10,20 / 25 | 512 / 0.01 (C100 0.1) / 10,20 / 25 | 128 / 0.1 / 40,60 / 100 |
+//! | `dynacl_air` | 512 / 0.01 / 10,20 / **5** (C100 0.1, 25 epochs) | 512 / 0.01 (C100 0.1) / 10,20 / 25 | 128 / 0.1 / 15,20 / 25 |
+//! | `dynacl_air_pp` (DynACL-AIR++) | 512 / 0.01 (C100 0.1) / 10,20 / 25 | 512 / 0.01 / 10,20 / **4** (C100 0.1, 25 epochs) | 128 / 0.1 / 15,20 / 25 |
 //!
 //! Canonical form: the preset's values are written out and `preset` itself is dropped, so a
 //! preset and the same values written by hand key alike; params that do not apply are dropped
@@ -165,6 +175,26 @@ pub enum Preset {
     CfSgd,
     /// R-AIR / R-RCS fine-tuning: SGD, momentum 0.9, wd 2e-4, multistep, augmentation.
     Air,
+    /// `air` with METHODS.md 10.3's ACL / ACL-RCS row, CIFAR-10.
+    Acl,
+    /// The ACL row, CIFAR-100.
+    AclCifar100,
+    /// The DynACL / DynACL-RCS row, CIFAR-10.
+    Dynacl,
+    /// The DynACL row, CIFAR-100.
+    DynaclCifar100,
+    /// The ACL-AIR row, CIFAR-10.
+    AclAir,
+    /// The ACL-AIR row, CIFAR-100.
+    AclAirCifar100,
+    /// The DynACL-AIR row, CIFAR-10.
+    DynaclAir,
+    /// The DynACL-AIR row, CIFAR-100.
+    DynaclAirCifar100,
+    /// The DynACL-AIR++ row, CIFAR-10.
+    DynaclAirPp,
+    /// The DynACL-AIR++ row, CIFAR-100.
+    DynaclAirPpCifar100,
 }
 
 /// The `schedule` param.
@@ -378,23 +408,49 @@ impl Preset {
                 augment: false,
                 head_init: HeadInit::Default,
             },
-            Preset::Air => {
-                let aff = mode == Mode::Aff;
+            air => {
+                let (batch_size, lr, milestones, epochs) = air.row(mode);
                 PresetValues {
                     optimizer: OptimizerKind::Sgd,
-                    lr: if aff { 0.1 } else { 0.01 },
+                    lr,
                     momentum: 0.9,
                     weight_decay: 2e-4,
                     schedule: ScheduleKind::Multistep,
                     t_max: 100,
-                    milestones: if aff { vec![15, 20] } else { vec![10, 20] },
-                    batch_size: if aff { 128 } else { 512 },
-                    epochs: 25,
+                    milestones: milestones.to_vec(),
+                    batch_size,
+                    epochs,
                     drop_last: false,
                     augment: true,
                     head_init: HeadInit::Zeros,
                 }
             }
+        }
+    }
+
+    /// Batch / lr / milestones / epochs of an R-AIR preset for `mode` (METHODS.md 10.3).
+    fn row(self, mode: Mode) -> (usize, f64, [usize; 2], usize) {
+        use Preset::*;
+        const LATE: [usize; 2] = [15, 20];
+        const EARLY: [usize; 2] = [10, 20];
+        const LONG: (usize, f64, [usize; 2], usize) = (128, 0.1, [40, 60], 100);
+        const SHORT: (usize, f64, [usize; 2], usize) = (128, 0.1, LATE, 25);
+        let linear = |lr: f64, epochs: usize| (512, lr, EARLY, epochs);
+        match (self, mode) {
+            (Air, Mode::Aff) => SHORT,
+            (Air, _) => linear(0.01, 25),
+            (Acl | AclCifar100 | AclAir | AclAirCifar100, Mode::Aff) => LONG,
+            (_, Mode::Aff) => SHORT,
+            (Acl | Dynacl, _) => linear(0.01, 25),
+            (AclCifar100 | DynaclCifar100, _) => linear(0.05, 25),
+            (AclAir, Mode::Slf) => linear(0.005, 25),
+            (DynaclAir, Mode::Slf) => linear(0.01, 5),
+            (AclAir | DynaclAir, _) => linear(0.01, 25),
+            (DynaclAirPp, Mode::Alf) => linear(0.01, 4),
+            (DynaclAirPp, _) => linear(0.01, 25),
+            (AclAirCifar100 | DynaclAirCifar100 | DynaclAirPpCifar100, _) => linear(0.1, 25),
+            // not R-AIR presets ([`Preset::values`] handles them)
+            (CfAdam | CfSgd, _) => linear(0.01, 25),
         }
     }
 }

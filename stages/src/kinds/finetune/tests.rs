@@ -1363,3 +1363,59 @@ fn the_stage_resumes_from_the_state_in_its_scratch_folder() -> TestResult {
     assert_eq!(values(&saved), values(&whole.varmap));
     Ok(())
 }
+
+/// Every cell of METHODS.md 10.3 (batch / lr / milestones / epochs per pretraining label,
+/// downstream set and mode), typed in from the table, against the per-pretraining presets.
+#[test]
+fn r_air_presets_match_methods_10_3() {
+    type Cell = (usize, f64, [usize; 2], usize);
+    let long: Cell = (128, 0.1, [40, 60], 100);
+    let short: Cell = (128, 0.1, [15, 20], 25);
+    let lin = |lr: f64, epochs: usize| -> Cell { (512, lr, [10, 20], epochs) };
+    // (preset, SLF, ALF, AFF)
+    let table: [(&str, Cell, Cell, Cell); 10] = [
+        ("acl", lin(0.01, 25), lin(0.01, 25), long),
+        ("acl_cifar100", lin(0.05, 25), lin(0.05, 25), long),
+        ("dynacl", lin(0.01, 25), lin(0.01, 25), short),
+        ("dynacl_cifar100", lin(0.05, 25), lin(0.05, 25), short),
+        ("acl_air", lin(0.005, 25), lin(0.01, 25), long),
+        ("acl_air_cifar100", lin(0.1, 25), lin(0.1, 25), long),
+        ("dynacl_air", lin(0.01, 5), lin(0.01, 25), short),
+        ("dynacl_air_cifar100", lin(0.1, 25), lin(0.1, 25), short),
+        ("dynacl_air_pp", lin(0.01, 25), lin(0.01, 4), short),
+        ("dynacl_air_pp_cifar100", lin(0.1, 25), lin(0.1, 25), short),
+    ];
+    for (preset, slf, alf, aff) in table {
+        for (mode, want) in [("slf", slf), ("alf", alf), ("aff", aff)] {
+            let c = params(json!({"mode": mode, "preset": preset})).config();
+            let Schedule::Multistep { milestones } = c.schedule.clone() else {
+                panic!("{preset}/{mode}: {:?}", c.schedule)
+            };
+            assert_eq!(
+                (c.batch_size, c.lr, milestones, c.epochs),
+                (want.0, want.1, want.2.to_vec(), want.3),
+                "{preset}/{mode}"
+            );
+            assert_eq!(
+                (
+                    c.optimizer,
+                    c.momentum,
+                    c.weight_decay,
+                    c.drop_last,
+                    c.augment,
+                    c.head_init
+                ),
+                (OptimizerKind::Sgd, 0.9, 2e-4, false, true, HeadInit::Zeros),
+                "{preset}/{mode}"
+            );
+        }
+    }
+    // a preset and its values written out key alike
+    let a = normalize(json!({"mode": "aff", "preset": "acl"}));
+    let b =
+        normalize(json!({"mode": "aff", "preset": "air", "milestones": [40, 60], "epochs": 100}));
+    assert_eq!(
+        a.map_err(|e| format!("{e:?}")),
+        b.map_err(|e| format!("{e:?}"))
+    );
+}
