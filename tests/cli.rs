@@ -513,3 +513,67 @@ fn bench_pretrain_covers_the_acl_family() {
     );
     assert!(out.stdout.is_empty(), "{}", out.stdout);
 }
+
+/// Node keys do not move when the code grows: the keys of `pipelines/cf_amc_ssl_cpu.yaml` as
+/// the version before the ACL family (7d3e598) computed them, checked against a store it wrote
+/// (every node `cached`). Adding a method or a quirk switch must not change them: a changed key
+/// silently recomputes every cached result of every user. Change a pinned value only together
+/// with a deliberate key change (a kind's version or `KEY_SCHEMA`).
+#[test]
+fn keys_of_the_cf_amc_ssl_pipeline_are_pinned() {
+    let dir = Dir::new("pinned-keys");
+    let file =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("pipelines/cf_amc_ssl_cpu.yaml");
+    let out = dir
+        .command(&["plan", file.to_str().expect("utf-8"), "--json"])
+        .env_remove("PIPE_DATA")
+        .env_remove("PIPE_AUTO_DEVICE")
+        .output()
+        .expect("start pipe");
+    let plan: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stderr)));
+    let key = |id: &str| -> String {
+        plan["nodes"]
+            .as_array()
+            .and_then(|n| n.iter().find(|n| n["id"] == id))
+            .and_then(|n| n["key"].as_str())
+            .unwrap_or_else(|| panic!("no node {id}"))
+            .to_string()
+    };
+    for (id, pinned) in [
+        (
+            "data",
+            "3d0ed51bb8d9fb0422944073909a1e13df995a8c3f65bae151496375abbb7807",
+        ),
+        (
+            "pretrain_emp[patch_emp_pgd]",
+            "58a9032d017eb00d11520c954f2701accb684fbf8c1e4b3dfc522c55d216f3c4",
+        ),
+        (
+            "pretrain_emp[cf_amc_ssl]",
+            "eb37a4d06b1283ef5a02e2b714c025528acb4bcd32f6d8d5dfbb0b53aac4fbfe",
+        ),
+        (
+            "pretrain_simclr[crop_simclr_pgd]",
+            "0b8997f8ff12c0ca44bac36d7636535f8f7e1911169462ebfd2643ae1e5a7809",
+        ),
+        (
+            "pretrain_simclr[crop_simclr_free]",
+            "42fedf2b4c481d469cbf17abc1947b6198b1137aec10046a2f99c3cfd16b6cfb",
+        ),
+        (
+            "robust_emp[cf_amc_ssl]",
+            "dceac493945d65e015dfc95c3a53dd818c88240c57dcb8826af2b16d2fe228be",
+        ),
+        (
+            "faithful_emp[cf_amc_ssl]",
+            "ced2f86777d99296aed655689f2ddf29f8129211d9c656c5adde2d9f27dbde57",
+        ),
+        (
+            "table",
+            "19cd7c26816a244d9a0326607d32b58c66f695931c7d8cedf8cb5e79a9dc9607",
+        ),
+    ] {
+        assert_eq!(key(id), pinned, "the key of {id} moved");
+    }
+}

@@ -492,6 +492,11 @@ impl AclEncoder {
     pub fn backbone(&self) -> &ResNet {
         &self.backbone
     }
+
+    /// The projection head.
+    pub fn head(&self) -> &AclHead {
+        &self.head
+    }
 }
 
 /// Configuration of [`LinearClassifier`].

@@ -324,6 +324,35 @@ pub fn air_regularizers(
 }
 
 // ---------------------------------------------------------------------------------------------
+// RCS's representational distance (METHODS.md 7.1)
+
+/// Per row: `(v − min v) / max(v − min v) + 10⁻⁸` over the last axis.
+fn minmax_rows(v: &Tensor) -> Result<Tensor> {
+    let shifted = v.broadcast_sub(&v.min_keepdim(D::Minus1)?)?;
+    shifted.broadcast_div(&shifted.max_keepdim(D::Minus1)?)? + 1e-8
+}
+
+/// RCS's representational distance with `--CoresetLoss KL` (R-RCS `kl_loss`, \[Q39\]): with
+/// `ā`, `n̄` the per-row min-max normalised embeddings (+10⁻⁸) of the adversarial `adv` and
+/// natural `nat` `(B, D)`, `mean_{b,c} ā (log ā − log n̄)` (`KLDivLoss(reduction='mean')`
+/// with the adversarial side as the target; not a KL of distributions).
+///
+/// # Errors
+/// Shape mismatches.
+pub fn rcs_rd_loss(adv: &Tensor, nat: &Tensor) -> Result<Tensor> {
+    if adv.dims() != nat.dims() || adv.rank() != 2 {
+        bail!(
+            "rcs_rd_loss: expected two (B, D) embeddings of one shape, got {:?} and {:?}",
+            adv.dims(),
+            nat.dims()
+        )
+    }
+    let a = minmax_rows(adv)?;
+    let n = minmax_rows(nat)?;
+    (&a * (a.log()? - n.log()?)?)?.mean_all()
+}
+
+// ---------------------------------------------------------------------------------------------
 // EMP-SSL (L2)
 // ---------------------------------------------------------------------------------------------
 
@@ -719,6 +748,38 @@ mod tests {
                 "gradient {a} vs finite difference {e}"
             );
         }
+        Ok(())
+    }
+
+    #[test]
+    fn rcs_rd_loss_matches_the_reference_formula() -> Result<()> {
+        let (b, d) = (3, 5);
+        let mut rng = Rng::new(4);
+        let a: Vec<f64> = (0..b * d).map(|_| rng.normal()).collect();
+        let n: Vec<f64> = (0..b * d).map(|_| rng.normal()).collect();
+        let minmax = |v: &[f64]| -> Vec<f64> {
+            v.chunks(d)
+                .flat_map(|row| {
+                    let lo = row.iter().cloned().fold(f64::INFINITY, f64::min);
+                    let hi = row.iter().map(|x| x - lo).fold(0.0, f64::max);
+                    row.iter()
+                        .map(move |x| (x - lo) / hi + 1e-8)
+                        .collect::<Vec<_>>()
+                })
+                .collect()
+        };
+        let (am, nm) = (minmax(&a), minmax(&n));
+        let want: f64 = am
+            .iter()
+            .zip(&nm)
+            .map(|(p, q)| p * (p.ln() - q.ln()))
+            .sum::<f64>()
+            / (b * d) as f64;
+        let got = rcs_rd_loss(&tensor(&a, b, d)?, &tensor(&n, b, d)?)?.to_scalar::<f64>()?;
+        assert!((got - want).abs() < 1e-12, "{got} vs {want}");
+        // the gradient reaches the adversarial side (what the RD attack ascends)
+        let (_, g) = value_and_grad(|x| rcs_rd_loss(x, &tensor(&n, b, d)?), &a, b, d)?;
+        assert!(g.iter().any(|v| v.abs() > 1e-6));
         Ok(())
     }
 

@@ -1,13 +1,14 @@
 //! `pretrain`: SimCLR and EMP-SSL, each standard, PGD-adversarial or free-adversarial (the six
 //! training scripts of CF-AMC-SSL; METHODS.md sections 3 and 4), and the ACL family: ACL,
-//! DynACL, ACL-AIR and DynACL-AIR (R-AIR `pretraining.py`; METHODS.md sections 5 and 6).
+//! DynACL, ACL-AIR and DynACL-AIR (R-AIR `pretraining.py`; METHODS.md sections 5 and 6), and
+//! ACL-RCS / DynACL-RCS (R-RCS; METHODS.md 7, [`rcs`]).
 //!
 //! # Params
 //!
 //! | param | default | meaning |
 //! |---|---|---|
-//! | `method` | (required) | `simclr`, `emp_ssl`, `acl` or `air` (the ACL family: see below) |
-//! | `attack` | `none`; `pgd` for `acl` / `air` | `none`, `pgd` (T-step l_inf PGD per batch) or `free` (m replays with a persistent δ) |
+//! | `method` | (required) | `simclr`, `emp_ssl`, `acl`, `air` or `rcs` (the ACL family: see below) |
+//! | `attack` | `none`; `pgd` for `acl` / `air` / `rcs` | `none`, `pgd` (T-step l_inf PGD per batch) or `free` (m replays with a persistent δ) |
 //! | `views` | `patch` for standard EMP-SSL, else `crop` | `crop`: scale [0.08, 1], ratio [3/4, 4/3]; `patch`: scale 0.25, ratio 1 |
 //! | `scale`, `ratio` | from `views` | explicit `[lo, hi]` overrides of the crop |
 //! | `n_views` | 2 SimCLR; 64 standard EMP-SSL, 16 adversarial EMP-SSL | views per image (SimCLR must be 2) |
@@ -52,6 +53,22 @@
 //! | `warmup_epochs` | 10 | learning-rate warm-up |
 //! | defaults that differ | | `epochs` 1000, `batch_size` 512, `lr` 5.0, `weight_decay` 1e-6, `lars_eta` 1e-3, `alpha` `eps`/4, `temperature` 0.5 (no base-temperature scale), `n_views` 2 |
 //!
+//! `rcs` is ACL (or DynACL with `dyn_aug`) trained on coresets (R-RCS `DynACL_RCS.py`): the
+//! whole set for the first `rcs_warmup − 1` epochs, then at 1-based epochs `e ≥ rcs_warmup`
+//! with `(e − 1) mod rcs_every = 0` a new coreset of `rcs_fraction` of the training split is
+//! selected ([`rcs`]: the greedy, head-gradient-based selection of R-RCS) and trained on until
+//! the next. The loss is `½ [(1 − ω) ℓ_CL + (1 + ω) ℓ̃_CL]` (\[Q43\]); the learning-rate
+//! schedule is rebuilt every epoch on the epoch's batch count `L` and fast-forwarded by
+//! `epoch · L` steps, so it follows the cosine in epoch fractions. The coreset is part of the
+//! resumable state.
+//!
+//! | param | default | meaning |
+//! |---|---|---|
+//! | `rcs_fraction` | 0.2 | coreset size, of the 99 % training split |
+//! | `rcs_warmup`, `rcs_every` | 100, 20 | R-RCS's `warmup` and `fre` |
+//! | `rcs_pgd_steps`, `rcs_lr` | 3, 0.01 | the RD attack's steps (step `(10/255)/T`), the simulated head step (`Coreset_lr`) |
+//! | `rcs_val_fraction` | 0.01 | the validation split |
+//!
 //! `views`, `scale`, `ratio`, `z_dim`, `hidden_dim`, `m`, `base_temperature`, `nesterov` and
 //! the solo-learn LARS switches do not apply and are dropped from the key. Fine-tune the encoder
 //! with `features: backbone` (it has no `pre_feature` head); `finetune` reads the `pgd` branch
@@ -75,6 +92,14 @@
 //!   divergences); clean: `KL(p_i ‖ p_j)` and the KL of the renormalised AIR products.
 //! - `q31` (ACL family with `pgd`): the PGD start `x + U(−ε, ε)` goes into the first forward
 //!   unclamped; clean: clamped to `[0, 1]` first.
+//! - `q38` (`rcs`): the greedy loop's simulated head step is `2 · rcs_lr · G` (R-RCS subtracts
+//!   it from `linear_layer` and again from `model.fc`, one module under two names; METHODS.md
+//!   writes `η'`); clean: `rcs_lr · G`.
+//! - `q41` (`rcs`): candidates are the whole training set (R-RCS swaps the full set, validation
+//!   images included, into the coreset object), training before the first selection too, and
+//!   only the first half of the validation images are used, each twice; clean: the 99 % split
+//!   and every validation image once.
+//! - `q43` (`rcs`): the ACL loss is halved; clean: not (as R-AIR).
 //!
 //! Params that do not apply are dropped before keying (`m` without `attack: free`, `eps` without
 //! an attack, `temperature` for EMP-SSL, the switches of other attacks), so sweeping them
@@ -99,6 +124,7 @@
 //! Shuffling and augmentation draw from streams derived from `(seed, epoch)` and `(seed, step)`,
 //! so the resumed run is bit-identical on the CPU to an uninterrupted one (same thread count).
 
+pub mod rcs;
 mod trainer;
 
 pub use trainer::{
@@ -153,6 +179,15 @@ pub struct FaithfulParam {
     /// \[Q31\] the ACL family's PGD start is not clamped to the box.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub q31: Option<bool>,
+    /// \[Q38\] RCS's simulated head step applied twice.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub q38: Option<bool>,
+    /// \[Q41\] RCS's validation bookkeeping.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub q41: Option<bool>,
+    /// \[Q43\] RCS halves the ACL loss.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub q43: Option<bool>,
 }
 
 impl FaithfulParam {
@@ -164,6 +199,9 @@ impl FaithfulParam {
             q10: Some(v),
             q28: Some(v),
             q31: Some(v),
+            q38: Some(v),
+            q41: Some(v),
+            q43: Some(v),
         }
     }
 }
@@ -176,11 +214,23 @@ impl Default for FaithfulParam {
 
 impl<'de> Deserialize<'de> for FaithfulParam {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let expected = "expected true, false or a map with some of q6, q7, q8, q10, q28, q31 set to true/false";
+        let expected = "expected true, false or a map with some of q6, q7, q8, q10, q28, q31, q38, q41, q43 set to true/false";
         match Value::deserialize(d)? {
             Value::Bool(b) => Ok(Self::all(b)),
             Value::Object(m) => {
-                let mut out = Self::all(true);
+                // absent switches stay unset (they default to `true` in `config`), so the
+                // canonical form reads back as itself
+                let mut out = Self {
+                    q6: None,
+                    q7: None,
+                    q8: None,
+                    q10: None,
+                    q28: None,
+                    q31: None,
+                    q38: None,
+                    q41: None,
+                    q43: None,
+                };
                 for (k, v) in m {
                     let Value::Bool(b) = v else {
                         return Err(serde::de::Error::custom(format!(
@@ -194,6 +244,9 @@ impl<'de> Deserialize<'de> for FaithfulParam {
                         "q10" => &mut out.q10,
                         "q28" => &mut out.q28,
                         "q31" => &mut out.q31,
+                        "q38" => &mut out.q38,
+                        "q41" => &mut out.q41,
+                        "q43" => &mut out.q43,
                         _ => {
                             return Err(serde::de::Error::custom(format!(
                                 "unknown switch faithful.{k}: {expected}"
@@ -370,6 +423,36 @@ pub struct PretrainParams {
     /// ACL family: warm-up epochs.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub warmup_epochs: Option<usize>,
+    /// RCS: coreset fraction.
+    #[serde(
+        default,
+        deserialize_with = "de_real_opt",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub rcs_fraction: Option<f64>,
+    /// RCS: epochs on the whole set first.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rcs_warmup: Option<usize>,
+    /// RCS: epochs between selections.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rcs_every: Option<usize>,
+    /// RCS: RD attack steps.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rcs_pgd_steps: Option<usize>,
+    /// RCS: simulated head step rate.
+    #[serde(
+        default,
+        deserialize_with = "de_real_opt",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub rcs_lr: Option<f64>,
+    /// RCS: validation fraction.
+    #[serde(
+        default,
+        deserialize_with = "de_real_opt",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub rcs_val_fraction: Option<f64>,
     /// Seed.
     #[serde(default)]
     pub seed: u64,
@@ -400,6 +483,7 @@ impl PretrainParams {
     pub fn canonical(&self) -> PretrainParams {
         let c = self.config();
         let acl = c.method.is_acl_family();
+        let rcs = c.method == Method::Rcs;
         let emp = c.method == Method::EmpSsl;
         let free = c.attack == AttackMode::Free;
         let pgd = c.attack == AttackMode::Pgd;
@@ -442,6 +526,12 @@ impl PretrainParams {
             lambda1: (c.method == Method::Air).then_some(c.lambda1),
             lambda2: (c.method == Method::Air).then_some(c.lambda2),
             warmup_epochs: acl.then_some(c.warmup_epochs),
+            rcs_fraction: rcs.then_some(c.rcs_fraction),
+            rcs_warmup: rcs.then_some(c.rcs_warmup),
+            rcs_every: rcs.then_some(c.rcs_every),
+            rcs_pgd_steps: rcs.then_some(c.rcs_pgd_steps),
+            rcs_lr: rcs.then_some(c.rcs_lr),
+            rcs_val_fraction: rcs.then_some(c.rcs_val_fraction),
             seed: c.seed,
             device: self.device,
             faithful: FaithfulParam {
@@ -451,6 +541,9 @@ impl PretrainParams {
                 q10: (free && !acl).then_some(c.faithful.q10),
                 q28: (c.method == Method::Air && pgd).then_some(c.faithful.q28),
                 q31: (acl && pgd).then_some(c.faithful.q31),
+                q38: rcs.then_some(c.faithful.q38),
+                q41: rcs.then_some(c.faithful.q41),
+                q43: rcs.then_some(c.faithful.q43),
             },
         }
     }
@@ -483,7 +576,7 @@ impl PretrainParams {
             (true, _) => 16,
         });
         let epochs = self.epochs.unwrap_or(match (method, free) {
-            (Method::Acl | Method::Air, _) => 1000,
+            (Method::Acl | Method::Air | Method::Rcs, _) => 1000,
             (Method::EmpSsl, true) => 10,
             (Method::EmpSsl, false) => 30,
             (Method::Simclr, true) => 167,
@@ -562,6 +655,12 @@ impl PretrainParams {
                 0.0
             },
             warmup_epochs: self.warmup_epochs.unwrap_or(10),
+            rcs_fraction: self.rcs_fraction.unwrap_or(0.2),
+            rcs_warmup: self.rcs_warmup.unwrap_or(100),
+            rcs_every: self.rcs_every.unwrap_or(20),
+            rcs_pgd_steps: self.rcs_pgd_steps.unwrap_or(3),
+            rcs_lr: self.rcs_lr.unwrap_or(0.01),
+            rcs_val_fraction: self.rcs_val_fraction.unwrap_or(0.01),
             seed: self.seed,
             faithful: Faithful {
                 q6: f.q6.unwrap_or(true),
@@ -570,6 +669,9 @@ impl PretrainParams {
                 q10: f.q10.unwrap_or(true),
                 q28: f.q28.unwrap_or(true),
                 q31: f.q31.unwrap_or(true),
+                q38: f.q38.unwrap_or(true),
+                q41: f.q41.unwrap_or(true),
+                q43: f.q43.unwrap_or(true),
             },
         }
     }
@@ -615,6 +717,30 @@ impl TypedStage for Pretrain {
             e.non_negative("lambda2", c.lambda2);
             e.at_most("warmup_epochs", c.warmup_epochs, MAX_EPOCHS);
             e.positive("dyn_k", c.dyn_k);
+        }
+        if c.method == Method::Rcs {
+            e.require(c.attack == AttackMode::Pgd, "attack", || {
+                "RCS selects with the `pgd` branch: it trains with `attack: pgd`".into()
+            });
+            e.require(
+                c.rcs_fraction > 0.0 && c.rcs_fraction <= 1.0,
+                "rcs_fraction",
+                || format!("expected 0 < rcs_fraction <= 1, got {}", c.rcs_fraction),
+            );
+            e.require(
+                c.rcs_val_fraction > 0.0 && c.rcs_val_fraction < 0.5,
+                "rcs_val_fraction",
+                || {
+                    format!(
+                        "expected 0 < rcs_val_fraction < 0.5, got {}",
+                        c.rcs_val_fraction
+                    )
+                },
+            );
+            e.positive("rcs_every", c.rcs_every);
+            e.positive("rcs_pgd_steps", c.rcs_pgd_steps);
+            e.at_most("rcs_warmup", c.rcs_warmup, MAX_EPOCHS);
+            e.non_negative("rcs_lr", c.rcs_lr);
         }
         e.at_most("n_views", c.n_views, MAX_VIEWS);
         e.positive("epochs", c.epochs);
@@ -678,7 +804,31 @@ impl TypedStage for Pretrain {
     }
 
     fn key_params(p: &PretrainParams) -> Value {
-        crate::params::key_with_backend(p, p.device)
+        let mut v = crate::params::key_with_backend(p, p.device);
+        // Keys are stable across versions: the first version keyed all four CF-AMC-SSL switches
+        // (absent = true), whether or not they applied; the later switches are keyed only where
+        // they apply (the canonical form leaves the others out).
+        let f = p.faithful;
+        let mut keyed = serde_json::Map::new();
+        for (name, value) in [("q6", f.q6), ("q7", f.q7), ("q8", f.q8), ("q10", f.q10)] {
+            keyed.insert(name.into(), Value::Bool(value.unwrap_or(true)));
+        }
+        let later = [
+            ("q28", f.q28),
+            ("q31", f.q31),
+            ("q38", f.q38),
+            ("q41", f.q41),
+            ("q43", f.q43),
+        ];
+        for (name, value) in later {
+            if let Some(b) = value {
+                keyed.insert(name.into(), Value::Bool(b));
+            }
+        }
+        if let Value::Object(m) = &mut v {
+            m.insert("faithful".into(), Value::Object(keyed));
+        }
+        v
     }
 
     fn outputs(_: &PretrainParams) -> Vec<String> {

@@ -608,3 +608,230 @@ fn dynacl_resume_is_bit_identical() -> TestResult {
     assert_eq!(values(r.varmap()), values(a.varmap()));
     Ok(())
 }
+
+// ---------------------------------------------------------------------------------------------
+// RCS (METHODS.md 7).
+
+#[test]
+fn rcs_defaults_split_schedule_and_keys() -> TestResult {
+    let c = params(json!({"method": "rcs"})).config();
+    assert_eq!(
+        (
+            c.attack,
+            c.batch_size,
+            c.epochs,
+            c.rcs_warmup,
+            c.rcs_every,
+            c.rcs_pgd_steps
+        ),
+        (AttackMode::Pgd, 512, 1000, 100, 20, 3)
+    );
+    assert_eq!(
+        (c.rcs_fraction, c.rcs_lr, c.rcs_val_fraction),
+        (0.2, 0.01, 0.01)
+    );
+    assert!(c.faithful.q38 && c.faithful.q41 && c.faithful.q43);
+    // R-RCS on CIFAR-10: 49,500 + 500 images, a budget of 9,900 = 19 batches of 512
+    let s = rcs::split(50_000, &c);
+    assert_eq!(
+        (s.train.len(), s.val.len(), s.budget, s.pool.len()),
+        (49_500, 500, 9_900, 50_000)
+    );
+    assert_eq!(s.budget / c.batch_size, 19);
+    let mut seen = s.train.clone();
+    seen.extend(&s.val);
+    seen.sort_unstable();
+    assert_eq!(seen, (0..50_000).collect::<Vec<_>>());
+    let clean = params(json!({"method": "rcs", "faithful": {"q41": false}})).config();
+    assert_eq!(rcs::split(50_000, &clean).pool, s.train);
+    // whole set for epochs 1..100, a selection at 101, 121, ..., the last coreset between
+    let at = |e1: usize| rcs::schedule(&c, e1 - 1);
+    assert_eq!(
+        [at(1), at(100), at(101), at(102), at(120), at(121)],
+        [
+            (false, false),
+            (false, false),
+            (true, true),
+            (false, true),
+            (false, true),
+            (true, true)
+        ]
+    );
+    // keys: RCS params only for RCS; each one counts
+    let a = normalize(json!({"method": "rcs"})).map_err(|e| format!("{e:?}"))?;
+    assert_eq!(
+        a["faithful"],
+        json!({"q31": true, "q38": true, "q41": true, "q43": true})
+    );
+    let acl =
+        normalize(json!({"method": "acl", "rcs_fraction": 0.5})).map_err(|e| format!("{e:?}"))?;
+    assert!(acl.get("rcs_fraction").is_none(), "{acl}");
+    for changed in [
+        json!({"method": "rcs", "rcs_fraction": 0.1}),
+        json!({"method": "rcs", "rcs_every": 10}),
+        json!({"method": "rcs", "rcs_lr": 0.001}),
+        json!({"method": "rcs", "faithful": {"q38": false}}),
+        json!({"method": "rcs", "dyn_aug": true}),
+    ] {
+        let n = normalize(changed.clone()).map_err(|e| format!("{e:?}"))?;
+        assert_ne!(a, n, "{changed}");
+    }
+    let e = errors(json!({"method": "rcs", "attack": "none", "rcs_fraction": 0, "rcs_every": 0}));
+    for k in ["attack:", "rcs_fraction:", "rcs_every:"] {
+        assert!(e.iter().any(|m| m.starts_with(k)), "{k} {e:?}");
+    }
+    Ok(())
+}
+
+#[test]
+fn rcs_trains_on_the_selected_coreset_and_resumes_bit_identically() -> TestResult {
+    // 200 images: 198 + 2 validation; fraction 0.25 of 198 = 49 images = 3 batches of 16
+    let d = data(200);
+    let cfg = small_acl(
+        "rcs",
+        json!({"epochs": 3, "rcs_warmup": 2, "rcs_every": 1, "rcs_fraction": 0.25, "pgd_steps": 1, "rcs_pgd_steps": 1}),
+    );
+    let tmp = crate::data::testutil::TempDir::new("pretrain-rcs");
+    let mut t = Pretrainer::new(cfg.clone(), &d.train, &Device::Cpu)?;
+    let head_before = |t: &Pretrainer<'_>| -> Vec<(String, Vec<u8>)> {
+        values(t.varmap())
+            .into_iter()
+            .filter(|(n, _)| rcs::HEAD_PARAMS.contains(&n.as_str()))
+            .collect()
+    };
+    // epoch 1: the whole set (faithful: validation images included), 13 batches
+    let e1 = t.train_epoch(&TrainHooks::default())?;
+    assert_eq!((e1.images, t.steps(), t.coreset()), (200, 13, None));
+    let nat = e1.terms["nat_cl"];
+    let adv = e1.terms["adv_cl"];
+    assert!(
+        (e1.loss - 0.5 * (nat + adv)).abs() < 1e-5,
+        "[Q43] halves the loss: {e1:?}"
+    );
+    // epoch 2 selects: the selection leaves the weights as they were
+    let state = tmp.path().join("before-selection.state");
+    t.save_state(&state)?;
+    let head = head_before(&t);
+    let sel = {
+        let mut probe = Pretrainer::new(cfg.clone(), &d.train, &Device::Cpu)?;
+        probe.load_state(&state)?;
+        let Some(model) = probe.acl_model() else {
+            return Err("no ACL model".into());
+        };
+        let split = rcs::split(200, &cfg);
+        let views = crate::nn::augment::DynAclConfig::with_strength(1.0).config();
+        let views = crate::nn::augment::MultiView::new(crate::nn::augment::MultiViewConfig {
+            layout: crate::nn::augment::Layout::ViewMajor,
+            ..views
+        })?;
+        let chosen = rcs::Selector {
+            model,
+            varmap: probe.varmap(),
+            images: &d.train,
+            split: &split,
+            views: &views,
+            cfg: &cfg,
+            device: &Device::Cpu,
+        }
+        .select(1, &TrainHooks::default())?;
+        assert_eq!(
+            head_before(&probe),
+            head,
+            "the head is restored after the greedy steps"
+        );
+        chosen
+    };
+    assert_eq!(sel.len(), 48);
+    let mut uniq = sel.clone();
+    uniq.sort_unstable();
+    uniq.dedup();
+    assert_eq!(uniq.len(), 48, "a batch is picked at most once");
+    let e2 = t.train_epoch(&TrainHooks::default())?;
+    assert_eq!(
+        t.coreset(),
+        Some(sel.as_slice()),
+        "the trainer selects the same coreset"
+    );
+    assert_eq!((e2.images, t.steps()), (48, 16));
+    // R-RCS's per-epoch schedule: L = 3 batches, fast-forwarded by epoch · L
+    let sched = WarmupCosineRef {
+        base: 0.5,
+        warmup: 3,
+        total: 9,
+    };
+    assert!(
+        (e2.lr - sched.lr(3 + 3)).abs() < 1e-12,
+        "{} vs {}",
+        e2.lr,
+        sched.lr(6)
+    );
+    // epoch 3 (after warm-up, between selections): a fresh selection since every = 1
+    let a = {
+        t.train_epoch(&TrainHooks::default())?;
+        values(t.varmap())
+    };
+    // resumed from the state before the selection: the same bits
+    let mut r = Pretrainer::new(cfg.clone(), &d.train, &Device::Cpu)?;
+    r.load_state(&state)?;
+    while !r.finished() {
+        r.train_epoch(&TrainHooks::default())?;
+    }
+    assert_eq!(values(r.varmap()), a);
+    Ok(())
+}
+
+/// ACL's warm-up + cosine (R-AIR `cosine_annealing` with `LambdaLR`), written out: the rate of
+/// the update `t` (0-based) is `base · f(t + 1)`.
+struct WarmupCosineRef {
+    base: f64,
+    warmup: usize,
+    total: usize,
+}
+
+impl WarmupCosineRef {
+    fn lr(&self, t: usize) -> f64 {
+        let s = (t + 1) as f64;
+        let (w, n) = (self.warmup as f64, self.total as f64);
+        let min = 1e-6 / self.base;
+        let f = if s < w {
+            s / w
+        } else {
+            min + (1.0 - min) * 0.5 * (1.0 + ((s - w) / (n - w) * std::f64::consts::PI).cos())
+        };
+        self.base * f
+    }
+}
+
+#[test]
+fn the_canonical_form_reads_back_as_itself_and_keys_only_what_applies() -> TestResult {
+    use pipe_engine::TypedStage;
+    for v in [
+        json!({"method": "simclr", "attack": "pgd", "faithful": {"q7": false}}),
+        json!({"method": "emp_ssl", "attack": "free"}),
+        json!({"method": "air", "faithful": false}),
+        json!({"method": "rcs", "faithful": {"q41": false}}),
+    ] {
+        let n = normalize(v.clone()).map_err(|e| format!("{e:?}"))?;
+        let p: PretrainParams = serde_json::from_value(n.clone())?;
+        assert_eq!(serde_json::to_value(&p)?, n, "{v}");
+        // the key: the four CF-AMC-SSL switches always (as the first version keyed them), the
+        // later ones where they apply
+        let k = <Pretrain as TypedStage>::key_params(&p);
+        let f = k["faithful"].as_object().ok_or("faithful")?;
+        for q in ["q6", "q7", "q8", "q10"] {
+            assert!(f.contains_key(q), "{v}: {k}");
+        }
+        let later: Vec<&String> = f
+            .keys()
+            .filter(|q| !["q6", "q7", "q8", "q10"].contains(&q.as_str()))
+            .collect();
+        let expected: Vec<&str> = match v["method"].as_str() {
+            Some("air") => vec!["q28", "q31"],
+            Some("rcs") => vec!["q31", "q38", "q41", "q43"],
+            _ => vec![],
+        };
+        assert_eq!(later, expected, "{v}: {k}");
+        assert_eq!(k["device"], "cpu");
+    }
+    Ok(())
+}

@@ -47,13 +47,15 @@ pub enum Method {
     Acl,
     /// ACL-AIR / DynACL-AIR: ACL plus the SIR and AIR invariance regularisers (METHODS.md 6).
     Air,
+    /// ACL-RCS / DynACL-RCS: ACL on robustness-aware coresets (METHODS.md 7).
+    Rcs,
 }
 
 impl Method {
     /// ACL and AIR: R-AIR's model (input normalisation, dual BN, 3-layer head), LARS with
     /// warm-up, the strength-`s` views.
     pub fn is_acl_family(self) -> bool {
-        matches!(self, Method::Acl | Method::Air)
+        matches!(self, Method::Acl | Method::Air | Method::Rcs)
     }
 }
 
@@ -112,6 +114,14 @@ pub struct Faithful {
     pub q28: bool,
     /// \[Q31\] the ACL family's PGD random start is not clamped to the box.
     pub q31: bool,
+    /// \[Q38\] RCS's simulated head step is applied twice (R-RCS updates the same module
+    /// through two names).
+    pub q38: bool,
+    /// \[Q41\] RCS's validation bookkeeping (candidates from the whole set, half the
+    /// validation images twice).
+    pub q41: bool,
+    /// \[Q43\] RCS halves the ACL loss.
+    pub q43: bool,
 }
 
 /// A fully resolved pretraining configuration.
@@ -181,6 +191,18 @@ pub struct PretrainConfig {
     pub lambda2: f64,
     /// ACL family: linear warm-up epochs of the learning rate.
     pub warmup_epochs: usize,
+    /// RCS: coreset size as a fraction of the training split (`fraction`, 0.2).
+    pub rcs_fraction: f64,
+    /// RCS: epochs on the whole set before the first selection (`warmup`, 100).
+    pub rcs_warmup: usize,
+    /// RCS: epochs between selections (`fre`, 20).
+    pub rcs_every: usize,
+    /// RCS: steps of the RD attack on the validation set (`Coreset_pgd_iter`, 3).
+    pub rcs_pgd_steps: usize,
+    /// RCS: rate of the simulated head step (`Coreset_lr`, 0.01).
+    pub rcs_lr: f64,
+    /// RCS: validation fraction of the training set (0.01).
+    pub rcs_val_fraction: f64,
     /// Seed.
     pub seed: u64,
     /// Quirk switches.
@@ -243,7 +265,7 @@ impl PretrainConfig {
 
     fn view_generator(&self, epoch: usize) -> Result<MultiView> {
         Ok(match self.method {
-            Method::Acl | Method::Air => {
+            Method::Acl | Method::Air | Method::Rcs => {
                 // view-major (rows 0..B view i, B..2B view j) instead of R-AIR's interleaving:
                 // the losses pair rows explicitly and BN sees the same set of rows
                 let cfg = DynAclConfig::with_strength(self.strength(epoch)).config();
@@ -336,6 +358,19 @@ pub struct Pretrainer<'d> {
     epoch: usize,
     iters: usize,
     curve: Vec<EpochStats>,
+    rcs: Option<RcsRun>,
+}
+
+/// RCS's state across epochs.
+struct RcsRun {
+    split: super::rcs::RcsSplit,
+    /// The last selected coreset.
+    coreset: Option<Vec<usize>>,
+    /// Scheduler steps before this epoch (R-RCS rebuilds the schedule every epoch with the
+    /// epoch's loader length `L` and fast-forwards it by `epoch · L`).
+    offset: usize,
+    /// Updates so far in this epoch.
+    batch: usize,
 }
 
 /// The model a [`Pretrainer`] trains.
@@ -358,7 +393,17 @@ impl<'d> Pretrainer<'d> {
     /// Fewer training images than one batch, images that do not fit the view generator, or
     /// tensor errors.
     pub fn new(cfg: PretrainConfig, images: &'d Split, device: &Device) -> Result<Self> {
-        let iters = cfg.iters_per_epoch(images.n);
+        let rcs = (cfg.method == Method::Rcs).then(|| RcsRun {
+            split: super::rcs::split(images.n, &cfg),
+            coreset: None,
+            offset: 0,
+            batch: 0,
+        });
+        // RCS's first schedule is built on its 99 % training loader
+        let iters = match &rcs {
+            Some(r) => cfg.iters_per_epoch(r.split.train.len()),
+            None => cfg.iters_per_epoch(images.n),
+        };
         if iters == 0 {
             return Err(format!(
                 "batch_size {} is larger than the {} training images (batches are drop_last)",
@@ -402,7 +447,7 @@ impl<'d> Pretrainer<'d> {
                 total_steps: cfg.epochs * iters,
                 min_factor: 1e-6 / cfg.lr,
             };
-            return Ok(Self::assemble(
+            let mut t = Self::assemble(
                 cfg,
                 images,
                 device,
@@ -411,7 +456,9 @@ impl<'d> Pretrainer<'d> {
                 Box::new(sched),
                 views,
                 iters,
-            ));
+            );
+            t.rcs = rcs;
+            return Ok(t);
         }
         let sgd = SgdConfig {
             lr: cfg.lr,
@@ -492,6 +539,7 @@ impl<'d> Pretrainer<'d> {
             epoch: 0,
             iters,
             curve: Vec::new(),
+            rcs: None,
         }
     }
 
@@ -538,6 +586,14 @@ impl<'d> Pretrainer<'d> {
         }
     }
 
+    /// The ACL family's model; `None` for SimCLR / EMP-SSL.
+    pub fn acl_model(&self) -> Option<&AclEncoder> {
+        match &self.net {
+            Net::Cf(_) => None,
+            Net::Acl(m) => Some(m),
+        }
+    }
+
     /// The backbone being trained (any method).
     pub fn backbone(&self) -> &ResNet {
         match &self.net {
@@ -546,10 +602,86 @@ impl<'d> Pretrainer<'d> {
         }
     }
 
-    /// The images of the batch `b` of an epoch's permutation (the last one may be partial).
-    fn batch_range(&self, b: usize) -> std::ops::Range<usize> {
+    /// The positions of batch `b` in an epoch's order of `len` images (the last batch may be
+    /// partial).
+    fn batch_range(&self, b: usize, len: usize) -> std::ops::Range<usize> {
         let bs = self.cfg.batch_size;
-        b * bs..((b + 1) * bs).min(self.images.n)
+        b * bs..((b + 1) * bs).min(len)
+    }
+
+    /// The last RCS coreset (image indices), if one was selected.
+    pub fn coreset(&self) -> Option<&[usize]> {
+        self.rcs.as_ref().and_then(|r| r.coreset.as_deref())
+    }
+
+    /// RCS: the images of `epoch` (the pool, a new coreset or the last one) and the epoch's
+    /// schedule; `None` for the other methods.
+    fn rcs_epoch_set(
+        &mut self,
+        epoch: usize,
+        hooks: &TrainHooks<'_>,
+    ) -> Result<Option<Vec<usize>>> {
+        let Some(r) = &self.rcs else {
+            return Ok(None);
+        };
+        let (select, use_coreset) = super::rcs::schedule(&self.cfg, epoch);
+        let set = if select {
+            let Net::Acl(model) = &self.net else {
+                return Err("internal: RCS on a CF-AMC model".into());
+            };
+            let t0 = Instant::now();
+            let chosen = super::rcs::Selector {
+                model,
+                varmap: &self.varmap,
+                images: self.images,
+                split: &r.split,
+                views: &self.views,
+                cfg: &self.cfg,
+                device: &self.device,
+            }
+            .select(epoch, hooks)?;
+            (hooks.log)(&format!(
+                "epoch {}: RCS selected {} of {} images in {:.1} s",
+                epoch + 1,
+                chosen.len(),
+                r.split.pool.len(),
+                t0.elapsed().as_secs_f64()
+            ));
+            chosen
+        } else if use_coreset {
+            r.coreset
+                .clone()
+                .ok_or("internal: no RCS coreset to reuse (a state from another version?)")?
+        } else {
+            r.split.pool.clone()
+        };
+        let lr = self.cfg.lr;
+        let l = self.cfg.iters_per_epoch(set.len());
+        if epoch >= 1 {
+            // R-RCS rebuilds its LambdaLR every epoch on the current loader and fast-forwards it
+            self.sched = Box::new(WarmupCosine {
+                base_lr: lr,
+                warmup_steps: self.cfg.warmup_epochs * l,
+                total_steps: self.cfg.epochs * l,
+                min_factor: 1e-6 / lr,
+            });
+        }
+        if let Some(r) = &mut self.rcs {
+            if select {
+                r.coreset = Some(set.clone());
+            }
+            r.offset = if epoch >= 1 { epoch * l } else { 0 };
+            r.batch = 0;
+        }
+        Ok(Some(set))
+    }
+
+    /// The scheduler step of the next update.
+    fn sched_t(&self) -> usize {
+        match &self.rcs {
+            Some(r) => r.offset + r.batch,
+            None => self.step,
+        }
     }
 
     /// The free-adversarial δ (after the first free batch).
@@ -562,7 +694,7 @@ impl<'d> Pretrainer<'d> {
         let perm =
             Rng::derive(self.cfg.seed, &[SHUFFLE_STREAM, epoch as u64]).permutation(self.images.n);
         let mut out = Vec::with_capacity(self.cfg.batch_size * self.images.image_len());
-        for &i in &perm[self.batch_range(b)] {
+        for &i in &perm[self.batch_range(b, self.images.n)] {
             out.extend_from_slice(self.images.image(i));
         }
         out
@@ -585,26 +717,43 @@ impl<'d> Pretrainer<'d> {
     pub fn train_epoch(&mut self, hooks: &TrainHooks<'_>) -> Result<EpochStats> {
         let epoch = self.epoch;
         let start = Instant::now();
-        let perm =
-            Rng::derive(self.cfg.seed, &[SHUFFLE_STREAM, epoch as u64]).permutation(self.images.n);
+        self.views_for_epoch(epoch)?;
+        let mut shuffle = Rng::derive(self.cfg.seed, &[SHUFFLE_STREAM, epoch as u64]);
+        let (order, iters) = match self.rcs_epoch_set(epoch, hooks)? {
+            None => (shuffle.permutation(self.images.n), self.iters),
+            Some(set) => {
+                let iters = self.cfg.iters_per_epoch(set.len());
+                let order = shuffle
+                    .permutation(set.len())
+                    .iter()
+                    .map(|&k| set[k])
+                    .collect();
+                (order, iters)
+            }
+        };
+        let perm: Vec<usize> = order;
         let bs = self.cfg.batch_size;
-        let total = (self.iters * self.cfg.epochs) as u64;
+        let total = (iters * self.cfg.epochs) as u64;
         let mut loss_sum = 0.0;
         let mut terms: BTreeMap<String, f64> = BTreeMap::new();
         let mut buf = Vec::with_capacity(bs * self.images.image_len());
-        self.views_for_epoch(epoch)?;
         let mut images = 0;
-        for b in 0..self.iters {
+        for b in 0..iters {
             if (hooks.cancelled)() {
                 return Err(format!("cancelled during epoch {epoch}, batch {b}").into());
             }
             buf.clear();
-            let range = self.batch_range(b);
+            let range = self.batch_range(b, perm.len());
             images += range.len();
             for &i in &perm[range] {
                 buf.extend_from_slice(self.images.image(i));
             }
-            let global = (epoch * self.iters + b) as u64;
+            // the augmentation stream of the batch; RCS epochs differ in length
+            let global = if self.rcs.is_some() {
+                ((epoch as u64) << 32) | b as u64
+            } else {
+                (epoch * iters + b) as u64
+            };
             let stats = self
                 .train_batch(&buf, global)
                 .map_err(|e| format!("epoch {epoch}, batch {b}: {e}"))?;
@@ -615,7 +764,7 @@ impl<'d> Pretrainer<'d> {
             let secs = start.elapsed().as_secs_f64();
             let rate = images as f64 / secs.max(1e-9);
             (hooks.progress)(
-                (epoch * self.iters + b + 1) as u64,
+                (epoch * iters + b + 1) as u64,
                 total,
                 &format!(
                     "epoch {}/{} loss {:.4} {:.0} img/s",
@@ -626,7 +775,7 @@ impl<'d> Pretrainer<'d> {
                 ),
             );
         }
-        let n = self.iters as f64;
+        let n = iters as f64;
         for v in terms.values_mut() {
             *v /= n;
         }
@@ -635,7 +784,7 @@ impl<'d> Pretrainer<'d> {
             epoch,
             loss: loss_sum / n,
             terms,
-            lr: self.sched.lr(self.step),
+            lr: self.sched.lr(self.sched_t()),
             seconds,
             images,
             images_per_second: images as f64 / seconds.max(1e-9),
@@ -772,7 +921,13 @@ impl<'d> Pretrainer<'d> {
             let za = model.embed(&adv, PGD_BRANCH, true)?;
             let omega = self.cfg.omega(self.epoch);
             let (nat, advl) = (cl(&z)?, cl(&za)?);
-            let mut loss = ((&nat * (1.0 - omega))? + (&advl * (1.0 + omega))?)?;
+            // [Q43] DynACL-RCS halves the ACL loss; R-AIR does not
+            let scale = if self.cfg.method == Method::Rcs && self.cfg.faithful.q43 {
+                0.5
+            } else {
+                1.0
+            };
+            let mut loss = ((((&nat * (1.0 - omega))? + (&advl * (1.0 + omega))?)?) * scale)?;
             let mut terms = vec![("nat_cl", nat), ("adv_cl", advl)];
             if self.cfg.method == Method::Air {
                 let (h, w) = (self.images.h, self.images.w);
@@ -813,7 +968,7 @@ impl<'d> Pretrainer<'d> {
             return Err(format!(
                 "the loss is {value} at optimiser step {} (lr {:e})",
                 self.step,
-                self.sched.lr(self.step)
+                self.sched.lr(self.sched_t())
             )
             .into());
         }
@@ -826,16 +981,19 @@ impl<'d> Pretrainer<'d> {
 
     /// One optimiser update at the current step's rate, then the scheduler step.
     fn update(&mut self, grads: &GradStore) -> Result<()> {
-        self.opt.set_lr(self.sched.lr(self.step));
+        self.opt.set_lr(self.sched.lr(self.sched_t()));
         self.opt.step(grads)?;
         self.step += 1;
+        if let Some(r) = &mut self.rcs {
+            r.batch += 1;
+        }
         Ok(())
     }
 
     fn standard(&mut self, x: &Tensor) -> Result<BatchStats> {
         let (loss, terms) = match self.cfg.method {
             Method::EmpSsl => self.ssl_loss(self.cf()?, x, None)?,
-            Method::Simclr | Method::Acl | Method::Air => {
+            Method::Simclr | Method::Acl | Method::Air | Method::Rcs => {
                 let (x1, x2) = self.split_views(x)?;
                 self.ssl_loss(self.cf()?, &x1, Some(&x2))?
             }
@@ -875,7 +1033,7 @@ impl<'d> Pretrainer<'d> {
         let saved = (!self.cfg.faithful.q8).then(|| self.bn_buffers());
         let (x1, target) = match self.cfg.method {
             Method::EmpSsl => (None, x.clone()),
-            Method::Simclr | Method::Acl | Method::Air => {
+            Method::Simclr | Method::Acl | Method::Air | Method::Rcs => {
                 let (x1, x2) = self.split_views(x)?;
                 (Some(x1), x2)
             }
@@ -886,7 +1044,7 @@ impl<'d> Pretrainer<'d> {
                 // EMP: all n·B views jointly
                 Method::EmpSsl => this.ssl_loss(&attack_enc, xa, None),
                 // SimCLR [Q9]: the clean second view against its own perturbed copy
-                Method::Simclr | Method::Acl | Method::Air => {
+                Method::Simclr | Method::Acl | Method::Air | Method::Rcs => {
                     this.ssl_loss(&attack_enc, &target, Some(xa))
                 }
             };
@@ -921,7 +1079,7 @@ impl<'d> Pretrainer<'d> {
     fn free(&mut self, x: &Tensor) -> Result<BatchStats> {
         let (x1, target) = match self.cfg.method {
             Method::EmpSsl => (None, x.clone()),
-            Method::Simclr | Method::Acl | Method::Air => {
+            Method::Simclr | Method::Acl | Method::Air | Method::Rcs => {
                 let (x1, x2) = self.split_views(x)?;
                 (Some(x1), x2)
             }
@@ -973,6 +1131,13 @@ impl<'d> Pretrainer<'d> {
         if let Some(fd) = &self.free {
             t.insert("free_delta".into(), fd.delta().clone());
         }
+        if let Some(c) = self.coreset() {
+            let idx: Vec<i64> = c.iter().map(|&i| i as i64).collect();
+            t.insert(
+                "meta/rcs_coreset".into(),
+                Tensor::new(idx.as_slice(), &Device::Cpu)?,
+            );
+        }
         let cpu = Device::Cpu;
         let counters = [self.epoch as i64, self.step as i64];
         t.insert("meta/counters".into(), Tensor::new(&counters, &cpu)?);
@@ -1009,6 +1174,16 @@ impl<'d> Pretrainer<'d> {
         self.free = t
             .get("free_delta")
             .map(|d| FreeDelta::from_tensor(d, !self.cfg.faithful.q10));
+        if let (Some(r), Some(c)) = (&mut self.rcs, t.get("meta/rcs_coreset")) {
+            let idx = c.to_device(&Device::Cpu)?.to_vec1::<i64>()?;
+            let n = self.images.n;
+            r.coreset = Some(
+                idx.iter()
+                    .map(|&i| usize::try_from(i).ok().filter(|&i| i < n))
+                    .collect::<Option<Vec<_>>>()
+                    .ok_or_else(|| bad("meta/rcs_coreset indexes outside the training set"))?,
+            );
+        }
         let counters = t
             .get("meta/counters")
             .ok_or_else(|| bad("has no meta/counters"))?
