@@ -24,7 +24,7 @@ use std::time::Instant;
 
 use candle::{DType, Device, Tensor};
 use pipe_stages::data::{Hooks, ReadOptions, Split, read_image_folder};
-use pipe_stages::kinds::pretrain::{PretrainParams, Pretrainer, TrainHooks};
+use pipe_stages::kinds::pretrain::{PretrainConfig, PretrainParams, Pretrainer, TrainHooks};
 use pipe_stages::nn::resnet::ResNet;
 use serde_json::json;
 
@@ -214,11 +214,49 @@ fn subset() -> Result<&'static pipe_stages::data::Dataset> {
     Ok(DATA.get_or_init(|| data))
 }
 
+/// Linear-probe accuracies `(train, test)`.
+type Accuracies = (f64, f64);
+
+/// Probe accuracies of the encoder of `cfg` at its random initialisation and after training it
+/// on `data` (printing each epoch under `tag`), and the training seconds.
+fn random_then_trained(
+    cfg: &PretrainConfig,
+    data: &pipe_stages::data::Dataset,
+    tag: &str,
+) -> Result<(Accuracies, Accuracies, f64)> {
+    let k = data.classes.len();
+    let probe_of = |t: &Pretrainer<'_>| -> Result<Accuracies> {
+        probe(
+            &features(t.backbone(), &data.train)?,
+            &data.train.labels,
+            &features(t.backbone(), &data.test)?,
+            &data.test.labels,
+            k,
+        )
+    };
+    // the same seed's encoder, never trained
+    let random = probe_of(&Pretrainer::new(cfg.clone(), &data.train, &Device::Cpu)?)?;
+    let started = Instant::now();
+    let mut trainer = Pretrainer::new(cfg.clone(), &data.train, &Device::Cpu)?;
+    while !trainer.finished() {
+        let s = trainer.train_epoch(&TrainHooks::default())?;
+        println!(
+            "{tag} epoch {}: loss {:.4} {:?} ({:.1} s, {:.0} img/s)",
+            s.epoch + 1,
+            s.loss,
+            s.terms,
+            s.seconds,
+            s.images_per_second
+        );
+    }
+    let secs = started.elapsed().as_secs_f64();
+    Ok((random, probe_of(&trainer)?, secs))
+}
+
 #[test]
 fn emp_ssl_beats_random_init_under_a_linear_probe() -> Result<()> {
     let t0 = Instant::now();
     let data = subset()?;
-    let k = data.classes.len();
 
     let mut random_acc = Vec::new();
     let mut trained_acc = Vec::new();
@@ -230,37 +268,8 @@ fn emp_ssl_beats_random_init_under_a_linear_probe() -> Result<()> {
         }))?
         .config();
 
-        // the same seed's encoder, never trained
-        let fresh = Pretrainer::new(cfg.clone(), &data.train, &Device::Cpu)?;
-        let (r_train, r_test) = probe(
-            &features(fresh.backbone(), &data.train)?,
-            &data.train.labels,
-            &features(fresh.backbone(), &data.test)?,
-            &data.test.labels,
-            k,
-        )?;
-        drop(fresh);
-
-        let started = Instant::now();
-        let mut trainer = Pretrainer::new(cfg, &data.train, &Device::Cpu)?;
-        while !trainer.finished() {
-            let s = trainer.train_epoch(&TrainHooks::default())?;
-            println!(
-                "seed {seed} epoch {}: loss {:.4} {:?} ({:.1} s)",
-                s.epoch + 1,
-                s.loss,
-                s.terms,
-                s.seconds
-            );
-        }
-        let train_secs = started.elapsed().as_secs_f64();
-        let (t_train, t_test) = probe(
-            &features(trainer.backbone(), &data.train)?,
-            &data.train.labels,
-            &features(trainer.backbone(), &data.test)?,
-            &data.test.labels,
-            k,
-        )?;
+        let ((r_train, r_test), (t_train, t_test), train_secs) =
+            random_then_trained(&cfg, data, &format!("seed {seed}"))?;
         println!(
             "seed {seed}: random init probe train {:.1} % test {:.1} %; after EMP-SSL ({train_secs:.1} s) \
              train {:.1} % test {:.1} %; gain {:+.1} points",
@@ -321,41 +330,14 @@ const ACL_MIN_GAIN: f64 = 0.03;
 fn acl_beats_random_init_under_a_linear_probe() -> Result<()> {
     let t0 = Instant::now();
     let data = subset()?;
-    let k = data.classes.len();
     let cfg = serde_json::from_value::<PretrainParams>(json!({
         "method": "acl", "width": 8, "batch_size": 100, "epochs": ACL_EPOCHS,
         "warmup_epochs": 1, "pgd_steps": 2, "seed": 0,
     }))?
     .config();
-    let fresh = Pretrainer::new(cfg.clone(), &data.train, &Device::Cpu)?;
-    assert_eq!(fresh.backbone().branches(), ["normal", "pgd"]);
-    let (_, r_test) = probe(
-        &features(fresh.backbone(), &data.train)?,
-        &data.train.labels,
-        &features(fresh.backbone(), &data.test)?,
-        &data.test.labels,
-        k,
-    )?;
-    drop(fresh);
-    let mut trainer = Pretrainer::new(cfg, &data.train, &Device::Cpu)?;
-    while !trainer.finished() {
-        let s = trainer.train_epoch(&TrainHooks::default())?;
-        println!(
-            "ACL epoch {}: loss {:.4} {:?} ({:.1} s, {:.0} img/s)",
-            s.epoch + 1,
-            s.loss,
-            s.terms,
-            s.seconds,
-            s.images_per_second
-        );
-    }
-    let (_, t_test) = probe(
-        &features(trainer.backbone(), &data.train)?,
-        &data.train.labels,
-        &features(trainer.backbone(), &data.test)?,
-        &data.test.labels,
-        k,
-    )?;
+    // two BN branches: `features` probes the last, `pgd`
+    assert_eq!(cfg.branches(), ["normal", "pgd"]);
+    let ((_, r_test), (_, t_test), _) = random_then_trained(&cfg, data, "ACL")?;
     println!(
         "ACL: random init probe test {:.1} %, after {ACL_EPOCHS} epochs {:.1} % ({:+.1} points); {:.1} s",
         100.0 * r_test,
