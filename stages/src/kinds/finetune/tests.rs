@@ -998,6 +998,23 @@ fn acl_encoder_is_finetuned_through_its_pgd_branch_and_normalisation() -> TestRe
             .is_some_and(|a| (0.0..=1.0).contains(&a)),
         "{m}"
     );
+
+    // AFF on the same kind of encoder: the dual-BN training copy keeps the normalisation too
+    let (_tmp, plan, store) = run_chain(
+        "finetune-acl-aff",
+        "{method: acl, batch_size: 16, epochs: 1, pgd_steps: 1, width: 8, lr: 0.5, warmup_epochs: 1, seed: 2}",
+        "{mode: aff, features: backbone, preset: dynacl, epochs: 1, batch_size: 16, pgd_steps: 1, seed: 3}",
+    )?;
+    let ft = entry_of_node(&plan, &store, "ft")?;
+    let (_, clf) = Classifier::load(&ft.file(WEIGHTS_FILE)?, &ft.file(SPEC_FILE)?, &Device::Cpu)?;
+    assert!(clf.spec().input_norm);
+    let names = crate::nn::checkpoint::tensor_names(ft.file(WEIGHTS_FILE)?)?;
+    assert!(
+        names.iter().any(|n| n == "encoder.normalize.std"),
+        "{names:?}"
+    );
+    let m: Value = serde_json::from_slice(&std::fs::read(ft.file("metrics.json")?)?)?;
+    assert!(m["train_loss"].as_f64().is_some_and(f64::is_finite), "{m}");
     Ok(())
 }
 
