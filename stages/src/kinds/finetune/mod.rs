@@ -40,7 +40,7 @@
 //! | param | default | meaning |
 //! |---|---|---|
 //! | `mode` | (required) | `slf`, `alf` or `aff` |
-//! | `features` | `pre_feature` | `pre_feature` or `backbone` |
+//! | `features` | `pre_feature`; `backbone` with a per-pretraining preset (`acl`, …) | `pre_feature` or `backbone` |
 //! | `head` | `full` | `full` (single images) or `ncrop` (the head reads the mean feature of `n_views` random EMP views, METHODS.md 11.1a; SLF only) |
 //! | `n_views`, `views` | 4, `crop` | the n-crop draw: `crop` (scale [0.08, 1], ratio [3/4, 4/3]) or `patch` (scale 0.25, ratio 1), every colour augmentation on (\[Q20\]); drawn once per training image |
 //! | `preset` | `cf_adam` for SLF with the full head, `cf_sgd` for SLF with the n-crop head, `air` for ALF / AFF | fills in every optimisation param left out (table below); also R-AIR's per-pretraining rows `acl`, `dynacl`, `acl_air`, `dynacl_air`, `dynacl_air_pp` (+ `_cifar100`) |
@@ -428,6 +428,12 @@ impl Preset {
         }
     }
 
+    /// One of the per-pretraining rows (`acl`, `dynacl`, `acl_air`, …), which fine-tune ACL-family
+    /// encoders only.
+    pub fn is_acl_family_row(self) -> bool {
+        !matches!(self, Preset::CfAdam | Preset::CfSgd | Preset::Air)
+    }
+
     /// Batch / lr / milestones / epochs of an R-AIR preset for `mode` (METHODS.md 10.3).
     fn row(self, mode: Mode) -> (usize, f64, [usize; 2], usize) {
         use Preset::*;
@@ -546,7 +552,14 @@ impl FinetuneParams {
         };
         FinetuneConfig {
             mode: self.mode,
-            features: self.features.unwrap_or(FeatureKind::PreFeature),
+            features: self
+                .features
+                .unwrap_or(if self.preset().is_acl_family_row() {
+                    // the ACL family's encoders have no pre_feature head
+                    FeatureKind::Backbone
+                } else {
+                    FeatureKind::PreFeature
+                }),
             ncrop,
             optimizer: self.optimizer.unwrap_or(d.optimizer),
             lr: self.lr.unwrap_or(d.lr),

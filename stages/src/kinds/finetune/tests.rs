@@ -185,6 +185,19 @@ fn canonical_form_keys_equivalent_params_alike() {
     }
     assert_eq!(a["lr"], json!(3e-4));
     assert_eq!(a["features"], json!("pre_feature"));
+    // the per-pretraining presets fine-tune ACL-family encoders: the backbone feature
+    assert_eq!(
+        params(json!({"mode": "slf", "preset": "dynacl"}))
+            .config()
+            .features,
+        FeatureKind::Backbone
+    );
+    assert_eq!(
+        params(json!({"mode": "slf", "preset": "air"}))
+            .config()
+            .features,
+        FeatureKind::PreFeature
+    );
     // a preset and its values written out key alike
     let p = norm_ok(json!({"mode": "alf", "preset": "air"}));
     let w = norm_ok(json!({
@@ -1429,8 +1442,9 @@ fn r_air_presets_match_methods_10_3() {
     }
     // a preset and its values written out key alike
     let a = normalize(json!({"mode": "aff", "preset": "acl"}));
-    let b =
-        normalize(json!({"mode": "aff", "preset": "air", "milestones": [40, 60], "epochs": 100}));
+    let b = normalize(
+        json!({"mode": "aff", "preset": "air", "milestones": [40, 60], "epochs": 100, "features": "backbone"}),
+    );
     assert_eq!(
         a.map_err(|e| format!("{e:?}")),
         b.map_err(|e| format!("{e:?}"))
