@@ -93,6 +93,10 @@ use crate::nn::conv::{Conv2d, Conv2dConfig, KernelImpl, conv2d_no_bias};
 /// The BN branch whose tensors keep torchvision's plain names.
 pub const DEFAULT_BRANCH: &str = "normal";
 
+/// The BN branch of adversarial inputs in dual-BN models (the ACL family's pretraining and
+/// AFF; `finetune` reads an encoder through it).
+pub const PGD_BRANCH: &str = "pgd";
+
 /// BN momentum (torch's default).
 pub const BN_MOMENTUM: f64 = 0.1;
 

@@ -82,7 +82,7 @@ const STATE_FORMAT: u32 = 1;
 pub const FEATURE_CHUNK: usize = 256;
 
 /// The BN branch that AFF trains on adversarial inputs and keeps.
-pub const PGD_BRANCH: &str = "pgd";
+pub use crate::nn::resnet::PGD_BRANCH;
 
 /// The BN branches of AFF's training copy: natural inputs, adversarial inputs.
 pub const DUAL_BRANCHES: [&str; 2] = [DEFAULT_BRANCH, PGD_BRANCH];

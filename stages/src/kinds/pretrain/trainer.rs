@@ -22,6 +22,7 @@ use crate::nn::heads::{AclEncoder, Encoder, EncoderConfig, HeadConfig, acl_encod
 use crate::nn::init::{InitRules, build_seeded, is_buffer, named_vars, trainable};
 use crate::nn::losses::{EmpLossConfig, air_regularizers, emp_loss, nt_xent};
 use crate::nn::optim::{AclLars, AclLarsConfig, Lars, LarsConfig, Optim, Sgd, SgdConfig};
+pub use crate::nn::resnet::PGD_BRANCH;
 use crate::nn::resnet::{DEFAULT_BRANCH, ResNet, ResNetConfig};
 use crate::nn::schedule::{Cosine, FreeAdvLr, LrSchedule, WarmupCosine};
 use crate::rng::Rng;
@@ -52,15 +53,13 @@ pub enum Method {
 }
 
 impl Method {
-    /// ACL and AIR: R-AIR's model (input normalisation, dual BN, 3-layer head), LARS with
-    /// warm-up, the strength-`s` views.
+    /// ACL, AIR and RCS: R-AIR's model (input normalisation, dual BN, 3-layer head), LARS
+    /// with warm-up, the strength-`s` views.
     pub fn is_acl_family(self) -> bool {
         matches!(self, Method::Acl | Method::Air | Method::Rcs)
     }
 }
 
-/// The BN branch that adversarial inputs use in the ACL family.
-pub const PGD_BRANCH: &str = "pgd";
 /// DynACL's default strength step, in epochs (`K`).
 pub const DYNACL_K: usize = 50;
 /// DynACL's weight of the adversarial term (`Λ`): `ω = Λ (1 − s)`.
