@@ -126,7 +126,7 @@ pub fn plots(table: &Table, runs: &[Run], xs: &[(String, String)]) -> Result<Vec
                 let name: Vec<String> = varying
                     .iter()
                     .filter(|(k, _)| k != x_key)
-                    .filter_map(|(k, s)| flat.get(k).map(|v| format!("{s}={}", format_value(v))))
+                    .filter_map(|(k, s)| flat.get(k).map(|v| format!("{s}={}", format_value(k, v))))
                     .collect();
                 series.entry(name.join(", ")).or_default().push((x, y));
             }

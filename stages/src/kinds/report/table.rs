@@ -109,7 +109,7 @@ impl Run {
                 own.kind,
                 short(&own.key),
                 many.iter()
-                    .map(|(l, v)| format!("`{}.{name}` ({})", l.kind, format_value(v)))
+                    .map(|(l, v)| format!("`{}.{name}` ({})", l.kind, format_value(name, v)))
                     .collect::<Vec<_>>()
                     .join(" or ")
             )),
@@ -151,28 +151,44 @@ pub fn short(key: &str) -> &str {
     &key[..key.len().min(12)]
 }
 
-/// A param value as a label shows it: integers without a fraction, `k/255` radii, strings bare.
-pub fn format_value(v: &Value) -> String {
+/// Param names whose values are perturbation radii or step sizes in pixel units, shown as
+/// `k/255` when they are multiples of 1/255 (`eps`, `alpha`, `pretrain.eps`, ...). Any other
+/// param keeps its decimal form: `rcs_fraction: 0.4` and `tcr_eps: 0.2` are not radii even though
+/// 0.4 = 102/255.
+fn is_radius(name: &str) -> bool {
+    let last = name.rsplit('.').next().unwrap_or(name);
+    matches!(last, "eps" | "alpha" | "epsilon" | "step_size")
+}
+
+/// A param value as a label shows it: integers without a fraction, radii (see [`is_radius`]) as
+/// `k/255`, other reals in their shortest round-trip form, strings bare.
+pub fn format_value(name: &str, v: &Value) -> String {
     match v {
         Value::String(s) => s.clone(),
         Value::Number(n) => match n.as_f64() {
-            Some(x) if n.is_f64() => format_real(x),
+            Some(x) if n.is_f64() && is_radius(name) => format_real(x),
+            Some(x) if n.is_f64() => format_plain(x),
             _ => n.to_string(),
         },
         other => other.to_string(),
     }
 }
 
-/// `3` for 3.0, `8/255` for 0.0313…, else the shortest round-trip form.
-pub fn format_real(x: f64) -> String {
+/// `3` for 3.0, else the shortest round-trip form.
+fn format_plain(x: f64) -> String {
     if x.fract() == 0.0 && x.abs() < 1e15 {
         return format!("{}", x as i64);
     }
+    format!("{x}")
+}
+
+/// A radius: `3` for 3.0, `8/255` for 0.0313…, else the shortest round-trip form.
+pub fn format_real(x: f64) -> String {
     let k = x * 255.0;
-    if x.abs() < 1.0 && (k - k.round()).abs() < 1e-9 && k.round() != 0.0 {
+    if x.fract() != 0.0 && x.abs() < 1.0 && (k - k.round()).abs() < 1e-9 && k.round() != 0.0 {
         return format!("{}/255", k.round() as i64);
     }
-    format!("{x}")
+    format_plain(x)
 }
 
 /// Whether a param value equals what a row rule asks for: numbers within 1e-12 (relative),
@@ -217,7 +233,7 @@ pub fn fill_template(template: &str, run: &Run) -> Result<String, String> {
         };
         let name = after[..j].trim();
         match run.param(name)? {
-            Some(v) => out.push_str(&format_value(v)),
+            Some(v) => out.push_str(&format_value(name, v)),
             None => {
                 return Err(format!(
                     "label `{template}` names `{{{name}}}`, a param that {} {} and its inputs do \
@@ -556,7 +572,8 @@ fn auto_labels(runs: &[Run]) -> Vec<String> {
             let parts: Vec<String> = varying
                 .iter()
                 .filter_map(|(k, shown)| {
-                    flat.get(k).map(|v| format!("{shown}={}", format_value(v)))
+                    flat.get(k)
+                        .map(|v| format!("{shown}={}", format_value(k, v)))
                 })
                 .collect();
             if parts.is_empty() {

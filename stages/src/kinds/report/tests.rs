@@ -419,4 +419,25 @@ fn reals_print_as_the_papers_write_them() {
     assert_eq!(format_real(0.5), "0.5");
     assert_eq!(format_real(0.01), "0.01");
     assert_eq!(format_real(-2.0), "-2");
+    // Only radii become fractions: 0.4 = 102/255 and 0.2 = 51/255, but a coreset fraction or
+    // TCR's epsilon is not a radius.
+    use super::table::format_value;
+    assert_eq!(format_value("rcs_fraction", &json!(0.4)), "0.4");
+    assert_eq!(format_value("pretrain.tcr_eps", &json!(0.2)), "0.2");
+    assert_eq!(format_value("pretrain.eps", &json!(8.0 / 255.0)), "8/255");
+    assert_eq!(format_value("alpha", &json!(2.0 / 255.0)), "2/255");
+    assert_eq!(format_value("m", &json!(3)), "3");
+    let runs = [run(
+        "a",
+        json!({"rcs_fraction": 0.4, "eps": 0.4}),
+        1.0,
+        0.5,
+        0.2,
+    )];
+    let t = build(
+        &params(json!({"columns": ["clean_acc"], "label": "{rcs_fraction} at {eps}"})),
+        &runs,
+    )
+    .expect("table");
+    assert_eq!(t.rows[0].label, "0.4 at 102/255");
 }
