@@ -21,11 +21,13 @@ pub mod conv;
 mod cuda_tests;
 pub mod heads;
 pub mod init;
+pub mod kmeans;
 pub mod linalg;
 pub mod losses;
 pub mod optim;
 pub mod resnet;
 pub mod schedule;
+pub mod spectral;
 
 pub use augment::{
     AugmentError, BlurMethod, ColorJitter, DynAclConfig, EmpConfig, FinetuneConfig, GaussianBlur,
