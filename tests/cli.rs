@@ -457,8 +457,8 @@ stages:
     );
 }
 
-/// `pipe bench pretrain` times the ACL family too (no free-adversarial variant), and refuses a
-/// method it does not know.
+/// `pipe bench pretrain` times the ACL family (no free-adversarial variant) and AdvCL (PGD
+/// only) too, and refuses a method it does not know.
 #[test]
 fn bench_pretrain_covers_the_acl_family() {
     let dir = Dir::new("bench-acl");
@@ -467,7 +467,7 @@ fn bench_pretrain_covers_the_acl_family() {
             "bench",
             "pretrain",
             "--methods",
-            "acl,air",
+            "acl,air,advcl",
             "--widths",
             "2",
             "--batch",
@@ -498,6 +498,7 @@ fn bench_pretrain_covers_the_acl_family() {
         ("acl", "pgd"),
         ("air", "none"),
         ("air", "pgd"),
+        ("advcl", "pgd"),
     ]
     .iter()
     .map(|(m, a)| (m.to_string(), a.to_string(), 2))

@@ -153,7 +153,7 @@ fn pretrain(
     json_out: bool,
 ) -> Result<u8> {
     let wanted = |list: &[String], x: &str| list.is_empty() || list.iter().any(|l| l == x);
-    const METHODS: [&str; 4] = ["simclr", "emp_ssl", "acl", "air"];
+    const METHODS: [&str; 5] = ["simclr", "emp_ssl", "acl", "air", "advcl"];
     const ATTACKS: [&str; 3] = ["none", "pgd", "free"];
     for (list, known, what) in [
         (methods, &METHODS[..], "method"),
@@ -181,9 +181,12 @@ fn pretrain(
     for &width in widths {
         for method in METHODS {
             for attack in ATTACKS {
-                // the ACL family has no free-adversarial variant
+                // the ACL family has no free-adversarial variant; AdvCL is PGD only
                 let acl = matches!(method, "acl" | "air");
-                if !wanted(methods, method) || !wanted(attacks, attack) || (acl && attack == "free")
+                if !wanted(methods, method)
+                    || !wanted(attacks, attack)
+                    || (acl && attack == "free")
+                    || (method == "advcl" && attack != "pgd")
                 {
                     continue;
                 }

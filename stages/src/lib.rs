@@ -34,6 +34,7 @@ pub fn register_all(reg: &mut pipe_engine::Registry) {
     reg.register_typed::<kinds::dataset::Dataset>();
     reg.register_typed::<kinds::shell::Shell>();
     reg.register_typed::<kinds::pretrain::Pretrain>();
+    reg.register_typed::<kinds::pseudo_labels::PseudoLabelsKind>();
     reg.register_typed::<kinds::evaluate::Evaluate>();
     reg.register_typed::<kinds::attack_dataset::AttackDataset>();
     reg.register_typed::<kinds::finetune::Finetune>();

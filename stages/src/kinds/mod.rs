@@ -5,5 +5,6 @@ pub mod dataset;
 pub mod evaluate;
 pub mod finetune;
 pub mod pretrain;
+pub mod pseudo_labels;
 pub mod report;
 pub mod shell;

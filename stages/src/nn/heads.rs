@@ -61,7 +61,7 @@ use candle_nn::{Init, Linear, VarBuilder};
 use serde::{Deserialize, Serialize};
 
 use crate::nn::resnet::{
-    BranchBatchNorm, DEFAULT_BRANCH, ResNet, ResNetConfig, branch_batch_norm, resnet18,
+    BranchBatchNorm, DEFAULT_BRANCH, PGD_BRANCH, ResNet, ResNetConfig, branch_batch_norm, resnet18,
 };
 
 /// Checkpoint prefix of the backbone.
@@ -496,6 +496,125 @@ impl AclEncoder {
     /// The projection head.
     pub fn head(&self) -> &AclHead {
         &self.head
+    }
+}
+
+/// AdvCL's BN branch of the CE attack's input (`x_ce`, METHODS.md 8.3).
+pub const PGD_CE_BRANCH: &str = "pgd_ce";
+
+/// Prefix of AdvCL's pseudo-label heads (`pseudo.fc_010.weight`, ...).
+pub const PSEUDO: &str = "pseudo";
+
+/// AdvCL's pretraining model (R-ADV `resnet_cifar_multibn_ensembleFC`): a ResNet-18
+/// (`width`, no input normalisation) with BN branches `normal`, `pgd`, `pgd_ce` under
+/// [`ENCODER`]; `head_proj` under [`PROJECTION`] (`0`: Linear(8w → 8w) → `1`: BN (one, shared
+/// by every branch) → ReLU → `3`: Linear(8w → 128), l2-normalised); one Linear(8w → K) per
+/// pseudo-label set under [`PSEUDO`] (`fc_002`, `fc_010`, ..., R-ADV's names). R-ADV's
+/// `head_pred` and `head_ce` are never used in its loss (\[Q52\]) and are not built.
+#[derive(Debug, Clone)]
+pub struct AdvclEncoder {
+    backbone: ResNet,
+    proj1: Linear,
+    proj_bn: BranchBatchNorm,
+    proj2: Linear,
+    pseudo: Vec<Linear>,
+}
+
+/// AdvCL's projection output dimension.
+pub const ADVCL_Z_DIM: usize = 128;
+
+/// Builds [`AdvclEncoder`] at the root of `vb` with one pseudo-label head per entry of `ks`.
+///
+/// # Errors
+/// On an invalid width or a `K` of 0.
+pub fn advcl_encoder(width: usize, ks: &[usize], vb: VarBuilder) -> Result<AdvclEncoder> {
+    if ks.contains(&0) {
+        candle::bail!("advcl_encoder: a pseudo-label head with 0 classes");
+    }
+    let branches: Vec<String> = [DEFAULT_BRANCH, PGD_BRANCH, PGD_CE_BRANCH]
+        .iter()
+        .map(|s| (*s).to_string())
+        .collect();
+    let backbone = resnet18(
+        &ResNetConfig {
+            width,
+            branches,
+            input_norm: false,
+        },
+        vb.pp(ENCODER),
+    )?;
+    let dim = backbone.feature_dim();
+    let pvb = vb.pp(PROJECTION);
+    let heads = vb.pp(PSEUDO);
+    Ok(AdvclEncoder {
+        proj1: linear_layer(dim, dim, true, pvb.pp("0"))?,
+        proj_bn: branch_batch_norm(dim, &single_branch(), pvb.pp("1"))?,
+        proj2: linear_layer(dim, ADVCL_Z_DIM, true, pvb.pp("3"))?,
+        pseudo: ks
+            .iter()
+            .map(|&k| linear_layer(dim, k, true, heads.pp(pseudo_head_name(k))))
+            .collect::<Result<_>>()?,
+        backbone,
+    })
+}
+
+/// R-ADV's name of the head for `k` pseudo-classes: `fc_002`, `fc_500`, `fc_1000`.
+pub fn pseudo_head_name(k: usize) -> String {
+    format!("fc_{k:03}")
+}
+
+impl AdvclEncoder {
+    /// Backbone features `(b, 8w)` with every backbone BN on `branch`.
+    ///
+    /// # Errors
+    /// On an unknown branch or a shape mismatch.
+    pub fn features(&self, x: &Tensor, branch: &str, train: bool) -> Result<Tensor> {
+        self.backbone.forward_branch(x, branch, train)
+    }
+
+    /// `head_proj` of features, l2-normalised `(b, 128)`.
+    ///
+    /// # Errors
+    /// On a shape mismatch.
+    pub fn project(&self, f: &Tensor, train: bool) -> Result<Tensor> {
+        let y = self.proj1.forward(f)?;
+        let y = self.proj_bn.forward_t(&y, train)?.relu()?;
+        l2_normalize(&self.proj2.forward(&y)?)
+    }
+
+    /// The normalised embedding of `x` through `branch` (R-ADV `contrast=True`).
+    ///
+    /// # Errors
+    /// As [`AdvclEncoder::features`].
+    pub fn embed(&self, x: &Tensor, branch: &str, train: bool) -> Result<Tensor> {
+        self.project(&self.features(x, branch, train)?, train)
+    }
+
+    /// The logits of every pseudo-label head on features `f`, in the order of `ks`.
+    ///
+    /// # Errors
+    /// On a shape mismatch.
+    pub fn pseudo_logits(&self, f: &Tensor) -> Result<Vec<Tensor>> {
+        self.pseudo.iter().map(|l| l.forward(f)).collect()
+    }
+
+    /// The model on detached weights sharing the BN running statistics, for attacks.
+    ///
+    /// # Errors
+    /// Never in practice.
+    pub fn frozen(&self) -> Result<Self> {
+        Ok(Self {
+            backbone: self.backbone.frozen()?,
+            proj1: detached_linear(&self.proj1),
+            proj_bn: self.proj_bn.frozen()?,
+            proj2: detached_linear(&self.proj2),
+            pseudo: self.pseudo.iter().map(detached_linear).collect(),
+        })
+    }
+
+    /// The backbone.
+    pub fn backbone(&self) -> &ResNet {
+        &self.backbone
     }
 }
 

@@ -140,6 +140,7 @@ use serde_json::{Value, json};
 
 use crate::data::{self, tensor_io::DATA_FILE};
 use crate::device::DeviceSpec;
+use crate::kinds::pseudo_labels::{LABELS_FILE, PseudoLabels};
 use crate::params::{
     Checks, MAX_DIM, MAX_EPOCHS, MAX_VIEWS, de_real, de_real_opt, de_real_pair_opt,
 };
@@ -188,6 +189,12 @@ pub struct FaithfulParam {
     /// \[Q43\] RCS halves the ACL loss.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub q43: Option<bool>,
+    /// \[Q47\] AdvCL's attack forwards update the BN running statistics.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub q47: Option<bool>,
+    /// \[Q50\] AdvCL runs two epochs more than its cosine.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub q50: Option<bool>,
 }
 
 impl FaithfulParam {
@@ -202,6 +209,8 @@ impl FaithfulParam {
             q38: Some(v),
             q41: Some(v),
             q43: Some(v),
+            q47: Some(v),
+            q50: Some(v),
         }
     }
 }
@@ -214,7 +223,7 @@ impl Default for FaithfulParam {
 
 impl<'de> Deserialize<'de> for FaithfulParam {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let expected = "expected true, false or a map with some of q6, q7, q8, q10, q28, q31, q38, q41, q43 set to true/false";
+        let expected = "expected true, false or a map with some of q6, q7, q8, q10, q28, q31, q38, q41, q43, q47, q50 set to true/false";
         match Value::deserialize(d)? {
             Value::Bool(b) => Ok(Self::all(b)),
             Value::Object(m) => {
@@ -230,6 +239,8 @@ impl<'de> Deserialize<'de> for FaithfulParam {
                     q38: None,
                     q41: None,
                     q43: None,
+                    q47: None,
+                    q50: None,
                 };
                 for (k, v) in m {
                     let Value::Bool(b) = v else {
@@ -247,6 +258,8 @@ impl<'de> Deserialize<'de> for FaithfulParam {
                         "q38" => &mut out.q38,
                         "q41" => &mut out.q41,
                         "q43" => &mut out.q43,
+                        "q47" => &mut out.q47,
+                        "q50" => &mut out.q50,
                         _ => {
                             return Err(serde::de::Error::custom(format!(
                                 "unknown switch faithful.{k}: {expected}"
@@ -453,6 +466,20 @@ pub struct PretrainParams {
         skip_serializing_if = "Option::is_none"
     )]
     pub rcs_val_fraction: Option<f64>,
+    /// AdvCL: weight of the pseudo-label cross-entropy.
+    #[serde(
+        default,
+        deserialize_with = "de_real_opt",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub ce_weight: Option<f64>,
+    /// AdvCL: radius of the high-frequency view's removed disk.
+    #[serde(
+        default,
+        deserialize_with = "de_real_opt",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub hf_radius: Option<f64>,
     /// Seed.
     #[serde(default)]
     pub seed: u64,
@@ -488,13 +515,15 @@ impl PretrainParams {
         let free = c.attack == AttackMode::Free;
         let pgd = c.attack == AttackMode::Pgd;
         let attacked = c.attack != AttackMode::None;
-        // the ACL family has its own optimiser, head and views: the CF-AMC-SSL settings of
-        // those do not apply and keep their defaults (so writing them changes nothing)
-        let cf = |v: bool, default: bool| if acl { default } else { v };
+        let advcl = c.method == Method::Advcl;
+        // the ACL family and AdvCL have their own optimiser, head and views: the CF-AMC-SSL
+        // settings of those do not apply and keep their defaults (so writing them changes
+        // nothing)
+        let cf = |v: bool, default: bool| if acl || advcl { default } else { v };
         PretrainParams {
             method: c.method,
             attack: Some(c.attack),
-            views: (!acl).then_some(c.views),
+            views: (!acl && !advcl).then_some(c.views),
             scale: (!acl).then_some(c.scale),
             ratio: (!acl).then_some(c.ratio),
             n_views: Some(c.n_views),
@@ -509,13 +538,21 @@ impl PretrainParams {
             nesterov: cf(c.nesterov, true),
             weight_decay: Some(c.weight_decay),
             lars: cf(c.lars, true),
-            lars_eta: Some(c.lars_eta),
+            lars_eta: (!advcl).then_some(c.lars_eta),
             lars_clip: cf(c.lars_clip, true),
-            lars_eps: if acl { default_lars_eps() } else { c.lars_eps },
+            lars_eps: if acl || advcl {
+                default_lars_eps()
+            } else {
+                c.lars_eps
+            },
             lars_exclude_bias_n_norm: cf(c.lars_exclude_bias_n_norm, true),
             width: c.width,
-            hidden_dim: if acl { default_hidden() } else { c.hidden_dim },
-            z_dim: (!acl).then_some(c.z_dim),
+            hidden_dim: if acl || advcl {
+                default_hidden()
+            } else {
+                c.hidden_dim
+            },
+            z_dim: (!acl && !advcl).then_some(c.z_dim),
             temperature: (!emp).then_some(c.temperature),
             base_temperature: (!emp && !acl).then_some(c.base_temperature),
             patch_sim: emp.then_some(c.emp.patch_sim),
@@ -525,13 +562,15 @@ impl PretrainParams {
             dyn_k: c.dyn_aug.then_some(c.dyn_k),
             lambda1: (c.method == Method::Air).then_some(c.lambda1),
             lambda2: (c.method == Method::Air).then_some(c.lambda2),
-            warmup_epochs: acl.then_some(c.warmup_epochs),
+            warmup_epochs: (acl || advcl).then_some(c.warmup_epochs),
             rcs_fraction: rcs.then_some(c.rcs_fraction),
             rcs_warmup: rcs.then_some(c.rcs_warmup),
             rcs_every: rcs.then_some(c.rcs_every),
             rcs_pgd_steps: rcs.then_some(c.rcs_pgd_steps),
             rcs_lr: rcs.then_some(c.rcs_lr),
             rcs_val_fraction: rcs.then_some(c.rcs_val_fraction),
+            ce_weight: advcl.then_some(c.ce_weight),
+            hf_radius: advcl.then_some(c.hf_radius),
             seed: c.seed,
             device: self.device,
             faithful: FaithfulParam {
@@ -544,6 +583,8 @@ impl PretrainParams {
                 q38: rcs.then_some(c.faithful.q38),
                 q41: rcs.then_some(c.faithful.q41),
                 q43: rcs.then_some(c.faithful.q43),
+                q47: advcl.then_some(c.faithful.q47),
+                q50: advcl.then_some(c.faithful.q50),
             },
         }
     }
@@ -553,7 +594,8 @@ impl PretrainParams {
         let method = self.method;
         let acl = method.is_acl_family();
         let emp = method == Method::EmpSsl;
-        let attack = self.attack.unwrap_or(if acl {
+        let advcl = method == Method::Advcl;
+        let attack = self.attack.unwrap_or(if acl || advcl {
             AttackMode::Pgd
         } else {
             AttackMode::None
@@ -567,6 +609,9 @@ impl PretrainParams {
         let (scale, ratio) = if acl {
             // strength 1; DynACL narrows the scale per epoch ([`PretrainConfig::strength`])
             ([0.1, 1.0], [3.0 / 4.0, 4.0 / 3.0])
+        } else if advcl {
+            // R-ADV's RandomResizedCrop(32, scale=(0.2, 1.))
+            ([0.2, 1.0], [3.0 / 4.0, 4.0 / 3.0])
         } else {
             views.scale_ratio()
         };
@@ -576,7 +621,7 @@ impl PretrainParams {
             (true, _) => 16,
         });
         let epochs = self.epochs.unwrap_or(match (method, free) {
-            (Method::Acl | Method::Air | Method::Rcs, _) => 1000,
+            (Method::Acl | Method::Air | Method::Rcs | Method::Advcl, _) => 1000,
             (Method::EmpSsl, true) => 10,
             (Method::EmpSsl, false) => 30,
             (Method::Simclr, true) => 167,
@@ -612,9 +657,15 @@ impl PretrainParams {
             batch_size,
             m: self.m.unwrap_or(3),
             eps,
-            alpha: self.alpha.unwrap_or(acl_or(eps / 4.0, 0.01)),
+            alpha: self.alpha.unwrap_or(if advcl {
+                2.0 / 255.0
+            } else {
+                acl_or(eps / 4.0, 0.01)
+            }),
             pgd_steps: self.pgd_steps.unwrap_or(5),
-            lr: self.lr.unwrap_or(acl_or(5.0, 0.3)),
+            lr: self
+                .lr
+                .unwrap_or(if advcl { 0.5 } else { acl_or(5.0, 0.3) }),
             momentum: self.momentum,
             nesterov: self.nesterov,
             weight_decay: self.weight_decay.unwrap_or(acl_or(1e-6, 1e-4)),
@@ -627,10 +678,14 @@ impl PretrainParams {
             hidden_dim: self.hidden_dim,
             z_dim: if acl {
                 8 * self.width
+            } else if advcl {
+                crate::nn::heads::ADVCL_Z_DIM
             } else {
                 self.z_dim.unwrap_or(if emp { 1024 } else { 128 })
             },
-            temperature: self.temperature.unwrap_or(acl_or(0.5, 0.07)),
+            temperature: self
+                .temperature
+                .unwrap_or(if advcl { 0.5 } else { acl_or(0.5, 0.07) }),
             base_temperature: if acl {
                 // R-AIR's NT-Xent has no base-temperature scale
                 self.temperature.unwrap_or(0.5)
@@ -661,6 +716,8 @@ impl PretrainParams {
             rcs_pgd_steps: self.rcs_pgd_steps.unwrap_or(3),
             rcs_lr: self.rcs_lr.unwrap_or(0.01),
             rcs_val_fraction: self.rcs_val_fraction.unwrap_or(0.01),
+            ce_weight: self.ce_weight.unwrap_or(0.2),
+            hf_radius: self.hf_radius.unwrap_or(crate::nn::spectral::ADVCL_RADIUS),
             seed: self.seed,
             faithful: Faithful {
                 q6: f.q6.unwrap_or(true),
@@ -672,6 +729,8 @@ impl PretrainParams {
                 q38: f.q38.unwrap_or(true),
                 q41: f.q41.unwrap_or(true),
                 q43: f.q43.unwrap_or(true),
+                q47: f.q47.unwrap_or(true),
+                q50: f.q50.unwrap_or(true),
             },
         }
     }
@@ -683,11 +742,19 @@ impl TypedStage for Pretrain {
     type Params = PretrainParams;
 
     fn inputs() -> Slots {
-        const S: &[pipe_engine::Slot] = &[pipe_engine::Slot {
-            name: "dataset",
-            required: true,
-            many: false,
-        }];
+        const S: &[pipe_engine::Slot] = &[
+            pipe_engine::Slot {
+                name: "dataset",
+                required: true,
+                many: false,
+            },
+            // AdvCL's pseudo-labels (a `pseudo_labels` node)
+            pipe_engine::Slot {
+                name: "labels",
+                required: false,
+                many: false,
+            },
+        ];
         Slots::Fixed(S)
     }
 
@@ -697,10 +764,10 @@ impl TypedStage for Pretrain {
         let emp = c.method == Method::EmpSsl;
         if !emp {
             e.require(c.n_views == 2, "n_views", || {
-                let name = if c.method.is_acl_family() {
-                    "ACL / AIR"
-                } else {
-                    "SimCLR"
+                let name = match c.method {
+                    Method::Advcl => "AdvCL (two SimCLR views beside x_o and x_HF)",
+                    m if m.is_acl_family() => "ACL / AIR",
+                    _ => "SimCLR",
                 };
                 format!("{name} uses exactly 2 views, got {}", c.n_views)
             });
@@ -717,6 +784,19 @@ impl TypedStage for Pretrain {
             e.non_negative("lambda2", c.lambda2);
             e.at_most("warmup_epochs", c.warmup_epochs, MAX_EPOCHS);
             e.positive("dyn_k", c.dyn_k);
+        }
+        if c.method == Method::Advcl {
+            e.require(c.attack == AttackMode::Pgd, "attack", || {
+                "AdvCL trains on its two PGD examples x_cl and x_ce: `attack: pgd` (the default)"
+                    .into()
+            });
+            e.non_negative("ce_weight", c.ce_weight);
+            e.require(
+                c.hf_radius.is_finite() && c.hf_radius >= 0.0,
+                "hf_radius",
+                || format!("expected a finite radius >= 0, got {}", c.hf_radius),
+            );
+            e.at_most("warmup_epochs", c.warmup_epochs, MAX_EPOCHS);
         }
         if c.method == Method::Rcs {
             e.require(c.attack == AttackMode::Pgd, "attack", || {
@@ -819,6 +899,8 @@ impl TypedStage for Pretrain {
             ("q38", f.q38),
             ("q41", f.q41),
             ("q43", f.q43),
+            ("q47", f.q47),
+            ("q50", f.q50),
         ];
         for (name, value) in later {
             if let Some(b) = value {
@@ -848,7 +930,40 @@ impl TypedStage for Pretrain {
         let data_path = crate::params::input_file(ctx, "dataset", DATA_FILE, "dataset")?;
         let dataset = data::load_dataset(&data_path)?;
         let device = p.device.open()?;
-        let mut trainer = Pretrainer::new(cfg, &dataset.train, &device)?;
+        let labels = match (ctx.inputs("labels").first(), cfg.method) {
+            (Some(a), Method::Advcl) => {
+                let path = a.file(LABELS_FILE).map_err(|e| {
+                    format!("the `labels` input has no {LABELS_FILE} (is it a `pseudo_labels` stage?): {e}")
+                })?;
+                Some(PseudoLabels::load(&path)?)
+            }
+            (None, Method::Advcl) => {
+                return Err(
+                    "method advcl trains on cluster pseudo-labels: give the stage a \
+                            `labels` input (a `pseudo_labels` node)"
+                        .into(),
+                );
+            }
+            (Some(_), _) => {
+                return Err(format!(
+                    "the `labels` input is read by method advcl only, not {:?}",
+                    cfg.method
+                )
+                .into());
+            }
+            (None, _) => None,
+        };
+        let mut trainer = match labels {
+            Some(l) => {
+                ctx.log(format!(
+                    "pseudo-labels: K = {:?} over {} training images",
+                    l.ks,
+                    l.train.first().map_or(0, Vec::len)
+                ));
+                Pretrainer::advcl(cfg, &dataset.train, &l.ks, l.train, &device)?
+            }
+            None => Pretrainer::new(cfg, &dataset.train, &device)?,
+        };
         let state_path = ctx.scratch_dir().join(STATE_FILE);
         if state_path.is_file() {
             trainer.load_state(&state_path)?;
@@ -856,7 +971,7 @@ impl TypedStage for Pretrain {
                 "resumed from {} after epoch {} of {}",
                 state_path.display(),
                 trainer.epochs_done(),
-                trainer.config().epochs
+                trainer.config().run_epochs()
             ));
         }
         let progress = |done: u64, total: u64, msg: &str| ctx.progress(done, total, msg);

@@ -18,13 +18,19 @@ use crate::nn::augment::{
     DynAclConfig, EmpConfig, ImageBatch, Layout, MultiView, MultiViewConfig, SimClrConfig,
 };
 use crate::nn::checkpoint;
-use crate::nn::heads::{AclEncoder, Encoder, EncoderConfig, HeadConfig, acl_encoder, encoder};
+use crate::nn::heads::{
+    AclEncoder, AdvclEncoder, Encoder, EncoderConfig, HeadConfig, PGD_CE_BRANCH, acl_encoder,
+    advcl_encoder, encoder,
+};
 use crate::nn::init::{InitRules, build_seeded, is_buffer, named_vars, trainable};
-use crate::nn::losses::{EmpLossConfig, air_regularizers, emp_loss, nt_xent};
+use crate::nn::losses::{
+    EmpLossConfig, air_regularizers, cross_entropy_per_example, emp_loss, nt_xent, supcon,
+};
 use crate::nn::optim::{AclLars, AclLarsConfig, Lars, LarsConfig, Optim, Sgd, SgdConfig};
 pub use crate::nn::resnet::PGD_BRANCH;
 use crate::nn::resnet::{DEFAULT_BRANCH, ResNet, ResNetConfig};
-use crate::nn::schedule::{Cosine, FreeAdvLr, LrSchedule, WarmupCosine};
+use crate::nn::schedule::{AdvClLr, Cosine, FreeAdvLr, LrSchedule, WarmupCosine};
+use crate::nn::spectral::HighPass;
 use crate::rng::Rng;
 
 /// Errors of the loop (messages for the node's log).
@@ -35,6 +41,7 @@ type Result<T> = std::result::Result<T, Error>;
 const SHUFFLE_STREAM: u64 = 0x5348_5546; // "SHUF"
 const AUGMENT_STREAM: u64 = 0x4155_474d; // "AUGM"
 const ATTACK_STREAM: u64 = 0x4154_544b; // "ATTK"
+const ORG_STREAM: u64 = 0x4f52_4756; // "ORGV"
 
 /// The self-supervised method.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -50,6 +57,9 @@ pub enum Method {
     Air,
     /// ACL-RCS / DynACL-RCS: ACL on robustness-aware coresets (METHODS.md 7).
     Rcs,
+    /// AdvCL: adversarial contrastive learning with a high-frequency view and cluster
+    /// pseudo-labels (METHODS.md 8).
+    Advcl,
 }
 
 impl Method {
@@ -121,6 +131,11 @@ pub struct Faithful {
     pub q41: bool,
     /// \[Q43\] RCS halves the ACL loss.
     pub q43: bool,
+    /// \[Q47\] AdvCL's attack forwards run in train mode and update the BN running
+    /// statistics, all five views at every step.
+    pub q47: bool,
+    /// \[Q50\] AdvCL's loop runs `epochs + 2` epochs of the `epochs`-long cosine.
+    pub q50: bool,
 }
 
 /// A fully resolved pretraining configuration.
@@ -202,6 +217,10 @@ pub struct PretrainConfig {
     pub rcs_lr: f64,
     /// RCS: validation fraction of the training set (0.01).
     pub rcs_val_fraction: f64,
+    /// AdvCL: weight of the pseudo-label cross-entropy (0.2).
+    pub ce_weight: f64,
+    /// AdvCL: radius of the low-frequency disk removed from the high-frequency view (8).
+    pub hf_radius: f64,
     /// Seed.
     pub seed: u64,
     /// Quirk switches.
@@ -252,10 +271,20 @@ impl PretrainConfig {
         }
     }
 
+    /// Epochs the loop runs: `epochs`, or for AdvCL with \[Q50\] `epochs + 2` (R-ADV's
+    /// `range(0, epoch + 2)`).
+    pub fn run_epochs(&self) -> usize {
+        if self.method == Method::Advcl && self.faithful.q50 {
+            self.epochs + 2
+        } else {
+            self.epochs
+        }
+    }
+
     /// Batches per epoch for `n` images: `drop_last` for CF-AMC-SSL's methods, the last
-    /// partial batch kept for the ACL family (\[Q32\]).
+    /// partial batch kept for the ACL family (\[Q32\]) and AdvCL (a plain `DataLoader`).
     pub fn iters_per_epoch(&self, n: usize) -> usize {
-        if self.method.is_acl_family() {
+        if self.method.is_acl_family() || self.method == Method::Advcl {
             n.div_ceil(self.batch_size)
         } else {
             n / self.batch_size
@@ -280,7 +309,8 @@ impl PretrainConfig {
                 ..EmpConfig::crop(self.n_views)
             }
             .build()?,
-            Method::Simclr => SimClrConfig {
+            // AdvCL's x1, x2: SimCLR's pipeline with RandomResizedCrop scale (0.2, 1)
+            Method::Simclr | Method::Advcl => SimClrConfig {
                 scale: self.scale,
                 ratio: self.ratio,
                 ..SimClrConfig::default()
@@ -358,6 +388,42 @@ pub struct Pretrainer<'d> {
     iters: usize,
     curve: Vec<EpochStats>,
     rcs: Option<RcsRun>,
+    advcl: Option<AdvclRun>,
+}
+
+/// AdvCL's per-run data.
+struct AdvclRun {
+    /// Per pseudo-label set, the label of every training image.
+    labels: Vec<Vec<u32>>,
+    /// The weak "org" view: RandomCrop(32, pad 4) + HFlip.
+    org: MultiView,
+    org_seed: u64,
+    /// The high-frequency filter.
+    high_pass: HighPass,
+}
+
+/// AdvCL's inputs of one batch ([`Pretrainer::advcl_batch`]).
+pub struct AdvclBatch {
+    /// First SimCLR view.
+    pub x1: Tensor,
+    /// Second SimCLR view.
+    pub x2: Tensor,
+    /// The weak "org" view `x_o` (the attacks' start).
+    pub xo: Tensor,
+    /// The high-frequency component of `x_o` (not clamped).
+    pub hf: Tensor,
+    /// Per pseudo-label set, the labels `(B,)` U32.
+    pub targets: Vec<Tensor>,
+}
+
+/// The embeddings of `x1`, `x2`, `x_HF` through the `normal` branch, train mode, in R-ADV's
+/// order.
+fn advcl_clean_views(m: &AdvclEncoder, b: &AdvclBatch) -> candle::Result<[Tensor; 3]> {
+    Ok([
+        m.embed(&b.x1, DEFAULT_BRANCH, true)?,
+        m.embed(&b.x2, DEFAULT_BRANCH, true)?,
+        m.embed(&b.hf, DEFAULT_BRANCH, true)?,
+    ])
 }
 
 /// RCS's state across epochs.
@@ -378,6 +444,8 @@ enum Net {
     Cf(Encoder),
     /// R-AIR's model (ACL, AIR).
     Acl(AclEncoder),
+    /// R-ADV's model (AdvCL).
+    Advcl(AdvclEncoder),
 }
 
 fn scalar(t: &Tensor) -> Result<f64> {
@@ -392,6 +460,9 @@ impl<'d> Pretrainer<'d> {
     /// Fewer training images than one batch, images that do not fit the view generator, or
     /// tensor errors.
     pub fn new(cfg: PretrainConfig, images: &'d Split, device: &Device) -> Result<Self> {
+        if cfg.method == Method::Advcl {
+            return Err("AdvCL trains on pseudo-labels: build it with `Pretrainer::advcl`".into());
+        }
         let rcs = (cfg.method == Method::Rcs).then(|| RcsRun {
             split: super::rcs::split(images.n, &cfg),
             coreset: None,
@@ -539,7 +610,102 @@ impl<'d> Pretrainer<'d> {
             iters,
             curve: Vec::new(),
             rcs: None,
+            advcl: None,
         }
+    }
+
+    /// A fresh AdvCL run (METHODS.md 8) on `images` with one pseudo-label set per entry of
+    /// `ks` (`labels[i][j]`: the label of training image `j` in set `i`, below `ks[i]`): R-ADV's
+    /// three-branch ResNet-18 and heads (torchvision / PyTorch init, seeded), plain SGD on
+    /// every tensor, AdvCL's warm-up + per-epoch cosine.
+    ///
+    /// # Errors
+    /// Labels that do not match the images or their `K`, images that are not 32 × 32, fewer
+    /// images than two, or tensor errors.
+    pub fn advcl(
+        cfg: PretrainConfig,
+        images: &'d Split,
+        ks: &[usize],
+        labels: Vec<Vec<u32>>,
+        device: &Device,
+    ) -> Result<Self> {
+        if cfg.method != Method::Advcl {
+            return Err("internal: Pretrainer::advcl for another method".into());
+        }
+        if ks.is_empty() || ks.len() != labels.len() {
+            return Err(format!(
+                "AdvCL needs at least one pseudo-label set, got {} cluster counts for {} label sets",
+                ks.len(),
+                labels.len()
+            )
+            .into());
+        }
+        for (k, l) in ks.iter().zip(&labels) {
+            if l.len() != images.n {
+                return Err(format!(
+                    "the pseudo-labels (K = {k}) cover {} images, the training split has {}: \
+                     they were computed on another dataset",
+                    l.len(),
+                    images.n
+                )
+                .into());
+            }
+            if let Some(bad) = l.iter().find(|&&v| v as usize >= *k) {
+                return Err(format!("pseudo-label {bad} is not below K = {k}").into());
+            }
+        }
+        let iters = cfg.iters_per_epoch(images.n);
+        if images.n < 2 || images.n % cfg.batch_size == 1 {
+            return Err(format!(
+                "{} training images in batches of {} leave a batch of one image (BN needs two)",
+                images.n, cfg.batch_size
+            )
+            .into());
+        }
+        let views = cfg.view_generator(0)?;
+        let org = crate::nn::augment::FinetuneConfig {
+            size: images.h,
+            ..Default::default()
+        };
+        let org = MultiView::new(org.config())?;
+        let high_pass = HighPass::new(images.h, images.w, cfg.hf_radius, device)?;
+        let (varmap, model) =
+            build_seeded(cfg.seed, &InitRules::default(), DType::F32, device, |vb| {
+                advcl_encoder(cfg.width, ks, vb)
+            })?;
+        let params = trainable(&varmap);
+        let opt = Sgd::new_named(
+            &params,
+            SgdConfig {
+                lr: cfg.lr,
+                momentum: cfg.momentum,
+                dampening: 0.0,
+                nesterov: false,
+                weight_decay: cfg.weight_decay,
+            },
+        )?;
+        let sched = AdvClLr {
+            warm_epochs: cfg.warmup_epochs,
+            ..AdvClLr::advcl(cfg.lr, cfg.epochs, cfg.batch_size, iters)
+        };
+        let org_seed = Rng::derive(cfg.seed, &[ORG_STREAM]).next_u64();
+        let mut t = Self::assemble(
+            cfg,
+            images,
+            device,
+            (varmap, Net::Advcl(model), params),
+            Box::new(opt),
+            Box::new(sched),
+            views,
+            iters,
+        );
+        t.advcl = Some(AdvclRun {
+            labels,
+            org,
+            org_seed,
+            high_pass,
+        });
+        Ok(t)
     }
 
     /// The configuration.
@@ -554,7 +720,7 @@ impl<'d> Pretrainer<'d> {
 
     /// Whether every epoch is done.
     pub fn finished(&self) -> bool {
-        self.epoch >= self.cfg.epochs
+        self.epoch >= self.cfg.run_epochs()
     }
 
     /// Optimiser updates so far.
@@ -577,19 +743,27 @@ impl<'d> Pretrainer<'d> {
         &self.varmap
     }
 
-    /// CF-AMC-SSL's encoder (SimCLR, EMP-SSL); `None` for the ACL family.
+    /// CF-AMC-SSL's encoder (SimCLR, EMP-SSL); `None` for the other methods.
     pub fn encoder(&self) -> Option<&Encoder> {
         match &self.net {
             Net::Cf(e) => Some(e),
-            Net::Acl(_) => None,
+            _ => None,
         }
     }
 
-    /// The ACL family's model; `None` for SimCLR / EMP-SSL.
+    /// The ACL family's model; `None` for the other methods.
     pub fn acl_model(&self) -> Option<&AclEncoder> {
         match &self.net {
-            Net::Cf(_) => None,
             Net::Acl(m) => Some(m),
+            _ => None,
+        }
+    }
+
+    /// AdvCL's model; `None` for the other methods.
+    pub fn advcl_model(&self) -> Option<&AdvclEncoder> {
+        match &self.net {
+            Net::Advcl(m) => Some(m),
+            _ => None,
         }
     }
 
@@ -598,6 +772,7 @@ impl<'d> Pretrainer<'d> {
         match &self.net {
             Net::Cf(e) => e.backbone(),
             Net::Acl(m) => m.backbone(),
+            Net::Advcl(m) => m.backbone(),
         }
     }
 
@@ -688,12 +863,17 @@ impl<'d> Pretrainer<'d> {
         self.free.as_ref().map(FreeDelta::delta)
     }
 
-    /// The images of batch `b` of epoch `epoch` (the epoch's seeded permutation, drop_last).
-    pub fn batch_images(&self, epoch: usize, b: usize) -> Vec<u8> {
+    /// The image indices of batch `b` of epoch `epoch` (the epoch's seeded permutation).
+    pub fn batch_indices(&self, epoch: usize, b: usize) -> Vec<usize> {
         let perm =
             Rng::derive(self.cfg.seed, &[SHUFFLE_STREAM, epoch as u64]).permutation(self.images.n);
+        perm[self.batch_range(b, self.images.n)].to_vec()
+    }
+
+    /// The images of batch `b` of epoch `epoch` (the epoch's seeded permutation, drop_last).
+    pub fn batch_images(&self, epoch: usize, b: usize) -> Vec<u8> {
         let mut out = Vec::with_capacity(self.cfg.batch_size * self.images.image_len());
-        for &i in &perm[self.batch_range(b, self.images.n)] {
+        for i in self.batch_indices(epoch, b) {
             out.extend_from_slice(self.images.image(i));
         }
         out
@@ -732,7 +912,7 @@ impl<'d> Pretrainer<'d> {
         };
         let perm: Vec<usize> = order;
         let bs = self.cfg.batch_size;
-        let total = (iters * self.cfg.epochs) as u64;
+        let total = (iters * self.cfg.run_epochs()) as u64;
         let mut loss_sum = 0.0;
         let mut terms: BTreeMap<String, f64> = BTreeMap::new();
         let mut buf = Vec::with_capacity(bs * self.images.image_len());
@@ -753,9 +933,13 @@ impl<'d> Pretrainer<'d> {
             } else {
                 (epoch * iters + b) as u64
             };
-            let stats = self
-                .train_batch(&buf, global)
-                .map_err(|e| format!("epoch {epoch}, batch {b}: {e}"))?;
+            let stats = if self.advcl.is_some() {
+                let idx = perm[self.batch_range(b, perm.len())].to_vec();
+                self.train_batch_indexed(&idx, &buf, global)
+            } else {
+                self.train_batch(&buf, global)
+            }
+            .map_err(|e| format!("epoch {epoch}, batch {b}: {e}"))?;
             loss_sum += stats.loss;
             for (k, v) in &stats.terms {
                 *terms.entry((*k).to_string()).or_default() += v;
@@ -768,7 +952,7 @@ impl<'d> Pretrainer<'d> {
                 &format!(
                     "epoch {}/{} loss {:.4} {:.0} img/s",
                     epoch + 1,
-                    self.cfg.epochs,
+                    self.cfg.run_epochs(),
                     stats.loss,
                     rate
                 ),
@@ -791,7 +975,7 @@ impl<'d> Pretrainer<'d> {
         (hooks.log)(&format!(
             "epoch {}/{}: loss {:.5} {:?} lr {:.5} {:.1} s {:.1} img/s",
             epoch + 1,
-            self.cfg.epochs,
+            self.cfg.run_epochs(),
             stats.loss,
             stats.terms,
             stats.lr,
@@ -821,6 +1005,9 @@ impl<'d> Pretrainer<'d> {
     /// # Errors
     /// A non-finite loss or tensor errors.
     pub fn train_batch(&mut self, images: &[u8], global: u64) -> Result<BatchStats> {
+        if self.advcl.is_some() {
+            return Err("AdvCL needs the batch's image indices: use train_batch_indexed".into());
+        }
         let x = self.views_for(images, global)?;
         if self.cfg.method.is_acl_family() {
             return self.acl(&x, images, global);
@@ -830,6 +1017,205 @@ impl<'d> Pretrainer<'d> {
             AttackMode::Pgd => self.adversarial(&x, global),
             AttackMode::Free => self.free(&x),
         }
+    }
+
+    /// AdvCL: trains on the batch of training images `indices` (whose bytes are `images`) at
+    /// batch index `global`; the indices select the pseudo-labels. Other methods ignore the
+    /// indices.
+    ///
+    /// # Errors
+    /// As [`Pretrainer::train_batch`].
+    pub fn train_batch_indexed(
+        &mut self,
+        indices: &[usize],
+        images: &[u8],
+        global: u64,
+    ) -> Result<BatchStats> {
+        if self.advcl.is_none() {
+            return self.train_batch(images, global);
+        }
+        self.advcl_step(indices, images, global)
+    }
+
+    /// AdvCL's inputs of a batch: the weak "org" view `x_o` and its high-frequency component.
+    ///
+    /// # Errors
+    /// Images that do not fit the generator, or tensor errors.
+    pub fn advcl_org_views(&self, images: &[u8], global: u64) -> Result<(Tensor, Tensor)> {
+        let run = self
+            .advcl
+            .as_ref()
+            .ok_or("internal: AdvCL views for another method")?;
+        let (h, w) = (self.images.h, self.images.w);
+        let n = images.len() / (3 * h * w);
+        let batch = ImageBatch::new(images, n, h, w)?;
+        let v = run.org.generate(batch, run.org_seed, global)?;
+        let shape = v.shape().to_vec();
+        let xo = Tensor::from_vec(v.data, shape, &self.device)?;
+        let hf = run.high_pass.apply(&xo)?;
+        Ok((xo, hf))
+    }
+
+    /// The pseudo-labels `(B,)` U32 of the images `indices`, one tensor per set.
+    fn pseudo_targets(&self, indices: &[usize]) -> Result<Vec<Tensor>> {
+        let run = self
+            .advcl
+            .as_ref()
+            .ok_or("internal: pseudo-labels for another method")?;
+        run.labels
+            .iter()
+            .map(|l| {
+                let v: Vec<u32> = indices.iter().map(|&i| l[i]).collect();
+                Ok(Tensor::from_vec(v, indices.len(), &self.device)?)
+            })
+            .collect()
+    }
+
+    /// AdvCL's inputs of a batch of training images `indices` (bytes `images`) at batch
+    /// index `global`.
+    ///
+    /// # Errors
+    /// Images that do not fit the generators, or tensor errors.
+    pub fn advcl_batch(&self, indices: &[usize], images: &[u8], global: u64) -> Result<AdvclBatch> {
+        let x = self.views_for(images, global)?;
+        let (x1, x2) = self.split_views(&x)?;
+        let (xo, hf) = self.advcl_org_views(images, global)?;
+        Ok(AdvclBatch {
+            x1,
+            x2,
+            xo,
+            hf,
+            targets: self.pseudo_targets(indices)?,
+        })
+    }
+
+    /// AdvCL's two attacks from `x_o` (METHODS.md 8.3), run jointly as one PGD on
+    /// `[x_cl; x_ce]`: uniform start unclamped (\[Q48\]), `pgd_steps` sign steps of `alpha`,
+    /// the `eps` ball around `x_o` and the box; the objective
+    /// `SupCon([z(x_cl; pgd), z(x1), z(x2), z(x_HF)]) + w · (1/|K|) Σ_K CE_sum(W_K f(x_ce;
+    /// pgd_ce), ŷ_K)` with the model in train mode. With \[Q47\] every step re-runs all five
+    /// forwards, which update the running statistics; clean: the three clean views are
+    /// embedded once and the running statistics are restored afterwards. Returns
+    /// `(x_cl, x_ce)`.
+    ///
+    /// # Errors
+    /// Tensor errors.
+    pub fn advcl_attack(&self, batch: &AdvclBatch, global: u64) -> Result<(Tensor, Tensor)> {
+        let Net::Advcl(model) = &self.net else {
+            return Err("internal: AdvCL attack on another model".into());
+        };
+        let b = batch.xo.dim(0)?;
+        let attacker = model.frozen()?;
+        let saved = (!self.cfg.faithful.q47).then(|| self.bn_buffers());
+        let once = match &saved {
+            Some(_) => Some(advcl_clean_views(&attacker, batch)?),
+            None => None,
+        };
+        let objective = |xa: &Tensor| -> candle::Result<Tensor> {
+            let (x_cl, x_ce) = (xa.narrow(0, 0, b)?, xa.narrow(0, b, b)?);
+            // R-ADV's order of forwards: x_cl, x_ce, x1, x2, x_HF
+            let z_cl = attacker.embed(&x_cl, PGD_BRANCH, true)?;
+            let f_ce = attacker.features(&x_ce, PGD_CE_BRANCH, true)?;
+            let fresh;
+            let clean = match &once {
+                Some(v) => v,
+                None => {
+                    fresh = advcl_clean_views(&attacker, batch)?;
+                    &fresh
+                }
+            };
+            self.advcl_objective(&attacker, &z_cl, &f_ce, clean, batch, true)
+        };
+        let cfg = PgdConfig {
+            clamp_after_init: false,
+            ..PgdConfig::new(Norm::Linf, self.cfg.eps, self.cfg.alpha, self.cfg.pgd_steps)
+        };
+        let mut rng = Rng::derive(self.cfg.seed, &[ATTACK_STREAM, global]);
+        let start = Tensor::cat(&[&batch.xo, &batch.xo], 0)?;
+        let adv = pgd(&start, objective, &cfg, &mut rng)?.adv;
+        if let Some(saved) = saved {
+            for (v, t) in saved {
+                v.set(&t)?;
+            }
+        }
+        Ok((adv.narrow(0, 0, b)?, adv.narrow(0, b, b)?))
+    }
+
+    /// AdvCL's objective from the embeddings: `SupCon(τ, τ_b)` of the four views plus
+    /// `ce_weight` times the mean over the pseudo-label sets of the cross-entropy (summed over
+    /// the batch in the attack, `sum_ce`, \[Q46\]; the batch mean in training).
+    fn advcl_objective(
+        &self,
+        model: &AdvclEncoder,
+        z_cl: &Tensor,
+        f_ce: &Tensor,
+        clean: &[Tensor; 3],
+        batch: &AdvclBatch,
+        sum_ce: bool,
+    ) -> candle::Result<Tensor> {
+        let (contrast, ce) = self.advcl_terms(model, z_cl, f_ce, clean, batch, sum_ce)?;
+        contrast + (ce * self.cfg.ce_weight)?
+    }
+
+    /// `(contrast, ce)` of [`Pretrainer::advcl_objective`].
+    fn advcl_terms(
+        &self,
+        model: &AdvclEncoder,
+        z_cl: &Tensor,
+        f_ce: &Tensor,
+        clean: &[Tensor; 3],
+        batch: &AdvclBatch,
+        sum_ce: bool,
+    ) -> candle::Result<(Tensor, Tensor)> {
+        let [z1, z2, zh] = clean;
+        let z = Tensor::cat(&[z_cl, z1, z2, zh], 0)?;
+        let contrast = supcon(&z, 4, self.cfg.temperature, self.cfg.base_temperature)?;
+        let mut ce = contrast.zeros_like()?;
+        for (l, y) in model.pseudo_logits(f_ce)?.iter().zip(&batch.targets) {
+            let per = cross_entropy_per_example(l, y)?;
+            ce = (ce
+                + if sum_ce {
+                    per.sum_all()?
+                } else {
+                    per.mean_all()?
+                })?;
+        }
+        let ce = (ce / batch.targets.len() as f64)?;
+        Ok((contrast, ce))
+    }
+
+    /// AdvCL's training loss at `(x_cl, x_ce)`, model in train mode (the forwards update the
+    /// running statistics once each): `(loss, contrast, ce)`.
+    ///
+    /// # Errors
+    /// Tensor errors.
+    pub fn advcl_loss(
+        &self,
+        batch: &AdvclBatch,
+        x_cl: &Tensor,
+        x_ce: &Tensor,
+    ) -> Result<(Tensor, Tensor, Tensor)> {
+        let Net::Advcl(model) = &self.net else {
+            return Err("internal: AdvCL loss on another model".into());
+        };
+        let z_cl = model.embed(x_cl, PGD_BRANCH, true)?;
+        let f_ce = model.features(x_ce, PGD_CE_BRANCH, true)?;
+        let clean = advcl_clean_views(model, batch)?;
+        let (contrast, ce) = self.advcl_terms(model, &z_cl, &f_ce, &clean, batch, false)?;
+        let loss = (&contrast + (&ce * self.cfg.ce_weight)?)?;
+        Ok((loss, contrast, ce))
+    }
+
+    /// One AdvCL step (R-ADV `pretraining_advCL.py`, METHODS.md 8.3 and 8.4): the attacks, then
+    /// the loss with the batch-mean cross-entropy and one SGD update.
+    fn advcl_step(&mut self, indices: &[usize], images: &[u8], global: u64) -> Result<BatchStats> {
+        let batch = self.advcl_batch(indices, images, global)?;
+        let (x_cl, x_ce) = self.advcl_attack(&batch, global)?;
+        let (loss, contrast, ce) = self.advcl_loss(&batch, &x_cl, &x_ce)?;
+        let stats = self.finite(&loss, &[("contrast", contrast), ("pseudo_ce", ce)])?;
+        let grads = loss.backward()?;
+        self.update(&grads)?;
+        Ok(stats)
     }
 
     /// The view-major views `(n_views · B, 3, 32, 32)` that [`Pretrainer::train_batch`]
@@ -887,7 +1273,7 @@ impl<'d> Pretrainer<'d> {
     fn cf(&self) -> Result<&Encoder> {
         match &self.net {
             Net::Cf(e) => Ok(e),
-            Net::Acl(_) => Err("internal: SimCLR / EMP-SSL step on an ACL model".into()),
+            _ => Err("internal: SimCLR / EMP-SSL step on another model".into()),
         }
     }
 
@@ -992,7 +1378,7 @@ impl<'d> Pretrainer<'d> {
     fn standard(&mut self, x: &Tensor) -> Result<BatchStats> {
         let (loss, terms) = match self.cfg.method {
             Method::EmpSsl => self.ssl_loss(self.cf()?, x, None)?,
-            Method::Simclr | Method::Acl | Method::Air | Method::Rcs => {
+            Method::Simclr | Method::Acl | Method::Air | Method::Rcs | Method::Advcl => {
                 let (x1, x2) = self.split_views(x)?;
                 self.ssl_loss(self.cf()?, &x1, Some(&x2))?
             }
@@ -1032,7 +1418,7 @@ impl<'d> Pretrainer<'d> {
         let saved = (!self.cfg.faithful.q8).then(|| self.bn_buffers());
         let (x1, target) = match self.cfg.method {
             Method::EmpSsl => (None, x.clone()),
-            Method::Simclr | Method::Acl | Method::Air | Method::Rcs => {
+            Method::Simclr | Method::Acl | Method::Air | Method::Rcs | Method::Advcl => {
                 let (x1, x2) = self.split_views(x)?;
                 (Some(x1), x2)
             }
@@ -1043,7 +1429,7 @@ impl<'d> Pretrainer<'d> {
                 // EMP: all n·B views jointly
                 Method::EmpSsl => this.ssl_loss(&attack_enc, xa, None),
                 // SimCLR [Q9]: the clean second view against its own perturbed copy
-                Method::Simclr | Method::Acl | Method::Air | Method::Rcs => {
+                Method::Simclr | Method::Acl | Method::Air | Method::Rcs | Method::Advcl => {
                     this.ssl_loss(&attack_enc, &target, Some(xa))
                 }
             };
@@ -1078,7 +1464,7 @@ impl<'d> Pretrainer<'d> {
     fn free(&mut self, x: &Tensor) -> Result<BatchStats> {
         let (x1, target) = match self.cfg.method {
             Method::EmpSsl => (None, x.clone()),
-            Method::Simclr | Method::Acl | Method::Air | Method::Rcs => {
+            Method::Simclr | Method::Acl | Method::Air | Method::Rcs | Method::Advcl => {
                 let (x1, x2) = self.split_views(x)?;
                 (Some(x1), x2)
             }
@@ -1254,12 +1640,23 @@ pub fn bench_mode(cfg: PretrainConfig, steps: usize, device: DeviceSpec) -> Resu
         image_size: 32,
         seed: 0,
     });
-    let mut t = Pretrainer::new(cfg, &d.train, &device)?;
+    let mut t = if cfg.method == Method::Advcl {
+        // R-ADV's five pseudo-label heads, with labels that cycle through the classes
+        let ks = crate::kinds::pseudo_labels::ADVCL_KS;
+        let labels = ks
+            .iter()
+            .map(|&k| (0..d.train.n).map(|i| (i % k) as u32).collect())
+            .collect();
+        Pretrainer::advcl(cfg, &d.train, &ks, labels, &device)?
+    } else {
+        Pretrainer::new(cfg, &d.train, &device)?
+    };
     let mut times = Vec::with_capacity(steps);
     for b in 0..=steps {
+        let indices = t.batch_indices(0, b);
         let images = t.batch_images(0, b);
         let start = Instant::now();
-        t.train_batch(&images, b as u64)?;
+        t.train_batch_indexed(&indices, &images, b as u64)?;
         if b > 0 {
             times.push(start.elapsed().as_secs_f64());
         }
