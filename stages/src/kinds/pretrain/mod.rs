@@ -128,7 +128,8 @@ pub mod rcs;
 mod trainer;
 
 pub use trainer::{
-    AttackMode, BatchStats, BenchRow, EpochStats, Faithful, Method, PretrainConfig, Pretrainer,
+    AdvclBatch, AttackMode, BatchStats, BenchRow, EpochStats, Faithful, Method, PretrainConfig,
+    Pretrainer,
     TrainHooks, ViewKind, bench_mode,
 };
 

@@ -835,3 +835,254 @@ fn the_canonical_form_reads_back_as_itself_and_keys_only_what_applies() -> TestR
     }
     Ok(())
 }
+
+// ---------------------------------------------------------------------------------------------
+// AdvCL (METHODS.md 8).
+
+#[test]
+fn advcl_defaults_keys_and_errors() -> TestResult {
+    let c = params(json!({"method": "advcl"})).config();
+    assert_eq!(
+        (c.attack, c.epochs, c.batch_size, c.pgd_steps, c.n_views),
+        (AttackMode::Pgd, 1000, 512, 5, 2)
+    );
+    assert!((c.eps - 8.0 / 255.0).abs() < 1e-15 && (c.alpha - 2.0 / 255.0).abs() < 1e-15);
+    assert_eq!(
+        (c.lr, c.momentum, c.weight_decay, c.warmup_epochs),
+        (0.5, 0.9, 1e-4, 10)
+    );
+    assert_eq!(
+        (c.temperature, c.base_temperature, c.ce_weight, c.hf_radius),
+        (0.5, 0.07, 0.2, 8.0)
+    );
+    assert_eq!((c.scale, c.z_dim), ([0.2, 1.0], 128));
+    // [Q50]: R-ADV's loop runs epochs 0..=1001
+    assert_eq!(c.run_epochs(), 1002);
+    let clean = params(json!({"method": "advcl", "faithful": {"q50": false}})).config();
+    assert_eq!(clean.run_epochs(), 1000);
+    // what does not apply is dropped: these all key alike
+    let key = |v: Value| -> Value {
+        let p: PretrainParams = serde_json::from_value(normalize(v).expect("valid")).expect("p");
+        Pretrain::key_params(&p)
+    };
+    let base = key(json!({"method": "advcl"}));
+    for extra in [
+        json!({"nesterov": false}),
+        json!({"lars": false, "lars_eta": 0.1}),
+        json!({"views": "patch", "z_dim": 64, "hidden_dim": 8}),
+        json!({"lambda1": 3, "rcs_fraction": 0.5, "dyn_aug": true}),
+        json!({"ce_weight": 0.2, "hf_radius": 8, "alpha": "2/255"}),
+    ] {
+        let mut v = json!({"method": "advcl"});
+        if let (Value::Object(m), Value::Object(e)) = (&mut v, extra.clone()) {
+            m.extend(e);
+        }
+        assert_eq!(key(v), base, "{extra}");
+    }
+    for extra in [
+        json!({"ce_weight": 0.5}),
+        json!({"hf_radius": 4}),
+        json!({"faithful": {"q47": false}}),
+        json!({"warmup_epochs": 2}),
+    ] {
+        let mut v = json!({"method": "advcl"});
+        if let (Value::Object(m), Value::Object(e)) = (&mut v, extra.clone()) {
+            m.extend(e);
+        }
+        assert_ne!(key(v), base, "{extra}");
+    }
+    // the AdvCL params and switches stay out of the other methods' keys
+    let simclr = key(json!({"method": "simclr"}));
+    assert!(simclr.get("ce_weight").is_none() && simclr["faithful"].get("q47").is_none());
+    let e = errors(json!({"method": "advcl", "attack": "none", "ce_weight": -1, "hf_radius": -2}));
+    assert!(e.iter().any(|m| m.starts_with("attack:")), "{e:?}");
+    assert!(e.iter().any(|m| m.starts_with("ce_weight:")), "{e:?}");
+    assert!(e.iter().any(|m| m.starts_with("hf_radius:")), "{e:?}");
+    Ok(())
+}
+
+fn small_advcl(extra: Value) -> PretrainConfig {
+    let mut v = json!({
+        "method": "advcl", "width": 8, "batch_size": 16, "epochs": 2, "pgd_steps": 2,
+        "warmup_epochs": 1, "seed": 1,
+    });
+    if let (Value::Object(m), Value::Object(e)) = (&mut v, extra) {
+        m.extend(e);
+    }
+    params(v).config()
+}
+
+/// Two pseudo-label sets of the synthetic images: K = 2 and K = 3 by index.
+fn advcl_labels(n: usize) -> (Vec<usize>, Vec<Vec<u32>>) {
+    let ks = vec![2, 3];
+    let labels = ks
+        .iter()
+        .map(|&k| (0..n).map(|i| ((i * 7) % k) as u32).collect())
+        .collect();
+    (ks, labels)
+}
+
+/// `-log softmax(row)[y]` in f64.
+fn ce_f64(row: &[f32], y: u32) -> f64 {
+    let m = row.iter().fold(f64::NEG_INFINITY, |a, &v| a.max(f64::from(v)));
+    let lse = m + row.iter().map(|&v| (f64::from(v) - m).exp()).sum::<f64>().ln();
+    lse - f64::from(row[y as usize])
+}
+
+#[test]
+fn advcl_loss_is_supcon_plus_the_weighted_pseudo_label_ce() -> TestResult {
+    let d = data(40);
+    let (ks, labels) = advcl_labels(40);
+    let cfg = small_advcl(json!({"ce_weight": 0.7}));
+    let t = Pretrainer::advcl(cfg.clone(), &d.train, &ks, labels.clone(), &Device::Cpu)?;
+    let idx = t.batch_indices(0, 0);
+    let images = t.batch_images(0, 0);
+    let batch = t.advcl_batch(&idx, &images, 0)?;
+    // x_HF is the high-pass of x_o and may be negative; x_o is a crop of the image
+    assert!(min_max(&batch.hf).0 < 0.0);
+    let (x_cl, x_ce) = t.advcl_attack(&batch, 0)?;
+    let (loss, contrast, ce) = t.advcl_loss(&batch, &x_cl, &x_ce)?;
+    let (loss, contrast, ce) = (scalar_f64(&loss)?, scalar_f64(&contrast)?, scalar_f64(&ce)?);
+    assert!((loss - (contrast + 0.7 * ce)).abs() < 1e-5, "{loss} {contrast} {ce}");
+    // the CE term from the heads' logits, written out: mean over the batch, mean over sets
+    let m = t.advcl_model().expect("advcl model");
+    let f = m.features(&x_ce, "pgd_ce", true)?;
+    let logits = m.pseudo_logits(&f)?;
+    let mut want = 0.0;
+    for (s, l) in logits.iter().enumerate() {
+        let rows = l.to_vec2::<f32>()?;
+        let per: f64 = rows
+            .iter()
+            .zip(&idx)
+            .map(|(r, &i)| ce_f64(r, labels[s][i]))
+            .sum::<f64>();
+        want += per / rows.len() as f64;
+    }
+    want /= 2.0;
+    assert!((ce - want).abs() < 1e-4, "{ce} vs {want}");
+    // the contrastive term is SupCon of [x_cl through pgd; x1; x2; x_HF through normal]
+    let z = Tensor::cat(
+        &[
+            &m.embed(&x_cl, "pgd", true)?,
+            &m.embed(&batch.x1, "normal", true)?,
+            &m.embed(&batch.x2, "normal", true)?,
+            &m.embed(&batch.hf, "normal", true)?,
+        ],
+        0,
+    )?;
+    let sc = scalar_f64(&crate::nn::losses::supcon(&z, 4, 0.5, 0.07)?)?;
+    assert!((contrast - sc).abs() < 1e-4, "{contrast} vs {sc}");
+    // [Q45]: SupCon's base temperature 0.07 scales the term by 0.5 / 0.07 against τ_b = τ
+    let plain = scalar_f64(&crate::nn::losses::supcon(&z, 4, 0.5, 0.5)?)?;
+    assert!((contrast / plain - 0.5 / 0.07).abs() < 1e-3);
+
+    // the attacks: each in the ε-ball around x_o and in the box, different from each other,
+    // and both raise the objective above the clean start
+    for a in [&x_cl, &x_ce] {
+        let dlt = (a - &batch.xo)?;
+        assert!(max_abs(&dlt) <= 8.0 / 255.0 + 1e-6);
+        let (lo, hi) = min_max(a);
+        assert!(lo >= 0.0 && hi <= 1.0);
+        assert!(max_abs(&dlt) > 1.0 / 255.0, "the attack moved");
+    }
+    assert!(max_abs(&(&x_cl - &x_ce)?) > 0.0);
+    let objective = |xc: &Tensor, xe: &Tensor| -> std::result::Result<f64, trainer::Error> {
+        let (_, c, e) = t.advcl_loss(&batch, xc, xe)?;
+        Ok(scalar_f64(&c)? + 0.7 * scalar_f64(&e)?)
+    };
+    let at_start = objective(&batch.xo, &batch.xo)?;
+    let at_adv = objective(&x_cl, &x_ce)?;
+    assert!(at_adv > at_start, "{at_adv} <= {at_start}");
+    Ok(())
+}
+
+fn scalar_f64(t: &Tensor) -> std::result::Result<f64, trainer::Error> {
+    Ok(t.to_dtype(candle::DType::F64)?.to_scalar::<f64>()?)
+}
+
+#[test]
+fn advcl_trains_keeps_r_adv_bookkeeping_and_resumes_bit_identically() -> TestResult {
+    let d = data(40);
+    let (ks, labels) = advcl_labels(40);
+    let tmp = crate::data::testutil::TempDir::new("pretrain-advcl");
+    let counter = |t: &Pretrainer<'_>, name: &str| -> i64 {
+        named_vars(t.varmap())
+            .into_iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_tensor().to_scalar::<i64>().expect("i64"))
+            .unwrap_or_else(|| panic!("{name}"))
+    };
+    // [Q47] faithful: per step, 2 PGD steps x (x_cl, x_ce, x1, x2, x_HF) forwards in train
+    // mode, then the training forwards: pgd 2 + 1, pgd_ce 2 + 1, normal 3 · 2 + 3
+    for (q47, pgd, normal) in [(true, 3, 9), (false, 1, 3)] {
+        let cfg = small_advcl(json!({"faithful": {"q47": q47}}));
+        let mut t = Pretrainer::advcl(cfg, &d.train, &ks, labels.clone(), &Device::Cpu)?;
+        let idx = t.batch_indices(0, 0);
+        let images = t.batch_images(0, 0);
+        let s = t.train_batch_indexed(&idx, &images, 0)?;
+        assert!(s.loss.is_finite());
+        assert_eq!(counter(&t, "encoder.bn1.pgd.num_batches_tracked"), pgd, "q47 {q47}");
+        assert_eq!(counter(&t, "encoder.bn1.pgd_ce.num_batches_tracked"), pgd);
+        assert_eq!(counter(&t, "encoder.bn1.num_batches_tracked"), normal);
+    }
+    // a whole run: q50 adds two epochs; 40 images at batch 16 keep a last batch of 8
+    let cfg = small_advcl(json!({}));
+    let run = |epochs: usize| -> std::result::Result<Pretrainer<'_>, trainer::Error> {
+        let mut t = Pretrainer::advcl(cfg.clone(), &d.train, &ks, labels.clone(), &Device::Cpu)?;
+        for _ in 0..epochs {
+            t.train_epoch(&TrainHooks::default())?;
+        }
+        Ok(t)
+    };
+    let full = {
+        let mut t = run(0)?;
+        while !t.finished() {
+            t.train_epoch(&TrainHooks::default())?;
+        }
+        t
+    };
+    assert_eq!((full.curve().len(), full.iters_per_epoch(), full.steps()), (4, 3, 12));
+    let e = &full.curve()[3];
+    assert!((e.loss - (e.terms["contrast"] + 0.2 * e.terms["pseudo_ce"])).abs() < 1e-5);
+    // AdvCL's learning rate: warm-up over epoch 1 from 0.01, then the per-epoch cosine at
+    // e = epoch + 1 (beyond E = 2 in the two extra epochs); the curve's `lr` is the rate after
+    // the epoch's last update, i.e. that of the next epoch
+    let eta_min = 0.5 * 1e-3;
+    let cos = |e: f64| eta_min + (0.5 - eta_min) * 0.5 * (1.0 + (std::f64::consts::PI * e / 2.0).cos());
+    for (k, e) in full.curve().iter().enumerate() {
+        assert!((e.lr - cos(k as f64 + 2.0)).abs() < 1e-12, "{k}: {}", e.lr);
+    }
+    // resumed after epoch 2 of 4: the same bits
+    let path = tmp.path().join("advcl.state");
+    run(2)?.save_state(&path)?;
+    let mut r = run(0)?;
+    r.load_state(&path)?;
+    while !r.finished() {
+        r.train_epoch(&TrainHooks::default())?;
+    }
+    assert_eq!(values(r.varmap()), values(full.varmap()));
+    // the checkpoint: R-ADV's heads under our names; `finetune` reads the pgd branch
+    let ck = tmp.path().join("advcl.safetensors");
+    full.save_encoder(&ck)?;
+    let names = crate::nn::checkpoint::tensor_names(&ck)?;
+    for n in [
+        "encoder.bn1.weight",
+        "encoder.bn1.pgd.weight",
+        "encoder.layer3.0.downsample.1.pgd_ce.running_mean",
+        "projection.0.bias",
+        "projection.1.running_var",
+        "projection.3.weight",
+        "pseudo.fc_002.weight",
+        "pseudo.fc_003.bias",
+    ] {
+        assert!(names.iter().any(|m| m == n), "{n} missing from {names:?}");
+    }
+    assert!(!names.iter().any(|n| n.starts_with("encoder.normalize")));
+    let enc = crate::kinds::finetune::EncoderWeights::from_file(&ck, &Device::Cpu)?;
+    assert!(enc.has_pgd_branch() && !enc.has_input_norm());
+    // labels from another dataset are refused
+    let bad = Pretrainer::advcl(cfg.clone(), &d.train, &ks, advcl_labels(39).1, &Device::Cpu);
+    assert!(bad.err().is_some_and(|e| e.to_string().contains("another dataset")));
+    assert!(Pretrainer::new(cfg, &d.train, &Device::Cpu).is_err());
+    Ok(())
+}
