@@ -43,7 +43,7 @@
 //! | `features` | `pre_feature`; `backbone` with a per-pretraining preset (`acl`, …) | `pre_feature` or `backbone` |
 //! | `head` | `full` | `full` (single images) or `ncrop` (the head reads the mean feature of `n_views` random EMP views, METHODS.md 11.1a; SLF only) |
 //! | `n_views`, `views` | 4, `crop` | the n-crop draw: `crop` (scale [0.08, 1], ratio [3/4, 4/3]) or `patch` (scale 0.25, ratio 1), every colour augmentation on (\[Q20\]); drawn once per training image |
-//! | `preset` | `cf_adam` for SLF with the full head, `cf_sgd` for SLF with the n-crop head, `air` for ALF / AFF | fills in every optimisation param left out (table below); also R-AIR's per-pretraining rows `acl`, `dynacl`, `acl_air`, `dynacl_air`, `dynacl_air_pp` (+ `_cifar100`) |
+//! | `preset` | `cf_adam` for SLF with the full head, `cf_sgd` for SLF with the n-crop head, `air` for ALF / AFF | fills in every optimisation param left out (table below); also R-AIR's per-pretraining rows `acl`, `dynacl`, `acl_air`, `dynacl_air`, `dynacl_air_pp` (+ `_cifar100`) and `advcl` |
 //! | `optimizer` | preset | `adam` (default betas) or `sgd` (momentum, no Nesterov) |
 //! | `lr`, `momentum`, `weight_decay` | preset | L2 weight decay on every trained tensor |
 //! | `schedule` | preset | `constant`, `cosine` (`t_max` epochs, stepped per epoch, periodic beyond) or `multistep` (×0.1 from each of `milestones`, 0-based epochs) |
@@ -84,6 +84,10 @@
 //! | `acl_air` | 512 / 0.005 (C100 0.1) / 10,20 / 25 | 512 / 0.01 (C100 0.1) / 10,20 / 25 | 128 / 0.1 / 40,60 / 100 |
 //! | `dynacl_air` | 512 / 0.01 / 10,20 / **5** (C100 0.1, 25 epochs) | 512 / 0.01 (C100 0.1) / 10,20 / 25 | 128 / 0.1 / 15,20 / 25 |
 //! | `dynacl_air_pp` (DynACL-AIR++) | 512 / 0.01 (C100 0.1) / 10,20 / 25 | 512 / 0.01 / 10,20 / **4** (C100 0.1, 25 epochs) | 128 / 0.1 / 15,20 / 25 |
+//! | `advcl` (AdvCL) | 512 / 0.01 / 15,20 / 25, PyTorch's head init (R-ADV's SLF script) | 128 / 0.1 / 15,20 / 25 (R-AIR's fallback) | 128 / 0.1 / 15,20 / 25 |
+//!
+//! R-ADV's SLF script also evaluates PGD-20 on the test set after every epoch and reports the
+//! best epoch (\[Q35\]); `finetune` keeps the last epoch and leaves evaluation to `evaluate`.
 //!
 //! Canonical form: the preset's values are written out and `preset` itself is dropped, so a
 //! preset and the same values written by hand key alike; params that do not apply are dropped
@@ -195,6 +199,10 @@ pub enum Preset {
     DynaclAirPp,
     /// The DynACL-AIR++ row, CIFAR-100.
     DynaclAirPpCifar100,
+    /// AdvCL encoders: R-ADV's SLF (`finetuning_advCL_SLF.py`: batch 512, lr 0.01, ×0.1 at
+    /// epochs 15 and 20, 25 epochs, PyTorch's head init) and R-AIR's fallback row for ALF / AFF
+    /// (the RobustSSL benchmark fine-tunes AdvCL with R-AIR's code).
+    Advcl,
 }
 
 /// The `schedule` param.
@@ -408,6 +416,20 @@ impl Preset {
                 augment: false,
                 head_init: HeadInit::Default,
             },
+            Preset::Advcl if mode == Mode::Slf => PresetValues {
+                optimizer: OptimizerKind::Sgd,
+                lr: 0.01,
+                momentum: 0.9,
+                weight_decay: 2e-4,
+                schedule: ScheduleKind::Multistep,
+                t_max: 100,
+                milestones: vec![15, 20],
+                batch_size: 512,
+                epochs: 25,
+                drop_last: false,
+                augment: true,
+                head_init: HeadInit::Default,
+            },
             air => {
                 let (batch_size, lr, milestones, epochs) = air.row(mode);
                 PresetValues {
@@ -443,7 +465,7 @@ impl Preset {
         const SHORT: (usize, f64, [usize; 2], usize) = (128, 0.1, LATE, 25);
         let linear = |lr: f64, epochs: usize| (512, lr, EARLY, epochs);
         match (self, mode) {
-            (Air, Mode::Aff) => SHORT,
+            (Air, Mode::Aff) | (Advcl, _) => SHORT,
             (Air, _) => linear(0.01, 25),
             (Acl | AclCifar100 | AclAir | AclAirCifar100, Mode::Aff) => LONG,
             (_, Mode::Aff) => SHORT,

@@ -1441,6 +1441,32 @@ fn r_air_presets_match_methods_10_3() {
         }
     }
     // a preset and its values written out key alike
+    // AdvCL: R-ADV's SLF (milestones 15, 20; PyTorch's head init), R-AIR's fallback otherwise
+    let c = params(json!({"mode": "slf", "preset": "advcl"})).config();
+    assert_eq!(
+        (
+            c.batch_size,
+            c.lr,
+            c.epochs,
+            c.weight_decay,
+            c.head_init,
+            c.augment
+        ),
+        (512, 0.01, 25, 2e-4, HeadInit::Default, true)
+    );
+    assert_eq!(
+        c.schedule,
+        Schedule::Multistep {
+            milestones: vec![15, 20]
+        }
+    );
+    for mode in ["alf", "aff"] {
+        let c = params(json!({"mode": mode, "preset": "advcl"})).config();
+        assert_eq!(
+            (c.batch_size, c.lr, c.epochs, c.head_init),
+            (128, 0.1, 25, HeadInit::Zeros)
+        );
+    }
     let a = normalize(json!({"mode": "aff", "preset": "acl"}));
     let b = normalize(
         json!({"mode": "aff", "preset": "air", "milestones": [40, 60], "epochs": 100, "features": "backbone"}),

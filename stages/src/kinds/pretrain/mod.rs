@@ -129,8 +129,7 @@ mod trainer;
 
 pub use trainer::{
     AdvclBatch, AttackMode, BatchStats, BenchRow, EpochStats, Faithful, Method, PretrainConfig,
-    Pretrainer,
-    TrainHooks, ViewKind, bench_mode,
+    Pretrainer, TrainHooks, ViewKind, bench_mode,
 };
 
 use std::path::Path;

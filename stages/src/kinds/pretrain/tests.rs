@@ -924,8 +924,14 @@ fn advcl_labels(n: usize) -> (Vec<usize>, Vec<Vec<u32>>) {
 
 /// `-log softmax(row)[y]` in f64.
 fn ce_f64(row: &[f32], y: u32) -> f64 {
-    let m = row.iter().fold(f64::NEG_INFINITY, |a, &v| a.max(f64::from(v)));
-    let lse = m + row.iter().map(|&v| (f64::from(v) - m).exp()).sum::<f64>().ln();
+    let m = row
+        .iter()
+        .fold(f64::NEG_INFINITY, |a, &v| a.max(f64::from(v)));
+    let lse = m + row
+        .iter()
+        .map(|&v| (f64::from(v) - m).exp())
+        .sum::<f64>()
+        .ln();
     lse - f64::from(row[y as usize])
 }
 
@@ -943,7 +949,10 @@ fn advcl_loss_is_supcon_plus_the_weighted_pseudo_label_ce() -> TestResult {
     let (x_cl, x_ce) = t.advcl_attack(&batch, 0)?;
     let (loss, contrast, ce) = t.advcl_loss(&batch, &x_cl, &x_ce)?;
     let (loss, contrast, ce) = (scalar_f64(&loss)?, scalar_f64(&contrast)?, scalar_f64(&ce)?);
-    assert!((loss - (contrast + 0.7 * ce)).abs() < 1e-5, "{loss} {contrast} {ce}");
+    assert!(
+        (loss - (contrast + 0.7 * ce)).abs() < 1e-5,
+        "{loss} {contrast} {ce}"
+    );
     // the CE term from the heads' logits, written out: mean over the batch, mean over sets
     let m = t.advcl_model().expect("advcl model");
     let f = m.features(&x_ce, "pgd_ce", true)?;
@@ -1021,7 +1030,11 @@ fn advcl_trains_keeps_r_adv_bookkeeping_and_resumes_bit_identically() -> TestRes
         let images = t.batch_images(0, 0);
         let s = t.train_batch_indexed(&idx, &images, 0)?;
         assert!(s.loss.is_finite());
-        assert_eq!(counter(&t, "encoder.bn1.pgd.num_batches_tracked"), pgd, "q47 {q47}");
+        assert_eq!(
+            counter(&t, "encoder.bn1.pgd.num_batches_tracked"),
+            pgd,
+            "q47 {q47}"
+        );
         assert_eq!(counter(&t, "encoder.bn1.pgd_ce.num_batches_tracked"), pgd);
         assert_eq!(counter(&t, "encoder.bn1.num_batches_tracked"), normal);
     }
@@ -1041,14 +1054,18 @@ fn advcl_trains_keeps_r_adv_bookkeeping_and_resumes_bit_identically() -> TestRes
         }
         t
     };
-    assert_eq!((full.curve().len(), full.iters_per_epoch(), full.steps()), (4, 3, 12));
+    assert_eq!(
+        (full.curve().len(), full.iters_per_epoch(), full.steps()),
+        (4, 3, 12)
+    );
     let e = &full.curve()[3];
     assert!((e.loss - (e.terms["contrast"] + 0.2 * e.terms["pseudo_ce"])).abs() < 1e-5);
     // AdvCL's learning rate: warm-up over epoch 1 from 0.01, then the per-epoch cosine at
     // e = epoch + 1 (beyond E = 2 in the two extra epochs); the curve's `lr` is the rate after
     // the epoch's last update, i.e. that of the next epoch
     let eta_min = 0.5 * 1e-3;
-    let cos = |e: f64| eta_min + (0.5 - eta_min) * 0.5 * (1.0 + (std::f64::consts::PI * e / 2.0).cos());
+    let cos =
+        |e: f64| eta_min + (0.5 - eta_min) * 0.5 * (1.0 + (std::f64::consts::PI * e / 2.0).cos());
     for (k, e) in full.curve().iter().enumerate() {
         assert!((e.lr - cos(k as f64 + 2.0)).abs() < 1e-12, "{k}: {}", e.lr);
     }
@@ -1082,7 +1099,10 @@ fn advcl_trains_keeps_r_adv_bookkeeping_and_resumes_bit_identically() -> TestRes
     assert!(enc.has_pgd_branch() && !enc.has_input_norm());
     // labels from another dataset are refused
     let bad = Pretrainer::advcl(cfg.clone(), &d.train, &ks, advcl_labels(39).1, &Device::Cpu);
-    assert!(bad.err().is_some_and(|e| e.to_string().contains("another dataset")));
+    assert!(
+        bad.err()
+            .is_some_and(|e| e.to_string().contains("another dataset"))
+    );
     assert!(Pretrainer::new(cfg, &d.train, &Device::Cpu).is_err());
     Ok(())
 }
