@@ -170,3 +170,100 @@ fn params_that_do_not_apply_share_one_node() {
         out.stderr
     );
 }
+
+fn advcl_pipeline(label_seed: u64, ce_weight: f64) -> String {
+    format!(
+        r#"
+name: advcl-small
+stages:
+  data:
+    kind: dataset
+    params: {{source: synthetic, n_classes: 4, n_train: 48, n_test: 16, seed: 1}}
+  simclr:
+    kind: pretrain
+    inputs: {{dataset: data}}
+    params: {{method: simclr, batch_size: 16, epochs: 1, width: 4, hidden_dim: 16, z_dim: 8}}
+  clusters:
+    kind: pseudo_labels
+    inputs: {{encoder: simclr, dataset: data}}
+    params: {{ks: [2, 4], seed: {label_seed}}}
+  advcl:
+    kind: pretrain
+    inputs: {{dataset: data, labels: clusters}}
+    params: {{method: advcl, batch_size: 16, epochs: 1, width: 4, pgd_steps: 1, warmup_epochs: 1, ce_weight: {ce_weight}}}
+  head:
+    kind: finetune
+    inputs: {{encoder: advcl, dataset: data}}
+    params: {{mode: slf, preset: advcl, epochs: 1, batch_size: 16}}
+"#
+    )
+}
+
+/// AdvCL end to end: a SimCLR encoder, its k-means pseudo-labels, AdvCL on them (two extra
+/// epochs, [Q50]) and a linear head through the `pgd` branch; the label seed moves the labels'
+/// and AdvCL's keys, not SimCLR's; a `labels` input on another method is refused.
+#[test]
+fn advcl_trains_on_pseudo_labels_from_a_pretrained_encoder() {
+    let dir = Dir::new("advcl-e2e");
+    let p = dir.pipeline("p.yaml", &advcl_pipeline(0, 0.2));
+    let doc = dir.json(&["run", &p], 0);
+    for id in ["simclr", "clusters", "advcl", "head"] {
+        assert_eq!(node(&doc, id)["status"], "ran", "{doc:#}");
+    }
+    let show = dir.json(&["show", &p, "clusters"], 0);
+    let m = &node(&show, "clusters")["metrics"];
+    assert_eq!(
+        (m["n_train"].as_u64(), m["n_test"].as_u64()),
+        (Some(48), Some(16))
+    );
+    for k in ["inertia_2", "inertia_4", "purity_2", "purity_4"] {
+        assert!(m[k].as_f64().is_some_and(f64::is_finite), "{k} in {m}");
+    }
+    assert!(m["purity_4"].as_f64().is_some_and(|v| v >= 0.25), "{m}");
+    let show = dir.json(&["show", &p, "advcl"], 0);
+    let m = &node(&show, "advcl")["metrics"];
+    assert_eq!(m["epochs"], 3, "{m}");
+    for k in ["final_loss", "final_contrast", "final_pseudo_ce"] {
+        assert!(m[k].as_f64().is_some_and(f64::is_finite), "{k} in {m}");
+    }
+    let labels = entry_file(&dir, &doc, "clusters", "labels.safetensors");
+    assert!(labels.len() > 8 * (48 + 16));
+
+    // another label seed: the labels and everything downstream are new, SimCLR is cached
+    let p2 = dir.pipeline("p2.yaml", &advcl_pipeline(1, 0.2));
+    let plan = dir.json(&["plan", &p2], 0);
+    assert_eq!(key_of(&plan, "simclr"), key_of(&doc, "simclr"));
+    for id in ["clusters", "advcl", "head"] {
+        assert_ne!(key_of(&plan, id), key_of(&doc, id), "{id}");
+    }
+    // a param of AdvCL moves AdvCL's key only
+    let p3 = dir.pipeline("p3.yaml", &advcl_pipeline(0, 0.5));
+    let plan = dir.json(&["plan", &p3], 0);
+    assert_eq!(key_of(&plan, "clusters"), key_of(&doc, "clusters"));
+    assert_ne!(key_of(&plan, "advcl"), key_of(&doc, "advcl"));
+
+    // AdvCL without labels, and labels on another method, fail with a clear message
+    let no_labels = advcl_pipeline(0, 0.3).replace(
+        "inputs: {dataset: data, labels: clusters}",
+        "inputs: {dataset: data}",
+    );
+    let p4 = dir.pipeline("p4.yaml", &no_labels);
+    let out = dir.pipe(&["run", &p4]).code(1);
+    assert!(
+        out.stderr.contains("pseudo-labels") && out.stderr.contains("`labels` input"),
+        "{}",
+        out.stderr
+    );
+    let other = format!(
+        "{}  other:\n    kind: pretrain\n    inputs: {{dataset: data, labels: clusters}}\n    \
+         params: {{method: simclr, batch_size: 16, epochs: 1, width: 4, hidden_dim: 16, z_dim: 8}}\n",
+        advcl_pipeline(0, 0.2)
+    );
+    let p5 = dir.pipeline("p5.yaml", &other);
+    let out = dir.pipe(&["run", &p5]).code(1);
+    assert!(
+        out.stderr.contains("read by method advcl only"),
+        "{}",
+        out.stderr
+    );
+}
