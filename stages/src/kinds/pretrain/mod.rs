@@ -1,14 +1,14 @@
 //! `pretrain`: SimCLR and EMP-SSL, each standard, PGD-adversarial or free-adversarial (the six
 //! training scripts of CF-AMC-SSL; METHODS.md sections 3 and 4), and the ACL family: ACL,
 //! DynACL, ACL-AIR and DynACL-AIR (R-AIR `pretraining.py`; METHODS.md sections 5 and 6), and
-//! ACL-RCS / DynACL-RCS (R-RCS; METHODS.md 7, [`rcs`]).
+//! ACL-RCS / DynACL-RCS (R-RCS; METHODS.md 7, [`rcs`]), and AdvCL (R-ADV; METHODS.md 8).
 //!
 //! # Params
 //!
 //! | param | default | meaning |
 //! |---|---|---|
-//! | `method` | (required) | `simclr`, `emp_ssl`, `acl`, `air` or `rcs` (the ACL family: see below) |
-//! | `attack` | `none`; `pgd` for `acl` / `air` / `rcs` | `none`, `pgd` (T-step l_inf PGD per batch) or `free` (m replays with a persistent δ) |
+//! | `method` | (required) | `simclr`, `emp_ssl`, `acl`, `air` or `rcs` (the ACL family: see below), `advcl` (see below) |
+//! | `attack` | `none`; `pgd` for `acl` / `air` / `rcs` / `advcl` | `none`, `pgd` (T-step l_inf PGD per batch) or `free` (m replays with a persistent δ) |
 //! | `views` | `patch` for standard EMP-SSL, else `crop` | `crop`: scale [0.08, 1], ratio [3/4, 4/3]; `patch`: scale 0.25, ratio 1 |
 //! | `scale`, `ratio` | from `views` | explicit `[lo, hi]` overrides of the crop |
 //! | `n_views` | 2 SimCLR; 64 standard EMP-SSL, 16 adversarial EMP-SSL | views per image (SimCLR must be 2) |
@@ -27,7 +27,7 @@
 //! | `patch_sim`, `tcr`, `tcr_eps` | 200, 1, 0.2 | EMP-SSL's loss weights and TCR ε (\[Q21\]) |
 //! | `seed` | 0 | every random number of the run |
 //! | `device` | `auto` | `auto`, `cpu` or `cuda:N` (the backend is keyed, the ordinal is not) |
-//! | `faithful` | `true` | the reference-code quirks, `true` / `false` for all or a map `{q6, q7, q8, q10}` |
+//! | `faithful` | `true` | the reference-code quirks, `true` / `false` for all or a map (`q6`, `q7`, `q8`, `q10`, `q28`, `q31`, `q38`, `q41`, `q43`, `q47`, `q50`) |
 //!
 //! # The ACL family (`method: acl | air`)
 //!
@@ -76,6 +76,38 @@
 //! un-augmented image through `normal` under plain ACL (λ = 0), which only moves that
 //! branch's running statistics; we skip that forward unless the method is `air`.
 //!
+//! # AdvCL (`method: advcl`)
+//!
+//! R-ADV's model and loop. Inputs: `dataset` and `labels`, a
+//! [`pseudo_labels`](crate::kinds::pseudo_labels) node (its `ks` give the heads). The model: a
+//! ResNet-18 (`width`, no input normalisation) with BN branches `normal`, `pgd`, `pgd_ce`;
+//! `head_proj` under `projection.` (`0` Linear → `1` BN, one for all branches → ReLU → `3`
+//! Linear to 128, l2-normalised); one Linear(8w → K) per label set under `pseudo.fc_{K:03}`.
+//! Each batch: two SimCLR views `x1`, `x2` (RandomResizedCrop scale `scale` = [0.2, 1], flip,
+//! jitter (0.4, 0.4, 0.4, 0.1) p 0.8, grayscale p 0.2), the weak view `x_o` (RandomCrop 32 pad
+//! 4 + flip) and its high-frequency component `x_HF` ([`crate::nn::spectral`], radius
+//! `hf_radius`, unclamped). Two attacks from `x_o`, run as one PGD (`pgd_steps` sign steps of
+//! `alpha` in the `eps` ball, uniform start unclamped, \[Q48\]) on
+//! `SupCon([z(x_cl; pgd), z(x1), z(x2), z(x_HF)]) + ce_weight · (1/|K|) Σ_K CE_sum(W_K f(x_ce;
+//! pgd_ce), ŷ_K)` with the model in train mode (\[Q46\], \[Q47\]); the training loss is
+//! the same with the batch-mean CE (the curve's `contrast` and `pseudo_ce`). SupCon keeps
+//! `base_temperature` 0.07 beside `temperature` 0.5 (the ×7.14 scale of \[Q45\]). Plain
+//! SGD (`lr`, `momentum`, `weight_decay` on every tensor), AdvCL's schedule (per-iteration
+//! warm-up from 0.01 over `warmup_epochs`, then the per-epoch cosine to `lr · 10⁻³`), the last
+//! partial batch kept. R-ADV runs on several GPUs with synchronised BN (\[Q49\]); one device
+//! with plain BN over the whole batch computes the same batch statistics.
+//!
+//! | param | default | meaning |
+//! |---|---|---|
+//! | `ce_weight` | 0.2 | weight of the pseudo-label cross-entropy |
+//! | `hf_radius` | 8 | radius of the low-frequency disk removed from `x_o` |
+//! | defaults that differ | | `epochs` 1000, `batch_size` 512, `lr` 0.5, `nesterov`/LARS do not apply, `alpha` 2/255, `temperature` 0.5, `base_temperature` 0.07, `scale` [0.2, 1], `warmup_epochs` 10 |
+//!
+//! R-ADV's unused `head_pred` / `head_ce` are not built (\[Q52\]), and its attack's extra
+//! `head_proj` forward of `x_ce` (whose output no loss reads) is skipped: it moved only the
+//! head BN's running statistics, which nothing downstream uses. Fine-tune with `preset:
+//! advcl` (R-ADV's SLF); `finetune` reads the `pgd` branch.
+//!
 //! The `faithful` switches (METHODS.md section 17):
 //! - `q6` (free only): the cosine's `T_max` is `⌊n/B⌋·epochs` although the scheduler steps `m`
 //!   times per batch, so the rate goes 0.3 → 0 → 0.3 → 0 for m = 3; clean: `T_max` = all steps.
@@ -100,6 +132,12 @@
 //!   only the first half of the validation images are used, each twice; clean: the 99 % split
 //!   and every validation image once.
 //! - `q43` (`rcs`): the ACL loss is halved; clean: not (as R-AIR).
+//! - `q47` (`advcl`): every attack step re-runs all five forwards in train mode, which update
+//!   the running statistics (the `pgd`, `pgd_ce` branches 5 + 1 times per batch); clean: the
+//!   attack still uses batch statistics but restores the running statistics, and embeds the
+//!   three clean views once per batch (13 attack forwards per batch instead of 25 at PGD-5).
+//! - `q50` (`advcl`): R-ADV's loop runs `range(0, epoch + 2)`, so the run trains `epochs + 2`
+//!   epochs and the cosine overshoots π at the end; clean: `epochs`.
 //!
 //! Params that do not apply are dropped before keying (`m` without `attack: free`, `eps` without
 //! an attack, `temperature` for EMP-SSL, the switches of other attacks), so sweeping them
@@ -111,7 +149,8 @@
 //! - `encoder.safetensors`: backbone under `encoder.` (torchvision names), heads under
 //!   `pre_feature.` and `projection.` ([`crate::nn::heads`]), BN running statistics included.
 //! - `curve.jsonl`: one line per epoch: `epoch`, `loss` (mean over batches), the loss terms
-//!   (`invariance`, `tcr` for EMP-SSL), `lr` (at the end of the epoch), `seconds`,
+//!   (`invariance`, `tcr` for EMP-SSL; `nat_cl`, `adv_cl`, `sir`, `air` for the ACL family;
+//!   `contrast`, `pseudo_ce` for AdvCL), `lr` (at the end of the epoch), `seconds`,
 //!   `images_per_second` (source images).
 //! - `metrics.json`: `final_loss` (+ terms), `train_seconds`, `train_minutes`,
 //!   `images_per_second`, `device`, `epochs`, `steps`, `n_train`, `threads`.
