@@ -486,7 +486,9 @@ mod tests {
             test: vec![vec![]],
         };
         bad.save(&path)?;
-        let e = PseudoLabels::load(&path).unwrap_err().to_string();
+        let e = PseudoLabels::load(&path)
+            .expect_err("a label above K")
+            .to_string();
         assert!(e.contains("train_2") && e.contains("label 2"), "{e}");
         // purity: clusters {0, 1} hold classes {a, a} and {a, b}
         let p = purity(&l, &[5, 5, 6]);
