@@ -316,3 +316,53 @@ fn cuda_vs_cpu_air_step() -> std::result::Result<(), Box<dyn std::error::Error +
     }
     Ok(())
 }
+
+/// One AdvCL step (views, high-pass matmul, the joint x_cl / x_ce attack in train mode, SupCon
+/// + pseudo-label CE, SGD) on CUDA against the CPU from the same seed and labels.
+#[test]
+fn cuda_vs_cpu_advcl_step() -> std::result::Result<(), Box<dyn std::error::Error + Send + Sync>> {
+    use crate::kinds::pretrain::{PretrainParams, Pretrainer};
+    let Some(dev) = gpu() else { return Ok(()) };
+    let d = crate::data::synthetic(&crate::data::SyntheticConfig {
+        n_classes: 4,
+        n_train: 16,
+        n_test: 4,
+        image_size: 32,
+        seed: 5,
+    });
+    let cfg = serde_json::from_value::<PretrainParams>(serde_json::json!({
+        "method": "advcl", "width": 8, "batch_size": 16, "epochs": 1, "pgd_steps": 2,
+        "warmup_epochs": 0, "seed": 1,
+    }))?
+    .config();
+    let ks = [2usize, 5];
+    let labels: Vec<Vec<u32>> = ks
+        .iter()
+        .map(|&k| (0..16).map(|i| (i % k) as u32).collect())
+        .collect();
+    let mut cpu = Pretrainer::advcl(cfg.clone(), &d.train, &ks, labels.clone(), &Device::Cpu)?;
+    let mut cuda = Pretrainer::advcl(cfg, &d.train, &ks, labels, &dev)?;
+    let idx = cpu.batch_indices(0, 0);
+    let images = cpu.batch_images(0, 0);
+    let a = cpu.train_batch_indexed(&idx, &images, 0)?;
+    let b = cuda.train_batch_indexed(&idx, &images, 0)?;
+    assert!(
+        (a.loss - b.loss).abs() < 1e-3 * a.loss.abs().max(1.0),
+        "loss {a:?} vs {b:?}"
+    );
+    for ((k, x), (_, y)) in a.terms.iter().zip(&b.terms) {
+        assert!((x - y).abs() < 2e-3 * x.abs().max(1.0), "{k}: {x} vs {y}");
+    }
+    let values = |t: &Pretrainer<'_>| -> Result<Vec<(String, Tensor)>> {
+        crate::nn::init::named_vars(t.varmap())
+            .into_iter()
+            .map(|(n, v)| Ok((n, v.as_tensor().to_device(&Device::Cpu)?)))
+            .collect()
+    };
+    for ((name, x), (_, y)) in values(&cuda)?.iter().zip(&values(&cpu)?) {
+        if x.dtype().is_float() {
+            close(&format!("after the AdvCL step {name}"), x, y, 1e-2)?;
+        }
+    }
+    Ok(())
+}
