@@ -319,6 +319,27 @@ fn engine(nodes: usize, chain: usize, reps: usize, json_out: bool) -> Result<u8>
     Ok(0)
 }
 
+/// The child gets SIGTERM when this process dies, even by SIGKILL (Linux `PR_SET_PDEATHSIG`),
+/// so a killed benchmark leaves no `pipe run` writing into its temporary store.
+fn die_with_parent(cmd: &mut Command) {
+    #[cfg(target_os = "linux")]
+    {
+        use std::os::unix::process::CommandExt as _;
+        #[allow(unsafe_code)]
+        // SAFETY: `prctl` is async-signal-safe; the closure touches no memory of the parent.
+        unsafe {
+            cmd.pre_exec(|| {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) == -1 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = cmd;
+}
+
 fn bench_in(
     dir: &Path,
     nodes: usize,
@@ -346,13 +367,10 @@ fn bench_in(
     let exe = std::env::current_exe()?;
     let store_dir = dir.join("store");
     let pipe = |args: &[&str]| -> Result<std::process::Output> {
-        Command::new(&exe)
-            .args(args)
-            .arg(&file)
-            .arg("--store")
-            .arg(&store_dir)
-            .output()
-            .context("running pipe")
+        let mut cmd = Command::new(&exe);
+        cmd.args(args).arg(&file).arg("--store").arg(&store_dir);
+        die_with_parent(&mut cmd);
+        cmd.output().context("running pipe")
     };
     let t0 = Instant::now();
     let out = pipe(&["run", "--json"])?;

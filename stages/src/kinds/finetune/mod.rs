@@ -685,6 +685,11 @@ impl TypedStage for Finetune {
     }
 
     fn key_params(p: &FinetuneParams) -> Value {
+        // Keys must not move when the code grows (README "What pipe promises"): `q31` is keyed
+        // where it applies, as the first version did. A switch added later that applies to
+        // existing nodes must stay out of the key at its default (`true`, the old behaviour),
+        // as `pretrain::key_params` keeps its later switches out where they do not apply;
+        // otherwise every cached fine-tuning would silently recompute.
         crate::params::key_with_backend(p, p.device)
     }
 

@@ -926,7 +926,10 @@ impl TypedStage for Pretrain {
         let mut v = crate::params::key_with_backend(p, p.device);
         // Keys are stable across versions: the first version keyed all four CF-AMC-SSL switches
         // (absent = true), whether or not they applied; the later switches are keyed only where
-        // they apply (the canonical form leaves the others out).
+        // they apply (the canonical form leaves the others out), and each so far applies only
+        // to a method added with it (`q28`..`q43` the ACL family, `q47`, `q50` AdvCL). A future
+        // switch for an existing method must be keyed only when it is `false`, or the keys of
+        // that method's cached nodes move.
         let f = p.faithful;
         let mut keyed = serde_json::Map::new();
         for (name, value) in [("q6", f.q6), ("q7", f.q7), ("q8", f.q8), ("q10", f.q10)] {
