@@ -93,8 +93,8 @@
 //! the same with the batch-mean CE (the curve's `contrast` and `pseudo_ce`). SupCon keeps
 //! `base_temperature` 0.07 beside `temperature` 0.5 (the ×7.14 scale of \[Q45\]). Plain
 //! SGD (`lr`, `momentum`, `weight_decay` on every tensor), AdvCL's schedule (per-iteration
-//! warm-up from 0.01 over `warmup_epochs`, then the per-epoch cosine to `lr · 10⁻³`), the last
-//! partial batch kept. R-ADV runs on several GPUs with synchronised BN (\[Q49\]); one device
+//! warm-up from 0.01 over `warmup_epochs`, only at `batch_size` > 256 as in R-ADV, then the
+//! per-epoch cosine to `lr · 10⁻³`), the last partial batch kept. R-ADV runs on several GPUs with synchronised BN (\[Q49\]); one device
 //! with plain BN over the whole batch computes the same batch statistics.
 //!
 //! | param | default | meaning |
