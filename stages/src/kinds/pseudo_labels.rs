@@ -528,3 +528,77 @@ mod tests {
         assert!(e.iter().any(|e| e.contains("max_iter")), "{e:?}");
     }
 }
+
+#[cfg(test)]
+mod backbone_tests {
+    use super::*;
+    use crate::kinds::pretrain::{PretrainParams, Pretrainer};
+
+    /// An ACL checkpoint (input normalisation, `normal` + `pgd` branches) read back through
+    /// either branch gives the trained backbone's own eval-mode features; a missing branch is
+    /// named; the labels of a whole run are deterministic and in range.
+    #[test]
+    fn features_come_from_the_chosen_branch_of_the_checkpoint() -> Result<()> {
+        let d = crate::data::synthetic(&crate::data::SyntheticConfig {
+            n_classes: 3,
+            n_train: 24,
+            n_test: 6,
+            image_size: 32,
+            seed: 2,
+        });
+        let cfg = serde_json::from_value::<PretrainParams>(json!({
+            "method": "acl", "width": 4, "batch_size": 8, "epochs": 1, "pgd_steps": 1,
+            "warmup_epochs": 0, "seed": 3,
+        }))?
+        .config();
+        let mut t = Pretrainer::new(cfg, &d.train, &Device::Cpu)?;
+        t.train_epoch(&crate::kinds::pretrain::TrainHooks::default())?;
+        let tmp = crate::data::testutil::TempDir::new("pseudo-labels-acl");
+        let path = tmp.path().join("encoder.safetensors");
+        t.save_encoder(&path)?;
+        let x = crate::kinds::evaluate::batch_tensor(&d.train, 0, 24, &Device::Cpu)?;
+        for branch in ["normal", "pgd"] {
+            let loaded = load_backbone(&path, branch, &Device::Cpu)?;
+            assert!(loaded.has_input_norm());
+            let got = features(&loaded, branch, &d.train, &Device::Cpu, &|_| {})?;
+            let want = l2_normalize(&t.backbone().forward_branch(&x, branch, false)?)?;
+            let diff = (got - want)?.abs()?.max_all()?.to_scalar::<f32>()?;
+            assert!(diff < 1e-5, "{branch}: {diff}");
+        }
+        let e = load_backbone(&path, "pgd_ce", &Device::Cpu).expect_err("no such branch");
+        assert!(e.to_string().contains("no BN branch `pgd_ce`"), "{e}");
+        let backbone = load_backbone(&path, "pgd", &Device::Cpu)?;
+        let p: PseudoLabelsParams = serde_json::from_value(json!({"ks": [3, 5], "branch": "pgd"}))?;
+        let run = || {
+            compute(
+                &backbone,
+                "pgd",
+                &d.train,
+                &d.test,
+                &p,
+                &Device::Cpu,
+                &|_, _, _| {},
+                &|_| {},
+            )
+        };
+        let (a, _) = run()?;
+        let (b, _) = run()?;
+        assert_eq!(a, b);
+        assert_eq!((a.train[1].len(), a.test[1].len()), (24, 6));
+        assert!(a.train[1].iter().chain(&a.test[1]).all(|&l| l < 5));
+        let big: PseudoLabelsParams = serde_json::from_value(json!({"ks": [25]}))?;
+        let e = compute(
+            &backbone,
+            "pgd",
+            &d.train,
+            &d.test,
+            &big,
+            &Device::Cpu,
+            &|_, _, _| {},
+            &|_| {},
+        )
+        .expect_err("more clusters than images");
+        assert!(e.to_string().contains("25 clusters of 24"), "{e}");
+        Ok(())
+    }
+}
