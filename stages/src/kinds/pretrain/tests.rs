@@ -1005,6 +1005,16 @@ fn advcl_loss_is_supcon_plus_the_weighted_pseudo_label_ce() -> TestResult {
     Ok(())
 }
 
+fn values_of(t: &Tensor) -> Vec<u32> {
+    t.flatten_all()
+        .and_then(|t| t.to_dtype(candle::DType::F32))
+        .and_then(|t| t.to_vec1::<f32>())
+        .expect("f32")
+        .iter()
+        .map(|x| x.to_bits())
+        .collect()
+}
+
 fn scalar_f64(t: &Tensor) -> std::result::Result<f64, trainer::Error> {
     Ok(t.to_dtype(candle::DType::F64)?.to_scalar::<f64>()?)
 }
@@ -1038,6 +1048,33 @@ fn advcl_trains_keeps_r_adv_bookkeeping_and_resumes_bit_identically() -> TestRes
         assert_eq!(counter(&t, "encoder.bn1.pgd_ce.num_batches_tracked"), pgd);
         assert_eq!(counter(&t, "encoder.bn1.num_batches_tracked"), normal);
     }
+    // faithful [Q47] replays the clean views' effect on the running statistics instead of
+    // re-running their forwards: the same attack and update, statistics equal to rounding
+    let one = |reforward: bool| -> std::result::Result<Pretrainer<'_>, trainer::Error> {
+        let cfg = small_advcl(json!({"pgd_steps": 3}));
+        let mut t = Pretrainer::advcl(cfg, &d.train, &ks, labels.clone(), &Device::Cpu)?;
+        t.set_advcl_reforward(reforward);
+        let idx = t.batch_indices(0, 0);
+        let images = t.batch_images(0, 0);
+        t.train_batch_indexed(&idx, &images, 0)?;
+        Ok(t)
+    };
+    let (fast, slow) = (one(false)?, one(true)?);
+    let (vf, vs) = (named_vars(fast.varmap()), named_vars(slow.varmap()));
+    assert_eq!(vf.len(), vs.len());
+    for ((name, a), (_, b)) in vf.iter().zip(&vs) {
+        let (a, b) = (a.as_tensor(), b.as_tensor());
+        if !crate::nn::init::is_buffer(name) {
+            assert_eq!(values_of(a), values_of(b), "{name}");
+        } else if name.ends_with("num_batches_tracked") {
+            assert_eq!(a.to_scalar::<i64>()?, b.to_scalar::<i64>()?, "{name}");
+        } else {
+            let scale = max_abs(b).max(1.0);
+            assert!(max_abs(&(a - b)?) < 1e-5 * scale, "{name}");
+        }
+    }
+    assert_eq!(counter(&fast, "encoder.bn1.num_batches_tracked"), 12);
+
     // a whole run: q50 adds two epochs; 40 images at batch 16 keep a last batch of 8
     let cfg = small_advcl(json!({}));
     let run = |epochs: usize| -> std::result::Result<Pretrainer<'_>, trainer::Error> {

@@ -400,6 +400,9 @@ struct AdvclRun {
     org_seed: u64,
     /// The high-frequency filter.
     high_pass: HighPass,
+    /// Re-run the clean views' backbone forwards at every faithful attack step instead of
+    /// [`CleanReplay`] (the reference implementation the replay is tested against).
+    reforward: bool,
 }
 
 /// AdvCL's inputs of one batch ([`Pretrainer::advcl_batch`]).
@@ -414,6 +417,81 @@ pub struct AdvclBatch {
     pub hf: Tensor,
     /// Per pseudo-label set, the labels `(B,)` U32.
     pub targets: Vec<Tensor>,
+}
+
+/// AdvCL's clean views in a faithful (\[Q47\]) attack without re-running their backbone
+/// forwards: their `normal`-branch backbone features from one train-mode forward each, and the
+/// running statistics before (`s₀`) and after (`s₃`) those forwards. Each of the three forwards
+/// maps a running statistic `r ↦ (1 − m) r + m μᵢ` with the same `μᵢ` at every step, so one
+/// step's three forwards compose to `r ↦ a r + (s₃ − a s₀)`, `a = (1 − m)³`.
+struct CleanReplay {
+    feats: [Tensor; 3],
+    /// `(running statistic, s₃ − a s₀)` of every float buffer of the backbone's `normal` branch.
+    stats: Vec<(Var, Tensor)>,
+    /// Their `num_batches_tracked` counters.
+    counters: Vec<Var>,
+    a: f64,
+}
+
+impl CleanReplay {
+    fn new(m: &AdvclEncoder, b: &AdvclBatch, varmap: &VarMap) -> candle::Result<Self> {
+        let branch_buffers: Vec<(String, Var)> = named_vars(varmap)
+            .into_iter()
+            .filter(|(n, _)| {
+                n.starts_with("encoder.")
+                    && is_buffer(n)
+                    && !n.contains(&format!(".{PGD_BRANCH}."))
+                    && !n.contains(&format!(".{PGD_CE_BRANCH}."))
+            })
+            .collect();
+        let s0: Vec<Tensor> = branch_buffers
+            .iter()
+            .map(|(_, v)| v.as_tensor().copy())
+            .collect::<candle::Result<_>>()?;
+        let feats = [
+            m.features(&b.x1, DEFAULT_BRANCH, true)?.detach(),
+            m.features(&b.x2, DEFAULT_BRANCH, true)?.detach(),
+            m.features(&b.hf, DEFAULT_BRANCH, true)?.detach(),
+        ];
+        let a = (1.0 - crate::nn::resnet::BN_MOMENTUM).powi(3);
+        let mut stats = Vec::new();
+        let mut counters = Vec::new();
+        for ((name, v), s0) in branch_buffers.into_iter().zip(s0) {
+            if name.ends_with("num_batches_tracked") {
+                counters.push(v);
+            } else {
+                let c = (v.as_tensor() - (s0 * a)?)?;
+                stats.push((v, c));
+            }
+        }
+        Ok(Self {
+            feats,
+            stats,
+            counters,
+            a,
+        })
+    }
+
+    /// One more step's three forwards, in closed form.
+    fn step(&self) -> candle::Result<()> {
+        for (v, c) in &self.stats {
+            v.set(&((v.as_tensor() * self.a)? + c)?)?;
+        }
+        for v in &self.counters {
+            let t = v.as_tensor();
+            v.set(&t.broadcast_add(&Tensor::new(3i64, t.device())?)?)?;
+        }
+        Ok(())
+    }
+
+    /// The clean views' embeddings: the head (train mode) on the kept features.
+    fn embed(&self, m: &AdvclEncoder) -> candle::Result<[Tensor; 3]> {
+        Ok([
+            m.project(&self.feats[0], true)?,
+            m.project(&self.feats[1], true)?,
+            m.project(&self.feats[2], true)?,
+        ])
+    }
 }
 
 /// The embeddings of `x1`, `x2`, `x_HF` through the `normal` branch, train mode, in R-ADV's
@@ -704,6 +782,7 @@ impl<'d> Pretrainer<'d> {
             org,
             org_seed,
             high_pass,
+            reforward: false,
         });
         Ok(t)
     }
@@ -1037,6 +1116,16 @@ impl<'d> Pretrainer<'d> {
         self.advcl_step(indices, images, global)
     }
 
+    /// AdvCL with faithful \[Q47\]: re-run the clean views' backbone forwards at every attack
+    /// step (`true`) instead of replaying their effect on the running statistics (`false`, the
+    /// default; the same bits but for the float rounding of those statistics). For tests.
+    #[doc(hidden)]
+    pub fn set_advcl_reforward(&mut self, on: bool) {
+        if let Some(r) = &mut self.advcl {
+            r.reforward = on;
+        }
+    }
+
     /// AdvCL's inputs of a batch: the weak "org" view `x_o` and its high-frequency component.
     ///
     /// # Errors
@@ -1111,15 +1200,32 @@ impl<'d> Pretrainer<'d> {
             Some(_) => Some(advcl_clean_views(&attacker, batch)?),
             None => None,
         };
+        // [Q47] faithful: the clean views' backbone forwards give the same batch statistics at
+        // every step (same weights, same inputs), so they run once and the later steps apply
+        // their effect on the `normal` running statistics in closed form (`replay`); the head,
+        // whose one BN also sees x_cl, runs at every step in R-ADV's order.
+        let replay = match (&once, self.advcl.as_ref().is_some_and(|r| r.reforward)) {
+            (None, false) => Some(CleanReplay::new(&attacker, batch, &self.varmap)?),
+            _ => None,
+        };
+        let calls = std::cell::Cell::new(0usize);
         let objective = |xa: &Tensor| -> candle::Result<Tensor> {
             let (x_cl, x_ce) = (xa.narrow(0, 0, b)?, xa.narrow(0, b, b)?);
             // R-ADV's order of forwards: x_cl, x_ce, x1, x2, x_HF
             let z_cl = attacker.embed(&x_cl, PGD_BRANCH, true)?;
             let f_ce = attacker.features(&x_ce, PGD_CE_BRANCH, true)?;
             let fresh;
-            let clean = match &once {
-                Some(v) => v,
-                None => {
+            let clean = match (&once, &replay) {
+                (Some(v), _) => v,
+                (None, Some(r)) => {
+                    if calls.get() > 0 {
+                        r.step()?;
+                    }
+                    calls.set(calls.get() + 1);
+                    fresh = r.embed(&attacker)?;
+                    &fresh
+                }
+                (None, None) => {
                     fresh = advcl_clean_views(&attacker, batch)?;
                     &fresh
                 }
