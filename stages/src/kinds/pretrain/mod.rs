@@ -132,10 +132,12 @@
 //!   only the first half of the validation images are used, each twice; clean: the 99 % split
 //!   and every validation image once.
 //! - `q43` (`rcs`): the ACL loss is halved; clean: not (as R-AIR).
-//! - `q47` (`advcl`): every attack step re-runs all five forwards in train mode, which update
-//!   the running statistics (the `pgd`, `pgd_ce` branches 5 + 1 times per batch); clean: the
-//!   attack still uses batch statistics but restores the running statistics, and embeds the
-//!   three clean views once per batch (13 attack forwards per batch instead of 25 at PGD-5).
+//! - `q47` (`advcl`): every attack step's five train-mode forwards update the running
+//!   statistics (the `pgd`, `pgd_ce` branches 5 + 1 times per batch at PGD-5). The three clean
+//!   views give the same batch statistics at every step, so their backbone forwards run once
+//!   and each later step applies their update in closed form (`r ↦ a r + s₃ − a s₀`, equal up
+//!   to float rounding; the head, whose BN also sees `x_cl`, runs every step). Clean: the
+//!   attack still uses batch statistics but restores the running statistics afterwards.
 //! - `q50` (`advcl`): R-ADV's loop runs `range(0, epoch + 2)`, so the run trains `epochs + 2`
 //!   epochs and the cosine overshoots π at the end; clean: `epochs`.
 //!
