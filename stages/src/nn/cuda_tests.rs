@@ -296,25 +296,7 @@ fn cuda_vs_cpu_air_step() -> std::result::Result<(), Box<dyn std::error::Error +
     let images = cpu.batch_images(0, 0);
     let a = cpu.train_batch(&images, 0)?;
     let b = cuda.train_batch(&images, 0)?;
-    assert!(
-        (a.loss - b.loss).abs() < 1e-3 * a.loss.abs().max(1.0),
-        "loss {a:?} vs {b:?}"
-    );
-    for ((k, x), (_, y)) in a.terms.iter().zip(&b.terms) {
-        assert!((x - y).abs() < 2e-3 * x.abs().max(1.0), "{k}: {x} vs {y}");
-    }
-    let values = |t: &Pretrainer<'_>| -> Result<Vec<(String, Tensor)>> {
-        crate::nn::init::named_vars(t.varmap())
-            .into_iter()
-            .map(|(n, v)| Ok((n, v.as_tensor().to_device(&Device::Cpu)?)))
-            .collect()
-    };
-    for ((name, x), (_, y)) in values(&cuda)?.iter().zip(&values(&cpu)?) {
-        if x.dtype().is_float() {
-            close(&format!("after the AIR step {name}"), x, y, 1e-2)?;
-        }
-    }
-    Ok(())
+    same_step("AIR", &a, &b, &cpu, &cuda)
 }
 
 /// One AdvCL step (views, high-pass matmul, the joint x_cl / x_ce attack in train mode, SupCon
@@ -346,12 +328,28 @@ fn cuda_vs_cpu_advcl_step() -> std::result::Result<(), Box<dyn std::error::Error
     let images = cpu.batch_images(0, 0);
     let a = cpu.train_batch_indexed(&idx, &images, 0)?;
     let b = cuda.train_batch_indexed(&idx, &images, 0)?;
+    same_step("AdvCL", &a, &b, &cpu, &cuda)
+}
+
+/// One pretraining step on the CPU (`a`, `cpu`) and on CUDA (`b`, `cuda`) gave the same loss,
+/// terms and weights.
+fn same_step(
+    what: &str,
+    a: &crate::kinds::pretrain::BatchStats,
+    b: &crate::kinds::pretrain::BatchStats,
+    cpu: &crate::kinds::pretrain::Pretrainer<'_>,
+    cuda: &crate::kinds::pretrain::Pretrainer<'_>,
+) -> std::result::Result<(), Box<dyn std::error::Error + Send + Sync>> {
+    use crate::kinds::pretrain::Pretrainer;
     assert!(
         (a.loss - b.loss).abs() < 1e-3 * a.loss.abs().max(1.0),
-        "loss {a:?} vs {b:?}"
+        "{what} loss {a:?} vs {b:?}"
     );
     for ((k, x), (_, y)) in a.terms.iter().zip(&b.terms) {
-        assert!((x - y).abs() < 2e-3 * x.abs().max(1.0), "{k}: {x} vs {y}");
+        assert!(
+            (x - y).abs() < 2e-3 * x.abs().max(1.0),
+            "{what} {k}: {x} vs {y}"
+        );
     }
     let values = |t: &Pretrainer<'_>| -> Result<Vec<(String, Tensor)>> {
         crate::nn::init::named_vars(t.varmap())
@@ -359,9 +357,9 @@ fn cuda_vs_cpu_advcl_step() -> std::result::Result<(), Box<dyn std::error::Error
             .map(|(n, v)| Ok((n, v.as_tensor().to_device(&Device::Cpu)?)))
             .collect()
     };
-    for ((name, x), (_, y)) in values(&cuda)?.iter().zip(&values(&cpu)?) {
+    for ((name, x), (_, y)) in values(cuda)?.iter().zip(&values(cpu)?) {
         if x.dtype().is_float() {
-            close(&format!("after the AdvCL step {name}"), x, y, 1e-2)?;
+            close(&format!("after the {what} step {name}"), x, y, 1e-2)?;
         }
     }
     Ok(())

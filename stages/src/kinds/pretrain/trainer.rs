@@ -1230,7 +1230,9 @@ impl<'d> Pretrainer<'d> {
                     &fresh
                 }
             };
-            self.advcl_objective(&attacker, &z_cl, &f_ce, clean, batch, true)
+            Ok(self
+                .advcl_terms(&attacker, &z_cl, &f_ce, clean, batch, true)?
+                .0)
         };
         let cfg = PgdConfig {
             clamp_after_init: false,
@@ -1247,23 +1249,10 @@ impl<'d> Pretrainer<'d> {
         Ok((adv.narrow(0, 0, b)?, adv.narrow(0, b, b)?))
     }
 
-    /// AdvCL's objective from the embeddings: `SupCon(τ, τ_b)` of the four views plus
-    /// `ce_weight` times the mean over the pseudo-label sets of the cross-entropy (summed over
-    /// the batch in the attack, `sum_ce`, \[Q46\]; the batch mean in training).
-    fn advcl_objective(
-        &self,
-        model: &AdvclEncoder,
-        z_cl: &Tensor,
-        f_ce: &Tensor,
-        clean: &[Tensor; 3],
-        batch: &AdvclBatch,
-        sum_ce: bool,
-    ) -> candle::Result<Tensor> {
-        let (contrast, ce) = self.advcl_terms(model, z_cl, f_ce, clean, batch, sum_ce)?;
-        contrast + (ce * self.cfg.ce_weight)?
-    }
-
-    /// `(contrast, ce)` of [`Pretrainer::advcl_objective`].
+    /// AdvCL's objective from the embeddings, `(total, contrast, ce)`: `SupCon(τ, τ_b)` of the
+    /// four views plus `ce_weight` times the mean over the pseudo-label sets of the
+    /// cross-entropy (summed over the batch in the attack, `sum_ce`, \[Q46\]; the batch mean in
+    /// training).
     fn advcl_terms(
         &self,
         model: &AdvclEncoder,
@@ -1272,7 +1261,7 @@ impl<'d> Pretrainer<'d> {
         clean: &[Tensor; 3],
         batch: &AdvclBatch,
         sum_ce: bool,
-    ) -> candle::Result<(Tensor, Tensor)> {
+    ) -> candle::Result<(Tensor, Tensor, Tensor)> {
         let [z1, z2, zh] = clean;
         let z = Tensor::cat(&[z_cl, z1, z2, zh], 0)?;
         let contrast = supcon(&z, 4, self.cfg.temperature, self.cfg.base_temperature)?;
@@ -1287,7 +1276,8 @@ impl<'d> Pretrainer<'d> {
                 })?;
         }
         let ce = (ce / batch.targets.len() as f64)?;
-        Ok((contrast, ce))
+        let total = (&contrast + (&ce * self.cfg.ce_weight)?)?;
+        Ok((total, contrast, ce))
     }
 
     /// AdvCL's training loss at `(x_cl, x_ce)`, model in train mode (the forwards update the
@@ -1307,9 +1297,7 @@ impl<'d> Pretrainer<'d> {
         let z_cl = model.embed(x_cl, PGD_BRANCH, true)?;
         let f_ce = model.features(x_ce, PGD_CE_BRANCH, true)?;
         let clean = advcl_clean_views(model, batch)?;
-        let (contrast, ce) = self.advcl_terms(model, &z_cl, &f_ce, &clean, batch, false)?;
-        let loss = (&contrast + (&ce * self.cfg.ce_weight)?)?;
-        Ok((loss, contrast, ce))
+        Ok(self.advcl_terms(model, &z_cl, &f_ce, &clean, batch, false)?)
     }
 
     /// One AdvCL step (R-ADV `pretraining_advCL.py`, METHODS.md 8.3 and 8.4): the attacks, then
