@@ -4,8 +4,9 @@
 //! compatible combination of its inputs' instances. An instance remembers its coordinates (the
 //! axis values that led to it, its own and inherited); two instances are compatible when they
 //! agree on every axis they share. So a consumer fans out with its inputs (broadcast), two
-//! inputs that descend from one sweep stay aligned (a natural join), and a `stage[*]` source
-//! gathers every compatible instance instead of fanning out (how a report collects its rows).
+//! inputs that descend from one sweep stay aligned (a natural join), a `stage[*]` source
+//! gathers every compatible instance instead of fanning out (how a report collects its rows),
+//! and a `stage[variant]` source fans out over that variant's instances only.
 //!
 //! Instances are keyed in topological order ([`crate::key`]); instances with equal keys are one
 //! node (the first id names it, the others are aliases). Sweep points that a kind's
@@ -155,7 +156,7 @@ pub fn count_instances(stages: &[StageSpec], limit: usize) -> Result<usize, TooM
             let mut next = Vec::new();
             for coords in &combos {
                 for up in ups {
-                    if compatible(coords, up) {
+                    if src.selects(up) && compatible(coords, up) {
                         next.push(merge(coords, up));
                         if next.len().saturating_mul(per_combo) > room {
                             return Err(over());
@@ -206,7 +207,7 @@ pub fn build(pipeline: Pipeline, registry: &Registry) -> Graph {
             let mut next = Vec::with_capacity(combos.len() * ups.len().max(1));
             for (coords, chosen) in &combos {
                 for up in ups {
-                    if compatible(coords, &up.coords) {
+                    if src.selects(&up.coords) && compatible(coords, &up.coords) {
                         let mut c = chosen.clone();
                         c[i] = Some(up.node);
                         next.push((merge(coords, &up.coords), c));

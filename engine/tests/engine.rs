@@ -669,6 +669,86 @@ fn variants_and_variants_times_sweep() {
     );
 }
 
+/// `stage[variant]` reads one variant of its input (each variant can get its own downstream
+/// settings), keeps the upstream's sweep, and joins with other inputs on the variant axis;
+/// an unknown variant, or a stage without variants, is an error at the input's line.
+#[test]
+fn a_variant_selector_reads_one_variant() {
+    let g = build(
+        "stages:
+  a:
+    kind: echo
+    variants:
+      v1: {text: one}
+      v2: {text: two}
+    sweep: {n: [1, 2]}
+  b1: {kind: echo, params: {text: first}, inputs: {in: 'a[v1]'}}
+  b2: {kind: echo, params: {text: second}, inputs: {in: 'a[v2]'}}
+  c: {kind: echo, inputs: {in: [b1, 'a[v1]']}}
+  r: {kind: echo, inputs: {rows: ['b1[*]', 'b2[*]']}}
+",
+    );
+    let of = |stage: &str| -> Vec<String> {
+        ids(&g)
+            .into_iter()
+            .filter(|i| i.starts_with(&format!("{stage}[")))
+            .collect()
+    };
+    assert_eq!(of("b1"), ["b1[v1,n=1]", "b1[v1,n=2]"]);
+    assert_eq!(of("b2"), ["b2[v2,n=1]", "b2[v2,n=2]"]);
+    assert_eq!(node(&g, "b2[v2,n=2]").inputs["in"], [idx(&g, "a[v2,n=2]")]);
+    assert_eq!(node(&g, "b2[v2,n=2]").params["text"], "second");
+    // a join on the variant and sweep axes: c pairs b1[v1,n] with a[v1,n]
+    assert_eq!(of("c"), ["c[v1,n=1]", "c[v1,n=2]"]);
+    assert_eq!(
+        node(&g, "c[v1,n=2]").inputs["in"],
+        [idx(&g, "b1[v1,n=2]"), idx(&g, "a[v1,n=2]")]
+    );
+    assert_eq!(node(&g, "r").inputs["rows"].len(), 4);
+
+    let e = one_error(
+        "stages:
+  a:
+    kind: echo
+    variants: {v1: {}, v2: {text: x}}
+  b:
+    kind: echo
+    inputs:
+      in: a[v3]
+",
+    );
+    assert_eq!((e.path.as_str(), e.line), ("stages.b.inputs.in", Some(8)));
+    assert!(
+        e.message.contains("no variant `v3` (its variants: v1, v2)"),
+        "{}",
+        e.message
+    );
+    let e = one_error(
+        "stages:
+  a: {kind: echo}
+  b:
+    kind: echo
+    inputs:
+      in: a[v1]
+",
+    );
+    assert!(
+        e.message.contains("stage `a` has no variants"),
+        "{}",
+        e.message
+    );
+    let e = one_error(
+        "stages:
+  a: {kind: echo}
+  b:
+    kind: echo
+    inputs:
+      in: a[v 1]
+",
+    );
+    assert!(e.message.contains("`stage[variant]`"), "{}", e.message);
+}
+
 #[test]
 fn identical_points_collapse_to_one_node() {
     // `1` and `1.0` of a float param: one node, and one downstream node

@@ -80,6 +80,20 @@ pub struct Source {
     pub stage: String,
     /// `stage[*]`: gather all its variants instead of fanning out with them.
     pub gather: bool,
+    /// `stage[name]`: only the instances of its variant `name` (a consumer can then give each
+    /// variant of its input its own settings).
+    pub variant: Option<String>,
+}
+
+impl Source {
+    /// Whether an upstream instance with these coordinates is one this source reads.
+    pub fn selects(&self, coords: &[Coord]) -> bool {
+        self.variant.as_ref().is_none_or(|v| {
+            coords
+                .iter()
+                .any(|(axis, value)| axis.stage == self.stage && axis.param.is_none() && value == v)
+        })
+    }
 }
 
 /// A validated stage.
@@ -238,13 +252,16 @@ fn valid_name(s: &str) -> bool {
 }
 
 fn parse_source(text: &str) -> Option<Source> {
-    let (stage, gather) = match text.strip_suffix("[*]") {
-        Some(s) => (s, true),
-        None => (text, false),
+    let (stage, gather, variant) = match text.strip_suffix(']').and_then(|t| t.split_once('[')) {
+        Some((s, "*")) => (s, true, None),
+        Some((s, v)) if valid_name(v) => (s, false, Some(v.to_string())),
+        Some(_) => return None,
+        None => (text, false, None),
     };
     valid_name(stage).then(|| Source {
         stage: stage.to_string(),
         gather,
+        variant,
     })
 }
 
@@ -588,7 +605,10 @@ fn parse_inner(
             for t in texts {
                 match t.and_then(parse_source) {
                     Some(s) => sources.push(s),
-                    None => ctx.err(&ipath, "expected a stage id, `stage[*]`, or a list of them"),
+                    None => ctx.err(
+                        &ipath,
+                        "expected a stage id, `stage[*]`, `stage[variant]`, or a list of them",
+                    ),
                 }
             }
             inputs.push((slot.to_string(), sources));
@@ -697,6 +717,26 @@ fn parse_inner(
                         format!("{path}.inputs.{slot}"),
                         format!("input names unknown stage `{}`", s.stage),
                     );
+                } else if let Some(v) = &s.variant {
+                    let up = parsed.iter().find(|q| q.id == s.stage);
+                    let names: Vec<&str> = up
+                        .map(|q| q.variants.iter().map(|(n, _)| n.as_str()).collect())
+                        .unwrap_or_default();
+                    if !names.contains(&v.as_str()) {
+                        ctx.err(
+                            format!("{path}.inputs.{slot}"),
+                            if names.is_empty() {
+                                format!("`{}[{v}]`: stage `{}` has no variants", s.stage, s.stage)
+                            } else {
+                                format!(
+                                    "`{}[{v}]`: stage `{}` has no variant `{v}` (its variants: {})",
+                                    s.stage,
+                                    s.stage,
+                                    names.join(", ")
+                                )
+                            },
+                        );
+                    }
                 }
             }
         }
