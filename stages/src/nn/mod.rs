@@ -17,6 +17,7 @@ pub mod bench;
 pub mod checkpoint;
 pub mod classifier;
 pub mod conv;
+pub mod defense;
 #[cfg(all(test, feature = "cuda"))]
 mod cuda_tests;
 pub mod heads;

@@ -1,0 +1,539 @@
+//! The test-time self-supervised defence (METHODS.md 12; R-MAO `cifar10_defense.py`, R-DLSP
+//! `src/reverse_attack.py`): batch-synchronous differentiable augmentations, the SSL head on a
+//! frozen classifier's feature, its contrastive loss, and the reverse attack that minimises it.
+//!
+//! # Batch-synchronous augmentation (\[Q55\])
+//!
+//! R-MAO scripts torchvision's transforms and applies them to a *batched* tensor, so one call
+//! draws one crop box, one flip, one set of jitter factors (and op order) and one grayscale
+//! decision for the whole batch. [`SyncAugment`] draws such a call's decisions with the view
+//! pipeline's own sampler ([`PipelineConfig::sample`], our seeded [`Rng`]) and applies them as
+//! differentiable candle ops, so the reverse attack's gradient flows through the augmentation
+//! to the input (`x ↦ A(x)` is piecewise linear except for the hue shift):
+//!
+//! - RandomResizedCrop + flip: `A(x) = R_y · x · R_xᵀ` per channel, where `R_y` (`S × H`) and
+//!   `R_x` (`S × W`) hold the 1-D resampling weights of the crop box ([`ResizeTable`]:
+//!   bilinear, `align_corners=False`) at the box's rows / columns and zeros elsewhere; the flip
+//!   reverses `R_x`'s rows. Two matmuls per batch.
+//! - ColorJitter in the drawn order (torchvision's tensor kernels): brightness `clamp(β x)`;
+//!   contrast `clamp(γ x + (1 − γ) mean(gray x))` (the mean per image); saturation
+//!   `clamp(σ x + (1 − σ) gray x)`; hue through torchvision's `_rgb2hsv` / `_hsv2rgb`, written
+//!   with masks so that the gradient is torch's: `max` / `min` over the channels send their
+//!   gradient to the first maximal channel (as `torch.max(dim).values`), `fmod` and `% 1`
+//!   pass the gradient through, `floor` has none, the sector selection is a masked sum.
+//! - RandomGrayscale: `gray x` on all three channels.
+//!
+//! `gray x = w_r R + w_g G + w_b B` with torchvision's tensor weights (0.2989, 0.587, 0.114)
+//! ([`TORCH_GRAY`]; the host pipeline uses Pillow's 0.299, [`crate::nn::augment::color`]).
+//!
+//! # SSL head and loss
+//!
+//! [`SslHead`]: `Linear(d → h) → BN1d(h) → ReLU → Linear(h → o)` on the classifier's feature
+//! φ(x) (the input of its linear head), names `linear.*`, `bn3.*`, `linear2.*` (R-MAO's
+//! `Res18_out6_model` / `WRN34_out_branch`; R-MAO's ResNet-18 head is 512 → 128 → 8, its
+//! WRN head 640 → 256 → 16). The loss ([`ssl_loss`]) of a batch `x` with `V` draws: the views
+//! `A₁(x), …, A_V(x)` stacked view-major, `e = c(φ(·))` with the classifier in eval mode,
+//! rows l2-normalised, (L1x) InfoNCE at τ = 0.2 with the first positive as target (\[Q54\]).
+//!
+//! # Reverse attack
+//!
+//! [`reverse`] runs [`pgd`] *minimising* the SSL loss from the (possibly adversarial) input,
+//! fresh draws at every step, and returns the purified batch; see [`ReverseConfig`] for R-MAO's
+//! and R-DLSP's settings.
+
+use candle::{Device, Module, ModuleT, Result, Tensor, bail};
+use candle_nn::{Init, Linear, VarBuilder};
+use serde::{Deserialize, Serialize};
+
+use crate::nn::attacks::{Norm, PgdConfig, Select, pgd};
+use crate::nn::augment::{
+    ColorJitter, Geometry, JitterParams, PipelineConfig, RandomResizedCrop, ResizeTable,
+    ViewGeometry, ViewParams,
+};
+use crate::nn::classifier::Classifier;
+use crate::nn::heads::l2_normalize;
+use crate::nn::losses::info_nce_first_positive;
+use crate::nn::resnet::{BranchBatchNorm, DEFAULT_BRANCH, branch_batch_norm};
+use crate::rng::Rng;
+
+/// torchvision's `rgb_to_grayscale` weights for tensors.
+pub const TORCH_GRAY: [f32; 3] = [0.2989, 0.587, 0.114];
+
+/// The SSL loss's temperature (R-MAO and R-DLSP).
+pub const SSL_TEMPERATURE: f64 = 0.2;
+
+/// R-MAO's SSL augmentation: RandomResizedCrop(32) (scale [0.08, 1], ratio [3/4, 4/3],
+/// bilinear), flip 0.5, ColorJitter(0.8, 0.8, 0.8, 0.2) always applied, grayscale 0.2.
+pub fn r_mao_augment() -> PipelineConfig {
+    PipelineConfig {
+        size: 32,
+        geometry: Geometry::ResizedCrop(RandomResizedCrop {
+            // torchvision's tensor resize of R-MAO's time did not antialias; the crop is never
+            // larger than a 32×32 image, so upsampling makes both modes equal anyway.
+            antialias: false,
+            ..RandomResizedCrop::default()
+        }),
+        hflip_p: 0.5,
+        jitter: ColorJitter::new(0.8, 0.8, 0.8, 0.2, 1.0),
+        grayscale_p: 0.2,
+        ..PipelineConfig::default()
+    }
+}
+
+/// Batch-synchronous differentiable augmentation (module docs).
+#[derive(Debug, Clone, PartialEq)]
+pub struct SyncAugment {
+    cfg: PipelineConfig,
+    gray: [f32; 3],
+}
+
+impl SyncAugment {
+    /// R-MAO's augmentation with torchvision's grayscale weights.
+    pub fn r_mao() -> Self {
+        Self {
+            cfg: r_mao_augment(),
+            gray: TORCH_GRAY,
+        }
+    }
+
+    /// A pipeline of crop / flip / jitter / grayscale with the given grayscale weights.
+    ///
+    /// # Errors
+    /// An invalid pipeline, or one with a step this module does not render (pad-crop, blur,
+    /// solarize).
+    pub fn new(cfg: PipelineConfig, gray: [f32; 3]) -> Result<Self> {
+        cfg.validate().map_err(|e| candle::Error::Msg(e.to_string()))?;
+        if matches!(cfg.geometry, Geometry::PadCrop(_)) || cfg.blur.p > 0.0 || cfg.solarize_p > 0.0
+        {
+            bail!("batch-synchronous augmentation renders crop, flip, jitter and grayscale only")
+        }
+        Ok(Self { cfg, gray })
+    }
+
+    /// The pipeline.
+    pub fn config(&self) -> &PipelineConfig {
+        &self.cfg
+    }
+
+    /// One call's random decisions for `height × width` images (shared by the whole batch).
+    pub fn draw(&self, rng: &mut Rng, height: usize, width: usize) -> ViewParams {
+        self.cfg.sample(rng, height, width)
+    }
+
+    /// Applies `p` to every image of `x` (`(B, 3, H, W)`, values in `[0, 1]`, any float
+    /// dtype): `(B, 3, S, S)`, differentiable wrt `x`.
+    ///
+    /// # Errors
+    /// A batch that is not `(B, 3, H, W)`, a crop box outside the image, or an image that
+    /// needs a geometry step (not `S × S`) when `p` has none.
+    pub fn apply(&self, x: &Tensor, p: &ViewParams) -> Result<Tensor> {
+        let (b, c, h, w) = x.dims4()?;
+        if c != 3 {
+            bail!("batch-synchronous augmentation needs RGB images, got {c} channels")
+        }
+        let size = self.cfg.size;
+        let mut y = match p.geometry {
+            ViewGeometry::Full => {
+                if (h, w) != (size, size) {
+                    bail!("a {h}×{w} batch needs a crop to become {size}×{size}")
+                }
+                if p.flip {
+                    let rev: Vec<u32> = (0..w as u32).rev().collect();
+                    x.index_select(&Tensor::from_vec(rev, w, x.device())?, 3)?
+                } else {
+                    x.clone()
+                }
+            }
+            ViewGeometry::Crop(bx) => {
+                if bx.top + bx.height > h || bx.left + bx.width > w {
+                    bail!("crop box {bx:?} outside a {h}×{w} image")
+                }
+                let (interp, antialias) = match &self.cfg.geometry {
+                    Geometry::ResizedCrop(r) => (r.interpolation, r.antialias),
+                    _ => bail!("a crop box without a resized-crop step"),
+                };
+                let ry = resample_matrix(h, bx.top, bx.height, size, false, interp, antialias);
+                let rx = resample_matrix(w, bx.left, bx.width, size, p.flip, interp, antialias);
+                let (dev, dt) = (x.device(), x.dtype());
+                let ry = Tensor::from_vec(ry, (size, h), dev)?.to_dtype(dt)?;
+                let rx_t = Tensor::from_vec(rx, (size, w), dev)?.to_dtype(dt)?.t()?;
+                // width pass (torch's order), then height pass
+                let t = x.reshape((b * 3 * h, w))?.matmul(&rx_t)?; // (B·3·H, S)
+                let t = t.reshape((b * 3, h, size))?;
+                let y = ry.broadcast_matmul(&t)?; // (B·3, S, S)
+                let y = y.reshape((b, 3, size, size))?;
+                if matches!(interp, crate::nn::augment::Interpolation::Bicubic) {
+                    y.clamp(0.0, 1.0)?
+                } else {
+                    y
+                }
+            }
+            ViewGeometry::Window { .. } => bail!("pad-crop is not rendered on tensors"),
+        };
+        if let Some(j) = &p.jitter {
+            y = self.jitter(&y, j)?;
+        }
+        if p.grayscale {
+            let g = self.gray(&y)?;
+            y = Tensor::cat(&[&g, &g, &g], 1)?;
+        }
+        Ok(y)
+    }
+
+    /// `w_r R + w_g G + w_b B`, `(B, 1, H, W)`.
+    fn gray(&self, x: &Tensor) -> Result<Tensor> {
+        let [wr, wg, wb] = self.gray.map(f64::from);
+        let (r, g, b) = channels(x)?;
+        ((r * wr)? + (g * wg)?)? + (b * wb)?
+    }
+
+    fn jitter(&self, x: &Tensor, j: &JitterParams) -> Result<Tensor> {
+        let mut x = x.clone();
+        for op in j.order {
+            x = match op {
+                0 => match j.brightness {
+                    Some(f) => (&x * f64::from(f))?.clamp(0.0, 1.0)?,
+                    None => x,
+                },
+                1 => match j.contrast {
+                    Some(f) => {
+                        let mean = self.gray(&x)?.mean_keepdim((1, 2, 3))?;
+                        let f = f64::from(f);
+                        (&x * f)?
+                            .broadcast_add(&(mean * (1.0 - f))?)?
+                            .clamp(0.0, 1.0)?
+                    }
+                    None => x,
+                },
+                2 => match j.saturation {
+                    Some(f) => {
+                        let f = f64::from(f);
+                        let g = (self.gray(&x)? * (1.0 - f))?;
+                        (&x * f)?.broadcast_add(&g)?.clamp(0.0, 1.0)?
+                    }
+                    None => x,
+                },
+                _ => match j.hue {
+                    Some(f) if f != 0.0 => adjust_hue(&x, f64::from(f))?,
+                    _ => x,
+                },
+            };
+        }
+        Ok(x)
+    }
+}
+
+/// The `(S, n)` matrix that resamples the `len` samples from `start` of an axis of `n` to `S`
+/// (reversed output order when `flip`), row-major.
+fn resample_matrix(
+    n: usize,
+    start: usize,
+    len: usize,
+    size: usize,
+    flip: bool,
+    interp: crate::nn::augment::Interpolation,
+    antialias: bool,
+) -> Vec<f32> {
+    let table = ResizeTable::new(len, size, interp, antialias).to_dense();
+    let mut m = vec![0f32; size * n];
+    for (i, row) in table.iter().enumerate() {
+        let out = if flip { size - 1 - i } else { i };
+        for (j, &v) in row.iter().enumerate() {
+            m[out * n + start + j] = v;
+        }
+    }
+    m
+}
+
+/// The three channels of `(B, 3, H, W)`, each `(B, 1, H, W)`.
+fn channels(x: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
+    Ok((x.narrow(1, 0, 1)?, x.narrow(1, 1, 1)?, x.narrow(1, 2, 1)?))
+}
+
+/// `a && b` of two 0/1 masks.
+fn and(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    a * b
+}
+
+/// `1 − a` of a 0/1 mask.
+fn not(a: &Tensor) -> Result<Tensor> {
+    a.affine(-1.0, 1.0)
+}
+
+/// A 0/1 mask (dtype of `like`) of a comparison (no gradient).
+fn mask(cmp: Tensor, like: &Tensor) -> Result<Tensor> {
+    cmp.to_dtype(like.dtype())
+}
+
+/// torchvision's `adjust_hue` on `(B, 3, H, W)`: RGB → HSV, `h ← (h + η) mod 1`, HSV → RGB,
+/// with torch's gradient (module docs).
+fn adjust_hue(x: &Tensor, shift: f64) -> Result<Tensor> {
+    let (r, g, b) = channels(x)?;
+    // max / min over channels, the gradient to the first extremal channel
+    let r_max = and(&mask(r.ge(&g)?, x)?, &mask(r.ge(&b)?, x)?)?;
+    let g_max = and(&not(&r_max)?, &mask(g.ge(&b)?, x)?)?;
+    let b_max = not(&(&r_max + &g_max)?)?;
+    let maxc = (((&r * &r_max)? + (&g * &g_max)?)? + (&b * &b_max)?)?;
+    let r_min = and(&mask(r.le(&g)?, x)?, &mask(r.le(&b)?, x)?)?;
+    let g_min = and(&not(&r_min)?, &mask(g.le(&b)?, x)?)?;
+    let b_min = not(&(&r_min + &g_min)?)?;
+    let minc = (((&r * &r_min)? + (&g * &g_min)?)? + (&b * &b_min)?)?;
+    let eqc = mask(maxc.eq(&minc)?, x)?;
+    let neq = not(&eqc)?;
+    let cr = (&maxc - &minc)?;
+    // torch.where(eqc, 1, maxc) and torch.where(eqc, 1, cr)
+    let s = cr.div(&((&maxc * &neq)? + &eqc)?)?;
+    let cr_div = ((&cr * &neq)? + &eqc)?;
+    let rc = (&maxc - &r)?.div(&cr_div)?;
+    let gc = (&maxc - &g)?.div(&cr_div)?;
+    let bc = (&maxc - &b)?.div(&cr_div)?;
+    let is_r = mask(maxc.eq(&r)?, x)?;
+    let is_g = mask(maxc.eq(&g)?, x)?;
+    let hr = (&is_r * (&bc - &gc)?)?;
+    let hg = (and(&is_g, &not(&is_r)?)? * ((&rc - &bc)? + 2.0)?)?;
+    let hb = (and(&not(&is_g)?, &not(&is_r)?)? * ((&gc - &rc)? + 4.0)?)?;
+    let h = ((hr + hg)? + hb)?;
+    // fmod(h / 6 + 1, 1): the argument lies in [5/6, 11/6]
+    let t = ((h / 6.0)? + 1.0)?;
+    let h = (&t - mask(t.ge(1.0)?, x)?)?;
+    // (h + η) % 1
+    let h = (h + shift)?;
+    let h = (&h - h.detach().floor()?)?;
+    hsv_to_rgb(&h, &s, &maxc)
+}
+
+/// torchvision's `_hsv2rgb` for `h ∈ [0, 1)`, each input `(B, 1, H, W)`.
+fn hsv_to_rgb(h: &Tensor, s: &Tensor, v: &Tensor) -> Result<Tensor> {
+    let h6 = (h * 6.0)?;
+    let i = h6.detach().floor()?;
+    let f = (&h6 - &i)?;
+    let p = (v * s.affine(-1.0, 1.0)?)?.clamp(0.0, 1.0)?;
+    let q = (v * (s * &f)?.affine(-1.0, 1.0)?)?.clamp(0.0, 1.0)?;
+    let t = (v * (s * f.affine(-1.0, 1.0)?)?.affine(-1.0, 1.0)?)?.clamp(0.0, 1.0)?;
+    // i mod 6 (h·6 may round up to 6)
+    let i = (&i - (mask(i.ge(6.0)?, &i)? * 6.0)?)?;
+    let sector: Vec<Tensor> = (0..6)
+        .map(|k| mask(i.eq(k as f64)?, h))
+        .collect::<Result<_>>()?;
+    let pick = |vals: [&Tensor; 6]| -> Result<Tensor> {
+        let mut acc = (&sector[0] * vals[0])?;
+        for k in 1..6 {
+            acc = (acc + (&sector[k] * vals[k])?)?;
+        }
+        Ok(acc)
+    };
+    let r = pick([v, &q, &p, &p, &t, v])?;
+    let g = pick([&t, v, v, &q, &p, &p])?;
+    let b = pick([&p, &p, &t, v, v, &q])?;
+    Tensor::cat(&[&r, &g, &b], 1)
+}
+
+/// Sizes of the [`SslHead`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SslHeadConfig {
+    /// Input (the classifier's feature width).
+    pub in_dim: usize,
+    /// Hidden width.
+    pub hidden_dim: usize,
+    /// Output width.
+    pub out_dim: usize,
+}
+
+/// The SSL head `Linear → BN1d → ReLU → Linear` (module docs).
+#[derive(Debug, Clone)]
+pub struct SslHead {
+    linear: Linear,
+    bn: BranchBatchNorm,
+    linear2: Linear,
+}
+
+fn linear_layer(in_dim: usize, out_dim: usize, vb: VarBuilder) -> Result<Linear> {
+    let w = vb.get_with_hints((out_dim, in_dim), "weight", Init::Const(0.))?;
+    let b = vb.get_with_hints(out_dim, "bias", Init::Const(0.))?;
+    Ok(Linear::new(w, Some(b)))
+}
+
+/// Builds the [`SslHead`] below `vb` (names `linear.*`, `bn3.*`, `linear2.*`); zero
+/// placeholders, initialised by [`crate::nn::init::init_seeded`] (PyTorch's default).
+///
+/// # Errors
+/// Tensors of the wrong shape in `vb`.
+pub fn ssl_head(cfg: &SslHeadConfig, vb: VarBuilder) -> Result<SslHead> {
+    Ok(SslHead {
+        linear: linear_layer(cfg.in_dim, cfg.hidden_dim, vb.pp("linear"))?,
+        bn: branch_batch_norm(cfg.hidden_dim, &[DEFAULT_BRANCH.to_string()], vb.pp("bn3"))?,
+        linear2: linear_layer(cfg.hidden_dim, cfg.out_dim, vb.pp("linear2"))?,
+    })
+}
+
+impl SslHead {
+    /// The head on detached weights, sharing the BN running statistics.
+    ///
+    /// # Errors
+    /// Never in practice.
+    pub fn frozen(&self) -> Result<Self> {
+        let detach = |l: &Linear| Linear::new(l.weight().detach(), l.bias().map(Tensor::detach));
+        Ok(Self {
+            linear: detach(&self.linear),
+            bn: self.bn.frozen()?,
+            linear2: detach(&self.linear2),
+        })
+    }
+}
+
+impl ModuleT for SslHead {
+    /// `(b, d) → (b, o)`, not normalised.
+    fn forward_t(&self, f: &Tensor, train: bool) -> Result<Tensor> {
+        let y = self.linear.forward(f)?;
+        let y = self.bn.forward_t(&y, train)?.relu()?;
+        self.linear2.forward(&y)
+    }
+}
+
+/// `V` views of `x`, one draw each, stacked view-major: `(V B, 3, S, S)`.
+///
+/// # Errors
+/// As [`SyncAugment::apply`].
+pub fn sync_views(aug: &SyncAugment, x: &Tensor, draws: &[ViewParams]) -> Result<Tensor> {
+    let views: Vec<Tensor> = draws
+        .iter()
+        .map(|d| aug.apply(x, d))
+        .collect::<Result<_>>()?;
+    Tensor::cat(&views, 0)
+}
+
+/// The SSL loss of `x` under `draws` (module docs): the classifier in eval mode, the head in
+/// train mode when `head_train`. With `detach_features` the classifier's feature is detached
+/// (head training: no backward through the frozen backbone).
+///
+/// # Errors
+/// Fewer than two draws, or as [`SyncAugment::apply`].
+pub fn ssl_loss(
+    clf: &Classifier,
+    head: &SslHead,
+    aug: &SyncAugment,
+    x: &Tensor,
+    draws: &[ViewParams],
+    head_train: bool,
+    detach_features: bool,
+) -> Result<Tensor> {
+    if draws.len() < 2 {
+        bail!("the SSL loss needs at least 2 views, got {}", draws.len())
+    }
+    let views = sync_views(aug, x, draws)?;
+    let mut f = clf.features(&views, false)?;
+    if detach_features {
+        f = f.detach();
+    }
+    let z = l2_normalize(&head.forward_t(&f, head_train)?)?;
+    info_nce_first_positive(&z, draws.len(), SSL_TEMPERATURE)
+}
+
+/// The reverse attack's settings (METHODS.md 12).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct ReverseConfig {
+    /// The norm of the reversal's ball.
+    pub norm: Norm,
+    /// Radius ε_r.
+    pub eps: f64,
+    /// Step α_r.
+    pub alpha: f64,
+    /// PGD steps.
+    pub steps: usize,
+    /// Views `V` of the SSL loss.
+    pub views: usize,
+    /// Project `x + δ_r` onto `[0, 1]` after every step (R-MAO yes, R-DLSP no, \[Q58\]).
+    pub project_box: bool,
+    /// The last iterate (R-MAO) or the lowest loss measured before an update (R-DLSP).
+    pub select: Select,
+}
+
+impl ReverseConfig {
+    /// R-MAO: l_inf, ε_r = 16/255 (twice the attack's 8/255), α_r = 2/255, 40 steps, 4 views,
+    /// the box, the last iterate.
+    pub fn r_mao() -> Self {
+        Self {
+            norm: Norm::Linf,
+            eps: 16.0 / 255.0,
+            alpha: 2.0 / 255.0,
+            steps: 40,
+            views: 4,
+            project_box: true,
+            select: Select::Last,
+        }
+    }
+
+    /// R-DLSP (HEAD): ε_r = 8/255, α_r = 2/255, 5 steps, 2 views, no box after the steps, the
+    /// best measured iterate; the norm is the attack's (\[Q57\]).
+    pub fn r_dlsp(norm: Norm) -> Self {
+        Self {
+            norm,
+            eps: 8.0 / 255.0,
+            alpha: 2.0 / 255.0,
+            steps: 5,
+            views: 2,
+            project_box: false,
+            select: Select::BestMeasured,
+        }
+    }
+
+    /// The PGD that runs it: minimising, random start (l_1: zero) clamped to the box.
+    pub fn pgd(&self) -> PgdConfig {
+        PgdConfig {
+            norm: self.norm,
+            eps: self.eps,
+            alpha: self.alpha,
+            steps: self.steps,
+            random_start: true,
+            restarts: 1,
+            clamp_after_init: true,
+            minimize: true,
+            project_box: self.project_box,
+            select: self.select,
+            final_loss: false,
+        }
+    }
+}
+
+/// Purifies `x` (`(B, 3, H, W)`): PGD minimising [`ssl_loss`] (classifier and head in eval
+/// mode, fresh draws from `rng` at every step), `x + δ_r` returned (detached).
+///
+/// # Errors
+/// Invalid settings or as [`ssl_loss`].
+pub fn reverse(
+    clf: &Classifier,
+    head: &SslHead,
+    aug: &SyncAugment,
+    x: &Tensor,
+    cfg: &ReverseConfig,
+    rng: &mut Rng,
+) -> Result<Tensor> {
+    if cfg.views < 2 {
+        bail!("the reversal needs at least 2 views, got {}", cfg.views)
+    }
+    let (_, _, h, w) = x.dims4()?;
+    let mut draw_rng = Rng::derive(rng.next_u64(), &[]);
+    let objective = |xa: &Tensor| -> Result<Tensor> {
+        let draws: Vec<ViewParams> = (0..cfg.views)
+            .map(|_| aug.draw(&mut draw_rng, h, w))
+            .collect();
+        ssl_loss(clf, head, aug, xa, &draws, false, false)
+    };
+    Ok(pgd(x, objective, &cfg.pgd(), rng)?.adv)
+}
+
+/// R-DLSP's `--task random` baseline: `x + U(−ε, ε)` clamped to the box.
+///
+/// # Errors
+/// Tensor errors.
+pub fn random_noise(x: &Tensor, eps: f64, rng: &mut Rng) -> Result<Tensor> {
+    let n = x.elem_count();
+    let noise: Vec<f32> = (0..n).map(|_| rng.uniform(-eps, eps) as f32).collect();
+    let noise = Tensor::from_vec(noise, x.shape(), &Device::Cpu)?
+        .to_device(x.device())?
+        .to_dtype(x.dtype())?;
+    (x + noise)?.clamp(0.0, 1.0)
+}
+
+#[cfg(test)]
+mod tests;
