@@ -38,5 +38,6 @@ pub fn register_all(reg: &mut pipe_engine::Registry) {
     reg.register_typed::<kinds::evaluate::Evaluate>();
     reg.register_typed::<kinds::attack_dataset::AttackDataset>();
     reg.register_typed::<kinds::finetune::Finetune>();
+    reg.register_typed::<kinds::ssl_head::SslHeadKind>();
     reg.register_typed::<kinds::report::Report>();
 }

@@ -8,3 +8,4 @@ pub mod pretrain;
 pub mod pseudo_labels;
 pub mod report;
 pub mod shell;
+pub mod ssl_head;

@@ -429,6 +429,83 @@ pub fn ssl_loss(
     info_nce_first_positive(&z, draws.len(), SSL_TEMPERATURE)
 }
 
+/// [`ssl_loss`] (classifier and head in eval mode) and the number of its `V B` anchors whose
+/// first positive is their most similar other row (R-MAO's "correct").
+///
+/// # Errors
+/// As [`ssl_loss`].
+pub fn ssl_loss_and_correct(
+    clf: &Classifier,
+    head: &SslHead,
+    aug: &SyncAugment,
+    x: &Tensor,
+    draws: &[ViewParams],
+) -> Result<(f64, usize)> {
+    let views = sync_views(aug, x, draws)?;
+    let f = clf.features(&views, false)?;
+    let z = l2_normalize(&head.forward_t(&f, false)?)?;
+    let loss = info_nce_first_positive(&z, draws.len(), SSL_TEMPERATURE)?;
+    let n = z.dim(0)?;
+    let b = n / draws.len();
+    let s = z.matmul(&z.t()?)?.to_dtype(candle::DType::F32)?.to_vec2::<f32>()?;
+    let mut correct = 0;
+    for (a, row) in s.iter().enumerate() {
+        let first = if a / b == 0 { b + a % b } else { a % b };
+        // torch's argmax: the first maximum
+        let best = row
+            .iter()
+            .enumerate()
+            .filter(|(k, _)| *k != a)
+            .fold((usize::MAX, f32::NEG_INFINITY), |acc, (k, &v)| {
+                if v > acc.1 { (k, v) } else { acc }
+            })
+            .0;
+        correct += usize::from(best == first);
+    }
+    let loss = f64::from(loss.to_dtype(candle::DType::F32)?.to_scalar::<f32>()?);
+    Ok((loss, correct))
+}
+
+/// The mean SSL loss (over batches, weighted by their images) and accuracy of `split`, in a
+/// seeded random order, batches of `batch`, `views` seeded draws per batch.
+///
+/// # Errors
+/// An empty split or as [`ssl_loss`].
+#[allow(clippy::too_many_arguments)]
+pub fn ssl_stats(
+    clf: &Classifier,
+    head: &SslHead,
+    aug: &SyncAugment,
+    split: &crate::data::Split,
+    views: usize,
+    batch: usize,
+    seed: u64,
+    device: &Device,
+) -> std::result::Result<(f64, f64), Box<dyn std::error::Error + Send + Sync>> {
+    if split.n < 2 || batch < 2 {
+        return Err("the SSL loss needs batches of at least 2 images".into());
+    }
+    let mut rng = Rng::derive(seed, &[]);
+    let order = rng.permutation(split.n);
+    let (mut loss, mut correct, mut anchors, mut seen) = (0.0, 0usize, 0usize, 0usize);
+    for idx in order.chunks(batch) {
+        if idx.len() < 2 {
+            continue;
+        }
+        let part = split.select(idx);
+        let x = crate::kinds::evaluate::batch_tensor(&part, 0, part.n, device)?;
+        let draws: Vec<ViewParams> = (0..views)
+            .map(|_| aug.draw(&mut rng, part.h, part.w))
+            .collect();
+        let (l, c) = ssl_loss_and_correct(clf, head, aug, &x, &draws)?;
+        loss += l * part.n as f64;
+        seen += part.n;
+        correct += c;
+        anchors += views * part.n;
+    }
+    Ok((loss / seen as f64, correct as f64 / anchors as f64))
+}
+
 /// The reverse attack's settings (METHODS.md 12).
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct ReverseConfig {

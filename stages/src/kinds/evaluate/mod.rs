@@ -91,12 +91,14 @@
 //! - with `adversarial`: `transfer_acc`, `transfer_n`, `transfer_attack` (the set's config) and,
 //!   when the originals are found, `transfer_clean_acc`.
 
+pub mod defense;
 mod runner;
 
+pub use defense::{DefenseParam, DefenseSpec};
 pub use runner::{
     AaCounts, AttackSpec, BenchRow, Error, EvalConfig, EvalReport, Hooks, TransferReport,
-    batch_tensor, bench, count_correct, evaluate, evaluate_transfer, format_radius, metrics_json,
-    norm_name, subset_indices,
+    batch_tensor, bench, count_correct, evaluate, evaluate_transfer, evaluate_with,
+    format_radius, metrics_json, norm_name, subset_indices,
 };
 
 use std::time::Instant;
@@ -340,6 +342,9 @@ pub struct EvaluateParams {
     /// AutoAttack runs (none unless asked for: absent from the key then).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub autoattack: Vec<AutoAttackParam>,
+    /// The test-time defence ([`defense`]; none unless asked for: absent from the key then).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub defense: Option<DefenseParam>,
 }
 
 fn norm_rank(n: Norm) -> u8 {
@@ -397,6 +402,7 @@ impl EvaluateParams {
             attacks: attacks.into_iter().map(AttackParam::from).collect(),
             preset: None,
             autoattack: aa.into_iter().map(AutoAttackParam::from).collect(),
+            defense: self.defense.as_ref().map(DefenseParam::canonical),
             ..self.clone()
         })
     }
@@ -463,6 +469,49 @@ pub(crate) fn load_model(
     Ok(clf)
 }
 
+/// The `ssl_head` input, checked against the defence and the classifier.
+fn load_ssl_head(
+    ctx: &StageCtx<'_>,
+    clf: &Classifier,
+    defense: Option<&DefenseSpec>,
+    device: &candle::Device,
+) -> Result<Option<crate::nn::defense::SslHead>, BoxError> {
+    use crate::kinds::ssl_head::{HEAD_FILE, HEAD_SPEC_FILE, load_head};
+    let given = !ctx.inputs("ssl_head").is_empty();
+    match defense {
+        None if given => Err("an `ssl_head` input is only read by the `defense` param; add `defense: {}` (R-MAO's reversal) or remove the input".into()),
+        None => Ok(None),
+        Some(d) if d.method == defense::DefenseMethod::Random => {
+            if given {
+                Err("`defense.method: random` reads no `ssl_head` input; remove it".into())
+            } else {
+                Ok(None)
+            }
+        }
+        Some(_) if !given => Err("`defense` reverses with an SSL head: add an `ssl_head` input (an `ssl_head` stage trained on this classifier)".into()),
+        Some(_) => {
+            if clf.spec().ncrop.is_some() {
+                return Err("the defence needs a full-image classifier; this one has an n-crop head".into());
+            }
+            let file = |name: &str| crate::params::input_file(ctx, "ssl_head", name, "ssl_head");
+            let spec_path = file(HEAD_SPEC_FILE)?;
+            let head = load_head(&file(HEAD_FILE)?, &spec_path, device)?;
+            let cfg: crate::nn::defense::SslHeadConfig =
+                serde_json::from_str(&std::fs::read_to_string(&spec_path)?)?;
+            if cfg.in_dim != clf.spec().feature_dim() {
+                return Err(format!(
+                    "the SSL head reads {}-d features but the classifier's are {}-d ({}): was it trained on another classifier?",
+                    cfg.in_dim,
+                    clf.spec().feature_dim(),
+                    spec_path.display()
+                )
+                .into());
+            }
+            Ok(Some(head))
+        }
+    }
+}
+
 /// Loads the `dataset` input and checks that the classifier has its number of classes.
 pub(crate) fn load_data(ctx: &StageCtx<'_>, clf: &Classifier) -> Result<data::Dataset, BoxError> {
     let path = crate::params::input_file(ctx, "dataset", DATA_FILE, "dataset")?;
@@ -498,6 +547,11 @@ impl TypedStage for Evaluate {
             },
             Slot {
                 name: "adversarial",
+                required: false,
+                many: false,
+            },
+            Slot {
+                name: "ssl_head",
                 required: false,
                 many: false,
             },
@@ -547,6 +601,9 @@ impl TypedStage for Evaluate {
             }
         }
         e.positive("batch_size", p.batch_size);
+        if let Some(d) = &p.defense {
+            d.check(&mut e);
+        }
         if let Some(k) = p.test_subset {
             e.positive("test_subset", k);
         }
@@ -653,7 +710,59 @@ impl TypedStage for Evaluate {
             log: &log,
             cancelled: &cancelled,
         };
-        let report = evaluate(&clf, test, &cfg, &device, &hooks)?;
+        let defense = p.defense.as_ref().map(DefenseParam::resolve);
+        let head = load_ssl_head(ctx, &clf, defense.as_ref(), &device)?;
+        // the adversarial images of every attack, kept for the defence
+        let il = 3 * test.h * test.w;
+        let mut kept: Vec<Vec<f32>> = match &defense {
+            Some(_) => vec![vec![0f32; test.n * il]; cfg.attacks.len()],
+            None => Vec::new(),
+        };
+        let mut keep = |a: usize, s: usize, adv: &candle::Tensor| -> candle::Result<()> {
+            if let Some(buf) = kept.get_mut(a) {
+                let v = adv.flatten_all()?.to_vec1::<f32>()?;
+                buf[s * il..s * il + v.len()].copy_from_slice(&v);
+            }
+            Ok(())
+        };
+        let report = evaluate_with(&clf, test, &cfg, &device, &hooks, &mut keep)?;
+        let defended = match &defense {
+            Some(spec) => {
+                let clean = batch_tensor(test, 0, test.n, &candle::Device::Cpu)?
+                    .flatten_all()?
+                    .to_vec1::<f32>()?;
+                let mut sets = vec![defense::SetImages {
+                    name: "clean".into(),
+                    norm: None,
+                    data: &clean,
+                }];
+                for (a, buf) in cfg.attacks.iter().zip(&kept) {
+                    sets.push(defense::SetImages {
+                        name: a.name(),
+                        norm: Some(a.norm),
+                        data: buf,
+                    });
+                }
+                ctx.log(format!(
+                    "defence: {} of {} set(s) in batches of {}",
+                    spec.suffix(),
+                    sets.len(),
+                    spec.batch_size
+                ));
+                let r = defense::defend(
+                    &clf,
+                    head.as_ref(),
+                    test,
+                    &sets,
+                    spec,
+                    p.seed,
+                    &device,
+                    &hooks,
+                )?;
+                Some((spec, r))
+            }
+            None => None,
+        };
         let transfer = match &adversarial {
             Some(set) => Some(evaluate_transfer(
                 &clf,
@@ -665,13 +774,16 @@ impl TypedStage for Evaluate {
             )?),
             None => None,
         };
-        let metrics = metrics_json(
+        let mut metrics = metrics_json(
             &cfg,
             &report,
             transfer.as_ref(),
             start.elapsed().as_secs_f64(),
             p.device.backend(),
         );
+        if let (Some((spec, sets)), Value::Object(m)) = (&defended, &mut metrics) {
+            defense::defense_metrics(m, spec, sets, test.n);
+        }
         crate::params::write_json(&ctx.out_path("metrics.json"), &metrics)?;
         ctx.log(format!("done: {metrics}"));
         Ok(())

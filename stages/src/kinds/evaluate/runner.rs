@@ -279,6 +279,22 @@ pub fn evaluate(
     device: &Device,
     hooks: &Hooks<'_>,
 ) -> Result<EvalReport, Error> {
+    evaluate_with(clf, test, cfg, device, hooks, &mut |_, _, _| Ok(()))
+}
+
+/// [`evaluate`] that hands every attack's adversarial batch to `on_adversarial(attack index,
+/// first image, batch)` (the test-time defence keeps them).
+///
+/// # Errors
+/// As [`evaluate`], or the callback's error.
+pub fn evaluate_with(
+    clf: &Classifier,
+    test: &Split,
+    cfg: &EvalConfig,
+    device: &Device,
+    hooks: &Hooks<'_>,
+    on_adversarial: &mut dyn FnMut(usize, usize, &Tensor) -> candle::Result<()>,
+) -> Result<EvalReport, Error> {
     let start = Instant::now();
     if cfg.batch_size == 0 {
         return Err("batch_size must be at least 1".into());
@@ -352,6 +368,7 @@ pub fn evaluate(
                 ],
             );
             let res = pgd(&input, objective, &spec.pgd_config(), &mut rng)?;
+            on_adversarial(a, s, &res.adv)?;
             attack_correct[a] += count_correct(&forward(&clf, &res.adv, n_views)?, labels)?;
         }
         for (aa, counts) in cfg.autoattack.iter().zip(&mut aa_counts) {

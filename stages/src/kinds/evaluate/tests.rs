@@ -611,3 +611,167 @@ fn autoattack_on_a_trained_model() -> TestResult {
     assert!(e.contains("full-image"), "{e}");
     Ok(())
 }
+
+// ---------------------------------------------------------------------------------------------
+// The test-time defence
+
+#[test]
+fn defense_params_are_completed_by_their_preset_and_keyed() {
+    let p = ok(json!({"defense": {}}));
+    assert_eq!(
+        p["defense"],
+        json!({"method": "reverse", "norm": "linf", "eps": 16.0 / 255.0, "alpha": 2.0 / 255.0,
+               "steps": 40, "views": 4, "project_box": true, "select": "last", "batch_size": 512})
+    );
+    let d = ok(json!({"defense": {"preset": "r_dlsp"}}));
+    assert_eq!(
+        d["defense"],
+        json!({"method": "reverse", "norm": "attack", "eps": 8.0 / 255.0, "alpha": 2.0 / 255.0,
+               "steps": 5, "views": 2, "project_box": false, "select": "best_measured",
+               "batch_size": 256})
+    );
+    // written out by hand: the same node
+    let explicit = ok(json!({"defense": {"norm": "attack", "eps": "8/255", "alpha": "2/255",
+        "steps": 5, "views": 2, "project_box": false, "select": "best_measured", "batch_size": 256}}));
+    assert_eq!(explicit, d);
+    // random noise keeps what applies only
+    let r = ok(json!({"defense": {"method": "random", "steps": 9}}));
+    assert_eq!(
+        r["defense"],
+        json!({"method": "random", "eps": 16.0 / 255.0, "batch_size": 512})
+    );
+    // no defense: no key
+    assert!(ok(json!({})).get("defense").is_none());
+    let e = testutil::errors(
+        "evaluate",
+        json!({"defense": {"views": 1, "batch_size": 1, "eps": 2.0, "nope": 0}}),
+    );
+    assert!(e.iter().any(|m| m.contains("nope")), "{e:?}");
+    let e = testutil::errors("evaluate", json!({"defense": {"views": 1, "batch_size": 1, "eps": 2.0}}));
+    for f in ["defense.views", "defense.batch_size", "defense.eps"] {
+        assert!(e.iter().any(|m| m.starts_with(f)), "{f}: {e:?}");
+    }
+}
+
+/// Through the engine: a classifier, its SSL head, and evaluations with the reversal, with a
+/// reversal of radius 0 (which must change nothing: its accuracies equal the undefended
+/// ones), with R-DLSP's preset and with random noise; inputs that do not fit are named.
+#[test]
+fn defense_end_to_end_through_the_engine() -> TestResult {
+    use pipe_engine::{Overrides, graph, spec};
+    use std::sync::atomic::AtomicBool;
+
+    let tmp = crate::data::testutil::TempDir::new("evaluate-defense");
+    let dir = tmp.path();
+    let fixture = dir.join("fixture");
+    std::fs::create_dir_all(&fixture)?;
+    testutil::write_classifier(&fixture, None)?;
+    let common = "attacks: [{eps: 8/255, steps: 3}, {norm: l2, eps: 0.5, steps: 3}], test_subset: 6, batch_size: 12";
+    let yaml = format!(
+        "stages:
+  data:
+    kind: dataset
+    params: {{source: synthetic, n_classes: 4, n_train: 256, n_test: 64, seed: 5}}
+  clf:
+    kind: fixture_classifier
+    params: {{dir: '{}'}}
+  head:
+    kind: ssl_head
+    inputs: {{model: clf, dataset: data}}
+    params: {{epochs: 2, batch_size: 64, hidden_dim: 16}}
+  rev:
+    kind: evaluate
+    inputs: {{model: clf, dataset: data, ssl_head: head}}
+    params: {{{common}, defense: {{steps: 4, batch_size: 12}}}}
+  zero:
+    kind: evaluate
+    inputs: {{model: clf, dataset: data, ssl_head: head}}
+    params: {{{common}, defense: {{eps: 0, steps: 2, batch_size: 12}}}}
+  dlsp:
+    kind: evaluate
+    inputs: {{model: clf, dataset: data, ssl_head: head}}
+    params: {{{common}, defense: {{preset: r_dlsp, batch_size: 12}}}}
+  noise:
+    kind: evaluate
+    inputs: {{model: clf, dataset: data}}
+    params: {{{common}, defense: {{method: random, eps: 8/255}}}}
+  plain:
+    kind: evaluate
+    inputs: {{model: clf, dataset: data}}
+    params: {{{common}}}
+  no_head:
+    kind: evaluate
+    inputs: {{model: clf, dataset: data}}
+    params: {{{common}, defense: {{}}}}
+  stray_head:
+    kind: evaluate
+    inputs: {{model: clf, dataset: data, ssl_head: head}}
+    params: {{{common}}}
+",
+        fixture.display()
+    );
+    let mut reg = pipe_engine::Registry::new();
+    crate::register_all(&mut reg);
+    reg.register_typed::<FixtureClassifier>();
+    let store = pipe_cache::Store::open(dir.join("store"))?;
+    let file = dir.join("p.yaml");
+    std::fs::write(&file, yaml)?;
+    let p = spec::load(&file, &reg, &Overrides::default())?;
+    let plan = pipe_engine::plan::plan(graph::build(p, &reg), &store, &[])?;
+    let opts = pipe_engine::RunOptions {
+        jobs: 1,
+        gpus: 0,
+        keep_going: true,
+        pipe_version: "test".into(),
+        ..Default::default()
+    };
+    let cancel = AtomicBool::new(false);
+    let s = pipe_engine::exec::run(&plan, &reg, &store, &opts, &cancel, &mut pipe_engine::Quiet);
+    let failed: Vec<String> = s
+        .results
+        .iter()
+        .zip(&plan.graph.nodes)
+        .filter_map(|(r, n)| match &r.outcome {
+            pipe_engine::exec::Outcome::Failed(m) => Some(format!("{}: {m}", n.id)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(failed.len(), 2, "{failed:?}");
+    assert!(
+        failed.iter().any(|f| f.starts_with("no_head") && f.contains("add an `ssl_head` input")),
+        "{failed:?}"
+    );
+    assert!(
+        failed.iter().any(|f| f.starts_with("stray_head") && f.contains("only read by the `defense` param")),
+        "{failed:?}"
+    );
+    let metrics = |id: &str| -> std::result::Result<Value, Box<dyn std::error::Error + Send + Sync>> {
+        let node = plan.graph.nodes.iter().find(|n| n.id == id).ok_or("node")?;
+        let e = store.get(node.key.key())?.ok_or("committed")?;
+        Ok(serde_json::from_slice(&std::fs::read(e.file("metrics.json")?)?)?)
+    };
+    let plain = metrics("plain")?;
+    let zero = metrics("zero")?;
+    for k in ["clean", "pgd_linf_8/255", "pgd_l2_0.5"] {
+        assert_eq!(zero[format!("{k}_reversed_acc")], plain[format!("{k}_acc")], "{k}: {zero}");
+    }
+    let rev = metrics("rev")?;
+    for k in ["clean", "pgd_linf_8/255", "pgd_l2_0.5"] {
+        let acc = rev[format!("{k}_reversed_acc")].as_f64().ok_or("acc")?;
+        assert!((0.0..=1.0).contains(&acc), "{rev}");
+        let l = &rev["defense"]["ssl_loss"][k];
+        assert!(l["before"].as_f64().ok_or("before")? > 0.0, "{rev}");
+        assert!(l["after"].as_f64().ok_or("after")? > 0.0, "{rev}");
+    }
+    // the undefended numbers are untouched by the defence
+    assert_eq!(rev["clean_acc"], plain["clean_acc"]);
+    assert_eq!(rev["pgd_linf_8/255_acc"], plain["pgd_linf_8/255_acc"]);
+    assert_eq!(rev["defense"]["config"]["steps"], json!(4));
+    let dlsp = metrics("dlsp")?;
+    assert_eq!(dlsp["defense"]["config"]["norm"], json!("attack"));
+    assert!(dlsp["pgd_l2_0.5_reversed_acc"].is_number(), "{dlsp}");
+    let noise = metrics("noise")?;
+    assert!(noise["pgd_linf_8/255_noised_acc"].is_number(), "{noise}");
+    assert!(noise["defense"]["ssl_loss"].as_object().ok_or("losses")?.is_empty());
+    Ok(())
+}
