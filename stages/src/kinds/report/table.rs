@@ -204,6 +204,13 @@ fn value_matches(actual: &Value, wanted: &Value) -> bool {
     {
         return (a - b).abs() <= 1e-12 * a.abs().max(b.abs()).max(1.0);
     }
+    // an object matches when every field written in the rule matches (`{defense: {method:
+    // random}}` picks the runs whose `defense` param has that method)
+    if let (Value::Object(a), Value::Object(w)) = (actual, wanted) {
+        return w
+            .iter()
+            .all(|(k, wv)| a.get(k).is_some_and(|av| value_matches(av, wv)));
+    }
     actual == wanted
 }
 

@@ -441,3 +441,27 @@ fn reals_print_as_the_papers_write_them() {
     .expect("table");
     assert_eq!(t.rows[0].label, "0.4 at 102/255");
 }
+
+/// A rule's object value matches the fields it writes: `{defense: {method: random}}` picks the
+/// run whose `defense` param has that method, whatever its other fields.
+#[test]
+fn object_rules_match_the_fields_they_name() {
+    let mut runs = three_rows();
+    for (r, method) in runs.iter_mut().zip(["reverse", "random", "reverse"]) {
+        r.chain[0].params.insert(
+            "defense".into(),
+            json!({"method": method, "eps": 16.0 / 255.0, "steps": 40}),
+        );
+    }
+    let p = params(json!({
+        "columns": [{"clean_acc": "Clean"}],
+        "rows": [
+            {"match": {"defense": {"method": "random"}}, "label": "noise"},
+            {"match": {"defense": {"method": "reverse", "steps": 40}}, "label": "reversal"},
+            {"match": {"defense": {"method": "reverse", "steps": 10}}, "label": "never"}
+        ]
+    }));
+    let t = build(&p, &runs).expect("table");
+    let labels: Vec<&str> = t.rows.iter().map(|r| r.label.as_str()).collect();
+    assert_eq!(labels, ["noise", "reversal", "reversal"]);
+}
