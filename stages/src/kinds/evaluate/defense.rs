@@ -356,9 +356,13 @@ pub fn defense_metrics(
             losses.insert(s.name.clone(), json!({"before": b, "after": a}));
         }
     }
+    let mut config = serde_json::to_value(spec).unwrap_or(Value::Null);
+    if let (DefenseMethod::Random, Value::Object(c)) = (spec.method, &mut config) {
+        c.retain(|k, _| matches!(k.as_str(), "method" | "eps" | "batch_size"));
+    }
     m.insert(
         "defense".into(),
-        json!({"config": spec, "ssl_loss": Value::Object(losses)}),
+        json!({"config": config, "ssl_loss": Value::Object(losses)}),
     );
 }
 

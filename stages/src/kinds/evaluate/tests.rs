@@ -773,5 +773,9 @@ fn defense_end_to_end_through_the_engine() -> TestResult {
     let noise = metrics("noise")?;
     assert!(noise["pgd_linf_8/255_noised_acc"].is_number(), "{noise}");
     assert!(noise["defense"]["ssl_loss"].as_object().ok_or("losses")?.is_empty());
+    assert_eq!(
+        noise["defense"]["config"],
+        json!({"method": "random", "eps": 8.0 / 255.0, "batch_size": 512})
+    );
     Ok(())
 }
