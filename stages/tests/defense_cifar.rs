@@ -21,10 +21,10 @@ use std::time::Instant;
 use candle::{Device, Tensor};
 use pipe_stages::data::{Hooks, ReadOptions, read_image_folder};
 use pipe_stages::kinds::evaluate::{batch_tensor, count_correct};
-use pipe_stages::kinds::ssl_head::{HeadTrainer, SslHeadParams, chance_acc};
-use pipe_stages::nn::attacks::{PgdConfig, pgd};
 use pipe_stages::kinds::finetune::{EncoderWeights, FinetuneParams, finetune};
 use pipe_stages::kinds::pretrain::{PretrainParams, Pretrainer, TrainHooks};
+use pipe_stages::kinds::ssl_head::{HeadTrainer, SslHeadParams, chance_acc};
+use pipe_stages::nn::attacks::{PgdConfig, pgd};
 use pipe_stages::nn::classifier::Classifier;
 use pipe_stages::nn::defense::{
     ReverseConfig, SyncAugment, reverse, ssl_loss_and_correct, ssl_stats,
@@ -37,11 +37,7 @@ type Result<T> = std::result::Result<T, Box<dyn std::error::Error + Send + Sync>
 
 /// Mean SSL loss of `x` over `sets` seeded draw sets of 4 views (the same draws for every
 /// input it is called with).
-fn measured(
-    clf: &Classifier,
-    head: &pipe_stages::nn::defense::SslHead,
-    x: &Tensor,
-) -> Result<f64> {
+fn measured(clf: &Classifier, head: &pipe_stages::nn::defense::SslHead, x: &Tensor) -> Result<f64> {
     let aug = SyncAugment::r_mao();
     let mut rng = Rng::new(12345);
     let mut total = 0.0;
@@ -137,14 +133,22 @@ fn the_ssl_head_learns_and_the_reversal_lowers_the_ssl_loss() -> Result<()> {
     );
     // measured: loss 5.573 -> 5.188, accuracy 0.25 % -> 1.38 % (chance 0.50 %)
     assert!(after.0 < before.0 - 0.2, "{before:?} -> {after:?}");
-    assert!(after.1 > 1.5 * chance && after.1 > before.1, "{before:?} -> {after:?}");
+    assert!(
+        after.1 > 1.5 * chance && after.1 > before.1,
+        "{before:?} -> {after:?}"
+    );
 
     // PGD-10 at 8/255, then the reversal
     let objective = |xa: &Tensor| cross_entropy_per_example(&clf.logits(xa, false)?, &y);
     let adv = pgd(
         &x,
         objective,
-        &PgdConfig::new(pipe_stages::nn::attacks::Norm::Linf, 8.0 / 255.0, 2.0 / 255.0, 10),
+        &PgdConfig::new(
+            pipe_stages::nn::attacks::Norm::Linf,
+            8.0 / 255.0,
+            2.0 / 255.0,
+            10,
+        ),
         &mut Rng::new(2),
     )?
     .adv;
@@ -161,7 +165,10 @@ fn the_ssl_head_learns_and_the_reversal_lowers_the_ssl_loss() -> Result<()> {
         assert!(f64::from(moved) <= cfg.eps + 1e-6, "{moved}");
         let acc = count_correct(&clf.logits(&purified, false)?, &data.test.labels)? as f64
             / data.test.n as f64;
-        let (l0, l1) = (measured(&clf, &head, input)?, measured(&clf, &head, &purified)?);
+        let (l0, l1) = (
+            measured(&clf, &head, input)?,
+            measured(&clf, &head, &purified)?,
+        );
         println!(
             "{name}: SSL loss {l0:.4} -> {l1:.4} after the reversal; accuracy {:.1} % -> {:.1} %",
             100.0 * if name == "clean" { clean_acc } else { adv_acc },
@@ -172,7 +179,10 @@ fn the_ssl_head_learns_and_the_reversal_lowers_the_ssl_loss() -> Result<()> {
     println!("total {:.0} s", t0.elapsed().as_secs_f64());
     for (l0, l1) in &report {
         // measured: clean 6.5521 -> 6.5412, adversarial 6.5574 -> 6.5463 (the same draws before and after)
-        assert!(l1 < &(l0 - 0.003), "the reversal did not lower the SSL loss: {l0} -> {l1}");
+        assert!(
+            l1 < &(l0 - 0.003),
+            "the reversal did not lower the SSL loss: {l0} -> {l1}"
+        );
     }
     Ok(())
 }

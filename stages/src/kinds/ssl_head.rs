@@ -159,8 +159,8 @@ impl SslHeadParams {
 /// # Errors
 /// Missing or malformed files, named.
 pub fn load_head(dir_file: &Path, spec_file: &Path, device: &Device) -> Result<SslHead> {
-    let text = std::fs::read_to_string(spec_file)
-        .map_err(|e| format!("{}: {e}", spec_file.display()))?;
+    let text =
+        std::fs::read_to_string(spec_file).map_err(|e| format!("{}: {e}", spec_file.display()))?;
     let cfg: SslHeadConfig =
         serde_json::from_str(&text).map_err(|e| format!("{}: {e}", spec_file.display()))?;
     let (vm, head) = build_seeded(0, &InitRules::default(), DType::F32, device, |vb| {
@@ -327,7 +327,12 @@ impl<'a> HeadTrainer<'a> {
             progress(
                 seen as u64,
                 n as u64,
-                &format!("epoch {}/{}: loss {:.4}", epoch + 1, self.p.epochs, sum / seen as f64),
+                &format!(
+                    "epoch {}/{}: loss {:.4}",
+                    epoch + 1,
+                    self.p.epochs,
+                    sum / seen as f64
+                ),
             );
         }
         self.curve.push(CurvePoint {
@@ -351,7 +356,10 @@ impl<'a> HeadTrainer<'a> {
             t.insert(format!("optim/{name}"), v);
         }
         let meta = serde_json::to_vec(&(&self.p, &self.curve))?;
-        t.insert("meta/json".into(), Tensor::new(meta.as_slice(), &Device::Cpu)?);
+        t.insert(
+            "meta/json".into(),
+            Tensor::new(meta.as_slice(), &Device::Cpu)?,
+        );
         checkpoint::save_tensors(&t, path).map_err(|e| format!("{}: {e}", path.display()))?;
         Ok(())
     }
@@ -386,7 +394,9 @@ impl<'a> HeadTrainer<'a> {
             .iter()
             .filter_map(|(k, v)| k.strip_prefix("optim/").map(|k| (k.to_string(), v.clone())))
             .collect();
-        self.opt.load_state(&optim).map_err(|e| bad(e.to_string()))?;
+        self.opt
+            .load_state(&optim)
+            .map_err(|e| bad(e.to_string()))?;
         for (name, v) in &vars {
             v.set(&t[&format!("model/{name}")])?;
         }

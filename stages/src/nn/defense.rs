@@ -102,7 +102,8 @@ impl SyncAugment {
     /// An invalid pipeline, or one with a step this module does not render (pad-crop, blur,
     /// solarize).
     pub fn new(cfg: PipelineConfig, gray: [f32; 3]) -> Result<Self> {
-        cfg.validate().map_err(|e| candle::Error::Msg(e.to_string()))?;
+        cfg.validate()
+            .map_err(|e| candle::Error::Msg(e.to_string()))?;
         if matches!(cfg.geometry, Geometry::PadCrop(_)) || cfg.blur.p > 0.0 || cfg.solarize_p > 0.0
         {
             bail!("batch-synchronous augmentation renders crop, flip, jitter and grayscale only")
@@ -447,7 +448,10 @@ pub fn ssl_loss_and_correct(
     let loss = info_nce_first_positive(&z, draws.len(), SSL_TEMPERATURE)?;
     let n = z.dim(0)?;
     let b = n / draws.len();
-    let s = z.matmul(&z.t()?)?.to_dtype(candle::DType::F32)?.to_vec2::<f32>()?;
+    let s = z
+        .matmul(&z.t()?)?
+        .to_dtype(candle::DType::F32)?
+        .to_vec2::<f32>()?;
     let mut correct = 0;
     for (a, row) in s.iter().enumerate() {
         let first = if a / b == 0 { b + a % b } else { a % b };

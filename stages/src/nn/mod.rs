@@ -17,9 +17,9 @@ pub mod bench;
 pub mod checkpoint;
 pub mod classifier;
 pub mod conv;
-pub mod defense;
 #[cfg(all(test, feature = "cuda"))]
 mod cuda_tests;
+pub mod defense;
 pub mod heads;
 pub mod init;
 pub mod kmeans;

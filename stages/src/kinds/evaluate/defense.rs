@@ -152,11 +152,29 @@ impl DefenseParam {
             match self.preset.unwrap_or_default() {
                 DefensePreset::RMao => {
                     let r = ReverseConfig::r_mao();
-                    (DefenseNorm::Linf, r.eps, r.alpha, r.steps, r.views, r.project_box, r.select, 512)
+                    (
+                        DefenseNorm::Linf,
+                        r.eps,
+                        r.alpha,
+                        r.steps,
+                        r.views,
+                        r.project_box,
+                        r.select,
+                        512,
+                    )
                 }
                 DefensePreset::RDlsp => {
                     let r = ReverseConfig::r_dlsp(Norm::Linf);
-                    (DefenseNorm::Attack, r.eps, r.alpha, r.steps, r.views, r.project_box, r.select, 256)
+                    (
+                        DefenseNorm::Attack,
+                        r.eps,
+                        r.alpha,
+                        r.steps,
+                        r.views,
+                        r.project_box,
+                        r.select,
+                        256,
+                    )
                 }
             };
         DefenseSpec {
@@ -194,7 +212,9 @@ impl DefenseParam {
     pub(crate) fn check(&self, e: &mut Checks) {
         let s = self.resolve();
         if !(s.eps.is_finite() && s.eps >= 0.0) {
-            e.require(false, "defense.eps", || format!("{} must be a finite number >= 0", s.eps));
+            e.require(false, "defense.eps", || {
+                format!("{} must be a finite number >= 0", s.eps)
+            });
         }
         if s.norm == DefenseNorm::Linf || s.method == DefenseMethod::Random {
             e.within("defense.eps", s.eps, 0.0, 1.0);
@@ -350,7 +370,11 @@ pub fn defense_metrics(
     for s in sets {
         m.insert(
             format!("{}_{}_acc", s.name, spec.suffix()),
-            json!(if n == 0 { 0.0 } else { s.correct as f64 / n as f64 }),
+            json!(if n == 0 {
+                0.0
+            } else {
+                s.correct as f64 / n as f64
+            }),
         );
         if let Some((b, a)) = s.ssl_loss {
             losses.insert(s.name.clone(), json!({"before": b, "after": a}));

@@ -9,6 +9,8 @@
 //! - `adversarial` (optional): an `attack_dataset` artifact
 //!   ([`crate::data::adversarial`]); the classifier's accuracy on its stored images is reported
 //!   as `transfer_acc` (a transfer attack when the set was made against another model).
+//! - `ssl_head` (optional): an `ssl_head` artifact, the head the `defense` reverses with
+//!   ([`defense`]; required by the reverse defence, refused without `defense`).
 //!
 //! # Params
 //!
@@ -21,6 +23,7 @@
 //! | `seed` | 0 | random starts, n-crop views and the subset |
 //! | `device` | `auto` | `auto`, `cpu` or `cuda:N` (the backend is keyed, the ordinal is not) |
 //! | `autoattack` | none | AutoAttack runs, one accuracy each (below) |
+//! | `defense` | none | the test-time reverse attack (or random noise) on the clean and every PGD attack's images ([`defense`]) |
 //!
 //! Each attack is `{norm, eps, alpha, steps, random_start, restarts}`: `norm` is `linf`
 //! (default), `l2` or `l1`; `eps` is required; `eps` and `alpha` accept fractions (`8/255`);
@@ -97,8 +100,8 @@ mod runner;
 pub use defense::{DefenseParam, DefenseSpec};
 pub use runner::{
     AaCounts, AttackSpec, BenchRow, Error, EvalConfig, EvalReport, Hooks, TransferReport,
-    batch_tensor, bench, count_correct, evaluate, evaluate_transfer, evaluate_with,
-    format_radius, metrics_json, norm_name, subset_indices,
+    batch_tensor, bench, count_correct, evaluate, evaluate_transfer, evaluate_with, format_radius,
+    metrics_json, norm_name, subset_indices,
 };
 
 use std::time::Instant;

@@ -631,8 +631,10 @@ fn defense_params_are_completed_by_their_preset_and_keyed() {
                "batch_size": 256})
     );
     // written out by hand: the same node
-    let explicit = ok(json!({"defense": {"norm": "attack", "eps": "8/255", "alpha": "2/255",
-        "steps": 5, "views": 2, "project_box": false, "select": "best_measured", "batch_size": 256}}));
+    let explicit = ok(
+        json!({"defense": {"norm": "attack", "eps": "8/255", "alpha": "2/255",
+        "steps": 5, "views": 2, "project_box": false, "select": "best_measured", "batch_size": 256}}),
+    );
     assert_eq!(explicit, d);
     // random noise keeps what applies only
     let r = ok(json!({"defense": {"method": "random", "steps": 9}}));
@@ -647,7 +649,10 @@ fn defense_params_are_completed_by_their_preset_and_keyed() {
         json!({"defense": {"views": 1, "batch_size": 1, "eps": 2.0, "nope": 0}}),
     );
     assert!(e.iter().any(|m| m.contains("nope")), "{e:?}");
-    let e = testutil::errors("evaluate", json!({"defense": {"views": 1, "batch_size": 1, "eps": 2.0}}));
+    let e = testutil::errors(
+        "evaluate",
+        json!({"defense": {"views": 1, "batch_size": 1, "eps": 2.0}}),
+    );
     for f in ["defense.views", "defense.batch_size", "defense.eps"] {
         assert!(e.iter().any(|m| m.starts_with(f)), "{f}: {e:?}");
     }
@@ -738,22 +743,33 @@ fn defense_end_to_end_through_the_engine() -> TestResult {
         .collect();
     assert_eq!(failed.len(), 2, "{failed:?}");
     assert!(
-        failed.iter().any(|f| f.starts_with("no_head") && f.contains("add an `ssl_head` input")),
+        failed
+            .iter()
+            .any(|f| f.starts_with("no_head") && f.contains("add an `ssl_head` input")),
         "{failed:?}"
     );
     assert!(
-        failed.iter().any(|f| f.starts_with("stray_head") && f.contains("only read by the `defense` param")),
+        failed
+            .iter()
+            .any(|f| f.starts_with("stray_head") && f.contains("only read by the `defense` param")),
         "{failed:?}"
     );
-    let metrics = |id: &str| -> std::result::Result<Value, Box<dyn std::error::Error + Send + Sync>> {
-        let node = plan.graph.nodes.iter().find(|n| n.id == id).ok_or("node")?;
-        let e = store.get(node.key.key())?.ok_or("committed")?;
-        Ok(serde_json::from_slice(&std::fs::read(e.file("metrics.json")?)?)?)
-    };
+    let metrics =
+        |id: &str| -> std::result::Result<Value, Box<dyn std::error::Error + Send + Sync>> {
+            let node = plan.graph.nodes.iter().find(|n| n.id == id).ok_or("node")?;
+            let e = store.get(node.key.key())?.ok_or("committed")?;
+            Ok(serde_json::from_slice(&std::fs::read(
+                e.file("metrics.json")?,
+            )?)?)
+        };
     let plain = metrics("plain")?;
     let zero = metrics("zero")?;
     for k in ["clean", "pgd_linf_8/255", "pgd_l2_0.5"] {
-        assert_eq!(zero[format!("{k}_reversed_acc")], plain[format!("{k}_acc")], "{k}: {zero}");
+        assert_eq!(
+            zero[format!("{k}_reversed_acc")],
+            plain[format!("{k}_acc")],
+            "{k}: {zero}"
+        );
     }
     let rev = metrics("rev")?;
     for k in ["clean", "pgd_linf_8/255", "pgd_l2_0.5"] {
@@ -772,7 +788,12 @@ fn defense_end_to_end_through_the_engine() -> TestResult {
     assert!(dlsp["pgd_l2_0.5_reversed_acc"].is_number(), "{dlsp}");
     let noise = metrics("noise")?;
     assert!(noise["pgd_linf_8/255_noised_acc"].is_number(), "{noise}");
-    assert!(noise["defense"]["ssl_loss"].as_object().ok_or("losses")?.is_empty());
+    assert!(
+        noise["defense"]["ssl_loss"]
+            .as_object()
+            .ok_or("losses")?
+            .is_empty()
+    );
     assert_eq!(
         noise["defense"]["config"],
         json!({"method": "random", "eps": 8.0 / 255.0, "batch_size": 512})

@@ -54,7 +54,15 @@ fn a_resumed_run_is_bit_identical() -> TestResult {
     let values = |t: &HeadTrainer<'_>| -> candle::Result<Vec<(String, Vec<f64>)>> {
         named_vars(t.varmap())
             .into_iter()
-            .map(|(n, v)| Ok((n, v.as_tensor().flatten_all()?.to_dtype(DType::F64)?.to_vec1::<f64>()?)))
+            .map(|(n, v)| {
+                Ok((
+                    n,
+                    v.as_tensor()
+                        .flatten_all()?
+                        .to_dtype(DType::F64)?
+                        .to_vec1::<f64>()?,
+                ))
+            })
             .collect()
     };
     assert_eq!(values(&whole)?, values(&resumed)?);
@@ -76,7 +84,10 @@ fn params_have_r_mao_defaults_and_are_checked() {
     assert_eq!(p["batch_size"], 1024);
     assert_eq!(p["views"], 2);
     assert_eq!(p["lr"], 1e-4);
-    assert_eq!((p["hidden_dim"].clone(), p["out_dim"].clone()), (json!(128), json!(8)));
+    assert_eq!(
+        (p["hidden_dim"].clone(), p["out_dim"].clone()),
+        (json!(128), json!(8))
+    );
     let e = errors(
         "ssl_head",
         json!({"views": 1, "epochs": 0, "lr": -1.0, "nope": 1}),
@@ -87,4 +98,3 @@ fn params_have_r_mao_defaults_and_are_checked() {
         assert!(e.iter().any(|m| m.starts_with(field)), "{field}: {e:?}");
     }
 }
-

@@ -23,10 +23,10 @@ fn images(n: usize, h: usize, w: usize, seed: u64) -> Vec<u8> {
                 *v = rng.below(256) as u8;
             }
             match rng.below(8) {
-                0 => px = [px[0]; 3],      // grey
-                1 => px[1] = px[0],        // r == g
-                2 => px[2] = px[1],        // g == b
-                3 => px[2] = px[0],        // r == b
+                0 => px = [px[0]; 3], // grey
+                1 => px[1] = px[0],   // r == g
+                2 => px[2] = px[1],   // g == b
+                3 => px[2] = px[0],   // r == b
                 _ => {}
             }
             for c in 0..3 {
@@ -114,7 +114,10 @@ fn one_draw_is_shared_by_the_batch() -> TestResult {
     let d = aug.draw(&mut Rng::new(11), 32, 32);
     let all = aug.apply(&x, &d)?;
     let one = aug.apply(&x.narrow(0, 2, 1)?, &d)?;
-    let diff = (all.narrow(0, 2, 1)? - one)?.abs()?.max_all()?.to_scalar::<f32>()?;
+    let diff = (all.narrow(0, 2, 1)? - one)?
+        .abs()?
+        .max_all()?
+        .to_scalar::<f32>()?;
     assert!(diff < 1e-6, "{diff}");
     Ok(())
 }
@@ -188,7 +191,11 @@ fn channel_ties_take_torchs_gradient() -> TestResult {
     // V = max(r, g, b) is the largest output channel for any hue shift
     let v = y.max_keepdim(1)?.sum_all()?;
     let g = v.backward()?;
-    let g = g.get(x.as_tensor()).expect("grad").flatten_all()?.to_vec1::<f64>()?;
+    let g = g
+        .get(x.as_tensor())
+        .expect("grad")
+        .flatten_all()?
+        .to_vec1::<f64>()?;
     assert_eq!(g, vec![1.0, 0.0, 0.0], "{g:?}");
     Ok(())
 }
@@ -211,9 +218,13 @@ fn tiny_head(seed: u64, in_dim: usize) -> candle::Result<(candle_nn::VarMap, Ssl
         hidden_dim: 16,
         out_dim: 8,
     };
-    build_seeded(seed, &InitRules::default(), DType::F32, &Device::Cpu, |vb| {
-        ssl_head(&cfg, vb)
-    })
+    build_seeded(
+        seed,
+        &InitRules::default(),
+        DType::F32,
+        &Device::Cpu,
+        |vb| ssl_head(&cfg, vb),
+    )
 }
 
 fn named(vm: &candle_nn::VarMap, name: &str) -> candle::Result<Vec<f64>> {
@@ -295,7 +306,10 @@ fn ssl_loss_matches_the_head_and_l1x_written_out() -> TestResult {
         total += lse - s(first);
     }
     let want = total / n as f64;
-    assert!((f64::from(got) - want).abs() < 1e-4 * want.abs().max(1.0), "{got} vs {want}");
+    assert!(
+        (f64::from(got) - want).abs() < 1e-4 * want.abs().max(1.0),
+        "{got} vs {want}"
+    );
     Ok(())
 }
 
@@ -313,7 +327,9 @@ fn reversal_lowers_the_ssl_loss_within_its_ball() -> TestResult {
     let b = 16;
     let x = to_tensor(&images(b, 32, 32, 21), b, 32, 32)?;
     let fixed = SyncAugment::new(PipelineConfig::default(), TORCH_GRAY)?;
-    let draws: Vec<ViewParams> = (0..2).map(|_| fixed.draw(&mut Rng::new(0), 32, 32)).collect();
+    let draws: Vec<ViewParams> = (0..2)
+        .map(|_| fixed.draw(&mut Rng::new(0), 32, 32))
+        .collect();
     let loss = |x: &Tensor| -> candle::Result<f32> {
         ssl_loss(&clf, &head, &fixed, x, &draws, false, false)?.to_scalar::<f32>()
     };
@@ -336,7 +352,10 @@ fn reversal_lowers_the_ssl_loss_within_its_ball() -> TestResult {
     let delta = (&purified - &x)?;
     let linf = delta.abs()?.max_all()?.to_scalar::<f32>()?;
     assert!(f64::from(linf) <= cfg.eps + 1e-6, "{linf}");
-    assert!(linf > 0.5 * cfg.eps as f32, "the reversal moved little: {linf}");
+    assert!(
+        linf > 0.5 * cfg.eps as f32,
+        "the reversal moved little: {linf}"
+    );
     let (lo, hi) = (
         purified.min_all()?.to_scalar::<f32>()?,
         purified.max_all()?.to_scalar::<f32>()?,
@@ -357,7 +376,12 @@ fn reversal_lowers_the_ssl_loss_within_its_ball() -> TestResult {
         ..ReverseConfig::r_dlsp(Norm::L2)
     };
     let p2 = reverse(&clf, &head, &aug, &x, &dlsp, &mut Rng::new(2))?;
-    let l2 = (&p2 - &x)?.sqr()?.flatten_from(1)?.sum(1)?.sqrt()?.max_all()?;
+    let l2 = (&p2 - &x)?
+        .sqr()?
+        .flatten_from(1)?
+        .sum(1)?
+        .sqrt()?
+        .max_all()?;
     assert!(f64::from(l2.to_scalar::<f32>()?) <= 0.5 + 1e-5);
     Ok(())
 }
