@@ -364,3 +364,63 @@ fn same_step(
     }
     Ok(())
 }
+
+/// The test-time defence: the batch-synchronous augmentation (crop, flip, the jitter with the
+/// hue round trip, grayscale), the SSL loss through classifier and head, and its gradient wrt
+/// the input (what the reversal steps on).
+#[test]
+fn cuda_vs_cpu_defense_ssl_loss_and_input_gradient()
+-> std::result::Result<(), Box<dyn std::error::Error + Send + Sync>> {
+    use crate::nn::classifier::{Classifier, ClassifierSpec, FeatureKind};
+    use crate::nn::defense::{SslHeadConfig, SyncAugment, ssl_head, ssl_loss, sync_views};
+    use crate::nn::init::build_seeded;
+    use crate::rng::Rng;
+    let Some(gpu) = gpu() else { return Ok(()) };
+    let spec = ClassifierSpec {
+        width: 8,
+        hidden_dim: 0,
+        features: FeatureKind::Backbone,
+        classes: 10,
+        ncrop: None,
+        input_norm: false,
+    };
+    let cfg = SslHeadConfig {
+        in_dim: 64,
+        hidden_dim: 32,
+        out_dim: 8,
+    };
+    let aug = SyncAugment::r_mao();
+    let x = wave(&[6, 3, 32, 32], 0.3, 0.45, 0.5)?;
+    let mut rng = Rng::new(3);
+    let mut draws: Vec<_> = (0..4).map(|_| aug.draw(&mut rng, 32, 32)).collect();
+    // make sure the hue round trip and the grayscale run
+    if let Some(j) = draws[0].jitter.as_mut() {
+        j.hue = Some(0.15);
+    }
+    draws[1].grayscale = true;
+    let run = |dev: &Device| -> Result<(Tensor, Tensor, Tensor)> {
+        let (_cvm, clf) = Classifier::build_seeded(&spec, 1, dev)?;
+        let (_hvm, head) = build_seeded(2, &InitRules::default(), DType::F32, dev, |vb| {
+            ssl_head(&cfg, vb)
+        })?;
+        let xv = Var::from_tensor(&x.to_device(dev)?)?;
+        let views = sync_views(&aug, xv.as_tensor(), &draws)?;
+        let loss = ssl_loss(
+            &clf.frozen()?,
+            &head.frozen()?,
+            &aug,
+            xv.as_tensor(),
+            &draws,
+            false,
+            false,
+        )?;
+        let g = grad(&loss.backward()?, xv.as_tensor(), "input")?;
+        Ok((views, loss, g))
+    };
+    let (v_cpu, l_cpu, g_cpu) = run(&Device::Cpu)?;
+    let (v_gpu, l_gpu, g_gpu) = run(&gpu)?;
+    close("augmented views", &v_gpu, &v_cpu, 1e-5)?;
+    close("SSL loss", &l_gpu, &l_cpu, 1e-4)?;
+    close("input gradient", &g_gpu, &g_cpu, 1e-3)?;
+    Ok(())
+}
