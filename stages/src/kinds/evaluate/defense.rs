@@ -21,6 +21,13 @@
 //! attack `pgd_<norm>_<eps>_reversed_acc` (`_noised_acc` for `random`), and `defense`: the
 //! resolved config and, per set, the mean SSL loss (4 views, seeded draws, head in eval mode)
 //! before and after (R-MAO's "clean / adv / adaadv contrastive" log).
+//!
+//! `adaptive_lambda: λ_S` (R-MAO's `--attack_type adapt`, METHODS uses λ_S = 10) adds the
+//! defence-aware attack: every PGD attack again, from the same random start, maximising
+//! `mean CE − λ_S · L_ssl` (`adaptive_views` views, default 2, fresh draws per step) so that
+//! the reversal finds little SSL loss left to lower; reported as `adaptive_pgd_<norm>_<eps>_acc`
+//! (undefended) and `adaptive_pgd_<norm>_<eps>_reversed_acc`. With λ_S = 0 it is exactly the
+//! plain attack.
 
 use candle::{Device, Tensor};
 use serde::{Deserialize, Serialize};
@@ -39,6 +46,7 @@ use crate::rng::Rng;
 const ORDER_STREAM: u64 = 0xdef0;
 const REVERSE_STREAM: u64 = 0xdef1;
 const LOSS_STREAM: u64 = 0xdef2;
+const ADAPTIVE_DRAWS: u64 = 0xdef4;
 /// Views of the SSL-loss measurement.
 pub const LOSS_VIEWS: usize = 4;
 
@@ -120,6 +128,26 @@ pub struct DefenseParam {
     /// Images per reversal batch.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub batch_size: Option<usize>,
+    /// R-MAO's defence-aware attack: with a weight λ_S here, every PGD attack is also run
+    /// maximising `CE − λ_S · L_ssl` (none unless asked for).
+    #[serde(
+        default,
+        deserialize_with = "de_real_opt",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub adaptive_lambda: Option<f64>,
+    /// Views of the adaptive attack's SSL term (R-MAO: 2).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub adaptive_views: Option<usize>,
+}
+
+/// R-MAO's defence-aware attack (`adaptive_attack_pgd`).
+#[derive(Clone, Copy, Debug, PartialEq, Serialize)]
+pub struct AdaptiveSpec {
+    /// λ_S.
+    pub lambda: f64,
+    /// Views of the SSL term.
+    pub views: usize,
 }
 
 /// A resolved defence.
@@ -143,6 +171,8 @@ pub struct DefenseSpec {
     pub select: Select,
     /// Images per batch.
     pub batch_size: usize,
+    /// The defence-aware attack, if asked for.
+    pub adaptive: Option<AdaptiveSpec>,
 }
 
 impl DefenseParam {
@@ -187,6 +217,10 @@ impl DefenseParam {
             project_box: self.project_box.unwrap_or(project_box),
             select: self.select.unwrap_or(select),
             batch_size: self.batch_size.unwrap_or(batch),
+            adaptive: self.adaptive_lambda.map(|lambda| AdaptiveSpec {
+                lambda,
+                views: self.adaptive_views.unwrap_or(2),
+            }),
         }
     }
 
@@ -205,6 +239,8 @@ impl DefenseParam {
             project_box: reverse.then_some(s.project_box),
             select: reverse.then_some(s.select),
             batch_size: Some(s.batch_size),
+            adaptive_lambda: s.adaptive.filter(|_| reverse).map(|a| a.lambda),
+            adaptive_views: s.adaptive.filter(|_| reverse).map(|a| a.views),
         }
     }
 
@@ -223,6 +259,17 @@ impl DefenseParam {
         e.require(s.views >= 2, "defense.views", || {
             format!("the SSL loss needs at least 2 views, got {}", s.views)
         });
+        if let Some(a) = s.adaptive {
+            e.non_negative("defense.adaptive_lambda", a.lambda);
+            e.require(a.views >= 2, "defense.adaptive_views", || {
+                format!("the SSL loss needs at least 2 views, got {}", a.views)
+            });
+            e.require(
+                s.method == DefenseMethod::Reverse,
+                "defense.adaptive_lambda",
+                || "the defence-aware attack targets the reversal's SSL loss: it needs `method: reverse`".into(),
+            );
+        }
         e.require(s.batch_size >= 2, "defense.batch_size", || {
             format!(
                 "the SSL loss contrasts the images of a batch: at least 2, got {}",
@@ -355,6 +402,72 @@ pub fn defend(
             correct,
             ssl_loss: (seen > 0).then(|| (before / seen as f64, after / seen as f64)),
         });
+    }
+    Ok(out)
+}
+
+/// R-MAO's defence-aware attack on `test` for every attack of `attacks`: PGD (the attack's
+/// norm, ε, α, steps, start and restarts) maximising `mean CE(F(x + δ), y) − λ_S · L_ssl(x + δ)`
+/// with fresh draws of `views` views at every step, in the evaluation's batches of `batch`.
+/// Returns per attack the images and how many the undefended classifier still gets right.
+///
+/// # Errors
+/// Tensor errors or cancellation.
+#[allow(clippy::too_many_arguments)]
+pub fn adaptive_attacks(
+    clf: &Classifier,
+    head: &SslHead,
+    test: &Split,
+    attacks: &[AttackSpec],
+    adaptive: &AdaptiveSpec,
+    batch: usize,
+    seed: u64,
+    device: &Device,
+    hooks: &Hooks<'_>,
+) -> Result<Vec<(Vec<f32>, usize)>, Error> {
+    use crate::nn::defense::ssl_loss;
+    use crate::nn::losses::cross_entropy_per_example;
+    let clf = clf.frozen()?;
+    let head = head.frozen()?;
+    let aug = SyncAugment::r_mao();
+    let il = 3 * test.h * test.w;
+    let mut out = Vec::new();
+    for (a, spec) in attacks.iter().enumerate() {
+        let mut images = vec![0f32; test.n * il];
+        let mut correct = 0;
+        for (k, s) in (0..test.n).step_by(batch.max(1)).enumerate() {
+            hooks.check()?;
+            let b = batch.min(test.n - s);
+            let labels = &test.labels[s..s + b];
+            let x = super::batch_tensor(test, s, b, device)?;
+            let y = Tensor::from_slice(labels, b, device)?;
+            let mut draws = Rng::derive(seed, &[ADAPTIVE_DRAWS, a as u64, k as u64]);
+            let objective = |xa: &Tensor| -> candle::Result<Tensor> {
+                let ce = (cross_entropy_per_example(&clf.logits(xa, false)?, &y)? / b as f64)?;
+                let d: Vec<_> = (0..adaptive.views)
+                    .map(|_| aug.draw(&mut draws, test.h, test.w))
+                    .collect();
+                let ssl = ssl_loss(&clf, &head, &aug, xa, &d, false, false)?;
+                // Σ_b of this is mean CE − λ L_ssl (R-MAO's loss)
+                ce.broadcast_sub(&(ssl * (adaptive.lambda / b as f64))?)
+            };
+            // the plain attack's start: with λ_S = 0 this is exactly the plain attack
+            let mut rng = super::runner::attack_rng(seed, spec, k);
+            let adv = crate::nn::attacks::pgd(&x, objective, &spec.pgd_config(), &mut rng)?.adv;
+            correct += count_correct(&clf.logits(&adv, false)?, labels)?;
+            let v = adv.flatten_all()?.to_vec1::<f32>()?;
+            images[s * il..s * il + v.len()].copy_from_slice(&v);
+            (hooks.progress)(
+                (s + b) as u64,
+                test.n as u64,
+                &format!(
+                    "defence-aware {}: {:.3} correct so far",
+                    spec.name(),
+                    correct as f64 / (s + b) as f64
+                ),
+            );
+        }
+        out.push((images, correct));
     }
     Ok(out)
 }

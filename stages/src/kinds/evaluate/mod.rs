@@ -729,6 +729,7 @@ impl TypedStage for Evaluate {
             Ok(())
         };
         let report = evaluate_with(&clf, test, &cfg, &device, &hooks, &mut keep)?;
+        let mut adaptive: Vec<(Vec<f32>, usize)> = Vec::new();
         let defended = match &defense {
             Some(spec) => {
                 let clean = batch_tensor(test, 0, test.n, &candle::Device::Cpu)?
@@ -742,6 +743,30 @@ impl TypedStage for Evaluate {
                 for (a, buf) in cfg.attacks.iter().zip(&kept) {
                     sets.push(defense::SetImages {
                         name: a.name(),
+                        norm: Some(a.norm),
+                        data: buf,
+                    });
+                }
+                if let (Some(ad), Some(h)) = (&spec.adaptive, &head) {
+                    ctx.log(format!(
+                        "defence-aware attacks: CE - {} * SSL loss ({} views)",
+                        ad.lambda, ad.views
+                    ));
+                    adaptive = defense::adaptive_attacks(
+                        &clf,
+                        h,
+                        test,
+                        &cfg.attacks,
+                        ad,
+                        cfg.batch_size,
+                        p.seed,
+                        &device,
+                        &hooks,
+                    )?;
+                }
+                for (a, (buf, _)) in cfg.attacks.iter().zip(&adaptive) {
+                    sets.push(defense::SetImages {
+                        name: format!("adaptive_{}", a.name()),
                         norm: Some(a.norm),
                         data: buf,
                     });
@@ -786,6 +811,12 @@ impl TypedStage for Evaluate {
         );
         if let (Some((spec, sets)), Value::Object(m)) = (&defended, &mut metrics) {
             defense::defense_metrics(m, spec, sets, test.n);
+            for (a, (_, correct)) in cfg.attacks.iter().zip(&adaptive) {
+                m.insert(
+                    format!("adaptive_{}", a.metric()),
+                    serde_json::json!(*correct as f64 / test.n.max(1) as f64),
+                );
+            }
         }
         crate::params::write_json(&ctx.out_path("metrics.json"), &metrics)?;
         ctx.log(format!("done: {metrics}"));

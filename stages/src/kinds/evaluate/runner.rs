@@ -258,6 +258,20 @@ fn forward(clf: &Classifier, x: &Tensor, n_views: Option<usize>) -> candle::Resu
     }
 }
 
+/// The random-start stream of attack `spec` on batch `batch` (independent of the other
+/// attacks of the node; the defence-aware attack of the same spec starts from the same draws).
+pub(crate) fn attack_rng(seed: u64, spec: &AttackSpec, batch: usize) -> Rng {
+    Rng::derive(
+        seed,
+        &[
+            ATTACK_STREAM,
+            norm_code(spec.norm),
+            spec.eps.to_bits(),
+            batch as u64,
+        ],
+    )
+}
+
 fn norm_code(norm: Norm) -> u64 {
     match norm {
         Norm::Linf => 0,
@@ -358,15 +372,7 @@ pub fn evaluate_with(
             }
         };
         for (a, spec) in cfg.attacks.iter().enumerate() {
-            let mut rng = Rng::derive(
-                cfg.seed,
-                &[
-                    ATTACK_STREAM,
-                    norm_code(spec.norm),
-                    spec.eps.to_bits(),
-                    batch as u64,
-                ],
-            );
+            let mut rng = attack_rng(cfg.seed, spec, batch);
             let res = pgd(&input, objective, &spec.pgd_config(), &mut rng)?;
             on_adversarial(a, s, &res.adv)?;
             attack_correct[a] += count_correct(&forward(&clf, &res.adv, n_views)?, labels)?;

@@ -644,6 +644,24 @@ fn defense_params_are_completed_by_their_preset_and_keyed() {
     );
     // no defense: no key
     assert!(ok(json!({})).get("defense").is_none());
+    // the defence-aware attack: keyed only when asked for, views default 2
+    let a = ok(json!({"defense": {"adaptive_lambda": 10}}));
+    assert_eq!(
+        (
+            a["defense"]["adaptive_lambda"].clone(),
+            a["defense"]["adaptive_views"].clone()
+        ),
+        (json!(10.0), json!(2))
+    );
+    assert_ne!(a, p);
+    let e = testutil::errors(
+        "evaluate",
+        json!({"defense": {"method": "random", "adaptive_lambda": 10}}),
+    );
+    assert!(
+        e.iter().any(|m| m.starts_with("defense.adaptive_lambda")),
+        "{e:?}"
+    );
     let e = testutil::errors(
         "evaluate",
         json!({"defense": {"views": 1, "batch_size": 1, "eps": 2.0, "nope": 0}}),
@@ -691,7 +709,11 @@ fn defense_end_to_end_through_the_engine() -> TestResult {
   zero:
     kind: evaluate
     inputs: {{model: clf, dataset: data, ssl_head: head}}
-    params: {{{common}, defense: {{eps: 0, steps: 2, batch_size: 12}}}}
+    params: {{{common}, defense: {{eps: 0, steps: 2, batch_size: 12, adaptive_lambda: 0}}}}
+  adapt:
+    kind: evaluate
+    inputs: {{model: clf, dataset: data, ssl_head: head}}
+    params: {{{common}, defense: {{steps: 2, batch_size: 12, adaptive_lambda: 10}}}}
   dlsp:
     kind: evaluate
     inputs: {{model: clf, dataset: data, ssl_head: head}}
@@ -771,6 +793,31 @@ fn defense_end_to_end_through_the_engine() -> TestResult {
             "{k}: {zero}"
         );
     }
+    // λ_S = 0: the defence-aware attack is the plain attack
+    for k in ["pgd_linf_8/255", "pgd_l2_0.5"] {
+        assert_eq!(
+            zero[format!("adaptive_{k}_acc")],
+            plain[format!("{k}_acc")],
+            "{k}: {zero}"
+        );
+        assert_eq!(
+            zero[format!("adaptive_{k}_reversed_acc")],
+            plain[format!("{k}_acc")]
+        );
+    }
+    let adapt = metrics("adapt")?;
+    for k in [
+        "adaptive_pgd_linf_8/255_acc",
+        "adaptive_pgd_linf_8/255_reversed_acc",
+        "adaptive_pgd_l2_0.5_acc",
+    ] {
+        let v = adapt[k].as_f64().ok_or(k)?;
+        assert!((0.0..=1.0).contains(&v), "{k}: {adapt}");
+    }
+    assert!(
+        adapt["defense"]["ssl_loss"]["adaptive_pgd_linf_8/255"]["before"].is_number(),
+        "{adapt}"
+    );
     let rev = metrics("rev")?;
     for k in ["clean", "pgd_linf_8/255", "pgd_l2_0.5"] {
         let acc = rev[format!("{k}_reversed_acc")].as_f64().ok_or("acc")?;
