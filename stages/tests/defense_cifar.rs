@@ -43,7 +43,8 @@ fn measured(clf: &Classifier, head: &pipe_stages::nn::defense::SslHead, x: &Tens
     let mut total = 0.0;
     let sets = 8;
     for _ in 0..sets {
-        let draws: Vec<_> = (0..4).map(|_| aug.draw(&mut rng, 32, 32)).collect();
+        let n = x.dim(0)?;
+        let draws: Vec<_> = (0..4).map(|_| aug.draw(&mut rng, n, 32, 32)).collect();
         total += ssl_loss_and_correct(clf, head, &aug, x, &draws)?.0;
     }
     Ok(total / sets as f64)
@@ -111,6 +112,7 @@ fn the_ssl_head_learns_and_the_reversal_lowers_the_ssl_loss() -> Result<()> {
         out_dim: 8,
         seed: 0,
         device: Default::default(),
+        augment: Default::default(),
     };
     let mut t = HeadTrainer::new(&p, &clf, &data.train, &dev)?;
     let aug = SyncAugment::r_mao();

@@ -17,6 +17,7 @@
 //! | `lr` | 1e-4 | Adam, betas (0.9, 0.999), no weight decay |
 //! | `hidden_dim` | 128 | R-MAO's ResNet-18 head `Res18_out6_model` (its WRN head is 256) |
 //! | `out_dim` | 8 | the same head's output (WRN: 16) |
+//! | `augment` | `batch` | one augmentation draw per batch (R-MAO's batch-synchronous transforms, \[Q55\]) or `per_image` |
 //! | `seed` | 0 | head init, shuffling, input crops and the SSL draws |
 //! | `device` | `auto` | `auto`, `cpu` or `cuda:N` (the backend is keyed, the ordinal is not) |
 //!
@@ -63,7 +64,9 @@ use crate::device::DeviceSpec;
 use crate::nn::augment::{FinetuneConfig, ImageBatch, MultiView, PaddingMode};
 use crate::nn::checkpoint;
 use crate::nn::classifier::{Classifier, SPEC_FILE, WEIGHTS_FILE};
-use crate::nn::defense::{SslHead, SslHeadConfig, SyncAugment, ssl_head, ssl_loss, ssl_stats};
+use crate::nn::defense::{
+    AugmentMode, SslHead, SslHeadConfig, SyncAugment, ssl_head, ssl_loss, ssl_stats,
+};
 use crate::nn::init::{InitRules, build_seeded, named_vars, trainable};
 use crate::nn::optim::{Adam, AdamConfig};
 use crate::params::Checks;
@@ -130,6 +133,9 @@ pub struct SslHeadParams {
     /// Output width.
     #[serde(default = "default_out")]
     pub out_dim: usize,
+    /// One augmentation draw per batch (R-MAO, \[Q55\]) or per image.
+    #[serde(default, skip_serializing_if = "AugmentMode::is_batch")]
+    pub augment: AugmentMode,
     /// Seed.
     #[serde(default)]
     pub seed: u64,
@@ -241,7 +247,7 @@ impl<'a> HeadTrainer<'a> {
             head,
             cfg,
             opt,
-            aug: SyncAugment::r_mao(),
+            aug: SyncAugment::r_mao().per_image(p.augment == AugmentMode::PerImage),
             crops,
             device: device.clone(),
             curve: Vec::new(),
@@ -313,7 +319,7 @@ impl<'a> HeadTrainer<'a> {
             )?;
             let mut rng = Rng::derive(self.p.seed, &[DRAW_STREAM, epoch, k as u64]);
             let draws: Vec<_> = (0..self.p.views)
-                .map(|_| self.aug.draw(&mut rng, views.height, views.width))
+                .map(|_| self.aug.draw(&mut rng, part.n, views.height, views.width))
                 .collect();
             let loss = ssl_loss(&self.clf, &self.head, &self.aug, &x, &draws, true, true)?;
             let value = f64::from(loss.to_dtype(DType::F32)?.to_scalar::<f32>()?);
@@ -508,7 +514,7 @@ impl TypedStage for SslHeadKind {
         }
         std::fs::write(ctx.out_path("curve.jsonl"), curve)?;
         let head = t.head().frozen()?;
-        let aug = SyncAugment::r_mao();
+        let aug = SyncAugment::r_mao().per_image(p.augment == AugmentMode::PerImage);
         let clf = clf.frozen()?;
         let (loss, acc) = ssl_stats(
             &clf,

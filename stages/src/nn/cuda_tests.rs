@@ -372,7 +372,9 @@ fn same_step(
 fn cuda_vs_cpu_defense_ssl_loss_and_input_gradient()
 -> std::result::Result<(), Box<dyn std::error::Error + Send + Sync>> {
     use crate::nn::classifier::{Classifier, ClassifierSpec, FeatureKind};
-    use crate::nn::defense::{SslHeadConfig, SyncAugment, ssl_head, ssl_loss, sync_views};
+    use crate::nn::defense::{
+        SslHeadConfig, SyncAugment, ViewDraw, ssl_head, ssl_loss, sync_views,
+    };
     use crate::nn::init::build_seeded;
     use crate::rng::Rng;
     let Some(gpu) = gpu() else { return Ok(()) };
@@ -392,7 +394,7 @@ fn cuda_vs_cpu_defense_ssl_loss_and_input_gradient()
     let aug = SyncAugment::r_mao();
     let x = wave(&[6, 3, 32, 32], 0.3, 0.45, 0.5)?;
     let mut rng = Rng::new(3);
-    let mut draws: Vec<_> = (0..4).map(|_| aug.draw(&mut rng, 32, 32)).collect();
+    let mut draws: Vec<_> = (0..4).map(|_| aug.draw_shared(&mut rng, 32, 32)).collect();
     // make sure the hue round trip and the grayscale run
     if let Some(j) = draws[0].jitter.as_mut() {
         j.hue = Some(0.15);
@@ -404,6 +406,7 @@ fn cuda_vs_cpu_defense_ssl_loss_and_input_gradient()
             ssl_head(&cfg, vb)
         })?;
         let xv = Var::from_tensor(&x.to_device(dev)?)?;
+        let draws: Vec<ViewDraw> = draws.iter().cloned().map(ViewDraw::Shared).collect();
         let views = sync_views(&aug, xv.as_tensor(), &draws)?;
         let loss = ssl_loss(
             &clf.frozen()?,

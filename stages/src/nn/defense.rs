@@ -80,11 +80,40 @@ pub fn r_mao_augment() -> PipelineConfig {
     }
 }
 
-/// Batch-synchronous differentiable augmentation (module docs).
+/// Whether a view's augmentation is drawn once per batch or once per image (\[Q55\]: R-MAO's
+/// transforms run on the batched tensor; per image is the clean alternative).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AugmentMode {
+    /// One draw per batch (R-MAO).
+    #[default]
+    Batch,
+    /// One draw per image.
+    PerImage,
+}
+
+impl AugmentMode {
+    /// Whether this is the default, batch-synchronous mode.
+    pub fn is_batch(&self) -> bool {
+        *self == AugmentMode::Batch
+    }
+}
+
+/// The random decisions of one view of a batch.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ViewDraw {
+    /// One draw for the whole batch (R-MAO's batch-synchronous transforms, \[Q55\]).
+    Shared(ViewParams),
+    /// One draw per image, in batch order (the per-image mode).
+    PerImage(Vec<ViewParams>),
+}
+
+/// Differentiable augmentation on tensors, batch-synchronous or per image (module docs).
 #[derive(Debug, Clone, PartialEq)]
 pub struct SyncAugment {
     cfg: PipelineConfig,
     gray: [f32; 3],
+    per_image: bool,
 }
 
 impl SyncAugment {
@@ -93,6 +122,7 @@ impl SyncAugment {
         Self {
             cfg: r_mao_augment(),
             gray: TORCH_GRAY,
+            per_image: false,
         }
     }
 
@@ -108,7 +138,22 @@ impl SyncAugment {
         {
             bail!("batch-synchronous augmentation renders crop, flip, jitter and grayscale only")
         }
-        Ok(Self { cfg, gray })
+        Ok(Self {
+            cfg,
+            gray,
+            per_image: false,
+        })
+    }
+
+    /// The same augmentation drawing one set of decisions per image instead of per batch.
+    pub fn per_image(mut self, per_image: bool) -> Self {
+        self.per_image = per_image;
+        self
+    }
+
+    /// Whether draws are per image.
+    pub fn is_per_image(&self) -> bool {
+        self.per_image
     }
 
     /// The pipeline.
@@ -117,8 +162,45 @@ impl SyncAugment {
     }
 
     /// One call's random decisions for `height × width` images (shared by the whole batch).
-    pub fn draw(&self, rng: &mut Rng, height: usize, width: usize) -> ViewParams {
+    pub fn draw_shared(&self, rng: &mut Rng, height: usize, width: usize) -> ViewParams {
         self.cfg.sample(rng, height, width)
+    }
+
+    /// One view's random decisions for a batch of `n` images: one draw (batch-synchronous) or
+    /// `n` draws in image order (per image).
+    pub fn draw(&self, rng: &mut Rng, n: usize, height: usize, width: usize) -> ViewDraw {
+        if self.per_image {
+            ViewDraw::PerImage(
+                (0..n)
+                    .map(|_| self.cfg.sample(rng, height, width))
+                    .collect(),
+            )
+        } else {
+            ViewDraw::Shared(self.cfg.sample(rng, height, width))
+        }
+    }
+
+    /// Applies a view's draw to `x` (`(B, 3, H, W)`): the shared draw to every image, or each
+    /// image's own.
+    ///
+    /// # Errors
+    /// As [`SyncAugment::apply_shared`], or a per-image draw of another batch size.
+    pub fn apply(&self, x: &Tensor, d: &ViewDraw) -> Result<Tensor> {
+        match d {
+            ViewDraw::Shared(p) => self.apply_shared(x, p),
+            ViewDraw::PerImage(ps) => {
+                let b = x.dim(0)?;
+                if ps.len() != b {
+                    bail!("{} per-image draws for a batch of {b}", ps.len())
+                }
+                let views: Vec<Tensor> = ps
+                    .iter()
+                    .enumerate()
+                    .map(|(i, p)| self.apply_shared(&x.narrow(0, i, 1)?, p))
+                    .collect::<Result<_>>()?;
+                Tensor::cat(&views, 0)
+            }
+        }
     }
 
     /// Applies `p` to every image of `x` (`(B, 3, H, W)`, values in `[0, 1]`, any float
@@ -127,7 +209,7 @@ impl SyncAugment {
     /// # Errors
     /// A batch that is not `(B, 3, H, W)`, a crop box outside the image, or an image that
     /// needs a geometry step (not `S × S`) when `p` has none.
-    pub fn apply(&self, x: &Tensor, p: &ViewParams) -> Result<Tensor> {
+    pub fn apply_shared(&self, x: &Tensor, p: &ViewParams) -> Result<Tensor> {
         let (b, c, h, w) = x.dims4()?;
         if c != 3 {
             bail!("batch-synchronous augmentation needs RGB images, got {c} channels")
@@ -395,7 +477,7 @@ impl ModuleT for SslHead {
 ///
 /// # Errors
 /// As [`SyncAugment::apply`].
-pub fn sync_views(aug: &SyncAugment, x: &Tensor, draws: &[ViewParams]) -> Result<Tensor> {
+pub fn sync_views(aug: &SyncAugment, x: &Tensor, draws: &[ViewDraw]) -> Result<Tensor> {
     let views: Vec<Tensor> = draws
         .iter()
         .map(|d| aug.apply(x, d))
@@ -414,7 +496,7 @@ pub fn ssl_loss(
     head: &SslHead,
     aug: &SyncAugment,
     x: &Tensor,
-    draws: &[ViewParams],
+    draws: &[ViewDraw],
     head_train: bool,
     detach_features: bool,
 ) -> Result<Tensor> {
@@ -440,7 +522,7 @@ pub fn ssl_loss_and_correct(
     head: &SslHead,
     aug: &SyncAugment,
     x: &Tensor,
-    draws: &[ViewParams],
+    draws: &[ViewDraw],
 ) -> Result<(f64, usize)> {
     let views = sync_views(aug, x, draws)?;
     let f = clf.features(&views, false)?;
@@ -498,8 +580,8 @@ pub fn ssl_stats(
         }
         let part = split.select(idx);
         let x = crate::kinds::evaluate::batch_tensor(&part, 0, part.n, device)?;
-        let draws: Vec<ViewParams> = (0..views)
-            .map(|_| aug.draw(&mut rng, part.h, part.w))
+        let draws: Vec<ViewDraw> = (0..views)
+            .map(|_| aug.draw(&mut rng, part.n, part.h, part.w))
             .collect();
         let (l, c) = ssl_loss_and_correct(clf, head, aug, &x, &draws)?;
         loss += l * part.n as f64;
@@ -592,11 +674,11 @@ pub fn reverse(
     if cfg.views < 2 {
         bail!("the reversal needs at least 2 views, got {}", cfg.views)
     }
-    let (_, _, h, w) = x.dims4()?;
+    let (n, _, h, w) = x.dims4()?;
     let mut draw_rng = Rng::derive(rng.next_u64(), &[]);
     let objective = |xa: &Tensor| -> Result<Tensor> {
-        let draws: Vec<ViewParams> = (0..cfg.views)
-            .map(|_| aug.draw(&mut draw_rng, h, w))
+        let draws: Vec<ViewDraw> = (0..cfg.views)
+            .map(|_| aug.draw(&mut draw_rng, n, h, w))
             .collect();
         ssl_loss(clf, head, aug, xa, &draws, false, false)
     };

@@ -9,6 +9,10 @@
 //! | `r_mao` (default) | `linf` | 16/255 | 2/255 | 40 | 4 | true | `last` | 512 |
 //! | `r_dlsp` | `attack` | 8/255 | 2/255 | 5 | 2 | false | `best_measured` | 256 |
 //!
+//! `augment: per_image` draws every image's augmentation on its own instead of once per batch
+//! (R-MAO's batch-synchronous draws are the default, \[Q55\]); the SSL-loss measurement then
+//! draws per image too.
+//!
 //! `norm: attack` reverses in each attack's own norm (R-DLSP's coupling, \[Q57\]; the clean
 //! images in l_inf). `method: random` is R-DLSP's `--task random` baseline (`x + U(−ε, ε)`
 //! in the box; only `eps` and `batch_size` apply). Canonicalization writes every field that
@@ -38,7 +42,7 @@ use crate::data::Split;
 use crate::nn::attacks::{Norm, Select};
 use crate::nn::classifier::Classifier;
 use crate::nn::defense::{
-    ReverseConfig, SslHead, SyncAugment, random_noise, reverse, ssl_loss_and_correct,
+    AugmentMode, ReverseConfig, SslHead, SyncAugment, random_noise, reverse, ssl_loss_and_correct,
 };
 use crate::params::{Checks, de_real_opt};
 use crate::rng::Rng;
@@ -139,6 +143,9 @@ pub struct DefenseParam {
     /// Views of the adaptive attack's SSL term (R-MAO: 2).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub adaptive_views: Option<usize>,
+    /// One augmentation draw per batch (R-MAO, \[Q55\]) or per image.
+    #[serde(default, skip_serializing_if = "AugmentMode::is_batch")]
+    pub augment: AugmentMode,
 }
 
 /// R-MAO's defence-aware attack (`adaptive_attack_pgd`).
@@ -148,6 +155,9 @@ pub struct AdaptiveSpec {
     pub lambda: f64,
     /// Views of the SSL term.
     pub views: usize,
+    /// Per-image draws (the defence's mode).
+    #[serde(skip)]
+    pub per_image: bool,
 }
 
 /// A resolved defence.
@@ -173,6 +183,8 @@ pub struct DefenseSpec {
     pub batch_size: usize,
     /// The defence-aware attack, if asked for.
     pub adaptive: Option<AdaptiveSpec>,
+    /// Batch-synchronous or per-image augmentation draws.
+    pub augment: AugmentMode,
 }
 
 impl DefenseParam {
@@ -220,7 +232,9 @@ impl DefenseParam {
             adaptive: self.adaptive_lambda.map(|lambda| AdaptiveSpec {
                 lambda,
                 views: self.adaptive_views.unwrap_or(2),
+                per_image: self.augment == AugmentMode::PerImage,
             }),
+            augment: self.augment,
         }
     }
 
@@ -241,6 +255,11 @@ impl DefenseParam {
             batch_size: Some(s.batch_size),
             adaptive_lambda: s.adaptive.filter(|_| reverse).map(|a| a.lambda),
             adaptive_views: s.adaptive.filter(|_| reverse).map(|a| a.views),
+            augment: if reverse {
+                s.augment
+            } else {
+                AugmentMode::Batch
+            },
         }
     }
 
@@ -346,7 +365,7 @@ pub fn defend(
 ) -> Result<Vec<DefendedSet>, Error> {
     let clf = clf.frozen()?;
     let head = head.map(SslHead::frozen).transpose()?;
-    let aug = SyncAugment::r_mao();
+    let aug = SyncAugment::r_mao().per_image(spec.augment == AugmentMode::PerImage);
     let order = Rng::derive(seed, &[ORDER_STREAM]).permutation(test.n);
     let il = 3 * test.h * test.w;
     let total = (sets.len() * test.n) as u64;
@@ -377,7 +396,7 @@ pub fn defend(
                 // the same draws before and after
                 let mut lr = Rng::derive(seed, &[LOSS_STREAM, k as u64]);
                 let draws: Vec<_> = (0..LOSS_VIEWS)
-                    .map(|_| aug.draw(&mut lr, test.h, test.w))
+                    .map(|_| aug.draw(&mut lr, idx.len(), test.h, test.w))
                     .collect();
                 let b = ssl_loss_and_correct(&clf, h, &aug, &x, &draws)?.0;
                 let a = ssl_loss_and_correct(&clf, h, &aug, &defended, &draws)?.0;
@@ -429,7 +448,7 @@ pub fn adaptive_attacks(
     use crate::nn::losses::cross_entropy_per_example;
     let clf = clf.frozen()?;
     let head = head.frozen()?;
-    let aug = SyncAugment::r_mao();
+    let aug = SyncAugment::r_mao().per_image(adaptive.per_image);
     let il = 3 * test.h * test.w;
     let mut out = Vec::new();
     for (a, spec) in attacks.iter().enumerate() {
@@ -445,7 +464,7 @@ pub fn adaptive_attacks(
             let objective = |xa: &Tensor| -> candle::Result<Tensor> {
                 let ce = (cross_entropy_per_example(&clf.logits(xa, false)?, &y)? / b as f64)?;
                 let d: Vec<_> = (0..adaptive.views)
-                    .map(|_| aug.draw(&mut draws, test.h, test.w))
+                    .map(|_| aug.draw(&mut draws, b, test.h, test.w))
                     .collect();
                 let ssl = ssl_loss(&clf, &head, &aug, xa, &d, false, false)?;
                 // Σ_b of this is mean CE − λ L_ssl (R-MAO's loss)

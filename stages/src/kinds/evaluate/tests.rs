@@ -654,6 +654,10 @@ fn defense_params_are_completed_by_their_preset_and_keyed() {
         (json!(10.0), json!(2))
     );
     assert_ne!(a, p);
+    let per = ok(json!({"defense": {"augment": "per_image"}}));
+    assert_eq!(per["defense"]["augment"], json!("per_image"));
+    assert_ne!(per, p);
+    assert_eq!(ok(json!({"defense": {"augment": "batch"}})), p);
     let e = testutil::errors(
         "evaluate",
         json!({"defense": {"method": "random", "adaptive_lambda": 10}}),

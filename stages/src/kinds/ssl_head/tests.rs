@@ -20,6 +20,7 @@ fn params(epochs: usize) -> SslHeadParams {
         out_dim: 8,
         seed: 3,
         device: DeviceSpec::Cpu,
+        augment: AugmentMode::Batch,
     }
 }
 
@@ -88,6 +89,12 @@ fn params_have_r_mao_defaults_and_are_checked() {
         (p["hidden_dim"].clone(), p["out_dim"].clone()),
         (json!(128), json!(8))
     );
+    assert!(
+        p.get("augment").is_none(),
+        "the batch-synchronous default is not written: {p}"
+    );
+    let q = normalize("ssl_head", json!({"augment": "per_image"})).expect("per image");
+    assert_eq!(q["augment"], json!("per_image"));
     let e = errors(
         "ssl_head",
         json!({"views": 1, "epochs": 0, "lr": -1.0, "nope": 1}),

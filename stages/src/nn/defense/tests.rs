@@ -59,7 +59,9 @@ fn sync_augment_matches_the_host_pipeline_image_by_image() -> TestResult {
         let x = to_tensor(&data, n, side, side)?;
         let plan = Plan::new(&cfg, side, side);
         let mut rng = Rng::new(7);
-        let mut draws: Vec<ViewParams> = (0..40).map(|_| aug.draw(&mut rng, side, side)).collect();
+        let mut draws: Vec<ViewParams> = (0..40)
+            .map(|_| aug.draw_shared(&mut rng, side, side))
+            .collect();
         // every op alone too, hue in both directions, a flip of the whole image
         let base = draws[0];
         for (k, hue) in [(0u8, None), (3, Some(0.17f32)), (3, Some(-0.2))] {
@@ -83,7 +85,7 @@ fn sync_augment_matches_the_host_pipeline_image_by_image() -> TestResult {
             });
         }
         for d in &draws {
-            let got = aug.apply(&x, d)?;
+            let got = aug.apply_shared(&x, d)?;
             assert_eq!(got.dims(), &[n, 3, 32, 32]);
             let got = got.flatten_all()?.to_vec1::<f32>()?;
             let il = 3 * side * side;
@@ -111,9 +113,9 @@ fn one_draw_is_shared_by_the_batch() -> TestResult {
     let aug = SyncAugment::r_mao();
     let data = images(4, 32, 32, 3);
     let x = to_tensor(&data, 4, 32, 32)?;
-    let d = aug.draw(&mut Rng::new(11), 32, 32);
-    let all = aug.apply(&x, &d)?;
-    let one = aug.apply(&x.narrow(0, 2, 1)?, &d)?;
+    let d = aug.draw_shared(&mut Rng::new(11), 32, 32);
+    let all = aug.apply_shared(&x, &d)?;
+    let one = aug.apply_shared(&x.narrow(0, 2, 1)?, &d)?;
     let diff = (all.narrow(0, 2, 1)? - one)?
         .abs()?
         .max_all()?
@@ -139,7 +141,7 @@ fn gradients_through_the_augmentation_match_finite_differences() -> TestResult {
     let w = Tensor::from_vec(ws, (n, 3, 6, 6), &dev)?;
     let mut draws = Vec::new();
     while draws.len() < 4 {
-        let d = aug.draw(&mut rng, side, side);
+        let d = aug.draw_shared(&mut rng, side, side);
         // keep crops that sample several pixels and mix flips / greys
         if matches!(d.geometry, ViewGeometry::Crop(CropBox { height, width, .. }) if height > 3 && width > 3)
         {
@@ -151,7 +153,8 @@ fn gradients_through_the_augmentation_match_finite_differences() -> TestResult {
         let mut d = *d;
         d.grayscale = k == 3;
         d.flip = k % 2 == 1;
-        let f = |x: &Tensor| -> candle::Result<Tensor> { (aug.apply(x, &d)? * &w)?.sum_all() };
+        let f =
+            |x: &Tensor| -> candle::Result<Tensor> { (aug.apply_shared(x, &d)? * &w)?.sum_all() };
         let var = Var::from_tensor(&Tensor::from_vec(xs.clone(), (n, 3, side, side), &dev)?)?;
         let grads = f(var.as_tensor())?.backward()?;
         let g = grads
@@ -262,7 +265,9 @@ fn ssl_loss_matches_the_head_and_l1x_written_out() -> TestResult {
     let (b, views) = (5usize, 4usize);
     let x = to_tensor(&images(b, 32, 32, 9), b, 32, 32)?;
     let mut rng = Rng::new(3);
-    let draws: Vec<ViewParams> = (0..views).map(|_| aug.draw(&mut rng, 32, 32)).collect();
+    let draws: Vec<ViewDraw> = (0..views)
+        .map(|_| ViewDraw::Shared(aug.draw_shared(&mut rng, 32, 32)))
+        .collect();
     let got = ssl_loss(&clf, &head, &aug, &x, &draws, false, false)?.to_scalar::<f32>()?;
 
     let f = clf
@@ -327,8 +332,8 @@ fn reversal_lowers_the_ssl_loss_within_its_ball() -> TestResult {
     let b = 16;
     let x = to_tensor(&images(b, 32, 32, 21), b, 32, 32)?;
     let fixed = SyncAugment::new(PipelineConfig::default(), TORCH_GRAY)?;
-    let draws: Vec<ViewParams> = (0..2)
-        .map(|_| fixed.draw(&mut Rng::new(0), 32, 32))
+    let draws: Vec<ViewDraw> = (0..2)
+        .map(|_| fixed.draw(&mut Rng::new(0), b, 32, 32))
         .collect();
     let loss = |x: &Tensor| -> candle::Result<f32> {
         ssl_loss(&clf, &head, &fixed, x, &draws, false, false)?.to_scalar::<f32>()
@@ -402,4 +407,40 @@ fn unsupported_pipelines_are_refused() {
     let mut cfg = r_mao_augment();
     cfg.solarize_p = 0.1;
     assert!(SyncAugment::new(cfg, TORCH_GRAY).is_err());
+}
+
+/// Per-image mode: every image gets its own draw, and each image's view is the host
+/// pipeline's view of that image under its own decisions.
+#[test]
+fn per_image_draws_follow_each_images_own_decisions() -> TestResult {
+    let mut cfg = r_mao_augment();
+    cfg.geometry = Geometry::ResizedCrop(RandomResizedCrop {
+        antialias: false,
+        ..RandomResizedCrop::default()
+    });
+    let aug = SyncAugment::new(cfg.clone(), GRAY_WEIGHTS)?.per_image(true);
+    assert!(aug.is_per_image());
+    let n = 5;
+    let data = images(n, 32, 32, 77);
+    let x = to_tensor(&data, n, 32, 32)?;
+    let d = aug.draw(&mut Rng::new(8), n, 32, 32);
+    let ViewDraw::PerImage(ps) = &d else {
+        panic!("per-image draws expected")
+    };
+    assert_eq!(ps.len(), n);
+    assert!(ps.windows(2).any(|w| w[0].geometry != w[1].geometry));
+    let got = aug.apply(&x, &d)?.flatten_all()?.to_vec1::<f32>()?;
+    let plan = Plan::new(&cfg, 32, 32);
+    let mut scratch = Scratch::default();
+    let il = 3 * 32 * 32;
+    for (i, p) in ps.iter().enumerate() {
+        let mut want = vec![0f32; il];
+        plan.render(&data[i * il..(i + 1) * il], p, &mut want, &mut scratch);
+        for (a, b) in got[i * il..(i + 1) * il].iter().zip(&want) {
+            assert!((a - b).abs() < 1e-4, "image {i}: {a} vs {b}");
+        }
+    }
+    // a per-image draw of another batch size is refused
+    assert!(aug.apply(&x.narrow(0, 0, 3)?, &d).is_err());
+    Ok(())
 }
