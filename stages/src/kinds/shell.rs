@@ -126,9 +126,12 @@ impl TypedStage for Shell {
             let dirs: Vec<String> = arts.iter().map(|a| a.dir.display().to_string()).collect();
             cmd.env(format!("PIPE_IN_{slot}"), dirs.join(":"));
         }
+        // the watchdog runs before the command exists, so a pipe killed right after the
+        // command starts still takes the command's group down with it
+        let mut watchdog = Watchdog::start();
         let mut child = cmd.spawn().map_err(|e| format!("cannot start `sh`: {e}"))?;
         let pid = child.id();
-        let mut watchdog = Watchdog::start(pid);
+        watchdog.arm(pid);
 
         // stderr: into the log, and its last lines kept for the error message
         let tail = Arc::new(Mutex::new(VecDeque::with_capacity(STDERR_TAIL)));
@@ -200,23 +203,25 @@ impl TypedStage for Shell {
 ///
 /// A small `sh` in a process group of its own (so a Ctrl-C at the terminal does not reach it)
 /// blocks reading a pipe whose only write end we hold (close-on-exec, so no stage command
-/// inherits it). When `pipe` dies, however it dies, the kernel closes that end, the read
-/// returns, and the watchdog SIGKILLs the group. When the command ends normally, we kill the
-/// watchdog instead, before its group id can be reused.
+/// inherits it). It is started *before* the command and told the command's group id right
+/// after the command starts ([`Watchdog::arm`]: one short write), so the window in which a
+/// killed `pipe` would leave the command running is that write, not a process start. When
+/// `pipe` dies, however it dies, the kernel closes the write end, the second read returns,
+/// and the watchdog SIGKILLs the group (a watchdog never told a group just exits). When the
+/// command ends normally, we kill the watchdog instead, before its group id can be reused.
 struct Watchdog {
     child: Option<std::process::Child>,
-    _alive: Option<std::io::PipeWriter>,
+    alive: Option<std::io::PipeWriter>,
 }
 
 impl Watchdog {
-    fn start(group: u32) -> Watchdog {
+    fn start() -> Watchdog {
         let spawned = std::io::pipe().and_then(|(read, write)| {
             Command::new("sh")
                 .arg("-c")
                 // dash's `kill` takes `-s KILL --` but not `-9 --` before a negative pid
-                .arg(r#"read x; kill -s KILL -- "-$1" 2>/dev/null"#)
+                .arg(r#"read g || exit 0; read x; kill -s KILL -- "-$g" 2>/dev/null"#)
                 .arg("pipe-watchdog")
-                .arg(group.to_string())
                 .current_dir("/")
                 .stdin(Stdio::from(read))
                 .stdout(Stdio::null())
@@ -228,18 +233,30 @@ impl Watchdog {
         match spawned {
             Ok((child, write)) => Watchdog {
                 child: Some(child),
-                _alive: Some(write),
+                alive: Some(write),
             },
             Err(e) => {
                 tracing::warn!(
                     "cannot start the watchdog of a shell command ({e}): if pipe is killed, \
-                     the command's process group {group} keeps running"
+                     the command keeps running"
                 );
                 Watchdog {
                     child: None,
-                    _alive: None,
+                    alive: None,
                 }
             }
+        }
+    }
+
+    /// Tells the watchdog the group to kill.
+    fn arm(&mut self, group: u32) {
+        if let Some(w) = self.alive.as_mut()
+            && let Err(e) = writeln!(w, "{group}")
+        {
+            tracing::warn!(
+                "cannot arm the watchdog of a shell command ({e}): if pipe is killed, \
+                 the command's process group {group} keeps running"
+            );
         }
     }
 
@@ -248,7 +265,7 @@ impl Watchdog {
             let _ = c.kill();
             let _ = c.wait();
         }
-        self._alive = None;
+        self.alive = None;
     }
 }
 

@@ -160,11 +160,15 @@ impl SslHeadParams {
     }
 }
 
-/// Loads a classifier artifact's head sizes file and weights.
+/// Loads an `ssl_head` artifact: the head and its sizes.
 ///
 /// # Errors
 /// Missing or malformed files, named.
-pub fn load_head(dir_file: &Path, spec_file: &Path, device: &Device) -> Result<SslHead> {
+pub fn load_head(
+    weights: &Path,
+    spec_file: &Path,
+    device: &Device,
+) -> Result<(SslHead, SslHeadConfig)> {
     let text =
         std::fs::read_to_string(spec_file).map_err(|e| format!("{}: {e}", spec_file.display()))?;
     let cfg: SslHeadConfig =
@@ -172,9 +176,8 @@ pub fn load_head(dir_file: &Path, spec_file: &Path, device: &Device) -> Result<S
     let (vm, head) = build_seeded(0, &InitRules::default(), DType::F32, device, |vb| {
         ssl_head(&cfg, vb)
     })?;
-    checkpoint::load(&vm, dir_file, "", true)
-        .map_err(|e| format!("{}: {e}", dir_file.display()))?;
-    Ok(head)
+    checkpoint::load(&vm, weights, "", true).map_err(|e| format!("{}: {e}", weights.display()))?;
+    Ok((head, cfg))
 }
 
 /// One epoch's entry of the curve.

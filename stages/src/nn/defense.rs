@@ -500,6 +500,24 @@ pub fn ssl_loss(
     head_train: bool,
     detach_features: bool,
 ) -> Result<Tensor> {
+    let z = ssl_embeddings(clf, head, aug, x, draws, head_train, detach_features)?;
+    info_nce_first_positive(&z, draws.len(), SSL_TEMPERATURE)
+}
+
+/// The l2-normalised head outputs of the views of `x`, view-major `(V B, o)` (see
+/// [`ssl_loss`]).
+///
+/// # Errors
+/// Fewer than two draws, or as [`SyncAugment::apply`].
+fn ssl_embeddings(
+    clf: &Classifier,
+    head: &SslHead,
+    aug: &SyncAugment,
+    x: &Tensor,
+    draws: &[ViewDraw],
+    head_train: bool,
+    detach_features: bool,
+) -> Result<Tensor> {
     if draws.len() < 2 {
         bail!("the SSL loss needs at least 2 views, got {}", draws.len())
     }
@@ -508,8 +526,7 @@ pub fn ssl_loss(
     if detach_features {
         f = f.detach();
     }
-    let z = l2_normalize(&head.forward_t(&f, head_train)?)?;
-    info_nce_first_positive(&z, draws.len(), SSL_TEMPERATURE)
+    l2_normalize(&head.forward_t(&f, head_train)?)
 }
 
 /// [`ssl_loss`] (classifier and head in eval mode) and the number of its `V B` anchors whose
@@ -524,9 +541,7 @@ pub fn ssl_loss_and_correct(
     x: &Tensor,
     draws: &[ViewDraw],
 ) -> Result<(f64, usize)> {
-    let views = sync_views(aug, x, draws)?;
-    let f = clf.features(&views, false)?;
-    let z = l2_normalize(&head.forward_t(&f, false)?)?;
+    let z = ssl_embeddings(clf, head, aug, x, draws, false, false)?;
     let loss = info_nce_first_positive(&z, draws.len(), SSL_TEMPERATURE)?;
     let n = z.dim(0)?;
     let b = n / draws.len();

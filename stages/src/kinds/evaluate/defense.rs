@@ -42,7 +42,7 @@ use crate::data::Split;
 use crate::nn::attacks::{Norm, Select};
 use crate::nn::classifier::Classifier;
 use crate::nn::defense::{
-    AugmentMode, ReverseConfig, SslHead, SyncAugment, random_noise, reverse, ssl_loss_and_correct,
+    AugmentMode, ReverseConfig, SslHead, SyncAugment, random_noise, reverse, ssl_loss,
 };
 use crate::params::{Checks, de_real_opt};
 use crate::rng::Rng;
@@ -398,8 +398,13 @@ pub fn defend(
                 let draws: Vec<_> = (0..LOSS_VIEWS)
                     .map(|_| aug.draw(&mut lr, idx.len(), test.h, test.w))
                     .collect();
-                let b = ssl_loss_and_correct(&clf, h, &aug, &x, &draws)?.0;
-                let a = ssl_loss_and_correct(&clf, h, &aug, &defended, &draws)?.0;
+                let value = |t: &Tensor| -> candle::Result<f64> {
+                    let l = ssl_loss(&clf, h, &aug, t, &draws, false, false)?;
+                    Ok(f64::from(
+                        l.to_dtype(candle::DType::F32)?.to_scalar::<f32>()?,
+                    ))
+                };
+                let (b, a) = (value(&x)?, value(&defended)?);
                 before += b * idx.len() as f64;
                 after += a * idx.len() as f64;
                 seen += idx.len();
@@ -444,7 +449,6 @@ pub fn adaptive_attacks(
     device: &Device,
     hooks: &Hooks<'_>,
 ) -> Result<Vec<(Vec<f32>, usize)>, Error> {
-    use crate::nn::defense::ssl_loss;
     use crate::nn::losses::cross_entropy_per_example;
     let clf = clf.frozen()?;
     let head = head.frozen()?;

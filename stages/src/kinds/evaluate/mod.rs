@@ -498,9 +498,7 @@ fn load_ssl_head(
             }
             let file = |name: &str| crate::params::input_file(ctx, "ssl_head", name, "ssl_head");
             let spec_path = file(HEAD_SPEC_FILE)?;
-            let head = load_head(&file(HEAD_FILE)?, &spec_path, device)?;
-            let cfg: crate::nn::defense::SslHeadConfig =
-                serde_json::from_str(&std::fs::read_to_string(&spec_path)?)?;
+            let (head, cfg) = load_head(&file(HEAD_FILE)?, &spec_path, device)?;
             if cfg.in_dim != clf.spec().feature_dim() {
                 return Err(format!(
                     "the SSL head reads {}-d features but the classifier's are {}-d ({}): was it trained on another classifier?",
