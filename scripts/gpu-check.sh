@@ -11,6 +11,8 @@
 #   bash scripts/gpu-check.sh paper   # pipelines/cf_amc_ssl.yaml for as long as the command may
 #                                     # run; the store (.pipe/, kept while the machine stays
 #                                     # warm) and per-epoch checkpoints let a next call go on
+#   bash scripts/gpu-check.sh defense # pipelines/defense_cpu.yaml on the GPU: the test-time
+#                                     # defence end to end (and its table)
 #
 # PIPE_GPU_LIMIT (seconds, default 540) bounds the long steps. The CUDA libraries are looked up
 # in PyTorch's wheels (site-packages/nvidia/cu13/lib), then in the usual system folders.
@@ -97,8 +99,16 @@ paper)
     run paper timeout "$limit" "$pipe" run "$root/pipelines/cf_amc_ssl.yaml" --no-progress -v
     "$pipe" plan "$root/pipelines/cf_amc_ssl.yaml" >"$out/paper-plan.txt" 2>&1
     ;;
+defense)
+    # the test-time defence end to end on the GPU (ACL at CPU scale, its SLF classifier, the SSL
+    # head, PGD-20, R-MAO's reversal, the defence-aware attack, the noise baseline)
+    run defense env PIPE_AUTO_DEVICE=cuda timeout "$limit" "$pipe" run \
+        "$root/pipelines/defense_cpu.yaml" --no-progress -v
+    PIPE_AUTO_DEVICE=cuda "$pipe" show "$root/pipelines/defense_cpu.yaml" table \
+        >"$out/defense-table.txt" 2>&1
+    ;;
 *)
-    log "unknown mode $mode (quick, epoch or paper)"
+    log "unknown mode $mode (quick, epoch, paper or defense)"
     exit 2
     ;;
 esac
