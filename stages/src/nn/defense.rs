@@ -57,7 +57,7 @@ use crate::nn::resnet::{BranchBatchNorm, DEFAULT_BRANCH, branch_batch_norm};
 use crate::rng::Rng;
 
 /// torchvision's `rgb_to_grayscale` weights for tensors.
-pub const TORCH_GRAY: [f32; 3] = [0.2989, 0.587, 0.114];
+pub const TORCH_GRAY: [f64; 3] = [0.2989, 0.587, 0.114];
 
 /// The SSL loss's temperature (R-MAO and R-DLSP).
 pub const SSL_TEMPERATURE: f64 = 0.2;
@@ -112,7 +112,7 @@ pub enum ViewDraw {
 #[derive(Debug, Clone, PartialEq)]
 pub struct SyncAugment {
     cfg: PipelineConfig,
-    gray: [f32; 3],
+    gray: [f64; 3],
     per_image: bool,
 }
 
@@ -131,7 +131,7 @@ impl SyncAugment {
     /// # Errors
     /// An invalid pipeline, or one with a step this module does not render (pad-crop, blur,
     /// solarize).
-    pub fn new(cfg: PipelineConfig, gray: [f32; 3]) -> Result<Self> {
+    pub fn new(cfg: PipelineConfig, gray: [f64; 3]) -> Result<Self> {
         cfg.validate()
             .map_err(|e| candle::Error::Msg(e.to_string()))?;
         if matches!(cfg.geometry, Geometry::PadCrop(_)) || cfg.blur.p > 0.0 || cfg.solarize_p > 0.0
@@ -265,7 +265,7 @@ impl SyncAugment {
 
     /// `w_r R + w_g G + w_b B`, `(B, 1, H, W)`.
     fn gray(&self, x: &Tensor) -> Result<Tensor> {
-        let [wr, wg, wb] = self.gray.map(f64::from);
+        let [wr, wg, wb] = self.gray;
         let (r, g, b) = channels(x)?;
         ((r * wr)? + (g * wg)?)? + (b * wb)?
     }
