@@ -75,3 +75,10 @@ for i, d in enumerate(DRAWS):
         f"grad_sum {g.sum().item():.10f} grad_v {(g * v).sum().item():.10f} "
         f"grad_max {g.abs().max().item():.10f}"
     )
+
+# channel ties: r = g = 0.6 maximal, b = 0.2, hue + 0.1; the gradient of the largest output
+# channel goes to the first maximal input channel only (pinned in
+# `nn::defense::tests::channel_ties_take_torchs_gradient`)
+x = torch.tensor([0.6, 0.6, 0.2], dtype=torch.float64).reshape(1, 3, 1, 1).requires_grad_(True)
+F.adjust_hue(x, 0.1).max(dim=1).values.sum().backward()
+print("tie gradient", x.grad.flatten().tolist())

@@ -184,7 +184,8 @@ fn gradients_through_the_augmentation_match_finite_differences() -> TestResult {
 }
 
 /// At a pixel whose maximum is shared by two channels, the hue round trip sends the gradient
-/// of `max` to the first channel only (`torch.max(dim).values`), not split.
+/// of `max` to the first channel only, not split: torchvision 0.29 gives `[1, 0, 0]` here
+/// (`stages/tests/defense_reference.py`, last line).
 #[test]
 fn channel_ties_take_torchs_gradient() -> TestResult {
     let dev = Device::Cpu;
