@@ -82,3 +82,21 @@ for i, d in enumerate(DRAWS):
 x = torch.tensor([0.6, 0.6, 0.2], dtype=torch.float64).reshape(1, 3, 1, 1).requires_grad_(True)
 F.adjust_hue(x, 0.1).max(dim=1).values.sum().backward()
 print("tie gradient", x.grad.flatten().tolist())
+
+# (L1x) as R-MAO's `constrastive_loss_func` computes it ([Q54]): V = 4 views of B = 3 images,
+# rows view-major, F.normalize'd; the positives of an anchor are the other views of its image
+# in index order, the cross-entropy targets the first of them; tau = 0.2. Pinned in
+# `nn::defense::tests::l1x_matches_r_mao_with_four_views`.
+V, Bz, D = 4, 3, 5
+z = torch.tensor(
+    [math.sin(0.9 * k + 0.2) for k in range(V * Bz * D)], dtype=torch.float64
+).reshape(V * Bz, D)
+z = torch.nn.functional.normalize(z, dim=1)
+ids = torch.cat([torch.arange(Bz) for _ in range(V)])
+same = ids.unsqueeze(0) == ids.unsqueeze(1)
+off = ~torch.eye(V * Bz, dtype=torch.bool)
+sim = (z @ z.T)[off].view(V * Bz, -1)
+same = same[off].view(V * Bz, -1)
+logits = torch.cat([sim[same].view(V * Bz, -1), sim[~same].view(V * Bz, -1)], dim=1) / 0.2
+loss = torch.nn.functional.cross_entropy(logits, torch.zeros(V * Bz, dtype=torch.long))
+print(f"l1x {loss.item():.12f}")

@@ -576,3 +576,18 @@ fn matches_torchvision_values_and_gradients() -> TestResult {
     }
     Ok(())
 }
+
+/// The SSL loss's (L1x) against R-MAO's own construction at 4 views ([Q54]: the first positive
+/// is the target, the other two sit in the denominator), `stages/tests/defense_reference.py`.
+#[test]
+fn l1x_matches_r_mao_with_four_views() -> TestResult {
+    let (v, b, d) = (4usize, 3usize, 5usize);
+    let z: Vec<f64> = (0..v * b * d)
+        .map(|k| (0.9 * k as f64 + 0.2).sin())
+        .collect();
+    let z = Tensor::from_vec(z, (v * b, d), &Device::Cpu)?;
+    let z = l2_normalize(&z)?;
+    let got = info_nce_first_positive(&z, v, SSL_TEMPERATURE)?.to_scalar::<f64>()?;
+    assert!((got - 5.266980707013).abs() < 1e-10, "{got}");
+    Ok(())
+}
