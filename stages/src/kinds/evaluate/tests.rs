@@ -388,11 +388,44 @@ impl TypedStage for FixtureClassifier {
     }
 }
 
-#[test]
-fn end_to_end_through_the_engine() -> TestResult {
+/// Runs `yaml` (written to `dir/p.yaml`) through the engine with the registry plus
+/// [`FixtureClassifier`], one job, a store in `dir/store`.
+fn run_with_fixture(
+    dir: &Path,
+    yaml: &str,
+    keep_going: bool,
+) -> std::result::Result<
+    (
+        pipe_engine::plan::Plan,
+        pipe_cache::Store,
+        pipe_engine::exec::Summary,
+    ),
+    Box<dyn std::error::Error + Send + Sync>,
+> {
     use pipe_engine::{Overrides, graph, spec};
     use std::sync::atomic::AtomicBool;
+    let mut reg = pipe_engine::Registry::new();
+    crate::register_all(&mut reg);
+    reg.register_typed::<FixtureClassifier>();
+    let store = pipe_cache::Store::open(dir.join("store"))?;
+    let file = dir.join("p.yaml");
+    std::fs::write(&file, yaml)?;
+    let p = spec::load(&file, &reg, &Overrides::default())?;
+    let plan = pipe_engine::plan::plan(graph::build(p, &reg), &store, &[])?;
+    let opts = pipe_engine::RunOptions {
+        jobs: 1,
+        gpus: 0,
+        keep_going,
+        pipe_version: "test".into(),
+        ..Default::default()
+    };
+    let cancel = AtomicBool::new(false);
+    let s = pipe_engine::exec::run(&plan, &reg, &store, &opts, &cancel, &mut pipe_engine::Quiet);
+    Ok((plan, store, s))
+}
 
+#[test]
+fn end_to_end_through_the_engine() -> TestResult {
     let tmp = crate::data::testutil::TempDir::new("evaluate-e2e");
     let dir = tmp.path();
     let fixture = dir.join("fixture");
@@ -417,23 +450,7 @@ fn end_to_end_through_the_engine() -> TestResult {
 ",
         fixture.display()
     );
-    let mut reg = pipe_engine::Registry::new();
-    crate::register_all(&mut reg);
-    reg.register_typed::<FixtureClassifier>();
-    let store = pipe_cache::Store::open(dir.join("store"))?;
-    let file = dir.join("p.yaml");
-    std::fs::write(&file, yaml)?;
-    let p = spec::load(&file, &reg, &Overrides::default())?;
-    let plan = pipe_engine::plan::plan(graph::build(p, &reg), &store, &[])?;
-    let opts = pipe_engine::RunOptions {
-        jobs: 1,
-        gpus: 0,
-        keep_going: false,
-        pipe_version: "test".into(),
-        ..Default::default()
-    };
-    let cancel = AtomicBool::new(false);
-    let s = pipe_engine::exec::run(&plan, &reg, &store, &opts, &cancel, &mut pipe_engine::Quiet);
+    let (plan, store, s) = run_with_fixture(dir, &yaml, false)?;
     assert!(!s.failed(), "{:?}", s.results);
     let entry = |id: &str| -> std::result::Result<
         pipe_cache::Entry,
@@ -685,9 +702,6 @@ fn defense_params_are_completed_by_their_preset_and_keyed() {
 /// ones), with R-DLSP's preset and with random noise; inputs that do not fit are named.
 #[test]
 fn defense_end_to_end_through_the_engine() -> TestResult {
-    use pipe_engine::{Overrides, graph, spec};
-    use std::sync::atomic::AtomicBool;
-
     let tmp = crate::data::testutil::TempDir::new("evaluate-defense");
     let dir = tmp.path();
     let fixture = dir.join("fixture");
@@ -741,23 +755,7 @@ fn defense_end_to_end_through_the_engine() -> TestResult {
 ",
         fixture.display()
     );
-    let mut reg = pipe_engine::Registry::new();
-    crate::register_all(&mut reg);
-    reg.register_typed::<FixtureClassifier>();
-    let store = pipe_cache::Store::open(dir.join("store"))?;
-    let file = dir.join("p.yaml");
-    std::fs::write(&file, yaml)?;
-    let p = spec::load(&file, &reg, &Overrides::default())?;
-    let plan = pipe_engine::plan::plan(graph::build(p, &reg), &store, &[])?;
-    let opts = pipe_engine::RunOptions {
-        jobs: 1,
-        gpus: 0,
-        keep_going: true,
-        pipe_version: "test".into(),
-        ..Default::default()
-    };
-    let cancel = AtomicBool::new(false);
-    let s = pipe_engine::exec::run(&plan, &reg, &store, &opts, &cancel, &mut pipe_engine::Quiet);
+    let (plan, store, s) = run_with_fixture(dir, &yaml, true)?;
     let failed: Vec<String> = s
         .results
         .iter()
