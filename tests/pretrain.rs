@@ -242,16 +242,25 @@ fn advcl_trains_on_pseudo_labels_from_a_pretrained_encoder() {
     assert_eq!(key_of(&plan, "clusters"), key_of(&doc, "clusters"));
     assert_ne!(key_of(&plan, "advcl"), key_of(&doc, "advcl"));
 
-    // AdvCL without labels, and labels on another method, fail with a clear message
+    // AdvCL without labels, and labels on another method, are plan-time errors at the stage's
+    // `inputs` line: nothing runs
     let no_labels = advcl_pipeline(0, 0.3).replace(
         "inputs: {dataset: data, labels: clusters}",
         "inputs: {dataset: data}",
     );
+    let at = no_labels
+        .lines()
+        .position(|l| l == "  advcl:")
+        .map(|i| i + 3)
+        .expect("the advcl stage");
     let p4 = dir.pipeline("p4.yaml", &no_labels);
-    let out = dir.pipe(&["run", &p4]).code(1);
+    let out = dir.pipe(&["run", &p4]).code(2);
     assert!(
-        out.stderr.contains("pseudo-labels") && out.stderr.contains("`labels` input"),
-        "{}",
+        out.stderr.contains("pseudo-labels")
+            && out.stderr.contains("`labels` input")
+            && out.stderr.contains(&format!("p4.yaml:{at}"))
+            && out.stderr.contains("stages.advcl.inputs"),
+        "line {at}: {}",
         out.stderr
     );
     let other = format!(
@@ -260,7 +269,13 @@ fn advcl_trains_on_pseudo_labels_from_a_pretrained_encoder() {
         advcl_pipeline(0, 0.2)
     );
     let p5 = dir.pipeline("p5.yaml", &other);
-    let out = dir.pipe(&["run", &p5]).code(1);
+    let out = dir.pipe(&["run", &p5]).code(2);
+    let at = other.lines().count() - 1;
+    assert!(
+        out.stderr.contains(&format!("p5.yaml:{at}")) && out.stderr.contains("stages.other.inputs.labels"),
+        "line {at}: {}",
+        out.stderr
+    );
     assert!(
         out.stderr.contains("read by method advcl only"),
         "{}",

@@ -78,6 +78,11 @@ pub trait StageKind: Send + Sync + 'static {
     /// Deserializes params into the kind's typed params (defaults filled, unknown fields
     /// rejected, ranges checked) and re-serializes them: the resolved params that are keyed.
     fn normalize(&self, params: Value, ctx: &NormalizeCtx<'_>) -> Result<Value, Vec<ParamError>>;
+    /// Which optional inputs normalized `params` need or ignore, given the connected slots
+    /// (see [`TypedStage::check_inputs`]).
+    fn check_inputs(&self, _params: &Value, _connected: &[&str]) -> Vec<ParamError> {
+        Vec::new()
+    }
     /// External files the node reads (hashed into its key).
     fn externals(&self, params: &Value) -> Vec<External>;
     /// The part of the normalized params that is keyed (paths of externals are left out:
@@ -104,6 +109,12 @@ pub trait TypedStage: Send + Sync + 'static {
     fn inputs() -> Slots;
     /// Range checks beyond what the types say (`epochs >= 1`).
     fn check(_params: &Self::Params) -> Vec<ParamError> {
+        Vec::new()
+    }
+    /// Plan-time checks of which optional inputs the params need or ignore, given the slots
+    /// the pipeline connects (`connected`): an error's `path` is `inputs` (a missing slot)
+    /// or `inputs.<slot>` (a slot these params do not read). Default: none.
+    fn check_inputs(_params: &Self::Params, _connected: &[&str]) -> Vec<ParamError> {
         Vec::new()
     }
     /// Resolves params at plan time (environment variables, paths relative to the pipeline
@@ -173,6 +184,11 @@ impl<T: TypedStage> StageKind for Typed<T> {
         let p = T::canonicalize(p, ctx)?;
         serde_json::to_value(&p)
             .map_err(|e| vec![ParamError::new("", format!("params do not serialize: {e}"))])
+    }
+    fn check_inputs(&self, params: &Value, connected: &[&str]) -> Vec<ParamError> {
+        typed::<T>(params)
+            .map(|p| T::check_inputs(&p, connected))
+            .unwrap_or_default()
     }
     fn externals(&self, params: &Value) -> Vec<External> {
         typed::<T>(params)

@@ -23,6 +23,7 @@
 
 pub mod data;
 pub mod device;
+pub mod journal;
 pub mod kinds;
 pub mod nn;
 pub mod params;

@@ -929,6 +929,19 @@ fn parse_inner(
                 }
                 match kind.normalize(Value::Object(merged), &nctx) {
                     Ok(params) => {
+                        let connected: Vec<&str> =
+                            p.inputs.iter().map(|(slot, _)| slot.as_str()).collect();
+                        for ParamError { path, message } in kind.check_inputs(&params, &connected)
+                        {
+                            let at = if path.is_empty() {
+                                spath.clone()
+                            } else {
+                                format!("{spath}.{path}")
+                            };
+                            if seen_errors.insert((at.clone(), message.clone())) {
+                                ctx.err(at, message);
+                            }
+                        }
                         let mut external = BTreeMap::new();
                         for ext in kind.externals(&params) {
                             let hash = stats.hash(&ext.path);

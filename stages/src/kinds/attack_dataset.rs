@@ -46,6 +46,12 @@
 //! - `metrics.json`: `clean_acc`, `adv_acc` (fractions in `[0, 1]`), `clean_mean_loss`,
 //!   `mean_loss` (mean cross-entropy at the adversarial images), `n`, `name`, `attack` (the
 //!   config), `seconds`, `device`.
+//!
+//! # Crashes
+//!
+//! Every finished batch (its images, losses and counts) is recorded in the node's scratch
+//! folder ([`crate::journal`]); a run of the same key after a crash replays them and attacks
+//! only the rest, giving the artifact an uninterrupted run gives.
 
 use std::time::Instant;
 
@@ -58,6 +64,7 @@ use serde_json::{Value, json};
 
 use crate::data::Split;
 use crate::data::adversarial::{ADVERSARIAL_FILE, AdversarialSet};
+use crate::journal::Journal;
 use crate::device::DeviceSpec;
 use crate::kinds::evaluate::{
     self, AttackSpec, Error, Hooks, batch_tensor, count_correct, subset_indices,
@@ -207,6 +214,22 @@ pub struct AttackOutcome {
     pub seconds: f64,
 }
 
+/// The journal part of [`attack_split`]'s batches.
+const JOURNAL_PART: &str = "attack";
+
+/// The journal record of one batch of [`attack_split`] (its images and losses are the
+/// tensors `adv` and `loss`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+struct AttackBatch {
+    /// First image and size (checked on replay).
+    start: usize,
+    size: usize,
+    clean_correct: usize,
+    adv_correct: usize,
+    /// The batch's summed clean cross-entropy.
+    clean_loss: f64,
+}
+
 /// Attacks the images `indices` of `test` (see the module docs).
 ///
 /// # Errors
@@ -219,6 +242,7 @@ pub fn attack_split(
     cfg: &AttackDatasetConfig,
     device: &Device,
     hooks: &Hooks<'_>,
+    journal: &Journal,
 ) -> Result<AttackOutcome, Error> {
     let start = Instant::now();
     if cfg.batch_size == 0 {
@@ -238,31 +262,56 @@ pub fn attack_split(
         hooks.check()?;
         let b = cfg.batch_size.min(n - s);
         let labels = &sub.labels[s..s + b];
-        let y = Tensor::from_slice(labels, b, device)?;
-        let x = batch_tensor(&sub, s, b, device)?;
-        let clean = clf.logits(&x, false)?;
-        clean_correct += count_correct(&clean, labels)?;
-        clean_loss += cross_entropy_per_example(&clean, &y)?
-            .to_dtype(DType::F64)?
-            .sum_all()?
-            .to_scalar::<f64>()?;
-        let mut rng = Rng::derive(cfg.seed, &[ADV_STREAM, batch as u64]);
-        let res = if cfg.early_stop {
-            let objective = |xa: &Tensor| -> candle::Result<(Tensor, Tensor)> {
-                let logits = clf.logits(xa, false)?;
-                let ce = cross_entropy_per_example(&logits, &y)?;
-                let still_correct = logits.argmax(1)?.to_dtype(DType::I64)?.eq(&y)?;
-                Ok((ce, still_correct))
-            };
-            pgd_early_stop(&x, objective, &pgd_cfg, &mut rng)?
-        } else {
-            let objective = |xa: &Tensor| cross_entropy_per_example(&clf.logits(xa, false)?, &y);
-            pgd(&x, objective, &pgd_cfg, &mut rng)?
+        let old = journal.get::<AttackBatch>(JOURNAL_PART, batch, |e| {
+            let r = &e.record;
+            r.start == s && r.size == b && ["adv", "loss"].iter().all(|t| e.tensors.contains_key(*t))
+        });
+        let (rec, adv, adv_loss) = match old {
+            Some(e) => (e.record.clone(), e.tensor("adv")?.clone(), e.tensor("loss")?.clone()),
+            None => {
+                let y = Tensor::from_slice(labels, b, device)?;
+                let x = batch_tensor(&sub, s, b, device)?;
+                let clean = clf.logits(&x, false)?;
+                let mut rng = Rng::derive(cfg.seed, &[ADV_STREAM, batch as u64]);
+                let res = if cfg.early_stop {
+                    let objective = |xa: &Tensor| -> candle::Result<(Tensor, Tensor)> {
+                        let logits = clf.logits(xa, false)?;
+                        let ce = cross_entropy_per_example(&logits, &y)?;
+                        let still_correct = logits.argmax(1)?.to_dtype(DType::I64)?.eq(&y)?;
+                        Ok((ce, still_correct))
+                    };
+                    pgd_early_stop(&x, objective, &pgd_cfg, &mut rng)?
+                } else {
+                    let objective =
+                        |xa: &Tensor| cross_entropy_per_example(&clf.logits(xa, false)?, &y);
+                    pgd(&x, objective, &pgd_cfg, &mut rng)?
+                };
+                let logits = clf.logits(&res.adv, false)?;
+                let adv_loss = cross_entropy_per_example(&logits, &y)?;
+                let rec = AttackBatch {
+                    start: s,
+                    size: b,
+                    clean_correct: count_correct(&clean, labels)?,
+                    adv_correct: count_correct(&logits, labels)?,
+                    clean_loss: cross_entropy_per_example(&clean, &y)?
+                        .to_dtype(DType::F64)?
+                        .sum_all()?
+                        .to_scalar::<f64>()?,
+                };
+                journal.put(
+                    JOURNAL_PART,
+                    batch,
+                    &rec,
+                    &[("adv", &res.adv), ("loss", &adv_loss)],
+                )?;
+                (rec, res.adv, adv_loss)
+            }
         };
-        let adv = clf.logits(&res.adv, false)?;
-        adv_correct += count_correct(&adv, labels)?;
-        loss.extend(cross_entropy_per_example(&adv, &y)?.to_vec1::<f32>()?);
-        images.extend(res.adv.flatten_all()?.to_vec1::<f32>()?);
+        clean_correct += rec.clean_correct;
+        clean_loss += rec.clean_loss;
+        adv_correct += rec.adv_correct;
+        loss.extend(adv_loss.to_vec1::<f32>()?);
+        images.extend(adv.flatten_all()?.to_vec1::<f32>()?);
         (hooks.progress)(
             (s + b) as u64,
             n as u64,
@@ -382,6 +431,8 @@ impl TypedStage for AttackDataset {
             log: &log,
             cancelled: &cancelled,
         };
+        // finished batches survive a crash: a rerun of this key replays them
+        let journal = Journal::at(ctx.scratch_dir());
         let mut out = attack_split(
             &clf,
             &dataset.test,
@@ -390,7 +441,14 @@ impl TypedStage for AttackDataset {
             &p.config(),
             &device,
             &hooks,
+            &journal,
         )?;
+        if journal.replayed() > 0 {
+            ctx.log(format!(
+                "{} batches replayed from the journal of an interrupted run",
+                journal.replayed()
+            ));
+        }
         out.set.attack = record.clone();
         out.set.write(&ctx.out_path(ADVERSARIAL_FILE))?;
         let metrics = metrics_json(&out, &record, p.device.backend());
@@ -465,8 +523,75 @@ mod tests {
             &p.config(),
             &Device::Cpu,
             &Hooks::default(),
+            &Journal::off(),
         )?;
         Ok((idx, out))
+    }
+
+    #[test]
+    fn an_interrupted_run_resumes_from_its_journal_bit_identically() -> TestResult {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        let d = testutil::data();
+        let clf = testutil::trained_classifier()?;
+        let p = params(json!({"steps": 3, "test_subset": 5, "batch_size": 6, "seed": 2}));
+        let (idx, fresh) = run(&p, &clf, &d)?;
+        assert!(idx.len() > 12, "at least three batches");
+        let tmp = crate::data::testutil::TempDir::new("attack-dataset-journal");
+        let attack = |hooks: &Hooks<'_>, journal: &Journal| {
+            attack_split(
+                &clf,
+                &d.test,
+                &idx,
+                &d.classes,
+                &p.config(),
+                &Device::Cpu,
+                hooks,
+                journal,
+            )
+        };
+        // interrupted before its third batch
+        let polls = AtomicUsize::new(0);
+        let cancelled = || polls.fetch_add(1, Ordering::Relaxed) >= 2;
+        let hooks = Hooks {
+            cancelled: &cancelled,
+            ..Hooks::default()
+        };
+        let first = Journal::at(tmp.path());
+        let err = attack(&hooks, &first).err().map(|e| e.to_string());
+        assert_eq!(err.as_deref(), Some("interrupted"));
+        assert_eq!(first.replayed(), 0);
+        // the rerun replays the two finished batches and gives the uninterrupted result
+        let again = Journal::at(tmp.path());
+        let resumed = attack(&Hooks::default(), &again)?;
+        assert_eq!(again.replayed(), 2);
+        assert_eq!(resumed.set, fresh.set);
+        assert_eq!(
+            (resumed.clean_correct, resumed.adv_correct),
+            (fresh.clean_correct, fresh.adv_correct)
+        );
+        assert_eq!(
+            (resumed.clean_mean_loss.to_bits(), resumed.mean_loss.to_bits()),
+            (fresh.clean_mean_loss.to_bits(), fresh.mean_loss.to_bits())
+        );
+        // a record of another batch layout is not replayed
+        let other = AttackDatasetConfig {
+            batch_size: 5,
+            ..p.config()
+        };
+        let third = Journal::at(tmp.path());
+        let r = attack_split(
+            &clf,
+            &d.test,
+            &idx,
+            &d.classes,
+            &other,
+            &Device::Cpu,
+            &Hooks::default(),
+            &third,
+        )?;
+        assert_eq!(third.replayed(), 0);
+        assert_eq!(r.set.labels, fresh.set.labels);
+        Ok(())
     }
 
     fn params(v: Value) -> AttackDatasetParams {

@@ -39,6 +39,7 @@ use serde_json::{Map, Value, json};
 
 use super::runner::{AttackSpec, Error, Hooks, count_correct};
 use crate::data::Split;
+use crate::journal::Journal;
 use crate::nn::attacks::{Norm, Select};
 use crate::nn::classifier::Classifier;
 use crate::nn::defense::{
@@ -362,49 +363,46 @@ pub fn defend(
     seed: u64,
     device: &Device,
     hooks: &Hooks<'_>,
+    journal: &Journal,
 ) -> Result<Vec<DefendedSet>, Error> {
     let clf = clf.frozen()?;
     let head = head.map(SslHead::frozen).transpose()?;
     let aug = SyncAugment::r_mao().per_image(spec.augment == AugmentMode::PerImage);
     let order = Rng::derive(seed, &[ORDER_STREAM]).permutation(test.n);
-    let il = 3 * test.h * test.w;
     let total = (sets.len() * test.n) as u64;
     let mut out = Vec::new();
     for (si, set) in sets.iter().enumerate() {
         let mut correct = 0;
         let (mut before, mut after, mut seen) = (0.0, 0.0, 0usize);
+        let part = format!("defense-{si}");
         for (k, idx) in order.chunks(spec.batch_size).enumerate() {
             hooks.check()?;
-            let mut x = Vec::with_capacity(idx.len() * il);
-            for &i in idx {
-                x.extend_from_slice(&set.data[i * il..(i + 1) * il]);
-            }
-            let x = Tensor::from_vec(x, (idx.len(), 3, test.h, test.w), device)?;
-            let labels: Vec<i64> = idx.iter().map(|&i| test.labels[i]).collect();
-            let mut rng = Rng::derive(seed, &[REVERSE_STREAM, si as u64, k as u64]);
-            let defended = match (spec.method, &head) {
-                (DefenseMethod::Random, _) => random_noise(&x, spec.eps, &mut rng)?,
-                (DefenseMethod::Reverse, Some(h)) => {
-                    reverse(&clf, h, &aug, &x, &spec.reverse_config(set.norm), &mut rng)?
-                }
-                (DefenseMethod::Reverse, None) => {
-                    return Err("the reverse defence needs an `ssl_head` input".into());
+            let old = journal
+                .get::<DefendBatch>(&part, k, |e| {
+                    let r = &e.record;
+                    r.set == set.name && r.first == idx[0] && r.size == idx.len()
+                })
+                .map(|e| e.record);
+            let rec = match old {
+                Some(r) => r,
+                None => {
+                    let r = defend_batch(
+                        &clf,
+                        head.as_ref(),
+                        &aug,
+                        test,
+                        set,
+                        idx,
+                        spec,
+                        [seed, si as u64, k as u64],
+                        device,
+                    )?;
+                    journal.put(&part, k, &r, &[])?;
+                    r
                 }
             };
-            correct += count_correct(&clf.logits(&defended, false)?, &labels)?;
-            if let (Some(h), true) = (&head, idx.len() >= 2) {
-                // the same draws before and after
-                let mut lr = Rng::derive(seed, &[LOSS_STREAM, k as u64]);
-                let draws: Vec<_> = (0..LOSS_VIEWS)
-                    .map(|_| aug.draw(&mut lr, idx.len(), test.h, test.w))
-                    .collect();
-                let value = |t: &Tensor| -> candle::Result<f64> {
-                    let l = ssl_loss(&clf, h, &aug, t, &draws, false, false)?;
-                    Ok(f64::from(
-                        l.to_dtype(candle::DType::F32)?.to_scalar::<f32>()?,
-                    ))
-                };
-                let (b, a) = (value(&x)?, value(&defended)?);
+            correct += rec.correct;
+            if let Some((b, a)) = rec.ssl_loss {
                 before += b * idx.len() as f64;
                 after += a * idx.len() as f64;
                 seen += idx.len();
@@ -430,6 +428,86 @@ pub fn defend(
     Ok(out)
 }
 
+/// The journal record of one batch of [`defend`].
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+struct DefendBatch {
+    /// The set's name, the batch's first image and its size (checked on replay).
+    set: String,
+    first: usize,
+    size: usize,
+    /// Correct after the defence.
+    correct: usize,
+    /// The batch's mean SSL loss before and after (with a head and at least two images).
+    ssl_loss: Option<(f64, f64)>,
+}
+
+/// [`defend`] on the images `idx` of `set`; `ids` = `[seed, set index, batch index]`.
+#[allow(clippy::too_many_arguments)]
+fn defend_batch(
+    clf: &Classifier,
+    head: Option<&SslHead>,
+    aug: &SyncAugment,
+    test: &Split,
+    set: &SetImages<'_>,
+    idx: &[usize],
+    spec: &DefenseSpec,
+    [seed, si, k]: [u64; 3],
+    device: &Device,
+) -> Result<DefendBatch, Error> {
+    let il = 3 * test.h * test.w;
+    let mut x = Vec::with_capacity(idx.len() * il);
+    for &i in idx {
+        x.extend_from_slice(&set.data[i * il..(i + 1) * il]);
+    }
+    let x = Tensor::from_vec(x, (idx.len(), 3, test.h, test.w), device)?;
+    let labels: Vec<i64> = idx.iter().map(|&i| test.labels[i]).collect();
+    let mut rng = Rng::derive(seed, &[REVERSE_STREAM, si, k]);
+    let defended = match (spec.method, head) {
+        (DefenseMethod::Random, _) => random_noise(&x, spec.eps, &mut rng)?,
+        (DefenseMethod::Reverse, Some(h)) => {
+            reverse(clf, h, aug, &x, &spec.reverse_config(set.norm), &mut rng)?
+        }
+        (DefenseMethod::Reverse, None) => {
+            return Err("the reverse defence needs an `ssl_head` input".into());
+        }
+    };
+    let correct = count_correct(&clf.logits(&defended, false)?, &labels)?;
+    let ssl_loss = match head {
+        Some(h) if idx.len() >= 2 => {
+            // the same draws before and after
+            let mut lr = Rng::derive(seed, &[LOSS_STREAM, k]);
+            let draws: Vec<_> = (0..LOSS_VIEWS)
+                .map(|_| aug.draw(&mut lr, idx.len(), test.h, test.w))
+                .collect();
+            let value = |t: &Tensor| -> candle::Result<f64> {
+                let l = ssl_loss(clf, h, aug, t, &draws, false, false)?;
+                Ok(f64::from(
+                    l.to_dtype(candle::DType::F32)?.to_scalar::<f32>()?,
+                ))
+            };
+            Some((value(&x)?, value(&defended)?))
+        }
+        _ => None,
+    };
+    Ok(DefendBatch {
+        set: set.name.clone(),
+        first: idx[0],
+        size: idx.len(),
+        correct,
+        ssl_loss,
+    })
+}
+
+/// The journal record of one batch of [`adaptive_attacks`] (its images are the tensor `adv`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+struct AdaptiveBatch {
+    /// First image and size (checked on replay).
+    start: usize,
+    size: usize,
+    /// Correct on the batch's adversarial images.
+    correct: usize,
+}
+
 /// R-MAO's defence-aware attack on `test` for every attack of `attacks`: PGD (the attack's
 /// norm, ε, α, steps, start and restarts) maximising `mean CE(F(x + δ), y) − λ_S · L_ssl(x + δ)`
 /// with fresh draws of `views` views at every step, in the evaluation's batches of `batch`.
@@ -448,6 +526,7 @@ pub fn adaptive_attacks(
     seed: u64,
     device: &Device,
     hooks: &Hooks<'_>,
+    journal: &Journal,
 ) -> Result<Vec<(Vec<f32>, usize)>, Error> {
     use crate::nn::losses::cross_entropy_per_example;
     let clf = clf.frozen()?;
@@ -458,26 +537,44 @@ pub fn adaptive_attacks(
     for (a, spec) in attacks.iter().enumerate() {
         let mut images = vec![0f32; test.n * il];
         let mut correct = 0;
+        let part = format!("adaptive-{a}");
         for (k, s) in (0..test.n).step_by(batch.max(1)).enumerate() {
             hooks.check()?;
             let b = batch.min(test.n - s);
             let labels = &test.labels[s..s + b];
-            let x = super::batch_tensor(test, s, b, device)?;
-            let y = Tensor::from_slice(labels, b, device)?;
-            let mut draws = Rng::derive(seed, &[ADAPTIVE_DRAWS, a as u64, k as u64]);
-            let objective = |xa: &Tensor| -> candle::Result<Tensor> {
-                let ce = (cross_entropy_per_example(&clf.logits(xa, false)?, &y)? / b as f64)?;
-                let d: Vec<_> = (0..adaptive.views)
-                    .map(|_| aug.draw(&mut draws, b, test.h, test.w))
-                    .collect();
-                let ssl = ssl_loss(&clf, &head, &aug, xa, &d, false, false)?;
-                // Σ_b of this is mean CE − λ L_ssl (R-MAO's loss)
-                ce.broadcast_sub(&(ssl * (adaptive.lambda / b as f64))?)
+            let old = journal.get::<AdaptiveBatch>(&part, k, |e| {
+                e.record.start == s && e.record.size == b && e.tensors.contains_key("adv")
+            });
+            let (adv, rec) = match old {
+                Some(e) => (e.tensor("adv")?.clone(), e.record),
+                None => {
+                    let x = super::batch_tensor(test, s, b, device)?;
+                    let y = Tensor::from_slice(labels, b, device)?;
+                    let mut draws = Rng::derive(seed, &[ADAPTIVE_DRAWS, a as u64, k as u64]);
+                    let objective = |xa: &Tensor| -> candle::Result<Tensor> {
+                        let ce =
+                            (cross_entropy_per_example(&clf.logits(xa, false)?, &y)? / b as f64)?;
+                        let d: Vec<_> = (0..adaptive.views)
+                            .map(|_| aug.draw(&mut draws, b, test.h, test.w))
+                            .collect();
+                        let ssl = ssl_loss(&clf, &head, &aug, xa, &d, false, false)?;
+                        // Σ_b of this is mean CE − λ L_ssl (R-MAO's loss)
+                        ce.broadcast_sub(&(ssl * (adaptive.lambda / b as f64))?)
+                    };
+                    // the plain attack's start: with λ_S = 0 this is exactly the plain attack
+                    let mut rng = super::runner::attack_rng(seed, spec, k);
+                    let adv =
+                        crate::nn::attacks::pgd(&x, objective, &spec.pgd_config(), &mut rng)?.adv;
+                    let rec = AdaptiveBatch {
+                        start: s,
+                        size: b,
+                        correct: count_correct(&clf.logits(&adv, false)?, labels)?,
+                    };
+                    journal.put(&part, k, &rec, &[("adv", &adv)])?;
+                    (adv, rec)
+                }
             };
-            // the plain attack's start: with λ_S = 0 this is exactly the plain attack
-            let mut rng = super::runner::attack_rng(seed, spec, k);
-            let adv = crate::nn::attacks::pgd(&x, objective, &spec.pgd_config(), &mut rng)?.adv;
-            correct += count_correct(&clf.logits(&adv, false)?, labels)?;
+            correct += rec.correct;
             let v = adv.flatten_all()?.to_vec1::<f32>()?;
             images[s * il..s * il + v.len()].copy_from_slice(&v);
             (hooks.progress)(

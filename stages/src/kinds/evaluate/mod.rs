@@ -93,13 +93,21 @@
 //!   each of its attacks in order (R-AA's running log);
 //! - with `adversarial`: `transfer_acc`, `transfer_n`, `transfer_attack` (the set's config) and,
 //!   when the originals are found, `transfer_clean_acc`.
+//!
+//! # Crashes
+//!
+//! Every finished batch (of the clean / PGD / AutoAttack pass, of each defence-aware attack,
+//! of each set's reversal) is recorded in the node's scratch folder ([`crate::journal`]); a
+//! run of the same key after a crash or Ctrl-C replays them and computes only the rest, with
+//! the numbers of an uninterrupted run. The log says how many batches were replayed.
 
 pub mod defense;
 mod runner;
 
 pub use defense::{DefenseParam, DefenseSpec};
 pub use runner::{
-    AaCounts, AttackSpec, BenchRow, Error, EvalConfig, EvalReport, Hooks, TransferReport,
+    AaCounts, AttackSpec, BenchRow, Error, EvalConfig, EvalReport, Hooks, OnAdversarial,
+    TransferReport,
     batch_tensor, bench, count_correct, evaluate, evaluate_transfer, evaluate_with, format_radius,
     metrics_json, norm_name, subset_indices,
 };
@@ -113,6 +121,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::data::adversarial::{ADVERSARIAL_FILE, AdversarialSet};
+use crate::journal::Journal;
 use crate::data::{self, tensor_io::DATA_FILE};
 use crate::device::DeviceSpec;
 use crate::nn::attacks::Norm;
@@ -472,6 +481,27 @@ pub(crate) fn load_model(
     Ok(clf)
 }
 
+/// What is wrong with connecting (`given`) or not an `ssl_head` input for a defence of
+/// `method` (`None`: no defence), as a [`TypedStage::check_inputs`] error.
+fn ssl_head_misuse(method: Option<defense::DefenseMethod>, given: bool) -> Option<ParamError> {
+    use defense::DefenseMethod::{Random, Reverse};
+    match (method, given) {
+        (None, true) => Some(ParamError::new(
+            "inputs.ssl_head",
+            "an `ssl_head` input is only read by the `defense` param; add `defense: {}` (R-MAO's reversal) or remove the input",
+        )),
+        (Some(Random), true) => Some(ParamError::new(
+            "inputs.ssl_head",
+            "`defense.method: random` reads no `ssl_head` input; remove it",
+        )),
+        (Some(Reverse), false) => Some(ParamError::new(
+            "inputs",
+            "`defense` reverses with an SSL head: add an `ssl_head` input (an `ssl_head` stage trained on this classifier)",
+        )),
+        _ => None,
+    }
+}
+
 /// The `ssl_head` input, checked against the defence and the classifier.
 fn load_ssl_head(
     ctx: &StageCtx<'_>,
@@ -481,17 +511,12 @@ fn load_ssl_head(
 ) -> Result<Option<crate::nn::defense::SslHead>, BoxError> {
     use crate::kinds::ssl_head::{HEAD_FILE, HEAD_SPEC_FILE, load_head};
     let given = !ctx.inputs("ssl_head").is_empty();
+    if let Some(e) = ssl_head_misuse(defense.map(|d| d.method), given) {
+        return Err(e.message.into());
+    }
     match defense {
-        None if given => Err("an `ssl_head` input is only read by the `defense` param; add `defense: {}` (R-MAO's reversal) or remove the input".into()),
         None => Ok(None),
-        Some(d) if d.method == defense::DefenseMethod::Random => {
-            if given {
-                Err("`defense.method: random` reads no `ssl_head` input; remove it".into())
-            } else {
-                Ok(None)
-            }
-        }
-        Some(_) if !given => Err("`defense` reverses with an SSL head: add an `ssl_head` input (an `ssl_head` stage trained on this classifier)".into()),
+        Some(d) if d.method == defense::DefenseMethod::Random => Ok(None),
         Some(_) => {
             if clf.spec().ncrop.is_some() {
                 return Err("the defence needs a full-image classifier; this one has an n-crop head".into());
@@ -636,6 +661,13 @@ impl TypedStage for Evaluate {
         p.canonical()
     }
 
+    fn check_inputs(p: &EvaluateParams, connected: &[&str]) -> Vec<ParamError> {
+        let method = p.defense.as_ref().map(|d| d.method);
+        ssl_head_misuse(method, connected.contains(&"ssl_head"))
+            .into_iter()
+            .collect()
+    }
+
     fn key_params(p: &EvaluateParams) -> Value {
         crate::params::key_with_backend(p, p.device)
     }
@@ -726,7 +758,17 @@ impl TypedStage for Evaluate {
             }
             Ok(())
         };
-        let report = evaluate_with(&clf, test, &cfg, &device, &hooks, &mut keep)?;
+        // finished batches survive a crash: a rerun of this key replays them
+        let journal = Journal::at(ctx.scratch_dir());
+        let report = evaluate_with(
+            &clf,
+            test,
+            &cfg,
+            &device,
+            &hooks,
+            &journal,
+            defense.is_some().then_some(&mut keep as runner::OnAdversarial<'_>),
+        )?;
         let mut adaptive: Vec<(Vec<f32>, usize)> = Vec::new();
         let defended = match &defense {
             Some(spec) => {
@@ -760,6 +802,7 @@ impl TypedStage for Evaluate {
                         p.seed,
                         &device,
                         &hooks,
+                        &journal,
                     )?;
                 }
                 for (a, (buf, _)) in cfg.attacks.iter().zip(&adaptive) {
@@ -784,6 +827,7 @@ impl TypedStage for Evaluate {
                     p.seed,
                     &device,
                     &hooks,
+                    &journal,
                 )?;
                 Some((spec, r))
             }
@@ -817,6 +861,12 @@ impl TypedStage for Evaluate {
             }
         }
         crate::params::write_json(&ctx.out_path("metrics.json"), &metrics)?;
+        if journal.replayed() > 0 {
+            ctx.log(format!(
+                "{} batches in all replayed from the journal of an interrupted run",
+                journal.replayed()
+            ));
+        }
         ctx.log(format!("done: {metrics}"));
         Ok(())
     }

@@ -10,6 +10,7 @@ use serde_json::{Map, Value, json};
 
 use crate::data::Split;
 use crate::data::adversarial::AdversarialSet;
+use crate::journal::Journal;
 use crate::nn::attacks::{Norm, PgdConfig, pgd};
 use crate::nn::augment::{EmpConfig, ImageBatch, MultiView, to_float};
 use crate::nn::autoattack::{AaAttack, AaConfig, AaHooks, autoattack};
@@ -241,7 +242,7 @@ pub struct EvalReport {
 }
 
 /// What one AutoAttack run found over the test images.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AaCounts {
     /// Robust to every attack of the run.
     pub robust: usize,
@@ -293,21 +294,61 @@ pub fn evaluate(
     device: &Device,
     hooks: &Hooks<'_>,
 ) -> Result<EvalReport, Error> {
-    evaluate_with(clf, test, cfg, device, hooks, &mut |_, _, _| Ok(()))
+    evaluate_with(clf, test, cfg, device, hooks, &Journal::off(), None)
 }
 
-/// [`evaluate`] that hands every attack's adversarial batch to `on_adversarial(attack index,
-/// first image, batch)` (the test-time defence keeps them).
+/// The journal part of [`evaluate_with`]'s batches.
+const EVAL_PART: &str = "eval";
+
+/// The journal record of one batch of [`evaluate_with`].
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+struct EvalBatch {
+    /// First image and image count (checked on replay).
+    start: usize,
+    size: usize,
+    clean: usize,
+    attacks: Vec<usize>,
+    autoattack: Vec<AaCounts>,
+}
+
+impl EvalBatch {
+    /// Whether a replayed record is batch `(start, size)` of `cfg`.
+    fn fits(&self, start: usize, size: usize, cfg: &EvalConfig) -> bool {
+        self.start == start
+            && self.size == size
+            && self.attacks.len() == cfg.attacks.len()
+            && self.autoattack.len() == cfg.autoattack.len()
+            && self
+                .autoattack
+                .iter()
+                .zip(&cfg.autoattack)
+                .all(|(c, a)| c.after.len() == a.attacks.len())
+    }
+}
+
+/// The journal name of attack `a`'s adversarial batch.
+fn adv_name(a: usize) -> String {
+    format!("adv/{a}")
+}
+
+/// The callback [`evaluate_with`] hands every attack's adversarial batch to.
+pub type OnAdversarial<'a> = &'a mut dyn FnMut(usize, usize, &Tensor) -> candle::Result<()>;
+
+/// [`evaluate`] with a [`Journal`] (finished batches are recorded, and replayed instead of
+/// computed) that hands every attack's adversarial batch to `on_adversarial(attack index,
+/// first image, batch)` (the test-time defence keeps them; with a callback the journal
+/// records the adversarial images too).
 ///
 /// # Errors
-/// As [`evaluate`], or the callback's error.
+/// As [`evaluate`], or the callback's or the journal's error.
 pub fn evaluate_with(
     clf: &Classifier,
     test: &Split,
     cfg: &EvalConfig,
     device: &Device,
     hooks: &Hooks<'_>,
-    on_adversarial: &mut dyn FnMut(usize, usize, &Tensor) -> candle::Result<()>,
+    journal: &Journal,
+    mut on_adversarial: Option<OnAdversarial<'_>>,
 ) -> Result<EvalReport, Error> {
     let start = Instant::now();
     if cfg.batch_size == 0 {
@@ -345,65 +386,107 @@ pub fn evaluate_with(
             after: vec![0; a.attacks.len()],
         })
         .collect();
-    let mut done = 0;
+    let keep = on_adversarial.is_some();
+    let (mut done, mut replayed) = (0, 0);
+    let batches = test.n.div_ceil(cfg.batch_size);
     for (batch, s) in (0..test.n).step_by(cfg.batch_size).enumerate() {
         hooks.check()?;
         let b = cfg.batch_size.min(test.n - s);
         let labels = &test.labels[s..s + b];
-        let y = Tensor::from_slice(labels, b, device)?;
-        let input = match &ncrop {
-            Some((generator, _, seed)) => {
-                let il = test.image_len();
-                let images =
-                    ImageBatch::new(&test.images[s * il..(s + b) * il], b, test.h, test.w)?;
-                let v = generator.generate(images, *seed, batch as u64)?;
-                Tensor::from_vec(v.data, (v.n_views * v.batch, 3, v.height, v.width), device)?
+        let old = journal.get::<EvalBatch>(EVAL_PART, batch, |e| {
+            e.record.fits(s, b, cfg)
+                && (!keep || (0..cfg.attacks.len()).all(|a| e.tensors.contains_key(&adv_name(a))))
+        });
+        let rec = if let Some(e) = old {
+            if let Some(f) = on_adversarial.as_mut() {
+                for a in 0..cfg.attacks.len() {
+                    f(a, s, e.tensor(&adv_name(a))?)?;
+                }
             }
-            None => batch_tensor(test, s, b, device)?,
-        };
-        clean_correct += count_correct(&forward(&clf, &input, n_views)?, labels)?;
-        // The n-crop objective gives every view row its image's loss: the sum is n times the
-        // images' CE sum (same steps), and per-row restart selection picks per image.
-        let objective = |xa: &Tensor| -> candle::Result<Tensor> {
-            let ce = cross_entropy_per_example(&forward(&clf, xa, n_views)?, &y)?;
-            match n_views {
-                Some(n) => Tensor::cat(&vec![&ce; n], 0),
-                None => Ok(ce),
+            replayed += 1;
+            e.record
+        } else {
+            let input = match &ncrop {
+                Some((generator, _, seed)) => {
+                    let il = test.image_len();
+                    let images =
+                        ImageBatch::new(&test.images[s * il..(s + b) * il], b, test.h, test.w)?;
+                    let v = generator.generate(images, *seed, batch as u64)?;
+                    Tensor::from_vec(v.data, (v.n_views * v.batch, 3, v.height, v.width), device)?
+                }
+                None => batch_tensor(test, s, b, device)?,
+            };
+            let y = Tensor::from_slice(labels, b, device)?;
+            let mut rec = EvalBatch {
+                start: s,
+                size: b,
+                clean: count_correct(&forward(&clf, &input, n_views)?, labels)?,
+                attacks: Vec::with_capacity(cfg.attacks.len()),
+                autoattack: Vec::with_capacity(cfg.autoattack.len()),
+            };
+            // The n-crop objective gives every view row its image's loss: the sum is n times
+            // the images' CE sum (same steps), and per-row restart selection picks per image.
+            let objective = |xa: &Tensor| -> candle::Result<Tensor> {
+                let ce = cross_entropy_per_example(&forward(&clf, xa, n_views)?, &y)?;
+                match n_views {
+                    Some(n) => Tensor::cat(&vec![&ce; n], 0),
+                    None => Ok(ce),
+                }
+            };
+            let mut advs = Vec::new();
+            for (a, spec) in cfg.attacks.iter().enumerate() {
+                let mut rng = attack_rng(cfg.seed, spec, batch);
+                let res = pgd(&input, objective, &spec.pgd_config(), &mut rng)?;
+                if let Some(f) = on_adversarial.as_mut() {
+                    f(a, s, &res.adv)?;
+                }
+                rec.attacks
+                    .push(count_correct(&forward(&clf, &res.adv, n_views)?, labels)?);
+                if keep {
+                    advs.push((adv_name(a), res.adv));
+                }
             }
+            for aa in &cfg.autoattack {
+                hooks.check()?;
+                let seed =
+                    Rng::derive(cfg.seed, &[AA_STREAM, aa.eps.to_bits(), batch as u64]).next_u64();
+                let mut model = |x: &Tensor| clf.logits(x, false);
+                let stop = || (hooks.cancelled)();
+                let after = |a: AaAttack, left: usize| {
+                    (hooks.progress)(
+                        done as u64,
+                        test.n as u64,
+                        &format!(
+                            "autoattack {} on images {}..{}: {} robust after {}",
+                            format_radius(aa.eps),
+                            s,
+                            s + b,
+                            left,
+                            a.name()
+                        ),
+                    );
+                };
+                let aa_hooks = AaHooks {
+                    stop: &stop,
+                    after_attack: &after,
+                };
+                let r = autoattack(&input, labels, &mut model, aa, seed, &aa_hooks)?;
+                rec.autoattack.push(AaCounts {
+                    robust: r.robust.iter().filter(|v| **v).count(),
+                    after: r.robust_after.clone(),
+                });
+            }
+            let named: Vec<(&str, &Tensor)> = advs.iter().map(|(k, v)| (k.as_str(), v)).collect();
+            journal.put(EVAL_PART, batch, &rec, &named)?;
+            rec
         };
-        for (a, spec) in cfg.attacks.iter().enumerate() {
-            let mut rng = attack_rng(cfg.seed, spec, batch);
-            let res = pgd(&input, objective, &spec.pgd_config(), &mut rng)?;
-            on_adversarial(a, s, &res.adv)?;
-            attack_correct[a] += count_correct(&forward(&clf, &res.adv, n_views)?, labels)?;
+        clean_correct += rec.clean;
+        for (c, n) in attack_correct.iter_mut().zip(&rec.attacks) {
+            *c += n;
         }
-        for (aa, counts) in cfg.autoattack.iter().zip(&mut aa_counts) {
-            hooks.check()?;
-            let seed =
-                Rng::derive(cfg.seed, &[AA_STREAM, aa.eps.to_bits(), batch as u64]).next_u64();
-            let mut model = |x: &Tensor| clf.logits(x, false);
-            let stop = || (hooks.cancelled)();
-            let after = |a: AaAttack, left: usize| {
-                (hooks.progress)(
-                    done as u64,
-                    test.n as u64,
-                    &format!(
-                        "autoattack {} on images {}..{}: {} robust after {}",
-                        format_radius(aa.eps),
-                        s,
-                        s + b,
-                        left,
-                        a.name()
-                    ),
-                );
-            };
-            let aa_hooks = AaHooks {
-                stop: &stop,
-                after_attack: &after,
-            };
-            let r = autoattack(&input, labels, &mut model, aa, seed, &aa_hooks)?;
-            counts.robust += r.robust.iter().filter(|v| **v).count();
-            for (c, n) in counts.after.iter_mut().zip(&r.robust_after) {
+        for (counts, r) in aa_counts.iter_mut().zip(&rec.autoattack) {
+            counts.robust += r.robust;
+            for (c, n) in counts.after.iter_mut().zip(&r.after) {
                 *c += n;
             }
         }
@@ -420,6 +503,11 @@ pub fn evaluate_with(
             ));
         }
         (hooks.progress)(done as u64, test.n as u64, &msg);
+    }
+    if replayed > 0 {
+        (hooks.log)(&format!(
+            "evaluation: {replayed} of {batches} batches replayed from the journal of an interrupted run"
+        ));
     }
     Ok(EvalReport {
         n: test.n,

@@ -402,8 +402,26 @@ fn run_with_fixture(
     ),
     Box<dyn std::error::Error + Send + Sync>,
 > {
+    let cancel = std::sync::atomic::AtomicBool::new(false);
+    run_observed(dir, yaml, keep_going, &cancel, &mut pipe_engine::Quiet)
+}
+
+/// [`run_with_fixture`] with a cancel flag and an observer of the run's events.
+fn run_observed(
+    dir: &Path,
+    yaml: &str,
+    keep_going: bool,
+    cancel: &std::sync::atomic::AtomicBool,
+    observer: &mut dyn pipe_engine::exec::Observer,
+) -> std::result::Result<
+    (
+        pipe_engine::plan::Plan,
+        pipe_cache::Store,
+        pipe_engine::exec::Summary,
+    ),
+    Box<dyn std::error::Error + Send + Sync>,
+> {
     use pipe_engine::{Overrides, graph, spec};
-    use std::sync::atomic::AtomicBool;
     let mut reg = pipe_engine::Registry::new();
     crate::register_all(&mut reg);
     reg.register_typed::<FixtureClassifier>();
@@ -419,8 +437,7 @@ fn run_with_fixture(
         pipe_version: "test".into(),
         ..Default::default()
     };
-    let cancel = AtomicBool::new(false);
-    let s = pipe_engine::exec::run(&plan, &reg, &store, &opts, &cancel, &mut pipe_engine::Quiet);
+    let s = pipe_engine::exec::run(&plan, &reg, &store, &opts, cancel, observer);
     Ok((plan, store, s))
 }
 
@@ -629,6 +646,75 @@ fn autoattack_on_a_trained_model() -> TestResult {
     Ok(())
 }
 
+#[test]
+fn an_interrupted_evaluation_resumes_from_its_journal_bit_identically() -> TestResult {
+    use crate::journal::Journal;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    let d = testutil::data();
+    let clf = testutil::trained_classifier()?;
+    let cfg = EvalConfig {
+        attacks: vec![
+            spec(Norm::Linf, 8.0 / 255.0, 2.0 / 255.0, 5, true),
+            spec(Norm::L2, 0.5, 0.1, 3, true),
+        ],
+        autoattack: vec![AaConfig {
+            apgd_iters: 5,
+            fab_iters: 5,
+            square_queries: 10,
+            ..AaConfig::original(8.0 / 255.0)
+        }],
+        batch_size: 16,
+        seed: 3,
+    };
+    let il = d.test.image_len();
+    let run = |hooks: &Hooks<'_>, journal: &Journal| -> std::result::Result<_, Error> {
+        let mut kept = vec![vec![0f32; d.test.n * il]; 2];
+        let mut keep = |a: usize, s: usize, adv: &Tensor| -> candle::Result<()> {
+            let v = adv.flatten_all()?.to_vec1::<f32>()?;
+            kept[a][s * il..s * il + v.len()].copy_from_slice(&v);
+            Ok(())
+        };
+        let r = evaluate_with(&clf, &d.test, &cfg, &Device::Cpu, hooks, journal, Some(&mut keep))?;
+        Ok((r, kept))
+    };
+    let counts = |r: &EvalReport| {
+        (
+            r.n,
+            r.clean_correct,
+            r.attack_correct.clone(),
+            r.autoattack.clone(),
+        )
+    };
+    let (fresh, fresh_adv) = run(&Hooks::default(), &Journal::off())?;
+    assert!(fresh.attack_correct[0] < fresh.clean_correct, "{fresh:?}");
+    // interrupted once two of the four batches are done
+    let tmp = crate::data::testutil::TempDir::new("evaluate-journal");
+    let done = AtomicU64::new(0);
+    let progress = |d: u64, _: u64, _: &str| {
+        done.fetch_max(d, Ordering::Relaxed);
+    };
+    let cancelled = || done.load(Ordering::Relaxed) >= 32;
+    let hooks = Hooks {
+        progress: &progress,
+        cancelled: &cancelled,
+        ..Hooks::default()
+    };
+    let first = Journal::at(tmp.path());
+    let err = run(&hooks, &first).err().map(|e| e.to_string());
+    assert_eq!(err.as_deref(), Some("interrupted"));
+    // the rerun replays them, adversarial images included, and computes the other two
+    let again = Journal::at(tmp.path());
+    let (resumed, resumed_adv) = run(&Hooks::default(), &again)?;
+    assert_eq!(again.replayed(), 2);
+    assert_eq!(counts(&resumed), counts(&fresh));
+    assert!(resumed_adv == fresh_adv, "the kept adversarial images differ");
+    // a run without the callback replays the same records (it needs only their counts)
+    let plain = Journal::at(tmp.path());
+    let r = evaluate_with(&clf, &d.test, &cfg, &Device::Cpu, &Hooks::default(), &plain, None)?;
+    assert_eq!((plain.replayed(), counts(&r)), (4, counts(&fresh)));
+    Ok(())
+}
+
 // ---------------------------------------------------------------------------------------------
 // The test-time defence
 
@@ -744,17 +830,41 @@ fn defense_end_to_end_through_the_engine() -> TestResult {
     kind: evaluate
     inputs: {{model: clf, dataset: data}}
     params: {{{common}}}
-  no_head:
-    kind: evaluate
-    inputs: {{model: clf, dataset: data}}
-    params: {{{common}, defense: {{}}}}
-  stray_head:
-    kind: evaluate
-    inputs: {{model: clf, dataset: data, ssl_head: head}}
-    params: {{{common}}}
 ",
         fixture.display()
     );
+    // a misconnected `ssl_head` is a plan-time error, at its line, before anything runs
+    for (stage, line, want) in [
+        (
+            "  no_head:\n    kind: evaluate\n    inputs: {model: clf, dataset: data}\n    params: {defense: {}}\n",
+            3,
+            "stages.no_head.inputs: `defense` reverses with an SSL head: add an `ssl_head` input",
+        ),
+        (
+            "  stray:\n    kind: evaluate\n    inputs: {model: clf, dataset: data, ssl_head: head}\n    params: {}\n",
+            3,
+            "stages.stray.inputs.ssl_head: an `ssl_head` input is only read by the `defense` param",
+        ),
+        (
+            "  noised:\n    kind: evaluate\n    inputs: {model: clf, dataset: data, ssl_head: head}\n    params: {defense: {method: random}}\n",
+            3,
+            "stages.noised.inputs.ssl_head: `defense.method: random` reads no `ssl_head` input",
+        ),
+    ] {
+        let bad = format!("{yaml}{stage}");
+        let file = dir.join("bad.yaml");
+        std::fs::write(&file, &bad)?;
+        let mut reg = pipe_engine::Registry::new();
+        crate::register_all(&mut reg);
+        reg.register_typed::<FixtureClassifier>();
+        let err = pipe_engine::spec::load(&file, &reg, &pipe_engine::Overrides::default())
+            .err()
+            .ok_or("a misconnected ssl_head must not load")?
+            .to_string();
+        let at = bad.lines().count() - 4 + line;
+        assert!(err.contains(&format!("bad.yaml:{at}")), "line {at}: {err}");
+        assert!(err.contains(want), "{err}");
+    }
     let (plan, store, s) = run_with_fixture(dir, &yaml, true)?;
     let failed: Vec<String> = s
         .results
@@ -765,19 +875,7 @@ fn defense_end_to_end_through_the_engine() -> TestResult {
             _ => None,
         })
         .collect();
-    assert_eq!(failed.len(), 2, "{failed:?}");
-    assert!(
-        failed
-            .iter()
-            .any(|f| f.starts_with("no_head") && f.contains("add an `ssl_head` input")),
-        "{failed:?}"
-    );
-    assert!(
-        failed
-            .iter()
-            .any(|f| f.starts_with("stray_head") && f.contains("only read by the `defense` param")),
-        "{failed:?}"
-    );
+    assert!(failed.is_empty(), "{failed:?}");
     let metrics =
         |id: &str| -> std::result::Result<Value, Box<dyn std::error::Error + Send + Sync>> {
             let node = plan.graph.nodes.iter().find(|n| n.id == id).ok_or("node")?;
@@ -849,3 +947,97 @@ fn defense_end_to_end_through_the_engine() -> TestResult {
     );
     Ok(())
 }
+
+#[test]
+fn an_interrupted_defence_evaluation_resumes_through_the_engine() -> TestResult {
+    use pipe_engine::exec::{Event, Observer};
+    use pipe_engine::plan::Plan;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    /// Cancels the run when node `ev` starts its reversal.
+    struct CancelAtReversal<'a>(&'a AtomicBool);
+    impl Observer for CancelAtReversal<'_> {
+        fn event(&mut self, plan: &Plan, event: &Event) {
+            if let Event::Stage(i, pipe_engine::StageEvent::Progress { message, .. }) = event
+                && plan.graph.nodes[*i].id == "ev"
+                && message.starts_with("defence (")
+            {
+                self.0.store(true, Ordering::Relaxed);
+            }
+        }
+    }
+    let setup = |name: &str| -> std::result::Result<_, Box<dyn std::error::Error + Send + Sync>> {
+        let tmp = crate::data::testutil::TempDir::new(name);
+        let fixture = tmp.path().join("fixture");
+        std::fs::create_dir_all(&fixture)?;
+        testutil::write_classifier(&fixture, None)?;
+        let yaml = format!(
+            "stages:
+  data:
+    kind: dataset
+    params: {{source: synthetic, n_classes: 4, n_train: 256, n_test: 64, seed: 5}}
+  clf:
+    kind: fixture_classifier
+    params: {{dir: '{}'}}
+  head:
+    kind: ssl_head
+    inputs: {{model: clf, dataset: data}}
+    params: {{epochs: 2, batch_size: 64, hidden_dim: 16}}
+  ev:
+    kind: evaluate
+    inputs: {{model: clf, dataset: data, ssl_head: head}}
+    params: {{attacks: [{{eps: 8/255, steps: 3}}], test_subset: 8, batch_size: 8,
+              defense: {{steps: 10, batch_size: 4, adaptive_lambda: 10}}}}
+",
+            fixture.display()
+        );
+        Ok((tmp, yaml))
+    };
+    let metrics = |plan: &Plan,
+                   store: &pipe_cache::Store,
+                   file: &str|
+     -> std::result::Result<Vec<u8>, Box<dyn std::error::Error + Send + Sync>> {
+        let node = plan.graph.nodes.iter().find(|n| n.id == "ev").ok_or("node")?;
+        let e = store.get(node.key.key())?.ok_or("committed")?;
+        Ok(std::fs::read(e.file(file)?)?)
+    };
+    let without_seconds = |bytes: &[u8]| -> std::result::Result<Value, serde_json::Error> {
+        let mut v: Value = serde_json::from_slice(bytes)?;
+        if let Value::Object(m) = &mut v {
+            m.remove("seconds");
+        }
+        Ok(v)
+    };
+    // uninterrupted
+    let (fresh_dir, yaml) = setup("evaluate-resume-fresh")?;
+    let (plan, store, s) = run_with_fixture(fresh_dir.path(), &yaml, false)?;
+    assert!(!s.interrupted);
+    let fresh = without_seconds(&metrics(&plan, &store, "metrics.json")?)?;
+    // interrupted in its reversal, then run again
+    let (dir, yaml) = setup("evaluate-resume")?;
+    let cancel = AtomicBool::new(false);
+    let (plan, _, s) = run_observed(
+        dir.path(),
+        &yaml,
+        false,
+        &cancel,
+        &mut CancelAtReversal(&cancel),
+    )?;
+    assert!(s.interrupted, "the run was not interrupted");
+    let ev = plan.graph.nodes.iter().position(|n| n.id == "ev").ok_or("ev")?;
+    assert_eq!(s.results[ev].outcome, pipe_engine::exec::Outcome::Skipped);
+    let (plan, store, s) = run_with_fixture(dir.path(), &yaml, false)?;
+    assert_eq!(s.results[ev].outcome, pipe_engine::exec::Outcome::Ran);
+    let log = String::from_utf8(metrics(&plan, &store, "log.txt")?)?;
+    assert!(
+        log.contains("evaluation: 4 of 4 batches replayed"),
+        "the evaluation pass is not replayed:\n{log}"
+    );
+    assert!(log.contains("batches in all replayed"), "{log}");
+    assert_eq!(
+        without_seconds(&metrics(&plan, &store, "metrics.json")?)?,
+        fresh,
+        "a resumed evaluation differs from an uninterrupted one"
+    );
+    Ok(())
+}
+

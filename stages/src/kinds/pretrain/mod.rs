@@ -777,6 +777,29 @@ impl PretrainParams {
     }
 }
 
+/// What is wrong with connecting (`given`) or not a `labels` input for `method`, as a
+/// [`TypedStage::check_inputs`] error.
+fn labels_misuse(method: Method, given: bool) -> Option<ParamError> {
+    match (method == Method::Advcl, given) {
+        (true, false) => Some(ParamError::new(
+            "inputs",
+            "method advcl trains on cluster pseudo-labels: give the stage a `labels` input (a \
+             `pseudo_labels` node)",
+        )),
+        (false, true) => Some(ParamError::new(
+            "inputs.labels",
+            format!(
+                "the `labels` input is read by method advcl only, not {}; remove it",
+                serde_json::to_value(method)
+                    .ok()
+                    .and_then(|v| v.as_str().map(str::to_string))
+                    .unwrap_or_else(|| format!("{method:?}"))
+            ),
+        )),
+        _ => None,
+    }
+}
+
 impl TypedStage for Pretrain {
     const KIND: &'static str = "pretrain";
     const VERSION: u32 = 1;
@@ -797,6 +820,12 @@ impl TypedStage for Pretrain {
             },
         ];
         Slots::Fixed(S)
+    }
+
+    fn check_inputs(p: &PretrainParams, connected: &[&str]) -> Vec<ParamError> {
+        labels_misuse(p.config().method, connected.contains(&"labels"))
+            .into_iter()
+            .collect()
     }
 
     fn check(p: &PretrainParams) -> Vec<ParamError> {
@@ -974,28 +1003,18 @@ impl TypedStage for Pretrain {
         let data_path = crate::params::input_file(ctx, "dataset", DATA_FILE, "dataset")?;
         let dataset = data::load_dataset(&data_path)?;
         let device = p.device.open()?;
-        let labels = match (ctx.inputs("labels").first(), cfg.method) {
-            (Some(a), Method::Advcl) => {
+        let given = ctx.inputs("labels").first();
+        if let Some(e) = labels_misuse(cfg.method, given.is_some()) {
+            return Err(e.message.into());
+        }
+        let labels = match given {
+            Some(a) => {
                 let path = a.file(LABELS_FILE).map_err(|e| {
                     format!("the `labels` input has no {LABELS_FILE} (is it a `pseudo_labels` stage?): {e}")
                 })?;
                 Some(PseudoLabels::load(&path)?)
             }
-            (None, Method::Advcl) => {
-                return Err(
-                    "method advcl trains on cluster pseudo-labels: give the stage a \
-                            `labels` input (a `pseudo_labels` node)"
-                        .into(),
-                );
-            }
-            (Some(_), _) => {
-                return Err(format!(
-                    "the `labels` input is read by method advcl only, not {:?}",
-                    cfg.method
-                )
-                .into());
-            }
-            (None, _) => None,
+            None => None,
         };
         let mut trainer = match labels {
             Some(l) => {

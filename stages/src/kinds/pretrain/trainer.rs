@@ -330,7 +330,7 @@ pub struct EpochStats {
     /// Mean loss terms (`invariance`, `tcr` for EMP-SSL).
     #[serde(flatten)]
     pub terms: BTreeMap<String, f64>,
-    /// Learning rate after the epoch's last update.
+    /// Learning rate of the epoch's last update (for a per-epoch schedule, the epoch's rate).
     pub lr: f64,
     /// Wall seconds of the epoch.
     pub seconds: f64,
@@ -1046,7 +1046,8 @@ impl<'d> Pretrainer<'d> {
             epoch,
             loss: loss_sum / n,
             terms,
-            lr: self.sched.lr(self.sched_t()),
+            // the rate the epoch's last update used (an epoch has at least one batch)
+            lr: self.sched.lr(self.sched_t().saturating_sub(1)),
             seconds,
             images,
             images_per_second: images as f64 / seconds.max(1e-9),
@@ -1342,7 +1343,7 @@ impl<'d> Pretrainer<'d> {
                     return Err(format!(
                         "the loss is NaN: the embeddings are not finite at optimiser step {} (lr {:e})",
                         self.step,
-                        self.sched.lr(self.step)
+                        self.sched.lr(self.sched_t())
                     )
                     .into());
                 }
