@@ -365,3 +365,53 @@ stages:
     assert_eq!(c.dir.count("runs.log", "run"), 1);
     assert_eq!(entry_file(&c.dir, &p, "slow", "v"), "7\n");
 }
+
+#[test]
+fn two_runs_at_once_submit_each_key_once() {
+    let c = Cluster::new("slurm-twice");
+    let p = c.dir.pipeline(
+        "twice.yaml",
+        r#"
+name: twice
+stages:
+  slow:
+    kind: shell
+    params:
+      cmd: |
+        echo run >> runs.log
+        sleep 2
+        echo 7 > "$PIPE_OUT/v"
+      outputs: [v]
+  after:
+    kind: shell
+    inputs: {up: slow}
+    params:
+      cmd: echo after >> runs.log; cp "$PIPE_IN_up/v" "$PIPE_OUT/v"
+      outputs: [v]
+"#,
+    );
+    let args = [
+        "run", &p, "--executor", "slurm", "--slurm-poll", "0.05", "--json",
+    ];
+    let spawn = || {
+        c.command(&args)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("start pipe")
+    };
+    let (a, b) = (spawn(), spawn());
+    for child in [a, b] {
+        let out = Output::from_process(&args, child.wait_with_output().expect("wait"));
+        let doc = out.code(0).json();
+        for id in ["slow", "after"] {
+            let status = node(&doc, id)["status"].as_str().unwrap_or_default().to_string();
+            assert!(status == "ran" || status == "cached", "{id}: {doc:#}");
+        }
+    }
+    // each key went to Slurm once, and each command ran once
+    assert_eq!(c.submissions().len(), 2, "{:?}", c.submissions());
+    assert_eq!(c.dir.count("runs.log", "run"), 1);
+    assert_eq!(c.dir.count("runs.log", "after"), 1);
+    assert_eq!(entry_file(&c.dir, &p, "after", "v"), "7\n");
+}

@@ -18,8 +18,10 @@
 //! `failed`, with the tail of the job's output in the message (the stage's own log is in the
 //! store's `failed/`, as for a local run, so `pipe log` shows it). Ctrl-C `scancel`s the jobs in
 //! flight. A node another run committed meanwhile is not submitted (`cached`); a node whose job
-//! an earlier, killed run submitted and Slurm still holds is not submitted again: the run waits
-//! for that job (its id is in the job file).
+//! another run (an earlier, killed one, or one running beside this one) submitted and Slurm
+//! still holds is not submitted again: the run waits for that job (its id is in the job file).
+//! Deciding and submitting happen under `jobs/<key>.lock` (a `flock`), so two runs of
+//! overlapping pipelines cannot both submit a key.
 //!
 //! A GPU node (one that claims the scheduler's `gpu` resource) asks for `--gres gpu:1`; how
 //! many run at once is Slurm's business, so `--gpus` does not limit them.
@@ -84,6 +86,41 @@ pub fn job_file(store: &Store, key: &pipe_cache::Key) -> PathBuf {
 /// `jobs/<key>.out`: what the job printed.
 pub fn job_output(store: &Store, key: &pipe_cache::Key) -> PathBuf {
     jobs_dir(store).join(format!("{}.out", key.hex()))
+}
+
+/// `jobs/<key>.lock`.
+fn submission_lock_path(store: &Store, key: &pipe_cache::Key) -> PathBuf {
+    jobs_dir(store).join(format!("{}.lock", key.hex()))
+}
+
+/// Takes `jobs/<key>.lock` (an exclusive `flock`, released when the file is dropped),
+/// waiting while another run holds it.
+fn lock_submission(
+    store: &Store,
+    key: &pipe_cache::Key,
+    cancel: &AtomicBool,
+) -> Result<std::fs::File, String> {
+    let path = submission_lock_path(store, key);
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(|e| format!("{}: {e}", path.display()))?;
+    loop {
+        match file.try_lock() {
+            Ok(()) => return Ok(file),
+            Err(std::fs::TryLockError::WouldBlock) => {
+                if cancel.load(Ordering::Relaxed) {
+                    return Err("interrupted".into());
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            Err(std::fs::TryLockError::Error(e)) => {
+                return Err(format!("locking {}: {e}", path.display()));
+            }
+        }
+    }
 }
 
 /// Quotes one word for `sh`.
@@ -186,6 +223,12 @@ impl Queue {
 
     /// Whether `squeue` lists job `id` now (polling if the last poll is older than
     /// `opts.poll`; no when it cannot be asked).
+    /// [`Queue::is_listed`] from a fresh `squeue`.
+    fn is_listed_now(&self, id: &str, opts: &SlurmOptions) -> bool {
+        self.lock().last = None;
+        self.is_listed(id, opts)
+    }
+
     fn is_listed(&self, id: &str, opts: &SlurmOptions) -> bool {
         let mut q = self.lock();
         if q.last.is_none_or(|t| t.elapsed() >= opts.poll) {
@@ -303,13 +346,20 @@ pub(crate) fn run_node(
     let output = job_output(store, key);
     let [sbatch, _, scancel] = &opts.programs;
 
+    // One submitter per key at a time: two runs of overlapping pipelines both seeing no job
+    // would submit the key twice. The lock is held only while deciding and submitting.
+    let submit_lock = lock_submission(store, key, cancel)?;
+    if store.contains(key) {
+        return Ok(Outcome::Cached);
+    }
     // a job an earlier run submitted for this key (that run was killed, or lost its login
-    // session) and Slurm still holds: wait for it instead of computing the key twice
+    // session, or runs beside this one) and Slurm still holds: wait for it instead of
+    // computing the key twice (a fresh `squeue`: the job may be seconds old)
     let earlier = std::fs::read(&file)
         .ok()
         .and_then(|b| serde_json::from_slice::<Value>(&b).ok())
         .and_then(|j| j["job_id"].as_str().map(str::to_string))
-        .filter(|id| queue.is_listed(id, opts));
+        .filter(|id| queue.is_listed_now(id, opts));
     let id = if let Some(id) = earlier {
         tracing::info!(node = %node.id, job = %id, "adopted");
         report(StageEvent::Log(format!(
@@ -346,6 +396,7 @@ pub(crate) fn run_node(
         report(StageEvent::Log(format!("Slurm job {id} submitted")));
         id
     };
+    drop(submit_lock);
 
     queue.watch(&id);
     let mut state = String::new();
@@ -386,6 +437,9 @@ pub(crate) fn run_node(
         if store.contains(key) {
             let _ = std::fs::remove_file(&file);
             let _ = std::fs::remove_file(&output);
+            // safe to unlink while another run holds it: the key is committed, and a
+            // submitter checks the store first thing under the lock
+            let _ = std::fs::remove_file(submission_lock_path(store, key));
             return Ok(Outcome::Ran);
         }
         let text = std::fs::read_to_string(&output).unwrap_or_default();
