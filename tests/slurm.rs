@@ -327,13 +327,9 @@ stages:
     assert_ne!(node(&show, "slow")["status"], "cached");
 }
 
-#[test]
-fn a_rerun_after_the_submitting_run_was_killed_waits_for_the_job_in_flight() {
-    let c = Cluster::new("slurm-adopt");
-    let p = c.dir.pipeline(
-        "adopt.yaml",
-        r#"
-name: adopt
+/// One slow shell node that logs its run and marks its start (`started`).
+const SLOW: &str = r#"
+name: slow
 stages:
   slow:
     kind: shell
@@ -344,8 +340,12 @@ stages:
         sleep 3
         echo 7 > "$PIPE_OUT/v"
       outputs: [v]
-"#,
-    );
+"#;
+
+#[test]
+fn a_rerun_after_the_submitting_run_was_killed_waits_for_the_job_in_flight() {
+    let c = Cluster::new("slurm-adopt");
+    let p = c.dir.pipeline("adopt.yaml", SLOW);
     let args = ["run", &p, "--executor", "slurm", "--slurm-poll", "0.05"];
     let mut first = c.spawn_until_started(&args);
     first.kill().expect("SIGKILL the submitting run");
@@ -371,24 +371,15 @@ fn two_runs_at_once_submit_each_key_once() {
     let c = Cluster::new("slurm-twice");
     let p = c.dir.pipeline(
         "twice.yaml",
-        r#"
-name: twice
-stages:
-  slow:
+        &format!(
+            "{SLOW}  after:
     kind: shell
+    inputs: {{up: slow}}
     params:
-      cmd: |
-        echo run >> runs.log
-        sleep 2
-        echo 7 > "$PIPE_OUT/v"
+      cmd: echo after >> runs.log; cp \"$PIPE_IN_up/v\" \"$PIPE_OUT/v\"
       outputs: [v]
-  after:
-    kind: shell
-    inputs: {up: slow}
-    params:
-      cmd: echo after >> runs.log; cp "$PIPE_IN_up/v" "$PIPE_OUT/v"
-      outputs: [v]
-"#,
+"
+        ),
     );
     let args = [
         "run", &p, "--executor", "slurm", "--slurm-poll", "0.05", "--json",

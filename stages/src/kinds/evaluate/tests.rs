@@ -786,15 +786,10 @@ fn defense_params_are_completed_by_their_preset_and_keyed() {
 /// Through the engine: a classifier, its SSL head, and evaluations with the reversal, with a
 /// reversal of radius 0 (which must change nothing: its accuracies equal the undefended
 /// ones), with R-DLSP's preset and with random noise; inputs that do not fit are named.
-#[test]
-fn defense_end_to_end_through_the_engine() -> TestResult {
-    let tmp = crate::data::testutil::TempDir::new("evaluate-defense");
-    let dir = tmp.path();
-    let fixture = dir.join("fixture");
-    std::fs::create_dir_all(&fixture)?;
-    testutil::write_classifier(&fixture, None)?;
-    let common = "attacks: [{eps: 8/255, steps: 3}, {norm: l2, eps: 0.5, steps: 3}], test_subset: 6, batch_size: 12";
-    let yaml = format!(
+/// The stages the defence tests build on: `data` (synthetic, 4 classes), `clf` (the fixture
+/// classifier written to `fixture`) and `head` (an `ssl_head` trained on it).
+fn defense_base(fixture: &Path) -> String {
+    format!(
         "stages:
   data:
     kind: dataset
@@ -806,7 +801,21 @@ fn defense_end_to_end_through_the_engine() -> TestResult {
     kind: ssl_head
     inputs: {{model: clf, dataset: data}}
     params: {{epochs: 2, batch_size: 64, hidden_dim: 16}}
-  rev:
+",
+        fixture.display()
+    )
+}
+
+#[test]
+fn defense_end_to_end_through_the_engine() -> TestResult {
+    let tmp = crate::data::testutil::TempDir::new("evaluate-defense");
+    let dir = tmp.path();
+    let fixture = dir.join("fixture");
+    std::fs::create_dir_all(&fixture)?;
+    testutil::write_classifier(&fixture, None)?;
+    let common = "attacks: [{eps: 8/255, steps: 3}, {norm: l2, eps: 0.5, steps: 3}], test_subset: 6, batch_size: 12";
+    let yaml = format!(
+        "{}  rev:
     kind: evaluate
     inputs: {{model: clf, dataset: data, ssl_head: head}}
     params: {{{common}, defense: {{steps: 4, batch_size: 12}}}}
@@ -831,7 +840,7 @@ fn defense_end_to_end_through_the_engine() -> TestResult {
     inputs: {{model: clf, dataset: data}}
     params: {{{common}}}
 ",
-        fixture.display()
+        defense_base(&fixture)
     );
     // a misconnected `ssl_head` is a plan-time error, at its line, before anything runs
     for (stage, line, want) in [
@@ -971,24 +980,13 @@ fn an_interrupted_defence_evaluation_resumes_through_the_engine() -> TestResult 
         std::fs::create_dir_all(&fixture)?;
         testutil::write_classifier(&fixture, None)?;
         let yaml = format!(
-            "stages:
-  data:
-    kind: dataset
-    params: {{source: synthetic, n_classes: 4, n_train: 256, n_test: 64, seed: 5}}
-  clf:
-    kind: fixture_classifier
-    params: {{dir: '{}'}}
-  head:
-    kind: ssl_head
-    inputs: {{model: clf, dataset: data}}
-    params: {{epochs: 2, batch_size: 64, hidden_dim: 16}}
-  ev:
+            "{}  ev:
     kind: evaluate
     inputs: {{model: clf, dataset: data, ssl_head: head}}
     params: {{attacks: [{{eps: 8/255, steps: 3}}], test_subset: 8, batch_size: 8,
               defense: {{steps: 10, batch_size: 4, adaptive_lambda: 10}}}}
 ",
-            fixture.display()
+            defense_base(&fixture)
         );
         Ok((tmp, yaml))
     };
