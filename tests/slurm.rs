@@ -15,19 +15,35 @@ use crate::caching::entry_file;
 use crate::util::{Dir, Output, drain, group_members, node, statuses, wait_exit, wait_until};
 
 const SBATCH: &str = r#"#!/bin/sh
-# stand-in sbatch: one file of arguments per submission, the job in the background
+# stand-in sbatch: one file of arguments per submission, the job in the background; a job
+# with `--dependency=afterok:A:B` waits for A and B to exit and ends without running (code 1)
+# if one of them failed or vanished; every job leaves its exit code in exit.<id>
 printf '%s\n' "$@" > "$FAKE_SLURM/sbatch.$(date +%s%N).$$"
-out=/dev/null; wrap=""
+out=/dev/null; wrap=""; deps=""
 while [ $# -gt 0 ]; do
   case "$1" in
     --output) out="$2"; shift 2 ;;
     --wrap) wrap="$2"; shift 2 ;;
     --job-name|--gres) shift 2 ;;
+    --dependency=afterok:*) deps=$(echo "${1#--dependency=afterok:}" | tr ':' ' '); shift ;;
     *) shift ;;
   esac
 done
 [ -n "$wrap" ] || { echo "sbatch: error: no --wrap" >&2; exit 1; }
-setsid sh -c "$wrap" > "$out" 2>&1 < /dev/null &
+script="$FAKE_SLURM/job.$(date +%s%N).$$"
+{
+  echo 'done_with() { echo "$1" > "$FAKE_SLURM/exit.$$.tmp"; mv "$FAKE_SLURM/exit.$$.tmp" "$FAKE_SLURM/exit.$$"; exit "$1"; }'
+  echo "for d in $deps; do"
+  echo '  while [ ! -f "$FAKE_SLURM/exit.$d" ]; do'
+  echo '    kill -0 "$d" 2>/dev/null || [ -f "$FAKE_SLURM/exit.$d" ] || done_with 1'
+  echo '    sleep 0.02'
+  echo '  done'
+  echo '  [ "$(cat "$FAKE_SLURM/exit.$d")" = 0 ] || done_with 1'
+  echo 'done'
+  printf '%s\n' "$wrap"
+  echo 'done_with $?'
+} > "$script"
+setsid sh "$script" > "$out" 2>&1 < /dev/null &
 echo "$!" >> "$FAKE_SLURM/jobs.log"
 echo "$!"
 "#;
@@ -405,4 +421,88 @@ fn two_runs_at_once_submit_each_key_once() {
     assert_eq!(c.dir.count("runs.log", "run"), 1);
     assert_eq!(c.dir.count("runs.log", "after"), 1);
     assert_eq!(entry_file(&c.dir, &p, "after", "v"), "7\n");
+}
+
+#[test]
+fn detach_queues_every_node_after_its_inputs_and_a_later_run_reports() {
+    let c = Cluster::new("slurm-detach");
+    let p = c.dir.pipeline("cluster.yaml", SWEEP);
+    let doc = c.run(&p, &["--detach", "--json"], 0).json();
+    let job = |id: &str| node(&doc, id)["job"].as_str().unwrap_or_default().to_string();
+    for id in ["a", "b[n=2]", "b[n=5]"] {
+        assert_eq!(node(&doc, id)["status"], "queued", "{doc:#}");
+        assert!(!job(id).is_empty(), "{doc:#}");
+    }
+    assert_eq!((doc["submitted"].as_u64(), doc["failed"].as_u64()), (Some(3), Some(0)));
+    // one job per node at once, `b` after `a`
+    let subs = c.submissions();
+    assert_eq!(subs.len(), 3, "{subs:?}");
+    for sub in &subs {
+        let name = arg(sub, "--job-name");
+        let dep = sub.iter().find(|a| a.starts_with("--dependency="));
+        if name == "pipe:a" {
+            assert!(dep.is_none(), "{sub:?}");
+        } else {
+            assert_eq!(dep, Some(&format!("--dependency=afterok:{}", job("a"))));
+            assert!(sub.contains(&"--kill-on-invalid-dep=yes".to_string()));
+        }
+    }
+    // the jobs run without any pipe waiting; a later run waits for them and reports
+    let done = c.run(&p, &["--json"], 0).json();
+    for id in ["a", "b[n=2]", "b[n=5]"] {
+        let status = node(&done, id)["status"].as_str().unwrap_or_default().to_string();
+        assert!(status == "ran" || status == "cached", "{id}: {done:#}");
+    }
+    assert_eq!(c.submissions().len(), 3, "a key was submitted twice");
+    assert_eq!(c.dir.count("runs.log", "a"), 1);
+    assert_eq!(entry_file(&c.dir, &p, "b[n=2]", "v"), "20\n");
+    assert_eq!(entry_file(&c.dir, &p, "b[n=5]", "v"), "50\n");
+    // queued again: everything is cached, nothing is submitted
+    let again = c.run(&p, &["--detach", "--json"], 0).json();
+    assert_eq!(again["cached"], 3, "{again:#}");
+    assert_eq!(c.submissions().len(), 3);
+    // --detach is Slurm's
+    let local = c.dir.pipe(&["run", &p, "--detach"]).code(2);
+    assert!(local.stderr.contains("--detach is for `--executor slurm`"), "{}", local.stderr);
+}
+
+#[test]
+fn a_detached_failure_cancels_the_jobs_after_it() {
+    let c = Cluster::new("slurm-detach-fail");
+    let p = c.dir.pipeline(
+        "fail.yaml",
+        r#"
+name: fail
+stages:
+  bad:
+    kind: shell
+    params: {cmd: 'sleep 1; echo "boom from the job" >&2; exit 3'}
+  after:
+    kind: shell
+    params: {cmd: 'echo after >> runs.log'}
+    inputs: {x: bad}
+"#,
+    );
+    c.run(&p, &["--detach"], 0);
+    assert_eq!(c.submissions().len(), 2);
+    // the later run adopts the failing job (still running) and the one queued after it
+    let doc = c.run(&p, &["--json"], 1).json();
+    assert_eq!(
+        statuses(&doc),
+        crate::util::expect(&[("bad", "failed"), ("after", "skipped")])
+    );
+    let err = node(&doc, "bad")["error"].as_str().unwrap_or_default().to_string();
+    assert!(err.contains("boom from the job"), "{err}");
+    // `after`'s job ended without running its command, and nothing was submitted again
+    wait_until(Duration::from_secs(10), "after's job to end", || {
+        std::fs::read_dir(&c.bin)
+            .expect("fake-slurm/")
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().starts_with("exit."))
+            .filter(|e| !e.file_name().to_string_lossy().ends_with(".tmp"))
+            .count()
+            == 2
+    });
+    assert_eq!(c.dir.count("runs.log", "after"), 0);
+    assert_eq!(c.submissions().len(), 2);
 }

@@ -25,7 +25,7 @@ pub fn registry() -> Registry {
 /// Exit code for a spec / usage / store error, printed here (not through anyhow) so every
 /// spec error stands on its own line.
 const EXIT_USAGE: u8 = 2;
-const EXIT_FAILED: u8 = 1;
+pub const EXIT_FAILED: u8 = 1;
 
 pub fn dispatch(cli: Cli) -> Result<u8> {
     let store_path = cli.store.clone();
@@ -45,7 +45,11 @@ pub fn dispatch(cli: Cli) -> Result<u8> {
             executor,
             sbatch_args,
             slurm_poll,
+            detach,
         } => {
+            if detach && executor != crate::ExecutorArg::Slurm {
+                anyhow::bail!("--detach is for `--executor slurm`");
+            }
             let store = open_store(&store_path)?;
             let _lock = store.lock_shared()?;
             let cancel = crate::signals::install();
@@ -80,6 +84,9 @@ pub fn dispatch(cli: Cli) -> Result<u8> {
             }
             if let Some(j) = jobs {
                 opts.jobs = j.max(1);
+            }
+            if let (true, pipe_engine::Executor::Slurm(slurm)) = (detach, &opts.executor) {
+                return crate::slurm::detach(&plan, &store, slurm, cancel, &pipeline, json);
             }
             let reg = registry();
             let mut observer: Box<dyn Observer> = if !no_progress && std::io::stderr().is_terminal()

@@ -87,6 +87,11 @@ pub enum Command {
         /// Seconds between two `squeue` polls of a job.
         #[arg(long, value_name = "SECONDS", default_value_t = 5.0)]
         slurm_poll: f64,
+        /// With `--executor slurm`: queue a job for every node that must run, each after the
+        /// jobs of its inputs (`--dependency=afterok`), and exit without waiting. A later
+        /// `pipe run --executor slurm` of the same pipeline waits for them and reports.
+        #[arg(long)]
+        detach: bool,
     },
     /// Compute one node of a `pipe run --executor slurm` in this process (what each Slurm job
     /// runs): the key names the job file the run wrote into the store.

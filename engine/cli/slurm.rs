@@ -13,6 +13,9 @@ use serde_json::{Value, json};
 
 use crate::PipelineArgs;
 
+/// How long a job queued after its inputs' jobs waits for their entries to show on its machine.
+const INPUT_VISIBLE: Duration = Duration::from_secs(60);
+
 /// Jobs in the queue at once unless `-j` says otherwise.
 pub const DEFAULT_JOBS: usize = 256;
 
@@ -129,6 +132,28 @@ pub fn exec(store_path: &Path, key: &str) -> Result<u8> {
         node.key.short(),
         pipe_engine::exec::host()
     );
+    // a job queued with `--detach` starts as soon as its inputs' jobs exit; on a shared file
+    // system their entries can take a moment to show on this machine
+    if job["after"].as_array().is_some_and(|a| !a.is_empty()) {
+        let t = Instant::now();
+        let mut told = false;
+        while let Some(up) = node
+            .inputs
+            .values()
+            .flatten()
+            .map(|&j| &plan.graph.nodes[j])
+            .find(|up| !store.contains(up.key.key()))
+        {
+            if t.elapsed() >= INPUT_VISIBLE || cancel.load(std::sync::atomic::Ordering::Relaxed) {
+                break;
+            }
+            if !told {
+                eprintln!("pipe exec: waiting for the entry of input `{}` to show here", up.id);
+                told = true;
+            }
+            std::thread::sleep(Duration::from_millis(500));
+        }
+    }
     // progress into the job's output: every log line, and progress at most every 30 s
     let last = Mutex::new(None::<Instant>);
     let report = |e: StageEvent| match e {
@@ -178,4 +203,77 @@ pub fn exec(store_path: &Path, key: &str) -> Result<u8> {
             })
         }
     }
+}
+
+/// `pipe run --executor slurm --detach`: queues every node that must run and exits.
+pub fn detach(
+    plan: &pipe_engine::Plan,
+    store: &Store,
+    opts: &SlurmOptions,
+    cancel: &std::sync::atomic::AtomicBool,
+    pipeline: &PipelineArgs,
+    json: bool,
+) -> Result<u8> {
+    use pipe_engine::slurm::Queued;
+    let queued = pipe_engine::slurm::submit_all(plan, store, opts, cancel);
+    let (mut submitted, mut adopted, mut cached, mut failed) = (0, 0, 0, 0);
+    let mut nodes = Vec::new();
+    for ((n, s), q) in plan.graph.nodes.iter().zip(&plan.status).zip(&queued) {
+        let (status, job, error) = match q {
+            None => (s.as_str(), None, None),
+            Some(Ok(Queued::Cached)) => {
+                cached += 1;
+                ("cached", None, None)
+            }
+            Some(Ok(Queued::Adopted(id))) => {
+                adopted += 1;
+                eprintln!("queued: {} (Slurm job {id}, submitted by another run)", n.id);
+                ("queued", Some(id.clone()), None)
+            }
+            Some(Ok(Queued::Submitted(id))) => {
+                submitted += 1;
+                eprintln!("queued: {} (Slurm job {id})", n.id);
+                ("queued", Some(id.clone()), None)
+            }
+            Some(Err(e)) => {
+                failed += 1;
+                eprintln!("failed: {}: {e}", n.id);
+                ("failed", None, Some(e.clone()))
+            }
+        };
+        if json {
+            let mut v = json!({
+                "id": n.id, "stage": n.stages.first(), "key": n.key.to_string(),
+                "status": status,
+            });
+            if let Some(id) = job {
+                v["job"] = json!(id);
+            }
+            if let Some(e) = error {
+                v["error"] = json!(e);
+            }
+            nodes.push(v);
+        }
+    }
+    if json {
+        let doc = json!({
+            "pipeline": plan.graph.pipeline.name, "nodes": nodes,
+            "submitted": submitted, "adopted": adopted, "cached": cached + plan.counts().0,
+            "failed": failed,
+        });
+        println!("{}", serde_json::to_string_pretty(&doc)?);
+    }
+    eprintln!(
+        "pipe: {} queued ({submitted} submitted now, {adopted} already queued), {failed} not \
+         submitted; `pipe run {} --executor slurm` waits for them and reports",
+        submitted + adopted,
+        pipeline.file.display()
+    );
+    Ok(if cancel.load(std::sync::atomic::Ordering::Relaxed) {
+        crate::signals::exit_code()
+    } else if failed > 0 {
+        crate::commands::EXIT_FAILED
+    } else {
+        0
+    })
 }

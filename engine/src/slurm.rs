@@ -23,6 +23,10 @@
 //! Deciding and submitting happen under `jobs/<key>.lock` (a `flock`), so two runs of
 //! overlapping pipelines cannot both submit a key.
 //!
+//! [`submit_all`] (`pipe run --executor slurm --detach`) queues every node at once instead, each
+//! job after its inputs' jobs (`--dependency=afterok`, `--kill-on-invalid-dep=yes`), and
+//! returns; a later attached run adopts the queued jobs and reports them.
+//!
 //! A GPU node (one that claims the scheduler's `gpu` resource) asks for `--gres gpu:1`; how
 //! many run at once is Slurm's business, so `--gpus` does not limit them.
 
@@ -136,7 +140,12 @@ fn sh_quote(s: &str) -> String {
 }
 
 /// The `sbatch` arguments for `node` (without the program).
-pub fn sbatch_args(opts: &SlurmOptions, store: &Store, node: &Node) -> Vec<String> {
+pub fn sbatch_args(
+    opts: &SlurmOptions,
+    store: &Store,
+    node: &Node,
+    after: &[String],
+) -> Vec<String> {
     let key = node.key.key();
     let mut wrap: Vec<String> = Vec::new();
     if !opts.env.is_empty() {
@@ -155,6 +164,11 @@ pub fn sbatch_args(opts: &SlurmOptions, store: &Store, node: &Node) -> Vec<Strin
     ];
     if node.resources.gpu {
         args.extend(["--gres".into(), "gpu:1".into()]);
+    }
+    if !after.is_empty() {
+        // a failed input cancels the job instead of leaving it pending for ever
+        args.push(format!("--dependency=afterok:{}", after.join(":")));
+        args.push("--kill-on-invalid-dep=yes".into());
     }
     args.extend(opts.sbatch_args.iter().cloned());
     args.push("--wrap".into());
@@ -327,6 +341,138 @@ fn poll(squeue: &str) -> Result<HashMap<String, String>, String> {
         .collect())
 }
 
+/// How a node's job came to be in the queue.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Queued {
+    /// The key is in the store: no job.
+    Cached,
+    /// A job another run submitted for this key is still queued: its id.
+    Adopted(String),
+    /// This run submitted it: its id.
+    Submitted(String),
+}
+
+impl Queued {
+    /// The job id, if there is a job.
+    pub fn job(&self) -> Option<&str> {
+        match self {
+            Queued::Cached => None,
+            Queued::Adopted(id) | Queued::Submitted(id) => Some(id),
+        }
+    }
+}
+
+/// Makes sure a job computes `node` (unless its key is in the store): adopts a job another run
+/// submitted for the key if Slurm still holds it, else submits one that starts once the jobs
+/// `after` have completed successfully (`--dependency=afterok`; none: at once).
+fn ensure_job(
+    opts: &SlurmOptions,
+    queue: &Queue,
+    store: &Store,
+    node: &Node,
+    after: &[String],
+    cancel: &AtomicBool,
+) -> Result<Queued, String> {
+    let key = node.key.key();
+    if store.contains(key) {
+        return Ok(Queued::Cached);
+    }
+    let dir = jobs_dir(store);
+    std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    let file = job_file(store, key);
+    // One submitter per key at a time: two runs of overlapping pipelines both seeing no job
+    // would submit the key twice. The lock is held only while deciding and submitting.
+    let _submit_lock = lock_submission(store, key, cancel)?;
+    if store.contains(key) {
+        return Ok(Queued::Cached);
+    }
+    // a job an earlier run submitted for this key (that run was killed, or lost its login
+    // session, or runs beside this one) and Slurm still holds: wait for it instead of
+    // computing the key twice (a fresh `squeue`: the job may be seconds old)
+    let earlier = std::fs::read(&file)
+        .ok()
+        .and_then(|b| serde_json::from_slice::<Value>(&b).ok())
+        .and_then(|j| j["job_id"].as_str().map(str::to_string))
+        .filter(|id| queue.is_listed_now(id, opts));
+    if let Some(id) = earlier {
+        tracing::info!(node = %node.id, job = %id, "adopted");
+        return Ok(Queued::Adopted(id));
+    }
+    let mut job = opts.job.clone();
+    if !job.is_object() {
+        job = json!({});
+    }
+    job["key"] = json!(key.hex());
+    job["node"] = json!(node.id);
+    job["submitted"] = json!(now_rfc3339());
+    if !after.is_empty() {
+        job["after"] = json!(after);
+    }
+    let write = |job: &Value| -> Result<(), String> {
+        let text = serde_json::to_vec_pretty(job).map_err(|e| e.to_string())?;
+        write_atomic(&file, &text).map_err(|e| e.to_string())
+    };
+    write(&job)?;
+    let _ = std::fs::remove_file(job_output(store, key));
+    let [sbatch, _, _] = &opts.programs;
+    let submitted = call(sbatch, &sbatch_args(opts, store, node, after))?;
+    // `--parsable`: `<id>` or `<id>;<cluster>`
+    let id = submitted
+        .lines()
+        .next()
+        .and_then(|l| l.split(';').next())
+        .map(str::trim)
+        .filter(|id| !id.is_empty() && id.bytes().all(|b| b.is_ascii_digit() || b == b'_'))
+        .ok_or_else(|| format!("`{sbatch}` printed no job id: `{}`", submitted.trim()))?
+        .to_string();
+    job["job_id"] = json!(id);
+    write(&job)?;
+    tracing::info!(node = %node.id, job = %id, "submitted");
+    Ok(Queued::Submitted(id))
+}
+
+/// `pipe run --executor slurm --detach`: queues a job for every node of `plan` that must run,
+/// in topological order, each depending (`afterok`, `--kill-on-invalid-dep=yes`) on the jobs
+/// of its inputs, and returns without waiting. Per node: `None` where nothing must run (cached
+/// or not needed at plan time), else what [`ensure_job`] did or why it could not (a node whose
+/// input got no job is not submitted).
+pub fn submit_all(
+    plan: &crate::plan::Plan,
+    store: &Store,
+    opts: &SlurmOptions,
+    cancel: &AtomicBool,
+) -> Vec<Option<Result<Queued, String>>> {
+    let queue = Queue::default();
+    let nodes = &plan.graph.nodes;
+    let mut out: Vec<Option<Result<Queued, String>>> = vec![None; nodes.len()];
+    for (i, node) in nodes.iter().enumerate() {
+        if !matches!(plan.status[i], crate::plan::Status::Run(_)) {
+            continue;
+        }
+        if cancel.load(Ordering::Relaxed) {
+            out[i] = Some(Err("interrupted".into()));
+            continue;
+        }
+        let mut deps: Vec<usize> = node.inputs.values().flatten().copied().collect();
+        deps.sort_unstable();
+        deps.dedup();
+        let mut after = Vec::new();
+        let mut missing = None;
+        for j in deps {
+            match &out[j] {
+                Some(Ok(q)) => after.extend(q.job().map(str::to_string)),
+                Some(Err(_)) => missing = Some(nodes[j].id.clone()),
+                None => {}
+            }
+        }
+        out[i] = Some(match missing {
+            Some(up) => Err(format!("not submitted: its input `{up}` has no job")),
+            None => ensure_job(opts, &queue, store, node, &after, cancel),
+        });
+    }
+    out
+}
+
 /// Submits `node` and waits for its job; the outcome as [`crate::exec::run`] reports it.
 pub(crate) fn run_node(
     opts: &SlurmOptions,
@@ -337,67 +483,22 @@ pub(crate) fn run_node(
     report: &(dyn Fn(StageEvent) + Sync),
 ) -> Result<Outcome, String> {
     let key = node.key.key();
-    if store.contains(key) {
-        return Ok(Outcome::Cached);
-    }
-    let dir = jobs_dir(store);
-    std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
     let file = job_file(store, key);
     let output = job_output(store, key);
-    let [sbatch, _, scancel] = &opts.programs;
-
-    // One submitter per key at a time: two runs of overlapping pipelines both seeing no job
-    // would submit the key twice. The lock is held only while deciding and submitting.
-    let submit_lock = lock_submission(store, key, cancel)?;
-    if store.contains(key) {
-        return Ok(Outcome::Cached);
-    }
-    // a job an earlier run submitted for this key (that run was killed, or lost its login
-    // session, or runs beside this one) and Slurm still holds: wait for it instead of
-    // computing the key twice (a fresh `squeue`: the job may be seconds old)
-    let earlier = std::fs::read(&file)
-        .ok()
-        .and_then(|b| serde_json::from_slice::<Value>(&b).ok())
-        .and_then(|j| j["job_id"].as_str().map(str::to_string))
-        .filter(|id| queue.is_listed_now(id, opts));
-    let id = if let Some(id) = earlier {
-        tracing::info!(node = %node.id, job = %id, "adopted");
-        report(StageEvent::Log(format!(
-            "Slurm job {id}, submitted by an earlier run for this key, is still queued: waiting for it"
-        )));
-        id
-    } else {
-        let mut job = opts.job.clone();
-        if !job.is_object() {
-            job = json!({});
+    let [_, _, scancel] = &opts.programs;
+    let id = match ensure_job(opts, queue, store, node, &[], cancel)? {
+        Queued::Cached => return Ok(Outcome::Cached),
+        Queued::Adopted(id) => {
+            report(StageEvent::Log(format!(
+                "Slurm job {id}, submitted by another run for this key, is still queued: waiting for it"
+            )));
+            id
         }
-        job["key"] = json!(key.hex());
-        job["node"] = json!(node.id);
-        job["submitted"] = json!(now_rfc3339());
-        let write = |job: &Value| -> Result<(), String> {
-            let text = serde_json::to_vec_pretty(job).map_err(|e| e.to_string())?;
-            write_atomic(&file, &text).map_err(|e| e.to_string())
-        };
-        write(&job)?;
-        let _ = std::fs::remove_file(&output);
-        let submitted = call(sbatch, &sbatch_args(opts, store, node))?;
-        // `--parsable`: `<id>` or `<id>;<cluster>`
-        let id = submitted
-            .lines()
-            .next()
-            .and_then(|l| l.split(';').next())
-            .map(str::trim)
-            .filter(|id| !id.is_empty() && id.bytes().all(|b| b.is_ascii_digit() || b == b'_'))
-            .ok_or_else(|| format!("`{sbatch}` printed no job id: `{}`", submitted.trim()))?
-            .to_string();
-        job["job_id"] = json!(id);
-        write(&job)?;
-        tracing::info!(node = %node.id, job = %id, "submitted");
-        report(StageEvent::Log(format!("Slurm job {id} submitted")));
-        id
+        Queued::Submitted(id) => {
+            report(StageEvent::Log(format!("Slurm job {id} submitted")));
+            id
+        }
     };
-    drop(submit_lock);
-
     queue.watch(&id);
     let mut state = String::new();
     let t0 = Instant::now();
@@ -594,7 +695,7 @@ mod tests {
             sbatch_args: vec!["--time=1:00:00".into()],
             ..SlurmOptions::default()
         };
-        let args = sbatch_args(&opts, &store, &node);
+        let args = sbatch_args(&opts, &store, &node, &[]);
         let hex = "ab".repeat(32);
         let out = root.join("jobs").join(format!("{hex}.out"));
         assert_eq!(
@@ -613,7 +714,14 @@ mod tests {
             ]
         );
         node.resources.gpu = false;
-        assert!(!sbatch_args(&opts, &store, &node).contains(&"--gres".to_string()));
+        let args = sbatch_args(&opts, &store, &node, &["17".into(), "18".into()]);
+        assert!(!args.contains(&"--gres".to_string()));
+        // after its inputs' jobs, cancelled if one of them fails
+        assert!(
+            args.windows(2)
+                .any(|w| w == ["--dependency=afterok:17:18", "--kill-on-invalid-dep=yes"]),
+            "{args:?}"
+        );
         let _ = std::fs::remove_dir_all(&root);
     }
 }
