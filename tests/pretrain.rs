@@ -272,7 +272,8 @@ fn advcl_trains_on_pseudo_labels_from_a_pretrained_encoder() {
     let out = dir.pipe(&["run", &p5]).code(2);
     let at = other.lines().count() - 1;
     assert!(
-        out.stderr.contains(&format!("p5.yaml:{at}")) && out.stderr.contains("stages.other.inputs.labels"),
+        out.stderr.contains(&format!("p5.yaml:{at}"))
+            && out.stderr.contains("stages.other.inputs.labels"),
         "line {at}: {}",
         out.stderr
     );

@@ -398,7 +398,13 @@ fn two_runs_at_once_submit_each_key_once() {
         ),
     );
     let args = [
-        "run", &p, "--executor", "slurm", "--slurm-poll", "0.05", "--json",
+        "run",
+        &p,
+        "--executor",
+        "slurm",
+        "--slurm-poll",
+        "0.05",
+        "--json",
     ];
     let spawn = || {
         c.command(&args)
@@ -412,7 +418,10 @@ fn two_runs_at_once_submit_each_key_once() {
         let out = Output::from_process(&args, child.wait_with_output().expect("wait"));
         let doc = out.code(0).json();
         for id in ["slow", "after"] {
-            let status = node(&doc, id)["status"].as_str().unwrap_or_default().to_string();
+            let status = node(&doc, id)["status"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string();
             assert!(status == "ran" || status == "cached", "{id}: {doc:#}");
         }
     }
@@ -428,12 +437,20 @@ fn detach_queues_every_node_after_its_inputs_and_a_later_run_reports() {
     let c = Cluster::new("slurm-detach");
     let p = c.dir.pipeline("cluster.yaml", SWEEP);
     let doc = c.run(&p, &["--detach", "--json"], 0).json();
-    let job = |id: &str| node(&doc, id)["job"].as_str().unwrap_or_default().to_string();
+    let job = |id: &str| {
+        node(&doc, id)["job"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string()
+    };
     for id in ["a", "b[n=2]", "b[n=5]"] {
         assert_eq!(node(&doc, id)["status"], "queued", "{doc:#}");
         assert!(!job(id).is_empty(), "{doc:#}");
     }
-    assert_eq!((doc["submitted"].as_u64(), doc["failed"].as_u64()), (Some(3), Some(0)));
+    assert_eq!(
+        (doc["submitted"].as_u64(), doc["failed"].as_u64()),
+        (Some(3), Some(0))
+    );
     // one job per node at once, `b` after `a`
     let subs = c.submissions();
     assert_eq!(subs.len(), 3, "{subs:?}");
@@ -450,7 +467,10 @@ fn detach_queues_every_node_after_its_inputs_and_a_later_run_reports() {
     // the jobs run without any pipe waiting; a later run waits for them and reports
     let done = c.run(&p, &["--json"], 0).json();
     for id in ["a", "b[n=2]", "b[n=5]"] {
-        let status = node(&done, id)["status"].as_str().unwrap_or_default().to_string();
+        let status = node(&done, id)["status"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
         assert!(status == "ran" || status == "cached", "{id}: {done:#}");
     }
     assert_eq!(c.submissions().len(), 3, "a key was submitted twice");
@@ -463,7 +483,11 @@ fn detach_queues_every_node_after_its_inputs_and_a_later_run_reports() {
     assert_eq!(c.submissions().len(), 3);
     // --detach is Slurm's
     let local = c.dir.pipe(&["run", &p, "--detach"]).code(2);
-    assert!(local.stderr.contains("--detach is for `--executor slurm`"), "{}", local.stderr);
+    assert!(
+        local.stderr.contains("--detach is for `--executor slurm`"),
+        "{}",
+        local.stderr
+    );
 }
 
 #[test]
@@ -491,7 +515,10 @@ stages:
         statuses(&doc),
         crate::util::expect(&[("bad", "failed"), ("after", "skipped")])
     );
-    let err = node(&doc, "bad")["error"].as_str().unwrap_or_default().to_string();
+    let err = node(&doc, "bad")["error"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
     assert!(err.contains("boom from the job"), "{err}");
     // `after`'s job ended without running its command, and nothing was submitted again
     wait_until(Duration::from_secs(10), "after's job to end", || {

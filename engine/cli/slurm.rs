@@ -148,7 +148,10 @@ pub fn exec(store_path: &Path, key: &str) -> Result<u8> {
                 break;
             }
             if !told {
-                eprintln!("pipe exec: waiting for the entry of input `{}` to show here", up.id);
+                eprintln!(
+                    "pipe exec: waiting for the entry of input `{}` to show here",
+                    up.id
+                );
                 told = true;
             }
             std::thread::sleep(Duration::from_millis(500));
@@ -227,7 +230,10 @@ pub fn detach(
             }
             Some(Ok(Queued::Adopted(id))) => {
                 adopted += 1;
-                eprintln!("queued: {} (Slurm job {id}, submitted by another run)", n.id);
+                eprintln!(
+                    "queued: {} (Slurm job {id}, submitted by another run)",
+                    n.id
+                );
                 ("queued", Some(id.clone()), None)
             }
             Some(Ok(Queued::Submitted(id))) => {

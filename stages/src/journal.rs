@@ -164,7 +164,9 @@ mod tests {
         let j = Journal::at(tmp.path());
         let x = Tensor::new(&[[1.5f32, -2.0], [0.25, 7.0]], &Device::Cpu)?;
         j.put("a", 3, &(7usize, vec![1.0f64, 2.5]), &[("adv/0", &x)])?;
-        let e = j.get::<(usize, Vec<f64>)>("a", 3, |_| true).expect("recorded");
+        let e = j
+            .get::<(usize, Vec<f64>)>("a", 3, |_| true)
+            .expect("recorded");
         assert_eq!(e.record, (7, vec![1.0, 2.5]));
         assert_eq!(
             e.tensor("adv/0")?.to_vec2::<f32>()?,
@@ -181,7 +183,11 @@ mod tests {
         std::fs::write(&path, b"not a safetensors file")?;
         assert!(j.get::<(usize, Vec<f64>)>("a", 3, |_| true).is_none());
         j.put("a", 3, &(8usize, vec![0.0f64]), &[])?;
-        assert_eq!(j.get::<(usize, Vec<f64>)>("a", 3, |_| true).map(|e| e.record.0), Some(8));
+        assert_eq!(
+            j.get::<(usize, Vec<f64>)>("a", 3, |_| true)
+                .map(|e| e.record.0),
+            Some(8)
+        );
         // off: nothing written, nothing replayed
         let off = Journal::off();
         off.put("a", 0, &1usize, &[])?;

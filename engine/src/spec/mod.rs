@@ -931,8 +931,7 @@ fn parse_inner(
                     Ok(params) => {
                         let connected: Vec<&str> =
                             p.inputs.iter().map(|(slot, _)| slot.as_str()).collect();
-                        for ParamError { path, message } in kind.check_inputs(&params, &connected)
-                        {
+                        for ParamError { path, message } in kind.check_inputs(&params, &connected) {
                             let at = if path.is_empty() {
                                 spath.clone()
                             } else {

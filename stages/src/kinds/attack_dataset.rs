@@ -64,8 +64,8 @@ use serde_json::{Value, json};
 
 use crate::data::Split;
 use crate::data::adversarial::{ADVERSARIAL_FILE, AdversarialSet};
-use crate::journal::Journal;
 use crate::device::DeviceSpec;
+use crate::journal::Journal;
 use crate::kinds::evaluate::{
     self, AttackSpec, Error, Hooks, batch_tensor, count_correct, subset_indices,
 };
@@ -264,10 +264,16 @@ pub fn attack_split(
         let labels = &sub.labels[s..s + b];
         let old = journal.get::<AttackBatch>(JOURNAL_PART, batch, |e| {
             let r = &e.record;
-            r.start == s && r.size == b && ["adv", "loss"].iter().all(|t| e.tensors.contains_key(*t))
+            r.start == s
+                && r.size == b
+                && ["adv", "loss"].iter().all(|t| e.tensors.contains_key(*t))
         });
         let (rec, adv, adv_loss) = match old {
-            Some(e) => (e.record.clone(), e.tensor("adv")?.clone(), e.tensor("loss")?.clone()),
+            Some(e) => (
+                e.record.clone(),
+                e.tensor("adv")?.clone(),
+                e.tensor("loss")?.clone(),
+            ),
             None => {
                 let y = Tensor::from_slice(labels, b, device)?;
                 let x = batch_tensor(&sub, s, b, device)?;
@@ -570,7 +576,10 @@ mod tests {
             (fresh.clean_correct, fresh.adv_correct)
         );
         assert_eq!(
-            (resumed.clean_mean_loss.to_bits(), resumed.mean_loss.to_bits()),
+            (
+                resumed.clean_mean_loss.to_bits(),
+                resumed.mean_loss.to_bits()
+            ),
             (fresh.clean_mean_loss.to_bits(), fresh.mean_loss.to_bits())
         );
         // a record of another batch layout is not replayed

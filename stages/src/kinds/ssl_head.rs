@@ -47,7 +47,6 @@
 //!   other row, R-MAO's "correct", on the test split with the head in eval mode, batches of
 //!   `batch_size`, seeded draws), `chance_ssl_acc`, `epochs`, `seconds`, `device`.
 
-use std::collections::HashMap;
 use std::path::Path;
 use std::time::Instant;
 
@@ -62,7 +61,7 @@ use serde_json::{Value, json};
 use crate::data::{self, Split, tensor_io::DATA_FILE};
 use crate::device::DeviceSpec;
 use crate::nn::augment::{FinetuneConfig, ImageBatch, MultiView, PaddingMode};
-use crate::nn::checkpoint;
+use crate::nn::checkpoint::{self, TrainState};
 use crate::nn::classifier::{Classifier, SPEC_FILE, WEIGHTS_FILE};
 use crate::nn::defense::{
     AugmentMode, SslHead, SslHeadConfig, SyncAugment, ssl_head, ssl_loss, ssl_stats,
@@ -83,6 +82,8 @@ pub const STATE_FILE: &str = "state.safetensors";
 /// Views of the test-split measurement (R-MAO's evaluation views).
 pub const EVAL_VIEWS: usize = 4;
 
+/// The state file's record of params and curve.
+const META: &str = "meta/json";
 const SHUFFLE_STREAM: u64 = 1;
 const CROP_STREAM: u64 = 2;
 const DRAW_STREAM: u64 = 3;
@@ -357,19 +358,13 @@ impl<'a> HeadTrainer<'a> {
     /// # Errors
     /// I/O or tensor errors.
     pub fn save_state(&self, path: &Path) -> Result<()> {
-        let mut t: HashMap<String, Tensor> = HashMap::new();
-        for (name, v) in named_vars(&self.varmap) {
-            t.insert(format!("model/{name}"), v.as_detached_tensor());
-        }
-        for (name, v) in self.opt.state() {
-            t.insert(format!("optim/{name}"), v);
-        }
-        let meta = serde_json::to_vec(&(&self.p, &self.curve))?;
-        t.insert(
-            "meta/json".into(),
-            Tensor::new(meta.as_slice(), &Device::Cpu)?,
-        );
-        checkpoint::save_tensors(&t, path).map_err(|e| format!("{}: {e}", path.display()))?;
+        let meta = checkpoint::json_tensor(&(&self.p, &self.curve))?;
+        TrainState::save(
+            path,
+            &named_vars(&self.varmap),
+            self.opt.state(),
+            vec![(META.into(), meta)],
+        )?;
         Ok(())
     }
 
@@ -378,37 +373,14 @@ impl<'a> HeadTrainer<'a> {
     /// # Errors
     /// A file of other params, or missing / misshapen tensors, named.
     pub fn load_state(&mut self, path: &Path) -> Result<()> {
-        let bad = |what: String| -> BoxError { format!("{}: {what}", path.display()).into() };
-        let t = candle::safetensors::load(path, &self.device).map_err(|e| bad(e.to_string()))?;
-        let meta = t
-            .get("meta/json")
-            .ok_or_else(|| bad("has no meta/json (not an ssl_head state)".into()))?
-            .to_device(&Device::Cpu)?
-            .to_vec1::<u8>()?;
-        let (p, curve): (SslHeadParams, Vec<CurvePoint>) =
-            serde_json::from_slice(&meta).map_err(|e| bad(format!("meta/json: {e}")))?;
+        let s = TrainState::load(path, &self.device)?;
+        let (p, curve): (SslHeadParams, Vec<CurvePoint>) = s.json(META)?;
         if p != self.p || curve.len() > self.p.epochs {
-            return Err(bad("was written for other params".into()));
+            return Err(s.error("was written for other params").into());
         }
-        let vars = named_vars(&self.varmap);
-        for (name, v) in &vars {
-            let saved = t
-                .get(&format!("model/{name}"))
-                .ok_or_else(|| bad(format!("has no model/{name}")))?;
-            if saved.shape() != v.shape() {
-                return Err(bad(format!("model/{name} has shape {:?}", saved.shape())));
-            }
-        }
-        let optim: HashMap<String, Tensor> = t
-            .iter()
-            .filter_map(|(k, v)| k.strip_prefix("optim/").map(|k| (k.to_string(), v.clone())))
-            .collect();
-        self.opt
-            .load_state(&optim)
-            .map_err(|e| bad(e.to_string()))?;
-        for (name, v) in &vars {
-            v.set(&t[&format!("model/{name}")])?;
-        }
+        let plan = s.vars(&named_vars(&self.varmap))?;
+        self.opt.load_state(&s.optim()).map_err(|e| s.error(e))?;
+        checkpoint::set_vars(plan)?;
         self.curve = curve;
         Ok(())
     }

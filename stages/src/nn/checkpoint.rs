@@ -293,6 +293,133 @@ fn preview(names: &[String]) -> String {
     s
 }
 
+/// A trainer's resumable state, one safetensors file in the node's scratch folder: the
+/// trained variables under `model/<name>`, the optimiser's buffers under `optim/<name>`, and
+/// the trainer's own tensors (counters, the curve as JSON bytes, a free-adversarial δ) under
+/// names of its choosing. Written atomically ([`save_tensors`]); read back all or nothing:
+/// [`TrainState::vars`] checks every variable before the caller sets any.
+pub struct TrainState {
+    path: PathBuf,
+    tensors: HashMap<String, Tensor>,
+}
+
+impl TrainState {
+    /// Writes `vars` (under `model/`), `optim` (under `optim/`) and `extra` to `path`.
+    ///
+    /// # Errors
+    /// I/O errors, naming the path.
+    pub fn save(
+        path: &Path,
+        vars: &[(String, candle::Var)],
+        optim: Vec<(String, Tensor)>,
+        extra: Vec<(String, Tensor)>,
+    ) -> Result<()> {
+        let mut t: HashMap<String, Tensor> = HashMap::new();
+        for (name, v) in vars {
+            t.insert(format!("model/{name}"), v.as_detached_tensor());
+        }
+        for (name, v) in optim {
+            t.insert(format!("optim/{name}"), v);
+        }
+        t.extend(extra);
+        save_tensors(&t, path).map_err(|e| candle::Error::Msg(format!("{}: {e}", path.display())))
+    }
+
+    /// Reads a state file onto `device`.
+    ///
+    /// # Errors
+    /// A file that cannot be read or parsed, naming it.
+    pub fn load(path: &Path, device: &candle::Device) -> Result<Self> {
+        let tensors = candle::safetensors::load(path, device)
+            .map_err(|e| candle::Error::Msg(format!("{}: {e}", path.display())))?;
+        Ok(Self {
+            path: path.to_path_buf(),
+            tensors,
+        })
+    }
+
+    /// An error about this file: `<path>: <what>`.
+    pub fn error(&self, what: impl std::fmt::Display) -> candle::Error {
+        candle::Error::Msg(format!("{}: {what}", self.path.display()))
+    }
+
+    /// The tensor `name`, if the file has it.
+    pub fn get(&self, name: &str) -> Option<&Tensor> {
+        self.tensors.get(name)
+    }
+
+    /// The tensor `name`.
+    ///
+    /// # Errors
+    /// When the file has none (naming file and tensor).
+    pub fn tensor(&self, name: &str) -> Result<&Tensor> {
+        self.get(name)
+            .ok_or_else(|| self.error(format!("has no {name}")))
+    }
+
+    /// The JSON value stored as bytes in tensor `name` (see [`json_tensor`]).
+    ///
+    /// # Errors
+    /// A missing tensor or a value that does not parse as `T`.
+    pub fn json<T: serde::de::DeserializeOwned>(&self, name: &str) -> Result<T> {
+        let bytes = self
+            .tensor(name)?
+            .to_device(&candle::Device::Cpu)?
+            .to_vec1::<u8>()?;
+        serde_json::from_slice(&bytes).map_err(|e| self.error(format!("{name}: {e}")))
+    }
+
+    /// The optimiser's buffers (the `optim/` tensors, prefix stripped).
+    pub fn optim(&self) -> HashMap<String, Tensor> {
+        self.tensors
+            .iter()
+            .filter_map(|(k, v)| k.strip_prefix("optim/").map(|k| (k.to_string(), v.clone())))
+            .collect()
+    }
+
+    /// The saved value of every variable of `vars`, checked (present, same shape) and in its
+    /// dtype; nothing is set: pass the result to [`set_vars`] once every other check passed.
+    ///
+    /// # Errors
+    /// A missing or misshapen tensor, naming file and tensor.
+    pub fn vars(&self, vars: &[(String, candle::Var)]) -> Result<Vec<(candle::Var, Tensor)>> {
+        let mut plan = Vec::with_capacity(vars.len());
+        for (name, v) in vars {
+            let saved = self.tensor(&format!("model/{name}"))?;
+            if saved.shape() != v.shape() {
+                return Err(self.error(format!(
+                    "model/{name} has shape {:?}, expected {:?}",
+                    saved.dims(),
+                    v.dims()
+                )));
+            }
+            plan.push((v.clone(), saved.to_dtype(v.dtype())?));
+        }
+        Ok(plan)
+    }
+}
+
+/// Sets every variable of a [`TrainState::vars`] plan.
+///
+/// # Errors
+/// Tensor errors (none after the plan's checks, short of a device failure).
+pub fn set_vars(plan: Vec<(candle::Var, Tensor)>) -> Result<()> {
+    for (v, t) in plan {
+        v.set(&t)?;
+    }
+    Ok(())
+}
+
+/// `value` as JSON bytes in a u8 tensor (for [`TrainState::json`]).
+///
+/// # Errors
+/// A value that does not serialize.
+pub fn json_tensor<T: serde::Serialize>(value: &T) -> Result<Tensor> {
+    let bytes = serde_json::to_vec(value)
+        .map_err(|e| candle::Error::Msg(format!("encoding a state record: {e}")))?;
+    Tensor::new(bytes.as_slice(), &candle::Device::Cpu)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

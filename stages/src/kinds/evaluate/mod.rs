@@ -107,9 +107,8 @@ mod runner;
 pub use defense::{DefenseParam, DefenseSpec};
 pub use runner::{
     AaCounts, AttackSpec, BenchRow, Error, EvalConfig, EvalReport, Hooks, OnAdversarial,
-    TransferReport,
-    batch_tensor, bench, count_correct, evaluate, evaluate_transfer, evaluate_with, format_radius,
-    metrics_json, norm_name, subset_indices,
+    TransferReport, batch_tensor, bench, count_correct, evaluate, evaluate_transfer, evaluate_with,
+    format_radius, metrics_json, norm_name, subset_indices,
 };
 
 use std::time::Instant;
@@ -121,9 +120,9 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::data::adversarial::{ADVERSARIAL_FILE, AdversarialSet};
-use crate::journal::Journal;
 use crate::data::{self, tensor_io::DATA_FILE};
 use crate::device::DeviceSpec;
+use crate::journal::Journal;
 use crate::nn::attacks::Norm;
 use crate::nn::autoattack::{AaAttack, AaConfig};
 use crate::nn::classifier::{Classifier, SPEC_FILE, WEIGHTS_FILE};
@@ -519,7 +518,9 @@ fn load_ssl_head(
         Some(d) if d.method == defense::DefenseMethod::Random => Ok(None),
         Some(_) => {
             if clf.spec().ncrop.is_some() {
-                return Err("the defence needs a full-image classifier; this one has an n-crop head".into());
+                return Err(
+                    "the defence needs a full-image classifier; this one has an n-crop head".into(),
+                );
             }
             let file = |name: &str| crate::params::input_file(ctx, "ssl_head", name, "ssl_head");
             let spec_path = file(HEAD_SPEC_FILE)?;
@@ -767,7 +768,9 @@ impl TypedStage for Evaluate {
             &device,
             &hooks,
             &journal,
-            defense.is_some().then_some(&mut keep as runner::OnAdversarial<'_>),
+            defense
+                .is_some()
+                .then_some(&mut keep as runner::OnAdversarial<'_>),
         )?;
         let mut adaptive: Vec<(Vec<f32>, usize)> = Vec::new();
         let defended = match &defense {

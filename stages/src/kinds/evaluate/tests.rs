@@ -674,7 +674,15 @@ fn an_interrupted_evaluation_resumes_from_its_journal_bit_identically() -> TestR
             kept[a][s * il..s * il + v.len()].copy_from_slice(&v);
             Ok(())
         };
-        let r = evaluate_with(&clf, &d.test, &cfg, &Device::Cpu, hooks, journal, Some(&mut keep))?;
+        let r = evaluate_with(
+            &clf,
+            &d.test,
+            &cfg,
+            &Device::Cpu,
+            hooks,
+            journal,
+            Some(&mut keep),
+        )?;
         Ok((r, kept))
     };
     let counts = |r: &EvalReport| {
@@ -707,10 +715,21 @@ fn an_interrupted_evaluation_resumes_from_its_journal_bit_identically() -> TestR
     let (resumed, resumed_adv) = run(&Hooks::default(), &again)?;
     assert_eq!(again.replayed(), 2);
     assert_eq!(counts(&resumed), counts(&fresh));
-    assert!(resumed_adv == fresh_adv, "the kept adversarial images differ");
+    assert!(
+        resumed_adv == fresh_adv,
+        "the kept adversarial images differ"
+    );
     // a run without the callback replays the same records (it needs only their counts)
     let plain = Journal::at(tmp.path());
-    let r = evaluate_with(&clf, &d.test, &cfg, &Device::Cpu, &Hooks::default(), &plain, None)?;
+    let r = evaluate_with(
+        &clf,
+        &d.test,
+        &cfg,
+        &Device::Cpu,
+        &Hooks::default(),
+        &plain,
+        None,
+    )?;
     assert_eq!((plain.replayed(), counts(&r)), (4, counts(&fresh)));
     Ok(())
 }
@@ -994,7 +1013,12 @@ fn an_interrupted_defence_evaluation_resumes_through_the_engine() -> TestResult 
                    store: &pipe_cache::Store,
                    file: &str|
      -> std::result::Result<Vec<u8>, Box<dyn std::error::Error + Send + Sync>> {
-        let node = plan.graph.nodes.iter().find(|n| n.id == "ev").ok_or("node")?;
+        let node = plan
+            .graph
+            .nodes
+            .iter()
+            .find(|n| n.id == "ev")
+            .ok_or("node")?;
         let e = store.get(node.key.key())?.ok_or("committed")?;
         Ok(std::fs::read(e.file(file)?)?)
     };
@@ -1021,7 +1045,12 @@ fn an_interrupted_defence_evaluation_resumes_through_the_engine() -> TestResult 
         &mut CancelAtReversal(&cancel),
     )?;
     assert!(s.interrupted, "the run was not interrupted");
-    let ev = plan.graph.nodes.iter().position(|n| n.id == "ev").ok_or("ev")?;
+    let ev = plan
+        .graph
+        .nodes
+        .iter()
+        .position(|n| n.id == "ev")
+        .ok_or("ev")?;
     assert_eq!(s.results[ev].outcome, pipe_engine::exec::Outcome::Skipped);
     let (plan, store, s) = run_with_fixture(dir.path(), &yaml, false)?;
     assert_eq!(s.results[ev].outcome, pipe_engine::exec::Outcome::Ran);
@@ -1038,4 +1067,3 @@ fn an_interrupted_defence_evaluation_resumes_through_the_engine() -> TestResult 
     );
     Ok(())
 }
-

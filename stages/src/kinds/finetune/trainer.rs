@@ -52,7 +52,7 @@ use crate::kinds::pretrain::{TrainHooks, ViewKind};
 use crate::nn::attacks::{Norm, PgdConfig, pgd};
 use crate::nn::augment::pipeline::{PipelineConfig, Plan, Scratch, U8_TO_F32};
 use crate::nn::augment::{EmpConfig, FinetuneConfig as PadCropFlip};
-use crate::nn::checkpoint;
+use crate::nn::checkpoint::{self, TrainState};
 use crate::nn::classifier::{Classifier, ClassifierSpec, FeatureKind, NcropSpec, mean_over_views};
 use crate::nn::heads::{
     CLASSIFIER, ClassifierConfig, ENCODER, LinearClassifier, PRE_FEATURE, linear_classifier,
@@ -1204,13 +1204,6 @@ impl<'d> Finetuner<'d> {
     /// # Errors
     /// I/O (naming the path) or tensor errors.
     pub fn save_state(&self, path: &Path) -> Result<()> {
-        let mut t: HashMap<String, Tensor> = HashMap::new();
-        for (name, v) in self.state_vars() {
-            t.insert(format!("model/{name}"), v.as_detached_tensor());
-        }
-        for (name, v) in self.opt.state() {
-            t.insert(format!("optim/{name}"), v);
-        }
         let meta = StateMeta {
             fingerprint: self.fingerprint()?,
             epoch: self.epoch,
@@ -1220,12 +1213,12 @@ impl<'d> Finetuner<'d> {
             feature_passes: self.feature_passes,
             curve: self.curve.clone(),
         };
-        let meta = serde_json::to_vec(&meta)?;
-        t.insert(
-            "meta/json".into(),
-            Tensor::new(meta.as_slice(), &Device::Cpu)?,
-        );
-        checkpoint::save_tensors(&t, path).map_err(|e| format!("{}: {e}", path.display()))?;
+        TrainState::save(
+            path,
+            &self.state_vars(),
+            self.opt.state(),
+            vec![("meta/json".into(), checkpoint::json_tensor(&meta)?)],
+        )?;
         Ok(())
     }
 
@@ -1238,56 +1231,33 @@ impl<'d> Finetuner<'d> {
     /// field), a missing or misshapen tensor, an epoch past the configured ones, or I/O and
     /// format errors; each names the file.
     pub fn load_state(&mut self, path: &Path) -> Result<()> {
-        let bad = |what: String| -> Error { format!("{}: {what}", path.display()).into() };
-        let t = candle::safetensors::load(path, &self.device).map_err(|e| bad(e.to_string()))?;
-        let meta = t
-            .get("meta/json")
-            .ok_or_else(|| bad("has no meta/json (not a finetune state)".into()))?
-            .to_device(&Device::Cpu)?
-            .to_vec1::<u8>()?;
-        let meta: StateMeta =
-            serde_json::from_slice(&meta).map_err(|e| bad(format!("meta/json: {e}")))?;
+        let s = TrainState::load(path, &self.device)?;
+        let meta: StateMeta = s.json("meta/json")?;
         let want = self.fingerprint()?;
         if meta.fingerprint != want {
-            return Err(bad(format!(
-                "was written for other params or data ({}), not resuming from it",
-                first_difference(&meta.fingerprint, &want, "")
-            )));
+            return Err(s
+                .error(format!(
+                    "was written for other params or data ({}), not resuming from it",
+                    first_difference(&meta.fingerprint, &want, "")
+                ))
+                .into());
         }
         if meta.epoch > self.cfg.epochs || meta.curve.len() != meta.epoch {
-            return Err(bad(format!(
-                "epoch {} with {} curve entries does not fit a run of {} epochs",
-                meta.epoch,
-                meta.curve.len(),
-                self.cfg.epochs
-            )));
+            return Err(s
+                .error(format!(
+                    "epoch {} with {} curve entries does not fit a run of {} epochs",
+                    meta.epoch,
+                    meta.curve.len(),
+                    self.cfg.epochs
+                ))
+                .into());
         }
-        let mut plan = Vec::new();
-        for (name, v) in self.state_vars() {
-            let saved = t
-                .get(&format!("model/{name}"))
-                .ok_or_else(|| bad(format!("has no model/{name}")))?;
-            if saved.shape() != v.shape() {
-                return Err(bad(format!(
-                    "model/{name} has shape {:?}, expected {:?}",
-                    saved.dims(),
-                    v.dims()
-                )));
-            }
-            let saved = saved.to_dtype(v.dtype())?;
-            plan.push((v, saved));
-        }
-        let optim: HashMap<String, Tensor> = t
-            .iter()
-            .filter_map(|(k, v)| k.strip_prefix("optim/").map(|k| (k.to_string(), v.clone())))
-            .collect();
+        let plan = s.vars(&self.state_vars())?;
         // checks every entry before it changes anything
         self.opt
-            .load_state(&optim)
-            .map_err(|e| bad(format!("optimiser state: {e}")))?;
-        for (v, saved) in plan {
-            v.set(&saved)?;
-        }
+            .load_state(&s.optim())
+            .map_err(|e| s.error(format!("optimiser state: {e}")))?;
+        checkpoint::set_vars(plan)?;
         // the SLF feature cache is not saved: a cache that never changes is recomputed once
         // more (bit-identical: same images, chunks and encoder), so count its pass
         let recompute_cache = self.cfg.mode == Mode::Slf

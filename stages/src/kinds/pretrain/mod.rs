@@ -1029,13 +1029,16 @@ impl TypedStage for Pretrain {
         };
         let state_path = ctx.scratch_dir().join(STATE_FILE);
         if state_path.is_file() {
-            trainer.load_state(&state_path)?;
-            ctx.log(format!(
-                "resumed from {} after epoch {} of {}",
-                state_path.display(),
-                trainer.epochs_done(),
-                trainer.config().run_epochs()
-            ));
+            // all or nothing: a state that does not load leaves the trainer fresh
+            match trainer.load_state(&state_path) {
+                Ok(()) => ctx.log(format!(
+                    "resumed from {} after epoch {} of {}",
+                    state_path.display(),
+                    trainer.epochs_done(),
+                    trainer.config().run_epochs()
+                )),
+                Err(e) => ctx.log(format!("ignoring the saved state, starting over: {e}")),
+            }
         }
         let progress = |done: u64, total: u64, msg: &str| ctx.progress(done, total, msg);
         let log = |msg: &str| ctx.log(msg);

@@ -370,6 +370,43 @@ fn same_seed_same_bits_and_resume_is_bit_identical() -> TestResult {
         );
         let losses = |t: &Pretrainer<'_>| t.curve().iter().map(|e| e.loss).collect::<Vec<_>>();
         assert_eq!(losses(&r), losses(&a));
+        // a state that does not fit changes nothing: one tensor of the wrong shape (the last
+        // checked), or counters past the run
+        let saved = candle::safetensors::load(&path, &Device::Cpu)?;
+        for (name, bad) in [
+            (
+                "meta/curve_json",
+                crate::nn::checkpoint::json_tensor(&vec![0u8; 3])?,
+            ),
+            ("meta/counters", Tensor::new(&[9i64, 999], &Device::Cpu)?),
+            (
+                "optim/nonsense",
+                Tensor::zeros(3, candle::DType::F32, &Device::Cpu)?,
+            ),
+        ] {
+            let mut t = saved.clone();
+            t.insert(name.into(), bad);
+            let broken = tmp.path().join("broken.state");
+            crate::nn::checkpoint::save_tensors(&t, &broken)?;
+            let mut f = Pretrainer::new(cfg.clone(), &d.train, &Device::Cpu)?;
+            let fresh = values(f.varmap());
+            let e = f
+                .load_state(&broken)
+                .err()
+                .map(|e| e.to_string())
+                .unwrap_or_default();
+            assert!(e.contains("broken.state"), "{name}: {e}");
+            assert_eq!(
+                values(f.varmap()),
+                fresh,
+                "{name}: a failed load changed weights"
+            );
+            assert_eq!(
+                (f.epochs_done(), f.steps(), f.curve().len()),
+                (0, 0, 0),
+                "{name}"
+            );
+        }
         // another seed gives other weights
         let mut other = cfg.clone();
         other.seed = 2;

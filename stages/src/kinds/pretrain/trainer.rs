@@ -2,7 +2,7 @@
 //! owns the model, the optimiser, the schedule and the free-adversarial δ, and trains epoch by
 //! epoch (or batch by batch, for tests and benchmarks) on a [`Split`] of u8 images.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::Instant;
 
@@ -17,7 +17,7 @@ use crate::nn::attacks::{FreeDelta, Norm, PgdConfig, pgd, pgd_accumulate};
 use crate::nn::augment::{
     DynAclConfig, EmpConfig, ImageBatch, Layout, MultiView, MultiViewConfig, SimClrConfig,
 };
-use crate::nn::checkpoint;
+use crate::nn::checkpoint::{self, TrainState};
 use crate::nn::heads::{
     AclEncoder, AdvclEncoder, Encoder, EncoderConfig, HeadConfig, PGD_CE_BRANCH, acl_encoder,
     advcl_encoder, encoder,
@@ -1601,85 +1601,86 @@ impl<'d> Pretrainer<'d> {
     /// # Errors
     /// I/O or tensor errors.
     pub fn save_state(&self, path: &Path) -> Result<()> {
-        let mut t: HashMap<String, Tensor> = HashMap::new();
-        for (name, v) in named_vars(&self.varmap) {
-            t.insert(format!("model/{name}"), v.as_detached_tensor());
-        }
-        for (name, v) in self.opt.state() {
-            t.insert(format!("optim/{name}"), v);
-        }
+        let mut extra = Vec::new();
         if let Some(fd) = &self.free {
-            t.insert("free_delta".into(), fd.delta().clone());
+            extra.push(("free_delta".into(), fd.delta().clone()));
         }
         if let Some(c) = self.coreset() {
             let idx: Vec<i64> = c.iter().map(|&i| i as i64).collect();
-            t.insert(
+            extra.push((
                 "meta/rcs_coreset".into(),
                 Tensor::new(idx.as_slice(), &Device::Cpu)?,
-            );
+            ));
         }
-        let cpu = Device::Cpu;
         let counters = [self.epoch as i64, self.step as i64];
-        t.insert("meta/counters".into(), Tensor::new(&counters, &cpu)?);
-        let curve = serde_json::to_vec(&self.curve)?;
-        t.insert(
+        extra.push((
+            "meta/counters".into(),
+            Tensor::new(&counters, &Device::Cpu)?,
+        ));
+        extra.push((
             "meta/curve_json".into(),
-            Tensor::new(curve.as_slice(), &cpu)?,
-        );
-        checkpoint::save_tensors(&t, path)?;
+            checkpoint::json_tensor(&self.curve)?,
+        ));
+        TrainState::save(path, &named_vars(&self.varmap), self.opt.state(), extra)?;
         Ok(())
     }
 
-    /// Restores [`Pretrainer::save_state`] into this (freshly built) trainer.
+    /// Restores [`Pretrainer::save_state`] into this (freshly built) trainer, all or nothing:
+    /// every part of the file is read and checked before anything is changed, so on an error
+    /// the trainer is still the fresh one.
     ///
     /// # Errors
-    /// A state file that does not match this model, or I/O errors.
+    /// A state file that does not match this model, or I/O errors (naming the file).
     pub fn load_state(&mut self, path: &Path) -> Result<()> {
-        let t = candle::safetensors::load(path, &self.device)?;
-        let bad = |what: &str| format!("{}: {what}", path.display());
-        for (name, v) in named_vars(&self.varmap) {
-            let saved = t
-                .get(&format!("model/{name}"))
-                .ok_or_else(|| bad(&format!("has no model/{name}")))?;
-            if saved.shape() != v.shape() {
-                return Err(bad(&format!("model/{name} has shape {:?}", saved.dims())).into());
+        let s = TrainState::load(path, &self.device)?;
+        let plan = s.vars(&named_vars(&self.varmap))?;
+        let coreset = match (&self.rcs, s.get("meta/rcs_coreset")) {
+            (Some(_), Some(c)) => {
+                let idx = c.to_device(&Device::Cpu)?.to_vec1::<i64>()?;
+                let n = self.images.n;
+                Some(
+                    idx.iter()
+                        .map(|&i| usize::try_from(i).ok().filter(|&i| i < n))
+                        .collect::<Option<Vec<_>>>()
+                        .ok_or_else(|| {
+                            s.error("meta/rcs_coreset indexes outside the training set")
+                        })?,
+                )
             }
-            v.set(&saved.to_dtype(v.dtype())?)?;
-        }
-        let optim: HashMap<String, Tensor> = t
-            .iter()
-            .filter_map(|(k, v)| k.strip_prefix("optim/").map(|k| (k.to_string(), v.clone())))
-            .collect();
-        self.opt.load_state(&optim)?;
-        self.free = t
-            .get("free_delta")
-            .map(|d| FreeDelta::from_tensor(d, !self.cfg.faithful.q10));
-        if let (Some(r), Some(c)) = (&mut self.rcs, t.get("meta/rcs_coreset")) {
-            let idx = c.to_device(&Device::Cpu)?.to_vec1::<i64>()?;
-            let n = self.images.n;
-            r.coreset = Some(
-                idx.iter()
-                    .map(|&i| usize::try_from(i).ok().filter(|&i| i < n))
-                    .collect::<Option<Vec<_>>>()
-                    .ok_or_else(|| bad("meta/rcs_coreset indexes outside the training set"))?,
-            );
-        }
-        let counters = t
-            .get("meta/counters")
-            .ok_or_else(|| bad("has no meta/counters"))?
+            _ => None,
+        };
+        let counters = s
+            .tensor("meta/counters")?
             .to_device(&Device::Cpu)?
             .to_vec1::<i64>()?;
         let [epoch, step] = counters[..] else {
-            return Err(bad("meta/counters is not [epoch, step]").into());
+            return Err(s.error("meta/counters is not [epoch, step]").into());
         };
-        self.epoch = usize::try_from(epoch)?;
-        self.step = usize::try_from(step)?;
-        let curve = t
-            .get("meta/curve_json")
-            .ok_or_else(|| bad("has no meta/curve_json"))?
-            .to_device(&Device::Cpu)?
-            .to_vec1::<u8>()?;
-        self.curve = serde_json::from_slice(&curve)?;
+        let (epoch, step) = (usize::try_from(epoch)?, usize::try_from(step)?);
+        let curve: Vec<EpochStats> = s.json("meta/curve_json")?;
+        if epoch > self.cfg.run_epochs() || curve.len() != epoch {
+            return Err(s
+                .error(format!(
+                    "epoch {epoch} with {} curve entries does not fit a run of {} epochs",
+                    curve.len(),
+                    self.cfg.run_epochs()
+                ))
+                .into());
+        }
+        // the optimiser checks every buffer before it changes any
+        self.opt
+            .load_state(&s.optim())
+            .map_err(|e| s.error(format!("optimiser state: {e}")))?;
+        checkpoint::set_vars(plan)?;
+        self.free = s
+            .get("free_delta")
+            .map(|d| FreeDelta::from_tensor(d, !self.cfg.faithful.q10));
+        if let (Some(r), Some(c)) = (&mut self.rcs, coreset) {
+            r.coreset = Some(c);
+        }
+        self.epoch = epoch;
+        self.step = step;
+        self.curve = curve;
         Ok(())
     }
 
