@@ -100,6 +100,12 @@ pub fn run(what: crate::BenchWhat) -> Result<u8> {
                 &widths, batch, views, steps, m, &methods, &attacks, device, json,
             )
         }
+        crate::BenchWhat::Defense {
+            batch,
+            reps,
+            device,
+            json,
+        } => defense(batch, reps, &device, json),
         crate::BenchWhat::Evaluate {
             widths,
             batch,
@@ -108,6 +114,29 @@ pub fn run(what: crate::BenchWhat) -> Result<u8> {
             json,
         } => evaluate(&widths, batch, images, steps, json),
     }
+}
+
+fn defense(batch: usize, reps: usize, device: &str, json_out: bool) -> Result<u8> {
+    let spec: pipe_stages::device::DeviceSpec = device.parse().map_err(anyhow::Error::msg)?;
+    let dev = spec.open().map_err(|e| anyhow::anyhow!("{e}"))?;
+    let rows = pipe_stages::nn::defense::bench_augment(batch.max(1), reps, &dev)?;
+    if json_out {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(
+                &json!({"device": device, "threads": rayon::current_num_threads(), "rows": rows})
+            )?
+        );
+    } else {
+        println!("on {device}: one view of R-MAO's augmentation, forward + input gradient");
+        for r in &rows {
+            println!(
+                "{:<15} batch {}: {:9.2} ms per view  {:10.0} images/s",
+                r.mode, r.batch, r.ms_per_view, r.images_per_second
+            );
+        }
+    }
+    Ok(0)
 }
 
 fn evaluate(

@@ -243,6 +243,22 @@ pub enum BenchWhat {
         #[arg(long)]
         json: bool,
     },
+    /// One view of R-MAO's differentiable augmentation (the test-time defence's), forward and
+    /// input gradient: batch-synchronous, per image batched, per image one at a time.
+    Defense {
+        /// Images per batch.
+        #[arg(long, default_value_t = 256)]
+        batch: usize,
+        /// Timed repetitions per mode (after one warm-up; the median is reported).
+        #[arg(long, default_value_t = 3)]
+        reps: usize,
+        /// `cpu`, `cuda:N` or `auto`.
+        #[arg(long, default_value = "cpu")]
+        device: String,
+        /// Print one JSON document on stdout.
+        #[arg(long)]
+        json: bool,
+    },
     /// Seconds to evaluate 1,000 test images under l_inf PGD-20 (8/255, step 2/255, random
     /// start) through a ResNet-18 + 4096-d pre_feature + linear head, on the CPU.
     Evaluate {

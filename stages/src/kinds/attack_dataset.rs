@@ -230,10 +230,12 @@ struct AttackBatch {
     clean_loss: f64,
 }
 
-/// Attacks the images `indices` of `test` (see the module docs).
+/// Attacks the images `indices` of `test` (see the module docs), recording finished batches
+/// in `journal` and replaying those it holds.
 ///
 /// # Errors
 /// Indices outside the split, candle errors, cancellation.
+#[allow(clippy::too_many_arguments)]
 pub fn attack_split(
     clf: &Classifier,
     test: &Split,

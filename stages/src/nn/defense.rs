@@ -188,18 +188,7 @@ impl SyncAugment {
     pub fn apply(&self, x: &Tensor, d: &ViewDraw) -> Result<Tensor> {
         match d {
             ViewDraw::Shared(p) => self.apply_shared(x, p),
-            ViewDraw::PerImage(ps) => {
-                let b = x.dim(0)?;
-                if ps.len() != b {
-                    bail!("{} per-image draws for a batch of {b}", ps.len())
-                }
-                let views: Vec<Tensor> = ps
-                    .iter()
-                    .enumerate()
-                    .map(|(i, p)| self.apply_shared(&x.narrow(0, i, 1)?, p))
-                    .collect::<Result<_>>()?;
-                Tensor::cat(&views, 0)
-            }
+            ViewDraw::PerImage(ps) => self.apply_per_image(x, ps),
         }
     }
 
@@ -227,16 +216,8 @@ impl SyncAugment {
                     x.clone()
                 }
             }
-            ViewGeometry::Crop(bx) => {
-                if bx.top + bx.height > h || bx.left + bx.width > w {
-                    bail!("crop box {bx:?} outside a {h}×{w} image")
-                }
-                let (interp, antialias) = match &self.cfg.geometry {
-                    Geometry::ResizedCrop(r) => (r.interpolation, r.antialias),
-                    _ => bail!("a crop box without a resized-crop step"),
-                };
-                let ry = resample_matrix(h, bx.top, bx.height, size, false, interp, antialias);
-                let rx = resample_matrix(w, bx.left, bx.width, size, p.flip, interp, antialias);
+            ViewGeometry::Crop(_) => {
+                let (ry, rx) = self.axis_matrices(p, h, w)?;
                 let (dev, dt) = (x.device(), x.dtype());
                 let ry = Tensor::from_vec(ry, (size, h), dev)?.to_dtype(dt)?;
                 let rx_t = Tensor::from_vec(rx, (size, w), dev)?.to_dtype(dt)?.t()?;
@@ -244,17 +225,12 @@ impl SyncAugment {
                 let t = x.reshape((b * 3 * h, w))?.matmul(&rx_t)?; // (B·3·H, S)
                 let t = t.reshape((b * 3, h, size))?;
                 let y = ry.broadcast_matmul(&t)?; // (B·3, S, S)
-                let y = y.reshape((b, 3, size, size))?;
-                if matches!(interp, crate::nn::augment::Interpolation::Bicubic) {
-                    y.clamp(0.0, 1.0)?
-                } else {
-                    y
-                }
+                self.clamp_bicubic(y.reshape((b, 3, size, size))?)?
             }
             ViewGeometry::Window { .. } => bail!("pad-crop is not rendered on tensors"),
         };
         if let Some(j) = &p.jitter {
-            y = self.jitter(&y, j)?;
+            y = self.jitter(&y, &JitterBatch::new(std::slice::from_ref(j), &y)?)?;
         }
         if p.grayscale {
             let g = self.gray(&y)?;
@@ -270,39 +246,220 @@ impl SyncAugment {
         ((r * wr)? + (g * wg)?)? + (b * wb)?
     }
 
-    fn jitter(&self, x: &Tensor, j: &JitterParams) -> Result<Tensor> {
+    /// Color jitter in `j`'s op order with its factors (one per image, or one for all).
+    fn jitter(&self, x: &Tensor, j: &JitterBatch) -> Result<Tensor> {
         let mut x = x.clone();
         for op in j.order {
-            x = match op {
-                0 => match j.brightness {
-                    Some(f) => (&x * f64::from(f))?.clamp(0.0, 1.0)?,
-                    None => x,
-                },
-                1 => match j.contrast {
-                    Some(f) => {
-                        let mean = self.gray(&x)?.mean_keepdim((1, 2, 3))?;
-                        let f = f64::from(f);
-                        (&x * f)?
-                            .broadcast_add(&(mean * (1.0 - f))?)?
-                            .clamp(0.0, 1.0)?
-                    }
-                    None => x,
-                },
-                2 => match j.saturation {
-                    Some(f) => {
-                        let f = f64::from(f);
-                        let g = (self.gray(&x)? * (1.0 - f))?;
-                        (&x * f)?.broadcast_add(&g)?.clamp(0.0, 1.0)?
-                    }
-                    None => x,
-                },
-                _ => match j.hue {
-                    Some(f) if f != 0.0 => adjust_hue(&x, f64::from(f))?,
-                    _ => x,
-                },
+            x = match (op, &j.factors[usize::from(op.min(3))]) {
+                (_, None) => x,
+                (0, Some(f)) => x.broadcast_mul(f)?.clamp(0.0, 1.0)?,
+                (1, Some(f)) => {
+                    let mean = self.gray(&x)?.mean_keepdim((1, 2, 3))?;
+                    let keep = f.affine(-1.0, 1.0)?;
+                    x.broadcast_mul(f)?
+                        .broadcast_add(&mean.broadcast_mul(&keep)?)?
+                        .clamp(0.0, 1.0)?
+                }
+                (2, Some(f)) => {
+                    let g = self.gray(&x)?.broadcast_mul(&f.affine(-1.0, 1.0)?)?;
+                    x.broadcast_mul(f)?.broadcast_add(&g)?.clamp(0.0, 1.0)?
+                }
+                (_, Some(f)) => adjust_hue(&x, f)?,
             };
         }
         Ok(x)
+    }
+
+    /// The resampling matrices `(R_y, R_x)` of `p`'s geometry for `h × w` images, row-major
+    /// `S × h` and `S × w` (identity, or reversed identity under a flip, for the full image).
+    ///
+    /// # Errors
+    /// A crop box outside the image, a full image that is not `S × S`, a pad-crop.
+    fn axis_matrices(&self, p: &ViewParams, h: usize, w: usize) -> Result<(Vec<f32>, Vec<f32>)> {
+        let size = self.cfg.size;
+        match p.geometry {
+            ViewGeometry::Full => {
+                if (h, w) != (size, size) {
+                    bail!("a {h}×{w} batch needs a crop to become {size}×{size}")
+                }
+                let eye = |flip: bool| {
+                    let mut m = vec![0f32; size * size];
+                    for i in 0..size {
+                        m[i * size + if flip { size - 1 - i } else { i }] = 1.0;
+                    }
+                    m
+                };
+                Ok((eye(false), eye(p.flip)))
+            }
+            ViewGeometry::Crop(bx) => {
+                if bx.top + bx.height > h || bx.left + bx.width > w {
+                    bail!("crop box {bx:?} outside a {h}×{w} image")
+                }
+                let (interp, antialias) = match &self.cfg.geometry {
+                    Geometry::ResizedCrop(r) => (r.interpolation, r.antialias),
+                    _ => bail!("a crop box without a resized-crop step"),
+                };
+                Ok((
+                    resample_matrix(h, bx.top, bx.height, size, false, interp, antialias),
+                    resample_matrix(w, bx.left, bx.width, size, p.flip, interp, antialias),
+                ))
+            }
+            ViewGeometry::Window { .. } => bail!("pad-crop is not rendered on tensors"),
+        }
+    }
+
+    /// Bicubic resampling overshoots: clamp to `[0, 1]` (as torchvision); other modes as they
+    /// are.
+    fn clamp_bicubic(&self, y: Tensor) -> Result<Tensor> {
+        match &self.cfg.geometry {
+            Geometry::ResizedCrop(r)
+                if matches!(r.interpolation, crate::nn::augment::Interpolation::Bicubic) =>
+            {
+                y.clamp(0.0, 1.0)
+            }
+            _ => Ok(y),
+        }
+    }
+
+    /// Each image of `x` under its own draw, batched: the geometry as two batched matmuls with
+    /// per-image matrices, the jitter once per group of images sharing an op order (per-image
+    /// factors), the grayscale as a per-image 0/1 blend. Equal to applying each draw to its
+    /// image alone (tested), without a chain of small ops per image.
+    fn apply_per_image(&self, x: &Tensor, ps: &[ViewParams]) -> Result<Tensor> {
+        let (b, c, h, w) = x.dims4()?;
+        if c != 3 {
+            bail!("batch-synchronous augmentation needs RGB images, got {c} channels")
+        }
+        if ps.len() != b {
+            bail!("{} per-image draws for a batch of {b}", ps.len())
+        }
+        let size = self.cfg.size;
+        let (dev, dt) = (x.device(), x.dtype());
+        let (mut ry, mut rx) = (
+            Vec::with_capacity(b * size * h),
+            Vec::with_capacity(b * size * w),
+        );
+        for p in ps {
+            let (my, mx) = self.axis_matrices(p, h, w)?;
+            ry.extend(my);
+            rx.extend(mx);
+        }
+        let ry = Tensor::from_vec(ry, (b, 1, size, h), dev)?.to_dtype(dt)?;
+        let rx_t = Tensor::from_vec(rx, (b, size, w), dev)?
+            .to_dtype(dt)?
+            .transpose(1, 2)?
+            .contiguous()?;
+        let t = x.reshape((b, 3 * h, w))?.matmul(&rx_t)?; // (B, 3·H, S)
+        let t = t.reshape((b, 3, h, size))?;
+        let ry = ry.broadcast_as((b, 3, size, h))?.contiguous()?;
+        let mut y = self.clamp_bicubic(ry.matmul(&t)?)?; // (B, 3, S, S)
+        // jitter: one pass per (op order, ops present) group
+        let key = |p: &ViewParams| {
+            p.jitter.as_ref().map(|j| {
+                let on = JitterBatch::present(j);
+                (j.order, on)
+            })
+        };
+        // (op order, ops present) -> the images of that group
+        let mut groups: Vec<(JitterKey, Vec<usize>)> = Vec::new();
+        for (i, p) in ps.iter().enumerate() {
+            if let Some(k) = key(p) {
+                match groups.iter_mut().find(|(g, _)| *g == k) {
+                    Some((_, idx)) => idx.push(i),
+                    None => groups.push((k, vec![i])),
+                }
+            }
+        }
+        if !groups.is_empty() {
+            let plain: Vec<usize> = (0..b).filter(|&i| ps[i].jitter.is_none()).collect();
+            let mut parts = Vec::new();
+            let mut order: Vec<usize> = Vec::with_capacity(b);
+            if !plain.is_empty() {
+                parts.push(y.index_select(&indices(&plain, dev)?, 0)?);
+                order.extend(&plain);
+            }
+            for (_, idx) in &groups {
+                let params: Vec<JitterParams> = idx.iter().filter_map(|&i| ps[i].jitter).collect();
+                let sub = y.index_select(&indices(idx, dev)?, 0)?;
+                parts.push(self.jitter(&sub, &JitterBatch::new(&params, &sub)?)?);
+                order.extend(idx);
+            }
+            // back to image order
+            let mut inverse = vec![0usize; b];
+            for (pos, &i) in order.iter().enumerate() {
+                inverse[i] = pos;
+            }
+            y = Tensor::cat(&parts, 0)?.index_select(&indices(&inverse, dev)?, 0)?;
+        }
+        if ps.iter().any(|p| p.grayscale) {
+            let m: Vec<f32> = ps
+                .iter()
+                .map(|p| f32::from(u8::from(p.grayscale)))
+                .collect();
+            let m = Tensor::from_vec(m, (b, 1, 1, 1), dev)?.to_dtype(dt)?;
+            let g = self.gray(&y)?.broadcast_as((b, 3, size, size))?;
+            y = (y.broadcast_mul(&m.affine(-1.0, 1.0)?)? + g.broadcast_mul(&m)?)?;
+        }
+        Ok(y)
+    }
+}
+
+/// A jitter group: the op order and which ops are applied.
+type JitterKey = ([u8; 4], [bool; 4]);
+
+/// `u32` row indices on `dev`.
+fn indices(idx: &[usize], dev: &Device) -> Result<Tensor> {
+    let v: Vec<u32> = idx
+        .iter()
+        .map(|&i| u32::try_from(i).map_err(|e| candle::Error::Msg(e.to_string())))
+        .collect::<Result<_>>()?;
+    Tensor::from_vec(v, idx.len(), dev)
+}
+
+/// Jitter factors of a batch in one op order: per op (brightness, contrast, saturation, hue)
+/// a `(n, 1, 1, 1)` tensor of per-image factors (or `(1, 1, 1, 1)` for one shared draw), or
+/// `None` where the op is not applied.
+struct JitterBatch {
+    order: [u8; 4],
+    factors: [Option<Tensor>; 4],
+}
+
+impl JitterBatch {
+    /// Which ops a draw applies (a hue shift of 0 is not applied).
+    fn present(j: &JitterParams) -> [bool; 4] {
+        [
+            j.brightness.is_some(),
+            j.contrast.is_some(),
+            j.saturation.is_some(),
+            j.hue.is_some_and(|h| h != 0.0),
+        ]
+    }
+
+    /// The factors of `draws` (one order and the same ops present) in `like`'s dtype.
+    fn new(draws: &[JitterParams], like: &Tensor) -> Result<Self> {
+        let first = draws
+            .first()
+            .ok_or_else(|| candle::Error::Msg("no jitter draws".into()))?;
+        let on = Self::present(first);
+        let column =
+            |k: usize, f: &dyn Fn(&JitterParams) -> Option<f32>| -> Result<Option<Tensor>> {
+                if !on[k] {
+                    return Ok(None);
+                }
+                let v: Vec<f32> = draws.iter().map(|j| f(j).unwrap_or(0.0)).collect();
+                Tensor::from_vec(v, (draws.len(), 1, 1, 1), like.device())?
+                    .to_dtype(like.dtype())
+                    .map(Some)
+            };
+        Ok(Self {
+            order: first.order,
+            factors: [
+                column(0, &|j| j.brightness)?,
+                column(1, &|j| j.contrast)?,
+                column(2, &|j| j.saturation)?,
+                column(3, &|j| j.hue)?,
+            ],
+        })
     }
 }
 
@@ -350,7 +507,7 @@ fn mask(cmp: Tensor, like: &Tensor) -> Result<Tensor> {
 
 /// torchvision's `adjust_hue` on `(B, 3, H, W)`: RGB → HSV, `h ← (h + η) mod 1`, HSV → RGB,
 /// with torch's gradient (module docs).
-fn adjust_hue(x: &Tensor, shift: f64) -> Result<Tensor> {
+fn adjust_hue(x: &Tensor, shift: &Tensor) -> Result<Tensor> {
     let (r, g, b) = channels(x)?;
     // max / min over channels, the gradient to the first extremal channel
     let r_max = and(&mask(r.ge(&g)?, x)?, &mask(r.ge(&b)?, x)?)?;
@@ -379,8 +536,8 @@ fn adjust_hue(x: &Tensor, shift: f64) -> Result<Tensor> {
     // fmod(h / 6 + 1, 1): the argument lies in [5/6, 11/6]
     let t = ((h / 6.0)? + 1.0)?;
     let h = (&t - mask(t.ge(1.0)?, x)?)?;
-    // (h + η) % 1
-    let h = (h + shift)?;
+    // (h + η) % 1, η per image or shared
+    let h = h.broadcast_add(shift)?;
     let h = (&h - h.detach().floor()?)?;
     hsv_to_rgb(&h, &s, &maxc)
 }
@@ -711,6 +868,74 @@ pub fn random_noise(x: &Tensor, eps: f64, rng: &mut Rng) -> Result<Tensor> {
         .to_device(x.device())?
         .to_dtype(x.dtype())?;
     (x + noise)?.clamp(0.0, 1.0)
+}
+
+/// One row of `pipe bench defense`: one view of a batch through the differentiable
+/// augmentation, forward and input gradient.
+#[derive(Debug, Clone, Serialize)]
+pub struct AugmentBenchRow {
+    /// `shared` (one draw for the batch), `per_image` (batched), `per_image_loop` (each
+    /// image alone, the way the per-image mode used to render).
+    pub mode: &'static str,
+    /// Images per batch.
+    pub batch: usize,
+    /// Median milliseconds per view (forward + backward).
+    pub ms_per_view: f64,
+    /// Images per second.
+    pub images_per_second: f64,
+}
+
+/// Times R-MAO's augmentation, forward and input gradient, on `batch` random 32×32 images on
+/// `device` (median of `reps` after one warm-up): batch-synchronous, per image batched, and
+/// per image one image at a time.
+///
+/// # Errors
+/// Tensor or device errors.
+pub fn bench_augment(batch: usize, reps: usize, device: &Device) -> Result<Vec<AugmentBenchRow>> {
+    let x = Tensor::rand(0f32, 1.0, (batch, 3, 32, 32), device)?;
+    let w = Tensor::randn(0f32, 1.0, (batch, 3, 32, 32), device)?;
+    let mut rows = Vec::new();
+    for mode in ["shared", "per_image", "per_image_loop"] {
+        let aug = SyncAugment::r_mao().per_image(mode != "shared");
+        let mut rng = Rng::new(7);
+        let mut times = Vec::new();
+        for rep in 0..=reps.max(1) {
+            let d = aug.draw(&mut rng, batch, 32, 32);
+            let v = candle::Var::from_tensor(&x)?;
+            let t0 = std::time::Instant::now();
+            let y = match (&d, mode) {
+                (ViewDraw::PerImage(ps), "per_image_loop") => {
+                    let views: Vec<Tensor> = ps
+                        .iter()
+                        .enumerate()
+                        .map(|(i, p)| aug.apply_shared(&v.as_tensor().narrow(0, i, 1)?, p))
+                        .collect::<Result<_>>()?;
+                    Tensor::cat(&views, 0)?
+                }
+                _ => aug.apply(v.as_tensor(), &d)?,
+            };
+            let g = (y * &w)?.sum_all()?.backward()?;
+            let grad = g
+                .get(v.as_tensor())
+                .ok_or_else(|| candle::Error::Msg("no input gradient".into()))?;
+            // wait for the device
+            grad.sum_all()?
+                .to_dtype(candle::DType::F32)?
+                .to_scalar::<f32>()?;
+            if rep > 0 {
+                times.push(t0.elapsed().as_secs_f64());
+            }
+        }
+        times.sort_by(f64::total_cmp);
+        let t = times[times.len() / 2];
+        rows.push(AugmentBenchRow {
+            mode,
+            batch,
+            ms_per_view: 1e3 * t,
+            images_per_second: batch as f64 / t.max(1e-12),
+        });
+    }
+    Ok(rows)
 }
 
 #[cfg(test)]

@@ -191,7 +191,7 @@ fn channel_ties_take_torchs_gradient() -> TestResult {
     let dev = Device::Cpu;
     // r = g = 0.6 (both maximal), b = 0.2; a hue shift of 0.1
     let x = Var::from_tensor(&Tensor::new(&[0.6f64, 0.6, 0.2], &dev)?.reshape((1, 3, 1, 1))?)?;
-    let y = adjust_hue(x.as_tensor(), 0.1)?;
+    let y = adjust_hue(x.as_tensor(), &Tensor::new(0.1f64, &Device::Cpu)?)?;
     // V = max(r, g, b) is the largest output channel for any hue shift
     let v = y.max_keepdim(1)?.sum_all()?;
     let g = v.backward()?;
@@ -443,6 +443,73 @@ fn per_image_draws_follow_each_images_own_decisions() -> TestResult {
     }
     // a per-image draw of another batch size is refused
     assert!(aug.apply(&x.narrow(0, 0, 3)?, &d).is_err());
+    Ok(())
+}
+
+/// The batched per-image path (per-image matrices, one jitter pass per op-order group, a
+/// grayscale blend) gives each image what its draw gives it alone, values and input
+/// gradient, with images with and without jitter and grayscale in one batch.
+#[test]
+fn batched_per_image_views_equal_each_image_alone() -> TestResult {
+    let mut cfg = r_mao_augment();
+    cfg.jitter.p = 0.6;
+    cfg.grayscale_p = 0.5;
+    let aug = SyncAugment::new(cfg, TORCH_GRAY)?.per_image(true);
+    let n = 24;
+    let x = to_tensor(&images(n, 32, 32, 5), n, 32, 32)?.to_dtype(DType::F64)?;
+    let weights = Tensor::randn(0f64, 1.0, (n, 3, 32, 32), &Device::Cpu)?;
+    for seed in 0..3 {
+        let d = aug.draw(&mut Rng::new(100 + seed), n, 32, 32);
+        let ViewDraw::PerImage(ps) = &d else {
+            panic!("per-image draws expected")
+        };
+        assert!(ps.iter().any(|p| p.jitter.is_none()) && ps.iter().any(|p| p.jitter.is_some()));
+        assert!(ps.iter().any(|p| p.grayscale) && ps.iter().any(|p| !p.grayscale));
+        let orders: std::collections::BTreeSet<_> = ps
+            .iter()
+            .filter_map(|p| p.jitter.as_ref().map(|j| j.order))
+            .collect();
+        assert!(orders.len() > 3, "several op-order groups");
+        // batched
+        let v = Var::from_tensor(&x)?;
+        let y = aug.apply(v.as_tensor(), &d)?;
+        let g = (&y * &weights)?.sum_all()?.backward()?;
+        let (got, got_grad) = (
+            y.flatten_all()?.to_vec1::<f64>()?,
+            g.get(v.as_tensor())
+                .ok_or("no gradient")?
+                .flatten_all()?
+                .to_vec1::<f64>()?,
+        );
+        // image by image
+        let v1 = Var::from_tensor(&x)?;
+        let views: Vec<Tensor> = ps
+            .iter()
+            .enumerate()
+            .map(|(i, p)| aug.apply_shared(&v1.as_tensor().narrow(0, i, 1)?, p))
+            .collect::<candle::Result<_>>()?;
+        let y1 = Tensor::cat(&views, 0)?;
+        let g1 = (&y1 * &weights)?.sum_all()?.backward()?;
+        let (want, want_grad) = (
+            y1.flatten_all()?.to_vec1::<f64>()?,
+            g1.get(v1.as_tensor())
+                .ok_or("no gradient")?
+                .flatten_all()?
+                .to_vec1::<f64>()?,
+        );
+        let worst = |a: &[f64], b: &[f64]| {
+            a.iter()
+                .zip(b)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0.0, f64::max)
+        };
+        assert!(worst(&got, &want) < 1e-12, "values: {}", worst(&got, &want));
+        assert!(
+            worst(&got_grad, &want_grad) < 1e-10,
+            "gradients: {}",
+            worst(&got_grad, &want_grad)
+        );
+    }
     Ok(())
 }
 
