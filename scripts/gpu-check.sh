@@ -76,6 +76,7 @@ quick)
         --batch 100 --views 16 --m 3 --methods emp_ssl --attacks free --steps 5 --json
     run bench-all timeout "$limit" "$pipe" bench pretrain --device cuda:0 --widths 64 \
         --batch 100 --views 16 --m 3 --steps 3 --json
+    run bench-defense timeout "$limit" "$pipe" bench defense --device cuda:0 --batch 512 --json
     ;;
 epoch)
     cat >"$out/one_epoch.yaml" <<'EOF'
