@@ -507,8 +507,20 @@ stages:
     inputs: {x: bad}
 "#,
     );
-    c.run(&p, &["--detach"], 0);
+    let queued = c.run(&p, &["--detach", "--json"], 0).json();
     assert_eq!(c.submissions().len(), 2);
+    // `pipe plan` names the queued jobs (from their job files, no squeue)
+    let plan = c.dir.json(&["plan", &p], 0);
+    for id in ["bad", "after"] {
+        assert_eq!(
+            node(&plan, id)["slurm_job"]["id"],
+            node(&queued, id)["job"],
+            "{plan:#}"
+        );
+    }
+    let text = c.dir.pipe(&["plan", &p]).code(0).stdout;
+    let job = node(&queued, "bad")["job"].as_str().unwrap_or_default().to_string();
+    assert!(text.contains(&format!("Slurm job {job} submitted")), "{text}");
     // the later run adopts the failing job (still running) and the one queued after it
     let doc = c.run(&p, &["--json"], 1).json();
     assert_eq!(

@@ -190,6 +190,9 @@ pub fn dispatch(cli: Cli) -> Result<u8> {
                         });
                         if let Status::Run(r) = s {
                             v["reason"] = json!(r.to_string());
+                            if let Some((id, when)) = slurm_job(&store, n) {
+                                v["slurm_job"] = json!({"id": id, "submitted": when});
+                            }
                         }
                         if !n.aliases.is_empty() {
                             v["aliases"] = json!(n.aliases);
@@ -216,7 +219,12 @@ pub fn dispatch(cli: Cli) -> Result<u8> {
                     .unwrap_or(0);
                 for (n, s) in plan.graph.nodes.iter().zip(&plan.status) {
                     let why = match s {
-                        Status::Run(r) => format!("  ({r})"),
+                        Status::Run(r) => match slurm_job(&store, n) {
+                            Some((id, when)) => {
+                                format!("  ({r}; Slurm job {id} submitted {when})")
+                            }
+                            None => format!("  ({r})"),
+                        },
                         _ => String::new(),
                     };
                     println!(
@@ -491,4 +499,15 @@ pub fn load_plan(args: &PipelineArgs, store: &Store, targets: &[String]) -> Resu
     };
     let graph = pipe_engine::graph::build(pipeline, &reg);
     Ok(Some(pipe_engine::plan::plan(graph, store, targets)?))
+}
+
+/// The Slurm job a `pipe run --executor slurm` submitted for `node` (its job file in the
+/// store): id and submission time. A file read, no `squeue`: the job may have ended since.
+fn slurm_job(store: &pipe_cache::Store, node: &pipe_engine::Node) -> Option<(String, String)> {
+    let path = pipe_engine::slurm::job_file(store, node.key.key());
+    let job: Value = serde_json::from_slice(&std::fs::read(path).ok()?).ok()?;
+    Some((
+        job["job_id"].as_str()?.to_string(),
+        job["submitted"].as_str().unwrap_or("at an unknown time").to_string(),
+    ))
 }
