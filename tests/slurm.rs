@@ -519,8 +519,14 @@ stages:
         );
     }
     let text = c.dir.pipe(&["plan", &p]).code(0).stdout;
-    let job = node(&queued, "bad")["job"].as_str().unwrap_or_default().to_string();
-    assert!(text.contains(&format!("Slurm job {job} submitted")), "{text}");
+    let job = node(&queued, "bad")["job"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    assert!(
+        text.contains(&format!("Slurm job {job} submitted")),
+        "{text}"
+    );
     // the later run adopts the failing job (still running) and the one queued after it
     let doc = c.run(&p, &["--json"], 1).json();
     assert_eq!(

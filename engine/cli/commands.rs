@@ -508,6 +508,9 @@ fn slurm_job(store: &pipe_cache::Store, node: &pipe_engine::Node) -> Option<(Str
     let job: Value = serde_json::from_slice(&std::fs::read(path).ok()?).ok()?;
     Some((
         job["job_id"].as_str()?.to_string(),
-        job["submitted"].as_str().unwrap_or("at an unknown time").to_string(),
+        job["submitted"]
+            .as_str()
+            .unwrap_or("at an unknown time")
+            .to_string(),
     ))
 }
