@@ -16,15 +16,18 @@
 //! again and the file replaced.
 //!
 //! ```
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
 //! use pipe_stages::journal::Journal;
 //! let dir = std::env::temp_dir().join(format!("pipe-journal-doc-{}", std::process::id()));
 //! let j = Journal::at(&dir);
 //! assert!(j.get::<usize>("eval", 0, |_| true).is_none());
-//! j.put("eval", 0, &42usize, &[]).unwrap();
+//! j.put("eval", 0, &42usize, &[])?;
 //! assert!(j.get::<usize>("eval", 0, |e| e.record == 41).is_none());
-//! assert_eq!(j.get::<usize>("eval", 0, |_| true).unwrap().record, 42);
+//! assert_eq!(j.get::<usize>("eval", 0, |_| true).map(|e| e.record), Some(42));
 //! assert_eq!(j.replayed(), 1);
-//! # std::fs::remove_dir_all(&dir).unwrap();
+//! # std::fs::remove_dir_all(&dir)?;
+//! # Ok(())
+//! # }
 //! ```
 
 use std::collections::HashMap;
