@@ -578,3 +578,41 @@ fn keys_of_the_cf_amc_ssl_pipeline_are_pinned() {
         assert_eq!(key(id), pinned, "the key of {id} moved");
     }
 }
+
+#[test]
+fn plan_says_what_an_interrupted_node_resumes_from() {
+    let dir = Dir::new("cli-resume-point");
+    let p = dir.pipeline(
+        "p.yaml",
+        "stages:\n  a:\n    kind: shell\n    params: {cmd: 'true'}\n",
+    );
+    let plan = dir.json(&["plan", &p], 0);
+    assert!(node(&plan, "a")["resumes"].is_null(), "{plan:#}");
+    // what an interrupted evaluation leaves: journaled batches, then a training state too
+    let key = node(&plan, "a")["key"].as_str().expect("key").to_string();
+    let scratch = dir.store.join("scratch").join(&key);
+    for (part, batch) in [("eval", 0), ("eval", 1), ("defense-0", 0)] {
+        let f = scratch.join(format!("journal/{part}/{batch:07}.safetensors"));
+        std::fs::create_dir_all(f.parent().expect("parent")).expect("mkdir");
+        std::fs::write(&f, b"x").expect("write");
+    }
+    // an unfinished write is not a batch
+    std::fs::write(
+        scratch.join("journal/eval/.0000002.safetensors.tmp.1.0"),
+        b"x",
+    )
+    .expect("tmp");
+    let plan = dir.json(&["plan", &p], 0);
+    assert_eq!(
+        node(&plan, "a")["resumes"],
+        "3 finished batches in its journal"
+    );
+    std::fs::write(scratch.join("state.safetensors"), b"x").expect("state");
+    let text = dir.pipe(&["plan", &p]).code(0).stdout;
+    assert!(
+        text.contains(
+            "resumes from its saved training state and 3 finished batches in its journal"
+        ),
+        "{text}"
+    );
+}

@@ -119,6 +119,12 @@ fn pretrain_writes_its_artifacts_and_a_killed_run_resumes_bit_identically() {
         "to-run",
         "the killed node is not cached"
     );
+    // plan says the rerun resumes
+    assert_eq!(
+        node(&plan, "pretrain")["resumes"],
+        "its saved training state",
+        "{plan:#}"
+    );
 
     let doc_b = b.json(&["run", &pb], 0);
     assert_eq!(node(&doc_b, "pretrain")["status"], "ran");

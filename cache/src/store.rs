@@ -514,7 +514,8 @@ impl Store {
         self.root.join("locks").join(format!("{}.lock", key.hex()))
     }
 
-    fn scratch_path(&self, key: &Key) -> PathBuf {
+    /// Where [`Store::scratch_dir`] keeps `key`'s resume checkpoints (not created).
+    pub fn scratch_path(&self, key: &Key) -> PathBuf {
         self.root.join("scratch").join(key.hex())
     }
 

@@ -193,6 +193,9 @@ pub fn dispatch(cli: Cli) -> Result<u8> {
                             if let Some((id, when)) = slurm_job(&store, n) {
                                 v["slurm_job"] = json!({"id": id, "submitted": when});
                             }
+                            if let Some(r) = resume_point(&store, n) {
+                                v["resumes"] = json!(r);
+                            }
                         }
                         if !n.aliases.is_empty() {
                             v["aliases"] = json!(n.aliases);
@@ -219,12 +222,16 @@ pub fn dispatch(cli: Cli) -> Result<u8> {
                     .unwrap_or(0);
                 for (n, s) in plan.graph.nodes.iter().zip(&plan.status) {
                     let why = match s {
-                        Status::Run(r) => match slurm_job(&store, n) {
-                            Some((id, when)) => {
-                                format!("  ({r}; Slurm job {id} submitted {when})")
+                        Status::Run(r) => {
+                            let mut why = r.to_string();
+                            if let Some(res) = resume_point(&store, n) {
+                                why.push_str(&format!("; resumes from {res}"));
                             }
-                            None => format!("  ({r})"),
-                        },
+                            if let Some((id, when)) = slurm_job(&store, n) {
+                                why.push_str(&format!("; Slurm job {id} submitted {when}"));
+                            }
+                            format!("  ({why})")
+                        }
                         _ => String::new(),
                     };
                     println!(
@@ -513,4 +520,34 @@ fn slurm_job(store: &pipe_cache::Store, node: &pipe_engine::Node) -> Option<(Str
             .unwrap_or("at an unknown time")
             .to_string(),
     ))
+}
+
+/// What an interrupted run of `node` left to resume from in its scratch folder: a training
+/// state (saved after each epoch) or journaled batches (`evaluate`, `attack_dataset`). Reads
+/// folder listings only.
+fn resume_point(store: &pipe_cache::Store, node: &pipe_engine::Node) -> Option<String> {
+    let dir = store.scratch_path(node.key.key());
+    let mut what = Vec::new();
+    if dir.join("state.safetensors").is_file() {
+        what.push("its saved training state".to_string());
+    }
+    let batches: usize = std::fs::read_dir(dir.join("journal"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|part| std::fs::read_dir(part.path()).ok())
+        .map(|files| {
+            files
+                .flatten()
+                .filter(|f| f.file_name().to_string_lossy().ends_with(".safetensors"))
+                .count()
+        })
+        .sum();
+    if batches > 0 {
+        what.push(format!(
+            "{batches} finished batch{} in its journal",
+            if batches == 1 { "" } else { "es" }
+        ));
+    }
+    (!what.is_empty()).then(|| what.join(" and "))
 }
