@@ -528,7 +528,7 @@ fn slurm_job(store: &pipe_cache::Store, node: &pipe_engine::Node) -> Option<(Str
 fn resume_point(store: &pipe_cache::Store, node: &pipe_engine::Node) -> Option<String> {
     let dir = store.scratch_path(node.key.key());
     let mut what = Vec::new();
-    if dir.join("state.safetensors").is_file() {
+    if dir.join(pipe_stages::nn::checkpoint::STATE_FILE).is_file() {
         what.push("its saved training state".to_string());
     }
     let batches: usize = std::fs::read_dir(dir.join("journal"))

@@ -78,7 +78,7 @@ pub const HEAD_FILE: &str = "ssl_head.safetensors";
 /// The head's sizes.
 pub const HEAD_SPEC_FILE: &str = "ssl_head.json";
 /// The resumable state in the scratch folder.
-pub const STATE_FILE: &str = "state.safetensors";
+pub use crate::nn::checkpoint::STATE_FILE;
 /// Views of the test-split measurement (R-MAO's evaluation views).
 pub const EVAL_VIEWS: usize = 4;
 

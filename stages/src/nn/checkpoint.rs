@@ -293,6 +293,10 @@ fn preview(names: &[String]) -> String {
     s
 }
 
+/// The file name of a [`TrainState`] in a node's scratch folder (every training kind's, and
+/// what `pipe plan` looks for to say a rerun resumes).
+pub const STATE_FILE: &str = "state.safetensors";
+
 /// A trainer's resumable state, one safetensors file in the node's scratch folder: the
 /// trained variables under `model/<name>`, the optimiser's buffers under `optim/<name>`, and
 /// the trainer's own tensors (counters, the curve as JSON bytes, a free-adversarial δ) under

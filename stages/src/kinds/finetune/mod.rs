@@ -143,7 +143,7 @@ pub use trainer::{
 };
 
 /// The resumable state in the scratch folder ([`Finetuner::save_state`]).
-pub const STATE_FILE: &str = "state.safetensors";
+pub use crate::nn::checkpoint::STATE_FILE;
 
 use pipe_engine::{BoxError, NormalizeCtx, ParamError, Resources, Slots, StageCtx, TypedStage};
 use serde::{Deserialize, Deserializer, Serialize};

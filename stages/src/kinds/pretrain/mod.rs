@@ -194,7 +194,7 @@ pub const ENCODER_FILE: &str = "encoder.safetensors";
 /// The per-epoch training curve.
 pub const CURVE_FILE: &str = "curve.jsonl";
 /// The resumable state in the scratch folder.
-pub const STATE_FILE: &str = "state.safetensors";
+pub use crate::nn::checkpoint::STATE_FILE;
 
 fn yes() -> bool {
     true
