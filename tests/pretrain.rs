@@ -1,5 +1,5 @@
 //! The `pretrain` kind through the binary: a synthetic-data run writes the encoder, curve and
-//! metrics; a run killed with SIGKILL after an epoch resumes from its scratch checkpoint and
+//! metrics; a run killed with SIGKILL within its first epoch resumes from its scratch state and
 //! ends bit-identical to an uninterrupted run; a sweep over `m` of a PGD stage shares one node.
 
 use std::time::Duration;
@@ -87,25 +87,32 @@ fn pretrain_writes_its_artifacts_and_a_killed_run_resumes_bit_identically() {
         }
     }
 
-    // the same pipeline in another store, killed once a checkpoint exists
+    // the same pipeline in another store, writing its state after every batch (not keyed),
+    // killed as soon as a state exists: after the first batch or two of epoch 1
     let b = Dir::new("pretrain-b");
-    let pb = b.pipeline("p.yaml", &pipeline(6));
+    let pb = b.pipeline(
+        "p.yaml",
+        &pipeline(6).replace(
+            "      seed: 5\n",
+            "      seed: 5\n      checkpoint_minutes: 0\n",
+        ),
+    );
     let plan = b.json(&["plan", &pb], 0);
     let key = key_of(&plan, "pretrain");
-    assert_eq!(key, key_of(&doc_a, "pretrain"), "same pipeline, same key");
+    assert_eq!(
+        key,
+        key_of(&doc_a, "pretrain"),
+        "same pipeline, same key (checkpoint_minutes is not keyed)"
+    );
     let state = b.store.join("scratch").join(&key).join("state.safetensors");
     let args = ["run", pb.as_str(), "--no-progress"];
     let mut child = b.spawn(&args);
-    wait_until(
-        Duration::from_secs(120),
-        "the first epoch checkpoint",
-        || {
-            if let Ok(Some(s)) = child.try_wait() {
-                panic!("pipe exited ({s}) before the first checkpoint");
-            }
-            state.is_file()
-        },
-    );
+    wait_until(Duration::from_secs(120), "the first training state", || {
+        if let Ok(Some(s)) = child.try_wait() {
+            panic!("pipe exited ({s}) before the first checkpoint");
+        }
+        state.is_file()
+    });
     child.kill().expect("SIGKILL pipe");
     let status = wait_exit(&mut child, Duration::from_secs(10));
     assert!(
@@ -130,8 +137,8 @@ fn pretrain_writes_its_artifacts_and_a_killed_run_resumes_bit_identically() {
     assert_eq!(node(&doc_b, "pretrain")["status"], "ran");
     let log = String::from_utf8(entry_file(&b, &doc_b, "pretrain", "log.txt")).expect("utf-8");
     assert!(
-        log.contains("resumed from"),
-        "the rerun did not resume:\n{log}"
+        log.contains("resumed from") && log.contains("in epoch 1 of 6 after batch"),
+        "the rerun did not resume within epoch 1:\n{log}"
     );
     assert_eq!(
         entry_file(&a, &doc_a, "pretrain", "encoder.safetensors"),

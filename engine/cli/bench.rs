@@ -228,7 +228,7 @@ fn pretrain(
                     bench_mode(p.config(), steps, device).map_err(|e| anyhow::anyhow!("{e}"))?;
                 if !json_out {
                     println!(
-                        "width {:>3} {:>7} {:>4}: batch {} x {:>2} views  {:8.2} s/batch  {:7.1} img/s  CIFAR-10 epoch {:7.1} min",
+                        "width {:>3} {:>7} {:>4}: batch {} x {:>2} views  {:8.2} s/batch  {:7.1} img/s  CIFAR-10 epoch {:7.1} min  state write {:.2} s ({:.0} MB)",
                         r.width,
                         method,
                         attack,
@@ -236,7 +236,9 @@ fn pretrain(
                         r.n_views,
                         r.seconds_per_batch,
                         r.images_per_second,
-                        r.cifar10_epoch_seconds / 60.0
+                        r.cifar10_epoch_seconds / 60.0,
+                        r.state_write_seconds,
+                        r.state_bytes as f64 / 1e6
                     );
                 }
                 rows.push(r);

@@ -27,6 +27,7 @@
 //! | `patch_sim`, `tcr`, `tcr_eps` | 200, 1, 0.2 | EMP-SSL's loss weights and TCR ε (\[Q21\]) |
 //! | `seed` | 0 | every random number of the run |
 //! | `device` | `auto` | `auto`, `cpu` or `cuda:N` (the backend is keyed, the ordinal is not) |
+//! | `checkpoint_minutes` | 10 | minutes between training-state writes within an epoch (0: every batch; not keyed, see Resume) |
 //! | `faithful` | `true` | the reference-code quirks, `true` / `false` for all or a map (`q6`, `q7`, `q8`, `q10`, `q28`, `q31`, `q38`, `q41`, `q43`, `q47`, `q50`) |
 //!
 //! # The ACL family (`method: acl | air`)
@@ -159,9 +160,13 @@
 //!
 //! # Resume
 //!
-//! After every epoch the full training state (weights, BN statistics, optimiser buffers, the
-//! free-adversarial δ, step counters, the curve) is written atomically to the node's scratch
-//! folder; a killed run restarted with the same key continues from the last finished epoch.
+//! After every epoch, every `checkpoint_minutes` (default 10; 0: after every batch) within an
+//! epoch, and when the run is cancelled (Ctrl-C), the full training state (weights, BN
+//! statistics, optimiser buffers, the free-adversarial δ, step counters, the curve, the
+//! unfinished epoch's batch count and partial sums, RCS's coreset) is written atomically to the
+//! node's scratch folder; a killed run restarted with the same key continues from the batch
+//! after the last write (a resumed RCS epoch keeps the coreset it selected).
+//! `checkpoint_minutes` is not keyed.
 //! Shuffling and augmentation draw from streams derived from `(seed, epoch)` and `(seed, step)`,
 //! so the resumed run is bit-identical on the CPU to an uninterrupted one (same thread count).
 
@@ -174,6 +179,7 @@ pub use trainer::{
 };
 
 use std::path::Path;
+use std::time::Duration;
 
 use pipe_engine::{BoxError, NormalizeCtx, ParamError, Resources, Slots, StageCtx, TypedStage};
 use serde::{Deserialize, Deserializer, Serialize};
@@ -188,6 +194,10 @@ use crate::params::{
 
 /// The `pretrain` kind.
 pub struct Pretrain;
+
+/// Default of `checkpoint_minutes`: a state write of a ResNet-18 (weights and optimiser
+/// buffers, ~140 MB) takes well under a second, so this costs nothing measurable.
+pub const DEFAULT_CHECKPOINT_MINUTES: f64 = 10.0;
 
 /// The encoder checkpoint.
 pub const ENCODER_FILE: &str = "encoder.safetensors";
@@ -527,6 +537,14 @@ pub struct PretrainParams {
     /// Device.
     #[serde(default)]
     pub device: DeviceSpec,
+    /// Minutes between training-state writes within an epoch (default 10; 0: after every
+    /// batch). Not keyed: it changes no result.
+    #[serde(
+        default,
+        deserialize_with = "de_real_opt",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub checkpoint_minutes: Option<f64>,
     /// Reference-code quirks.
     #[serde(default)]
     pub faithful: FaithfulParam,
@@ -614,6 +632,7 @@ impl PretrainParams {
             hf_radius: advcl.then_some(c.hf_radius),
             seed: c.seed,
             device: self.device,
+            checkpoint_minutes: self.checkpoint_minutes,
             faithful: FaithfulParam {
                 q6: (free && !acl).then_some(c.faithful.q6),
                 q7: (pgd && !acl).then_some(c.faithful.q7),
@@ -942,6 +961,9 @@ impl TypedStage for Pretrain {
         e.non_negative("patch_sim", c.emp.patch_sim);
         e.non_negative("tcr", c.emp.tcr);
         e.positive_real("tcr_eps", c.emp.eps);
+        if let Some(minutes) = p.checkpoint_minutes {
+            e.within("checkpoint_minutes", minutes, 0.0, 1e6);
+        }
         e.device(p.device);
         e.into_errors()
     }
@@ -955,6 +977,9 @@ impl TypedStage for Pretrain {
 
     fn key_params(p: &PretrainParams) -> Value {
         let mut v = crate::params::key_with_backend(p, p.device);
+        if let Value::Object(m) = &mut v {
+            m.remove("checkpoint_minutes");
+        }
         // Keys are stable across versions: the first version keyed all four CF-AMC-SSL switches
         // (absent = true), whether or not they applied; the later switches are keyed only where
         // they apply (the canonical form leaves the others out), and each so far applies only
@@ -1031,6 +1056,13 @@ impl TypedStage for Pretrain {
         if state_path.is_file() {
             // all or nothing: a state that does not load leaves the trainer fresh
             match trainer.load_state(&state_path) {
+                Ok(()) if trainer.batches_done() > 0 => ctx.log(format!(
+                    "resumed from {} in epoch {} of {} after batch {}",
+                    state_path.display(),
+                    trainer.epochs_done() + 1,
+                    trainer.config().run_epochs(),
+                    trainer.batches_done()
+                )),
                 Ok(()) => ctx.log(format!(
                     "resumed from {} after epoch {} of {}",
                     state_path.display(),
@@ -1040,6 +1072,8 @@ impl TypedStage for Pretrain {
                 Err(e) => ctx.log(format!("ignoring the saved state, starting over: {e}")),
             }
         }
+        let minutes = p.checkpoint_minutes.unwrap_or(DEFAULT_CHECKPOINT_MINUTES);
+        trainer.checkpoint_to(state_path, Duration::from_secs_f64(minutes * 60.0));
         let progress = |done: u64, total: u64, msg: &str| ctx.progress(done, total, msg);
         let log = |msg: &str| ctx.log(msg);
         let cancelled = || ctx.is_cancelled();
@@ -1050,7 +1084,6 @@ impl TypedStage for Pretrain {
         };
         while !trainer.finished() {
             trainer.train_epoch(&hooks)?;
-            trainer.save_state(&state_path)?;
         }
         trainer.save_encoder(&ctx.out_path(ENCODER_FILE))?;
         write_curve(&ctx.out_path(CURVE_FILE), trainer.curve())?;

@@ -91,6 +91,22 @@ fn canonical_form_keys_equivalent_params_alike() -> TestResult {
     }
     assert_eq!(s["faithful"], json!({}));
     assert_eq!(s["temperature"], json!(0.07));
+    // how often the state is written changes no result: not keyed
+    let mut reg = pipe_engine::Registry::new();
+    crate::register_all(&mut reg);
+    let kind = reg.get("pretrain").ok_or("registered")?;
+    let key = |v: Value| -> std::result::Result<Value, String> {
+        Ok(kind.key_params(&normalize(v).map_err(|e| format!("{e:?}"))?))
+    };
+    let often = json!({"method": "emp_ssl", "attack": "free", "checkpoint_minutes": 0.5});
+    assert_eq!(
+        normalize(often.clone()).map_err(|e| format!("{e:?}"))?["checkpoint_minutes"],
+        json!(0.5)
+    );
+    assert_eq!(
+        key(often)?,
+        key(json!({"method": "emp_ssl", "attack": "free"}))?
+    );
     Ok(())
 }
 
@@ -113,6 +129,11 @@ fn bad_params_are_named() {
     assert!(
         e.iter()
             .any(|m| m.starts_with("eps:") && m.contains("8/255")),
+        "{e:?}"
+    );
+    let e = errors(json!({"method": "emp_ssl", "checkpoint_minutes": -1}));
+    assert!(
+        e.iter().any(|m| m.starts_with("checkpoint_minutes:")),
         "{e:?}"
     );
     let e = errors(json!({"method": "byol"}));
@@ -1178,5 +1199,195 @@ fn advcl_trains_keeps_r_adv_bookkeeping_and_resumes_bit_identically() -> TestRes
             .is_some_and(|e| e.to_string().contains("another dataset"))
     );
     assert!(Pretrainer::new(cfg, &d.train, &Device::Cpu).is_err());
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Mid-epoch states.
+
+/// What a run must reproduce after a mid-epoch resume: every variable's bits, and the curve
+/// but for its timings.
+fn outcome(t: &Pretrainer<'_>) -> (Vec<(String, Vec<u8>)>, Vec<Value>) {
+    let curve = t
+        .curve()
+        .iter()
+        .map(|e| {
+            let mut v = serde_json::to_value(e).expect("curve json");
+            if let Value::Object(m) = &mut v {
+                m.remove("seconds");
+                m.remove("images_per_second");
+            }
+            v
+        })
+        .collect();
+    (values(t.varmap()), curve)
+}
+
+/// Trains `make()` to the end with a state write after every batch, copying the state written
+/// after `snap` batches of the run (counted over all epochs) aside; then resumes a fresh trainer
+/// from that copy, and another from the state a cancellation after `snap` batches writes (with
+/// an interval too long to write any other mid-epoch state). Both must end bit-identical to the
+/// uninterrupted run; returns the `(epochs, batches)` the copy resumed at.
+fn mid_epoch_resume<'d>(
+    make: &dyn Fn() -> std::result::Result<Pretrainer<'d>, trainer::Error>,
+    snap: usize,
+    dir: &std::path::Path,
+) -> std::result::Result<(usize, usize), trainer::Error> {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let every_batch = dir.join("every-batch.state");
+    let copy = dir.join("copy.state");
+    let _ = std::fs::remove_file(&every_batch);
+    let mut full = make()?;
+    full.checkpoint_to(every_batch.clone(), std::time::Duration::ZERO);
+    let polls = AtomicUsize::new(0);
+    // polled before every batch: at poll `snap` the file holds the state after `snap` batches
+    let copy_at_snap = || {
+        if polls.fetch_add(1, Ordering::SeqCst) == snap {
+            std::fs::copy(&every_batch, &copy).expect("copy the state");
+        }
+        false
+    };
+    let hooks = TrainHooks {
+        cancelled: &copy_at_snap,
+        ..TrainHooks::default()
+    };
+    while !full.finished() {
+        full.train_epoch(&hooks)?;
+    }
+    let want = outcome(&full);
+    // an uninterrupted run without states is the same run
+    let mut plain = make()?;
+    while !plain.finished() {
+        plain.train_epoch(&TrainHooks::default())?;
+    }
+    assert!(outcome(&plain) == want, "writing states changed the run");
+
+    let finish = |path: &std::path::Path| -> std::result::Result<(usize, usize), trainer::Error> {
+        let mut r = make()?;
+        r.load_state(path)?;
+        let at = (r.epochs_done(), r.batches_done());
+        while !r.finished() {
+            r.train_epoch(&TrainHooks::default())?;
+        }
+        assert!(
+            outcome(&r) == want,
+            "resumed from {} at {at:?}: another run",
+            path.display()
+        );
+        Ok(at)
+    };
+    let at = finish(&copy)?;
+
+    let on_cancel = dir.join("on-cancel.state");
+    let _ = std::fs::remove_file(&on_cancel);
+    let mut c = make()?;
+    c.checkpoint_to(on_cancel.clone(), std::time::Duration::from_secs(3600));
+    let polls = AtomicUsize::new(0);
+    let cancel_at_snap = || polls.fetch_add(1, Ordering::SeqCst) >= snap;
+    let hooks = TrainHooks {
+        cancelled: &cancel_at_snap,
+        ..TrainHooks::default()
+    };
+    let mut err = None;
+    while !c.finished() {
+        if let Err(e) = c.train_epoch(&hooks) {
+            err = Some(e.to_string());
+            break;
+        }
+    }
+    assert!(
+        err.as_deref().is_some_and(|e| e.contains("cancelled")),
+        "{err:?}"
+    );
+    assert_eq!(finish(&on_cancel)?, at, "the cancellation's state");
+    Ok(at)
+}
+
+#[test]
+fn a_run_resumes_mid_epoch_bit_identically() -> TestResult {
+    // 64 images, batch 16: 4 batches per epoch; 6 = after batch 2 of epoch 2
+    let d = data(64);
+    let tmp = crate::data::testutil::TempDir::new("pretrain-mid-epoch");
+    for (method, attack) in [("emp_ssl", "free"), ("simclr", "pgd"), ("emp_ssl", "none")] {
+        let cfg = small(method, attack);
+        let make = || Pretrainer::new(cfg.clone(), &d.train, &Device::Cpu);
+        let at = mid_epoch_resume(&make, 6, tmp.path())?;
+        assert_eq!(at, (1, 2), "{method}/{attack}");
+    }
+    // DynACL (the view strength changes per epoch), after batch 1 of epoch 1
+    let d40 = data(40);
+    let cfg = small_acl("air", json!({"dyn_aug": true}));
+    let make = || Pretrainer::new(cfg.clone(), &d40.train, &Device::Cpu);
+    assert_eq!(mid_epoch_resume(&make, 1, tmp.path())?, (0, 1));
+    // AdvCL (pseudo-labels by image index, a per-epoch schedule, the last partial batch
+    // kept: 3 batches per epoch)
+    let (ks, labels) = advcl_labels(40);
+    let cfg = small_advcl(json!({}));
+    let make = || Pretrainer::advcl(cfg.clone(), &d40.train, &ks, labels.clone(), &Device::Cpu);
+    assert_eq!(mid_epoch_resume(&make, 4, tmp.path())?, (1, 1));
+    Ok(())
+}
+
+#[test]
+fn an_rcs_epoch_resumed_mid_way_keeps_its_coreset() -> TestResult {
+    // as in the RCS test: epoch 1 trains 13 batches on the whole set, epoch 2 selects 48
+    // images (3 batches); the state after batch 1 of epoch 2 must not select again. The
+    // cancellation flag is polled before each of those 13 batches, before each of the
+    // selection's 13 candidate chunks of the 198-image pool, then before each batch of epoch
+    // 2: poll 27 comes after its first batch.
+    let d = data(200);
+    let cfg = small_acl(
+        "rcs",
+        json!({"epochs": 2, "rcs_warmup": 2, "rcs_every": 1, "rcs_fraction": 0.25, "pgd_steps": 1, "rcs_pgd_steps": 1}),
+    );
+    let tmp = crate::data::testutil::TempDir::new("pretrain-rcs-mid-epoch");
+    let make = || Pretrainer::new(cfg.clone(), &d.train, &Device::Cpu);
+    assert_eq!(mid_epoch_resume(&make, 27, tmp.path())?, (1, 1));
+    Ok(())
+}
+
+#[test]
+fn a_mid_epoch_state_that_does_not_fit_is_refused_whole() -> TestResult {
+    let d = data(64);
+    let tmp = crate::data::testutil::TempDir::new("pretrain-mid-epoch-bad");
+    let cfg = small("emp_ssl", "free");
+    let path = tmp.path().join("state");
+    let mut t = Pretrainer::new(cfg.clone(), &d.train, &Device::Cpu)?;
+    t.checkpoint_to(path.clone(), std::time::Duration::ZERO);
+    let polls = std::sync::atomic::AtomicUsize::new(0);
+    let cancel = || polls.fetch_add(1, std::sync::atomic::Ordering::SeqCst) >= 2;
+    let hooks = TrainHooks {
+        cancelled: &cancel,
+        ..TrainHooks::default()
+    };
+    assert!(t.train_epoch(&hooks).is_err());
+    let saved = candle::safetensors::load(&path, &Device::Cpu)?;
+    let progress: Value = {
+        let t = &saved["meta/epoch_progress_json"];
+        serde_json::from_slice(&t.to_vec1::<u8>()?)?
+    };
+    assert_eq!(
+        (progress["batches"].clone(), progress["images"].clone()),
+        (json!(2), json!(32))
+    );
+    let mut past = progress.clone();
+    past["batches"] = json!(4);
+    let broken = tmp.path().join("broken.state");
+    let mut s = saved.clone();
+    s.insert(
+        "meta/epoch_progress_json".into(),
+        crate::nn::checkpoint::json_tensor(&past)?,
+    );
+    crate::nn::checkpoint::save_tensors(&s, &broken)?;
+    let mut f = Pretrainer::new(cfg, &d.train, &Device::Cpu)?;
+    let fresh = values(f.varmap());
+    let e = f
+        .load_state(&broken)
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default();
+    assert!(e.contains("broken.state") && e.contains("batch 4"), "{e}");
+    assert_eq!(values(f.varmap()), fresh);
+    assert_eq!((f.epochs_done(), f.batches_done(), f.steps()), (0, 0, 0));
     Ok(())
 }

@@ -3,8 +3,8 @@
 //! epoch (or batch by batch, for tests and benchmarks) on a [`Split`] of u8 images.
 
 use std::collections::BTreeMap;
-use std::path::Path;
-use std::time::Instant;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 use candle::backprop::GradStore;
 use candle::{DType, Device, Tensor, Var};
@@ -349,6 +349,28 @@ pub struct BatchStats {
     pub terms: Vec<(&'static str, f64)>,
 }
 
+/// How far an unfinished epoch got: what a mid-epoch state records so that the resumed epoch
+/// adds up to the uninterrupted one.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+struct EpochProgress {
+    /// Batches (optimiser updates, `m` in free mode) finished in the epoch.
+    batches: usize,
+    /// Sum of their losses.
+    loss_sum: f64,
+    /// Sums of their loss terms.
+    terms: BTreeMap<String, f64>,
+    /// Source images trained on.
+    images: usize,
+    /// Wall seconds spent on the epoch up to the state.
+    seconds: f64,
+}
+
+/// Where and how often [`Pretrainer::train_epoch`] writes the training state.
+struct Checkpointing {
+    path: PathBuf,
+    every: Duration,
+}
+
 /// Callbacks from the loop to its runner (no-ops by default).
 pub struct TrainHooks<'a> {
     /// `(done, total, message)` per batch.
@@ -389,6 +411,9 @@ pub struct Pretrainer<'d> {
     curve: Vec<EpochStats>,
     rcs: Option<RcsRun>,
     advcl: Option<AdvclRun>,
+    /// The unfinished epoch a mid-epoch state was loaded from (taken by the next epoch).
+    partial: Option<EpochProgress>,
+    checkpoint: Option<Checkpointing>,
 }
 
 /// AdvCL's per-run data.
@@ -689,6 +714,8 @@ impl<'d> Pretrainer<'d> {
             curve: Vec::new(),
             rcs: None,
             advcl: None,
+            partial: None,
+            checkpoint: None,
         }
     }
 
@@ -797,6 +824,19 @@ impl<'d> Pretrainer<'d> {
         self.epoch
     }
 
+    /// Batches finished in the next epoch (nonzero after loading a mid-epoch state).
+    pub fn batches_done(&self) -> usize {
+        self.partial.as_ref().map_or(0, |p| p.batches)
+    }
+
+    /// Makes [`Pretrainer::train_epoch`] write the training state ([`Pretrainer::save_state`])
+    /// to `path` at the end of every epoch, within an epoch once `every` has passed since the
+    /// last write (`Duration::ZERO`: after every batch), and when cancelled between batches,
+    /// so a crash loses at most `every` of training and a cancellation nothing.
+    pub fn checkpoint_to(&mut self, path: PathBuf, every: Duration) {
+        self.checkpoint = Some(Checkpointing { path, every });
+    }
+
     /// Whether every epoch is done.
     pub fn finished(&self) -> bool {
         self.epoch >= self.cfg.run_epochs()
@@ -869,16 +909,20 @@ impl<'d> Pretrainer<'d> {
 
     /// RCS: the images of `epoch` (the pool, a new coreset or the last one) and the epoch's
     /// schedule; `None` for the other methods.
+    ///
+    /// `resumed`: the epoch continues from a mid-epoch state, whose coreset is this epoch's
+    /// selection (selecting again, on the weights of the state, would pick another set).
     fn rcs_epoch_set(
         &mut self,
         epoch: usize,
+        resumed: bool,
         hooks: &TrainHooks<'_>,
     ) -> Result<Option<Vec<usize>>> {
         let Some(r) = &self.rcs else {
             return Ok(None);
         };
         let (select, use_coreset) = super::rcs::schedule(&self.cfg, epoch);
-        let set = if select {
+        let set = if select && !resumed {
             let Net::Acl(model) = &self.net else {
                 return Err("internal: RCS on a CF-AMC model".into());
             };
@@ -901,7 +945,7 @@ impl<'d> Pretrainer<'d> {
                 t0.elapsed().as_secs_f64()
             ));
             chosen
-        } else if use_coreset {
+        } else if select || use_coreset {
             r.coreset
                 .clone()
                 .ok_or("internal: no RCS coreset to reuse (a state from another version?)")?
@@ -920,7 +964,7 @@ impl<'d> Pretrainer<'d> {
             });
         }
         if let Some(r) = &mut self.rcs {
-            if select {
+            if select && !resumed {
                 r.coreset = Some(set.clone());
             }
             r.offset = if epoch >= 1 { epoch * l } else { 0 };
@@ -967,17 +1011,21 @@ impl<'d> Pretrainer<'d> {
         Ok(())
     }
 
-    /// Trains one epoch (the next one), calling the hooks per batch; appends to the curve.
+    /// Trains one epoch (the next one, or the rest of the one a mid-epoch state stopped in),
+    /// calling the hooks per batch; appends to the curve. With [`Pretrainer::checkpoint_to`],
+    /// writes the state during and after the epoch.
     ///
     /// # Errors
     /// A non-finite loss (naming epoch and batch), non-finite weights at the end of the epoch
-    /// (naming the epoch), cancellation, or tensor errors.
+    /// (naming the epoch), cancellation, a state that cannot be written, or tensor errors.
     pub fn train_epoch(&mut self, hooks: &TrainHooks<'_>) -> Result<EpochStats> {
         let epoch = self.epoch;
         let start = Instant::now();
+        let resumed = self.partial.take();
+        let mut done = resumed.clone().unwrap_or_default();
         self.views_for_epoch(epoch)?;
         let mut shuffle = Rng::derive(self.cfg.seed, &[SHUFFLE_STREAM, epoch as u64]);
-        let (order, iters) = match self.rcs_epoch_set(epoch, hooks)? {
+        let (order, iters) = match self.rcs_epoch_set(epoch, resumed.is_some(), hooks)? {
             None => (shuffle.permutation(self.images.n), self.iters),
             Some(set) => {
                 let iters = self.cfg.iters_per_epoch(set.len());
@@ -989,20 +1037,33 @@ impl<'d> Pretrainer<'d> {
                 (order, iters)
             }
         };
+        if done.batches >= iters {
+            return Err(format!(
+                "the saved state stopped after batch {} of epoch {}, which has {iters} batches",
+                done.batches,
+                epoch + 1
+            )
+            .into());
+        }
+        if let Some(r) = &mut self.rcs {
+            r.batch = done.batches;
+        }
         let perm: Vec<usize> = order;
         let bs = self.cfg.batch_size;
         let total = (iters * self.cfg.run_epochs()) as u64;
-        let mut loss_sum = 0.0;
-        let mut terms: BTreeMap<String, f64> = BTreeMap::new();
         let mut buf = Vec::with_capacity(bs * self.images.image_len());
-        let mut images = 0;
-        for b in 0..iters {
+        let first = done.batches;
+        let mut saved_at = Instant::now();
+        for b in first..iters {
             if (hooks.cancelled)() {
+                if b > first {
+                    self.save_mid_epoch(&done, start)?;
+                }
                 return Err(format!("cancelled during epoch {epoch}, batch {b}").into());
             }
             buf.clear();
             let range = self.batch_range(b, perm.len());
-            images += range.len();
+            let n_images = range.len();
             for &i in &perm[range] {
                 buf.extend_from_slice(self.images.image(i));
             }
@@ -1019,12 +1080,14 @@ impl<'d> Pretrainer<'d> {
                 self.train_batch(&buf, global)
             }
             .map_err(|e| format!("epoch {epoch}, batch {b}: {e}"))?;
-            loss_sum += stats.loss;
+            done.batches += 1;
+            done.images += n_images;
+            done.loss_sum += stats.loss;
             for (k, v) in &stats.terms {
-                *terms.entry((*k).to_string()).or_default() += v;
+                *done.terms.entry((*k).to_string()).or_default() += v;
             }
-            let secs = start.elapsed().as_secs_f64();
-            let rate = images as f64 / secs.max(1e-9);
+            let rate = (done.images - resumed.as_ref().map_or(0, |r| r.images)) as f64
+                / start.elapsed().as_secs_f64().max(1e-9);
             (hooks.progress)(
                 (epoch * iters + b + 1) as u64,
                 total,
@@ -1036,21 +1099,29 @@ impl<'d> Pretrainer<'d> {
                     rate
                 ),
             );
+            let due = self
+                .checkpoint
+                .as_ref()
+                .is_some_and(|c| saved_at.elapsed() >= c.every);
+            if due && b + 1 < iters {
+                self.save_mid_epoch(&done, start)?;
+                saved_at = Instant::now();
+            }
         }
         let n = iters as f64;
-        for v in terms.values_mut() {
+        for v in done.terms.values_mut() {
             *v /= n;
         }
-        let seconds = start.elapsed().as_secs_f64();
+        let seconds = done.seconds + start.elapsed().as_secs_f64();
         let stats = EpochStats {
             epoch,
-            loss: loss_sum / n,
-            terms,
+            loss: done.loss_sum / n,
+            terms: done.terms,
             // the rate the epoch's last update used (an epoch has at least one batch)
             lr: self.sched.lr(self.sched_t().saturating_sub(1)),
             seconds,
-            images,
-            images_per_second: images as f64 / seconds.max(1e-9),
+            images: done.images,
+            images_per_second: done.images as f64 / seconds.max(1e-9),
         };
         (hooks.log)(&format!(
             "epoch {}/{}: loss {:.5} {:?} lr {:.5} {:.1} s {:.1} img/s",
@@ -1075,7 +1146,26 @@ impl<'d> Pretrainer<'d> {
         }
         self.curve.push(stats.clone());
         self.epoch += 1;
+        if let Some(c) = &self.checkpoint {
+            self.write_state(&c.path, None)?;
+        }
         Ok(stats)
+    }
+
+    /// Writes the state of an unfinished epoch (`done` so far, `start` of this call).
+    fn save_mid_epoch(&self, done: &EpochProgress, start: Instant) -> Result<()> {
+        let Some(c) = &self.checkpoint else {
+            return Ok(());
+        };
+        // a diverging model is reported at the end of the epoch; never keep its weights
+        if !checkpoint::non_finite(&self.varmap)?.is_empty() {
+            return Ok(());
+        }
+        let progress = EpochProgress {
+            seconds: done.seconds + start.elapsed().as_secs_f64(),
+            ..done.clone()
+        };
+        self.write_state(&c.path, Some(&progress))
     }
 
     /// Trains on one batch of `batch_size` u8 images (CHW, concatenated); `global` is the
@@ -1596,12 +1686,22 @@ impl<'d> Pretrainer<'d> {
     }
 
     /// Writes the resumable state (weights, BN statistics, optimiser state, δ, counters,
-    /// curve) atomically to `path`.
+    /// curve, and the progress of an unfinished epoch) atomically to `path`.
     ///
     /// # Errors
     /// I/O or tensor errors.
     pub fn save_state(&self, path: &Path) -> Result<()> {
+        self.write_state(path, self.partial.as_ref())
+    }
+
+    fn write_state(&self, path: &Path, partial: Option<&EpochProgress>) -> Result<()> {
         let mut extra = Vec::new();
+        if let Some(p) = partial {
+            extra.push((
+                "meta/epoch_progress_json".into(),
+                checkpoint::json_tensor(p)?,
+            ));
+        }
         if let Some(fd) = &self.free {
             extra.push(("free_delta".into(), fd.delta().clone()));
         }
@@ -1658,6 +1758,24 @@ impl<'d> Pretrainer<'d> {
         };
         let (epoch, step) = (usize::try_from(epoch)?, usize::try_from(step)?);
         let curve: Vec<EpochStats> = s.json("meta/curve_json")?;
+        let partial: Option<EpochProgress> = match s.get("meta/epoch_progress_json") {
+            Some(_) => Some(s.json("meta/epoch_progress_json")?),
+            None => None,
+        };
+        if let Some(p) = &partial {
+            // an RCS epoch's length is known once its set is (checked when it starts)
+            if epoch >= self.cfg.run_epochs() || (self.rcs.is_none() && p.batches >= self.iters) {
+                return Err(s
+                    .error(format!(
+                        "batch {} of epoch {} does not fit a run of {} epochs of {} batches",
+                        p.batches,
+                        epoch + 1,
+                        self.cfg.run_epochs(),
+                        self.iters
+                    ))
+                    .into());
+            }
+        }
         if epoch > self.cfg.run_epochs() || curve.len() != epoch {
             return Err(s
                 .error(format!(
@@ -1681,6 +1799,7 @@ impl<'d> Pretrainer<'d> {
         self.epoch = epoch;
         self.step = step;
         self.curve = curve;
+        self.partial = partial;
         Ok(())
     }
 
@@ -1719,6 +1838,11 @@ pub struct BenchRow {
     /// Projected wall time of one 50,000-image CIFAR-10 epoch (`⌊50000/B⌋` batches; the ACL
     /// family's `⌈50000/B⌉`), seconds.
     pub cifar10_epoch_seconds: f64,
+    /// Seconds to write the training state once ([`Pretrainer::save_state`], the cost of a
+    /// mid-epoch checkpoint).
+    pub state_write_seconds: f64,
+    /// Its size in bytes.
+    pub state_bytes: u64,
 }
 
 /// Times `steps` batches (after one warm-up batch) of a pretraining mode at full head sizes
@@ -1759,6 +1883,13 @@ pub fn bench_mode(cfg: PretrainConfig, steps: usize, device: DeviceSpec) -> Resu
     }
     times.sort_by(f64::total_cmp);
     let secs = times[times.len() / 2];
+    let state = std::env::temp_dir().join(format!("pipe-bench-state-{}", std::process::id()));
+    let start = Instant::now();
+    let written = t.save_state(&state);
+    let state_write_seconds = start.elapsed().as_secs_f64();
+    let state_bytes = std::fs::metadata(&state).map_or(0, |m| m.len());
+    let _ = std::fs::remove_file(&state);
+    written?;
     let c = t.config();
     let ips = c.batch_size as f64 / secs;
     Ok(BenchRow {
@@ -1770,5 +1901,7 @@ pub fn bench_mode(cfg: PretrainConfig, steps: usize, device: DeviceSpec) -> Resu
         seconds_per_batch: secs,
         images_per_second: ips,
         cifar10_epoch_seconds: c.iters_per_epoch(50_000) as f64 * secs,
+        state_write_seconds,
+        state_bytes,
     })
 }
