@@ -146,6 +146,13 @@ impl Journal {
         checkpoint::save_tensors(&t, &path)
     }
 
+    /// Deletes the records of loop `part` (a phase whose results will not be read again).
+    pub fn remove(&self, part: &str) {
+        if let Some(d) = &self.dir {
+            let _ = std::fs::remove_dir_all(d.join(part));
+        }
+    }
+
     /// Whether this journal records (a scratch folder was given).
     pub fn is_on(&self) -> bool {
         self.dir.is_some()

@@ -455,16 +455,16 @@ impl TypedStage for SslHeadKind {
             dataset.train.n
         ));
         let state_path = ctx.scratch_dir().join(STATE_FILE);
-        if state_path.is_file() {
-            match t.load_state(&state_path) {
-                Ok(()) => ctx.log(format!(
-                    "resumed from {} after epoch {} of {}",
-                    state_path.display(),
-                    t.epochs_done(),
-                    p.epochs
-                )),
-                Err(e) => ctx.log(format!("ignoring the saved state, starting over: {e}")),
-            }
+        let resumed = crate::nn::checkpoint::resume(&state_path, |path| {
+            t.load_state(path)?;
+            Ok::<_, BoxError>(crate::nn::checkpoint::ResumePoint {
+                epochs_done: t.epochs_done(),
+                epochs: p.epochs,
+                batches_done: 0,
+            })
+        });
+        if let Some(line) = resumed {
+            ctx.log(line);
         }
         let progress = |done: u64, total: u64, msg: &str| ctx.progress(done, total, msg);
         let cancelled = || ctx.is_cancelled();

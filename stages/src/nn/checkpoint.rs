@@ -297,6 +297,46 @@ fn preview(names: &[String]) -> String {
 /// what `pipe plan` looks for to say a rerun resumes).
 pub const STATE_FILE: &str = "state.safetensors";
 
+/// How far the run of a loaded training state got.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ResumePoint {
+    /// Epochs finished.
+    pub epochs_done: usize,
+    /// Epochs of the run.
+    pub epochs: usize,
+    /// Batches finished in the next epoch (a mid-epoch state), else 0.
+    pub batches_done: usize,
+}
+
+/// Resumes a training kind from the state at `path`, if there is one: `load` reads it into
+/// the fresh trainer all or nothing and says where it got. Returns the node's log line
+/// (`resumed from … after epoch 3 of 10`, `… in epoch 4 of 10 after batch 120`, or `ignoring
+/// the saved state, starting over: <why>`), `None` without a state.
+pub fn resume<E: std::fmt::Display>(
+    path: &Path,
+    load: impl FnOnce(&Path) -> std::result::Result<ResumePoint, E>,
+) -> Option<String> {
+    if !path.is_file() {
+        return None;
+    }
+    Some(match load(path) {
+        Ok(r) if r.batches_done > 0 => format!(
+            "resumed from {} in epoch {} of {} after batch {}",
+            path.display(),
+            r.epochs_done + 1,
+            r.epochs,
+            r.batches_done
+        ),
+        Ok(r) => format!(
+            "resumed from {} after epoch {} of {}",
+            path.display(),
+            r.epochs_done,
+            r.epochs
+        ),
+        Err(e) => format!("ignoring the saved state, starting over: {e}"),
+    })
+}
+
 /// A trainer's resumable state, one safetensors file in the node's scratch folder: the
 /// trained variables under `model/<name>`, the optimiser's buffers under `optim/<name>`, and
 /// the trainer's own tensors (counters, the curve as JSON bytes, a free-adversarial δ) under

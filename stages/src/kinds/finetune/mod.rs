@@ -55,6 +55,7 @@
 //! | `beta` | 6 | TRADES weight (AFF) |
 //! | `seed` | 0 | shuffles, augmentations, attacks, the default head init |
 //! | `device` | `auto` | `auto`, `cpu` or `cuda:N` (the backend is keyed, the ordinal is not) |
+//! | `checkpoint_minutes` | 10 | minutes between training-state writes within an epoch (0: every batch; not keyed, see Resume) |
 //! | `faithful` | `true` | the reference-code quirks of the attacks, `true` / `false` for all or a map `{q31}` |
 //!
 //! The `faithful` switches (METHODS.md section 17):
@@ -118,18 +119,22 @@
 //!
 //! # Resume
 //!
-//! After every epoch the training state is written atomically to [`STATE_FILE`] in the node's
-//! scratch folder ([`Finetuner::save_state`]): the trained variables (the head for SLF / ALF;
+//! After every epoch, every `checkpoint_minutes` (default 10; 0: after every batch) within an
+//! epoch and on Ctrl-C, the training state is written atomically to [`STATE_FILE`] in the
+//! node's scratch folder ([`Finetuner::save_state`]): the trained variables (the head for SLF / ALF;
 //! for AFF every variable of the dual-BN copy, both BN branches and their running statistics
-//! included), the optimiser buffers, the epoch and step counters and the curve so far, with a
-//! fingerprint of the resolved config and the training data. A killed run restarted with the
-//! same key loads it and continues from the last finished epoch (log line `resumed from <path>
-//! after epoch N of M`); a state whose fingerprint differs is ignored with a log line naming
+//! included), the optimiser buffers, the epoch and step counters, the curve so far and the
+//! unfinished epoch's batch count and partial sums, with a fingerprint of the resolved config
+//! and the training data. A killed run restarted with the same key loads it and continues from
+//! the batch after the last write (log line `resumed from <path> after epoch N of M` or `… in
+//! epoch N of M after batch B`); a state whose fingerprint differs is ignored with a log line naming
 //! the first difference, and the run starts over. The schedule is a function of the epoch, and
 //! the shuffles and augmentations draw from streams derived from `(seed, epoch)` and the
 //! attacks from `(seed, epoch, batch)`, so a resumed run ends with weights bit-identical to an
-//! uninterrupted one on the CPU (same thread count). The SLF feature cache is not saved; it is
-//! recomputed, identically, on the first epoch after a resume.
+//! uninterrupted one on the CPU (same thread count). The SLF feature pass records each chunk of
+//! features in the scratch folder's journal (`journal/features-<round>/`); a resumed run, or
+//! one killed during the pass, replays the recorded chunks instead of computing them again
+//! (log: `(12 of 196 chunks replayed)`). `checkpoint_minutes` is not keyed.
 //!
 //! `VERSION` 2: `faithful.q31` (default on) stopped clamping ALF's random start, which version
 //! 1 did; SLF and AFF train as in version 1.
@@ -364,6 +369,14 @@ pub struct FinetuneParams {
     /// Device.
     #[serde(default)]
     pub device: DeviceSpec,
+    /// Minutes between training-state writes within an epoch (default 10; 0: after every
+    /// batch). Not keyed: it changes no result.
+    #[serde(
+        default,
+        deserialize_with = "de_real_opt",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub checkpoint_minutes: Option<f64>,
     /// Reference-code quirks of the ALF / AFF attacks.
     #[serde(default, skip_serializing_if = "FaithfulParam::is_empty")]
     pub faithful: FaithfulParam,
@@ -531,6 +544,7 @@ impl FinetuneParams {
             beta: (c.mode == Mode::Aff).then_some(c.beta),
             seed: c.seed,
             device: self.device,
+            checkpoint_minutes: self.checkpoint_minutes,
             faithful: FaithfulParam {
                 q31: self.random_start().then_some(c.faithful.q31),
             },
@@ -673,6 +687,7 @@ impl TypedStage for Finetune {
         e.within("alpha", c.alpha, 0.0, 1.0);
         e.positive("pgd_steps", c.pgd_steps);
         e.non_negative("beta", c.beta);
+        e.checkpoint_minutes(p.checkpoint_minutes);
         e.device(p.device);
         e.into_errors()
     }
@@ -731,21 +746,21 @@ impl TypedStage for Finetune {
         };
         let mut t = Finetuner::new(cfg, &enc, &dataset.train, dataset.classes.len(), &device)?;
         let state_path = ctx.scratch_dir().join(STATE_FILE);
-        if state_path.is_file() {
-            // all or nothing: on an error the trainer is still the fresh one
-            match t.load_state(&state_path) {
-                Ok(()) => ctx.log(format!(
-                    "resumed from {} after epoch {} of {}",
-                    state_path.display(),
-                    t.epochs_done(),
-                    t.config().epochs
-                )),
-                Err(e) => ctx.log(format!("ignoring the saved state, starting over: {e}")),
-            }
+        // all or nothing: on an error the trainer is still the fresh one
+        let resumed = crate::nn::checkpoint::resume(&state_path, |path| {
+            t.load_state(path)?;
+            Ok::<_, BoxError>(t.resume_point())
+        });
+        if let Some(line) = resumed {
+            ctx.log(line);
         }
+        t.checkpoint_to(
+            state_path,
+            crate::params::checkpoint_interval(p.checkpoint_minutes),
+        );
+        t.journal_features(crate::journal::Journal::at(ctx.scratch_dir()));
         while !t.finished() {
             t.train_epoch(&hooks)?;
-            t.save_state(&state_path)?;
         }
         let (varmap, clf) = t.finish()?;
         clf.save(&varmap, ctx.out_dir())?;

@@ -229,6 +229,23 @@ fn canonical_form_keys_equivalent_params_alike() {
     assert_eq!(norm_ok(a.clone()), a);
     assert_eq!(norm_ok(n.clone()), n);
     assert_eq!(norm_ok(f.clone()), f);
+    // how often the state is written changes no result: not keyed
+    let mut reg = pipe_engine::Registry::new();
+    crate::register_all(&mut reg);
+    let kind = reg.get("finetune").expect("registered");
+    let often = norm_ok(json!({"mode": "aff", "checkpoint_minutes": 0}));
+    assert_eq!(often["checkpoint_minutes"], json!(0.0));
+    assert_eq!(
+        kind.key_params(&often),
+        kind.key_params(&norm_ok(json!({"mode": "aff"})))
+    );
+    let e = errors(json!({"mode": "aff", "checkpoint_minutes": "soon"}));
+    assert!(e.iter().any(|m| m.contains("checkpoint_minutes")), "{e:?}");
+    let e = errors(json!({"mode": "aff", "checkpoint_minutes": -2}));
+    assert!(
+        e.iter().any(|m| m.starts_with("checkpoint_minutes:")),
+        "{e:?}"
+    );
 }
 
 #[test]
@@ -1475,4 +1492,137 @@ fn r_air_presets_match_methods_10_3() {
         a.map_err(|e| format!("{e:?}")),
         b.map_err(|e| format!("{e:?}"))
     );
+}
+
+/// A run interrupted within an epoch: trains `c` to the end writing its state after every batch
+/// (with the feature journal on), copying the state after `snap` batches aside; a fresh
+/// trainer resumed from the copy, and one resumed from the state a cancellation after `snap`
+/// batches writes, must both end bit-identical to the uninterrupted run. Returns the resume
+/// point of the copy and the log lines of the resumed run.
+fn finetune_mid_epoch(
+    c: &FinetuneConfig,
+    enc: &EncoderWeights,
+    d: &Dataset,
+    snap: usize,
+    dir: &Path,
+) -> std::result::Result<(crate::nn::checkpoint::ResumePoint, Vec<String>), trainer::Error> {
+    use crate::journal::Journal;
+    use std::sync::Mutex;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let _ = std::fs::remove_dir_all(dir);
+    std::fs::create_dir_all(dir)?;
+    let make = || Finetuner::new(c.clone(), enc, &d.train, 4, &Device::Cpu);
+    let every_batch = dir.join("every-batch.state");
+    let copy = dir.join("copy.state");
+    let mut full = make()?;
+    full.checkpoint_to(every_batch.clone(), std::time::Duration::ZERO);
+    full.journal_features(Journal::at(dir));
+    let polls = AtomicUsize::new(0);
+    let copy_at_snap = || {
+        if polls.fetch_add(1, Ordering::SeqCst) == snap {
+            std::fs::copy(&every_batch, &copy).expect("copy the state");
+        }
+        false
+    };
+    let hooks = TrainHooks {
+        cancelled: &copy_at_snap,
+        ..TrainHooks::default()
+    };
+    while !full.finished() {
+        full.train_epoch(&hooks)?;
+    }
+    let want = trainer_values(&full)?;
+    let curve = |t: &Finetuner<'_>| -> Vec<(f64, f64, Option<f64>, f64, usize)> {
+        t.curve()
+            .iter()
+            .map(|e| (e.loss, e.acc, e.natural_acc, e.lr, e.images))
+            .collect()
+    };
+    let lines = Mutex::new(Vec::new());
+    let finish =
+        |path: &Path| -> std::result::Result<crate::nn::checkpoint::ResumePoint, trainer::Error> {
+            let mut r = make()?;
+            r.journal_features(Journal::at(dir));
+            r.load_state(path)?;
+            let at = r.resume_point();
+            let log = |l: &str| lines.lock().expect("lines").push(l.to_string());
+            let hooks = TrainHooks {
+                log: &log,
+                ..TrainHooks::default()
+            };
+            while !r.finished() {
+                r.train_epoch(&hooks)?;
+            }
+            assert!(
+                trainer_values(&r)? == want,
+                "resumed at {at:?}: other weights"
+            );
+            assert_eq!(curve(&r), curve(&full), "resumed at {at:?}");
+            assert_eq!(r.steps(), full.steps());
+            Ok(at)
+        };
+    let at = finish(&copy)?;
+    let copy_lines = lines.lock().expect("lines").clone();
+    // the state a cancellation writes (no other mid-epoch write: the interval is an hour)
+    let on_cancel = dir.join("on-cancel.state");
+    let mut k = make()?;
+    k.checkpoint_to(on_cancel.clone(), std::time::Duration::from_secs(3600));
+    let polls = AtomicUsize::new(0);
+    let cancel_at_snap = || polls.fetch_add(1, Ordering::SeqCst) >= snap;
+    let hooks = TrainHooks {
+        cancelled: &cancel_at_snap,
+        ..TrainHooks::default()
+    };
+    let err = loop {
+        match k.train_epoch(&hooks) {
+            Err(e) => break e.to_string(),
+            Ok(_) if k.finished() => break String::new(),
+            Ok(_) => {}
+        }
+    };
+    assert!(err.contains("cancelled"), "{err}");
+    assert_eq!(finish(&on_cancel)?, at, "the cancellation's state");
+    Ok((at, copy_lines))
+}
+
+#[test]
+fn a_run_resumes_mid_epoch_bit_identically() -> TestResult {
+    use crate::nn::checkpoint::ResumePoint;
+    let d = data(32, 8);
+    let enc = EncoderWeights::from_varmap(&pretrain_encoder(5))?;
+    let tmp = TempDir::new("finetune-mid-epoch");
+    let at = |epochs_done, batches_done| ResumePoint {
+        epochs_done,
+        epochs: 2,
+        batches_done,
+    };
+    // SLF on cached features (4 batches of 8): the poll before each feature chunk (one here)
+    // and each batch; after batch 2 of epoch 2 the cache is replayed from the journal
+    let c = cfg(json!({"mode": "slf", "epochs": 2, "batch_size": 8, "seed": 4}));
+    let (r, lines) = finetune_mid_epoch(&c, &enc, &d, 7, tmp.path())?;
+    assert_eq!(r, at(1, 2));
+    assert!(
+        lines.iter().any(|l| l.contains("(1 of 1 chunks replayed)")),
+        "{lines:?}"
+    );
+    // SLF with per-epoch augmentation (a new feature pass each epoch), within epoch 1
+    let c = cfg(
+        json!({"mode": "slf", "epochs": 2, "batch_size": 8, "augment": true,
+                       "optimizer": "sgd", "lr": 0.05, "momentum": 0.9, "seed": 4}),
+    );
+    assert_eq!(finetune_mid_epoch(&c, &enc, &d, 2, tmp.path())?.0, at(0, 1));
+    // ALF and AFF: 2 batches of 16 per epoch, a rate step between the epochs; after batch 1
+    // of epoch 2
+    for mode in ["alf", "aff"] {
+        let c = cfg(
+            json!({"mode": mode, "epochs": 2, "batch_size": 16, "pgd_steps": 2,
+                           "seed": 4, "milestones": [1]}),
+        );
+        assert_eq!(
+            finetune_mid_epoch(&c, &enc, &d, 3, tmp.path())?.0,
+            at(1, 1),
+            "{mode}"
+        );
+    }
+    Ok(())
 }

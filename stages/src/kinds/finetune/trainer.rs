@@ -38,8 +38,8 @@
 //! [`Finetuner::finish`] keeps the `pgd` branch under the plain single-BN names.
 
 use std::collections::HashMap;
-use std::path::Path;
-use std::time::Instant;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 use candle::{D, DType, Device, Module, Tensor, Var};
 use candle_nn::{Init, Linear, VarBuilder, VarMap};
@@ -48,6 +48,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
 use crate::data::Split;
+use crate::journal::Journal;
 use crate::kinds::pretrain::{TrainHooks, ViewKind};
 use crate::nn::attacks::{Norm, PgdConfig, pgd};
 use crate::nn::augment::pipeline::{PipelineConfig, Plan, Scratch, U8_TO_F32};
@@ -662,6 +663,36 @@ struct StateMeta {
     feature_passes: usize,
     /// The per-epoch curve so far.
     curve: Vec<EpochStats>,
+    /// A mid-epoch state: how far the unfinished epoch got.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    partial: Option<EpochProgress>,
+}
+
+/// How far an unfinished epoch got: what a mid-epoch state records so that the resumed epoch
+/// adds up to the uninterrupted one.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+struct EpochProgress {
+    /// Batches finished.
+    batches: usize,
+    /// Sum over them of the batch loss times the batch size.
+    loss_sum: f64,
+    /// Correct predictions (ALF: on the PGD examples; AFF: the `pgd` branch).
+    right: usize,
+    /// AFF: correct predictions of the `normal` branch on natural inputs.
+    nat_right: usize,
+    /// Images trained on.
+    seen: usize,
+    /// Wall seconds spent on the epoch up to the state.
+    seconds: f64,
+}
+
+/// What a journaled chunk of the SLF feature pass describes (it is replayed only if it is
+/// the chunk asked for).
+#[derive(Debug, PartialEq, Serialize, Deserialize)]
+struct FeatureChunk {
+    round: u64,
+    first: usize,
+    len: usize,
 }
 
 /// The first difference between a saved and the current fingerprint, with its path
@@ -724,6 +755,12 @@ pub struct Finetuner<'d> {
     feature_seconds: f64,
     feature_passes: usize,
     curve: Vec<EpochStats>,
+    /// The unfinished epoch a mid-epoch state was loaded from (taken by the next epoch).
+    partial: Option<EpochProgress>,
+    /// Where and how often [`Finetuner::train_epoch`] writes the state.
+    checkpoint: Option<(PathBuf, Duration)>,
+    /// Where the SLF feature pass records its chunks.
+    journal: Journal,
 }
 
 fn scalar(t: &Tensor) -> Result<f64> {
@@ -882,7 +919,33 @@ impl<'d> Finetuner<'d> {
             feature_seconds: 0.0,
             feature_passes: 0,
             curve: Vec::new(),
+            partial: None,
+            checkpoint: None,
+            journal: Journal::off(),
         })
+    }
+
+    /// Makes [`Finetuner::train_epoch`] write the training state ([`Finetuner::save_state`])
+    /// to `path` at the end of every epoch, within an epoch once `every` has passed since the
+    /// last write (`Duration::ZERO`: after every batch), and when cancelled between batches.
+    pub fn checkpoint_to(&mut self, path: PathBuf, every: Duration) {
+        self.checkpoint = Some((path, every));
+    }
+
+    /// Records every chunk of the SLF feature pass in `journal` and replays the chunks a
+    /// previous run of the same node recorded, so neither a crash during the pass nor a resume
+    /// after it computes the features again.
+    pub fn journal_features(&mut self, journal: Journal) {
+        self.journal = journal;
+    }
+
+    /// Where this run stands (after [`Finetuner::load_state`]: where it resumes).
+    pub fn resume_point(&self) -> checkpoint::ResumePoint {
+        checkpoint::ResumePoint {
+            epochs_done: self.epoch,
+            epochs: self.cfg.epochs,
+            batches_done: self.partial.as_ref().map_or(0, |p| p.batches),
+        }
     }
 
     /// The configuration.
@@ -963,7 +1026,9 @@ impl<'d> Finetuner<'d> {
         })
     }
 
-    /// SLF: makes sure the cache holds the features of every image for `round`.
+    /// SLF: makes sure the cache holds the features of every image for `round`: chunk by
+    /// chunk, each replayed from the journal if a run of this node recorded it, else computed
+    /// and recorded.
     fn ensure_cache(&mut self, round: u64, hooks: &TrainHooks<'_>) -> Result<()> {
         if self.cache.as_ref().is_some_and(|(r, _)| *r == round) {
             return Ok(());
@@ -973,28 +1038,55 @@ impl<'d> Finetuner<'d> {
         };
         let start = Instant::now();
         let n = self.images.n;
+        let part = format!("features-{round}");
+        let replayed_before = self.journal.replayed();
         let mut parts = Vec::with_capacity(n.div_ceil(FEATURE_CHUNK));
         let mut done = self.done;
-        for s in (0..n).step_by(FEATURE_CHUNK) {
+        for (c, s) in (0..n).step_by(FEATURE_CHUNK).enumerate() {
             if (hooks.cancelled)() {
                 return Err(format!("cancelled while computing features (round {round})").into());
             }
-            let idx: Vec<usize> = (s..(s + FEATURE_CHUNK).min(n)).collect();
-            parts.push(self.features(frozen, &idx, round)?);
+            let len = (s + FEATURE_CHUNK).min(n) - s;
+            let want = FeatureChunk {
+                round,
+                first: s,
+                len,
+            };
+            let recorded = self.journal.get::<FeatureChunk>(&part, c, |e| {
+                e.record == want
+                    && e.tensor("features")
+                        .is_ok_and(|t| t.dim(0).ok() == Some(len))
+            });
+            let f = match recorded {
+                Some(e) => e.tensor("features")?.to_device(&self.device)?,
+                None => {
+                    let idx: Vec<usize> = (s..s + len).collect();
+                    let f = self.features(frozen, &idx, round)?;
+                    self.journal.put(&part, c, &want, &[("features", &f)])?;
+                    f
+                }
+            };
+            parts.push(f);
             done += 1;
-            (hooks.progress)(
-                done,
-                self.total,
-                &format!("features {}/{n}", (s + FEATURE_CHUNK).min(n)),
-            );
+            (hooks.progress)(done, self.total, &format!("features {}/{n}", s + len));
         }
         self.done = done;
         self.cache = Some((round, Tensor::cat(&parts, 0)?));
+        if round > 0 {
+            // an augmented SLF draws new inputs every epoch: the last round is not read again
+            self.journal.remove(&format!("features-{}", round - 1));
+        }
         let secs = start.elapsed().as_secs_f64();
         self.feature_seconds += secs;
         self.feature_passes += 1;
+        let replayed = self.journal.replayed() - replayed_before;
         (hooks.log)(&format!(
-            "features of {n} images (round {round}): {secs:.1} s"
+            "features of {n} images (round {round}): {secs:.1} s{}",
+            if replayed > 0 {
+                format!(" ({replayed} of {} chunks replayed)", parts.len())
+            } else {
+                String::new()
+            }
         ));
         Ok(())
     }
@@ -1009,11 +1101,13 @@ impl<'d> Finetuner<'d> {
             .collect()
     }
 
-    /// Trains one epoch (the next one), calling the hooks per batch; appends to the curve.
+    /// Trains one epoch (the next one, or the rest of the one a mid-epoch state stopped in),
+    /// calling the hooks per batch; appends to the curve. With [`Finetuner::checkpoint_to`],
+    /// writes the state during and after the epoch.
     ///
     /// # Errors
     /// A non-finite loss (naming epoch and batch), non-finite weights at the end of the epoch
-    /// (naming the epoch), cancellation, or tensor errors.
+    /// (naming the epoch), cancellation, a state that cannot be written, or tensor errors.
     pub fn train_epoch(&mut self, hooks: &TrainHooks<'_>) -> Result<EpochStats> {
         let epoch = self.epoch;
         let start = Instant::now();
@@ -1024,18 +1118,33 @@ impl<'d> Finetuner<'d> {
             self.ensure_cache(round, hooks)?;
         }
         let batches = self.epoch_batches(epoch);
-        let (mut loss_sum, mut right, mut nat_right, mut seen) = (0.0, 0usize, 0usize, 0usize);
-        for (b, idx) in batches.iter().enumerate() {
+        let mut p = self.partial.take().unwrap_or_default();
+        if p.batches >= batches.len() {
+            return Err(format!(
+                "the saved state stopped after batch {} of epoch {}, which has {} batches",
+                p.batches,
+                epoch + 1,
+                batches.len()
+            )
+            .into());
+        }
+        let first = p.batches;
+        let mut saved_at = Instant::now();
+        for (b, idx) in batches.iter().enumerate().skip(first) {
             if (hooks.cancelled)() {
+                if b > first {
+                    self.save_mid_epoch(&p, start)?;
+                }
                 return Err(format!("cancelled during epoch {epoch}, batch {b}").into());
             }
             let out = self
                 .train_batch(idx, epoch, b)
                 .map_err(|e| format!("epoch {epoch}, batch {b}: {e}"))?;
-            loss_sum += out.loss * idx.len() as f64;
-            right += out.correct;
-            nat_right += out.natural_correct.unwrap_or(0);
-            seen += idx.len();
+            p.batches += 1;
+            p.loss_sum += out.loss * idx.len() as f64;
+            p.right += out.correct;
+            p.nat_right += out.natural_correct.unwrap_or(0);
+            p.seen += idx.len();
             self.done += 1;
             (hooks.progress)(
                 self.done,
@@ -1044,20 +1153,28 @@ impl<'d> Finetuner<'d> {
                     "epoch {}/{} loss {:.4} acc {:.3}",
                     epoch + 1,
                     self.cfg.epochs,
-                    loss_sum / seen as f64,
-                    right as f64 / seen as f64
+                    p.loss_sum / p.seen as f64,
+                    p.right as f64 / p.seen as f64
                 ),
             );
+            let due = self
+                .checkpoint
+                .as_ref()
+                .is_some_and(|(_, every)| saved_at.elapsed() >= *every);
+            if due && b + 1 < batches.len() {
+                self.save_mid_epoch(&p, start)?;
+                saved_at = Instant::now();
+            }
         }
-        let seen_f = seen.max(1) as f64;
+        let seen_f = p.seen.max(1) as f64;
         let stats = EpochStats {
             epoch,
-            loss: loss_sum / seen_f,
-            acc: right as f64 / seen_f,
-            natural_acc: (self.cfg.mode == Mode::Aff).then_some(nat_right as f64 / seen_f),
+            loss: p.loss_sum / seen_f,
+            acc: p.right as f64 / seen_f,
+            natural_acc: (self.cfg.mode == Mode::Aff).then_some(p.nat_right as f64 / seen_f),
             lr,
-            seconds: start.elapsed().as_secs_f64(),
-            images: seen,
+            seconds: p.seconds + start.elapsed().as_secs_f64(),
+            images: p.seen,
         };
         (hooks.log)(&format!(
             "epoch {}/{}: loss {:.5} acc {:.4}{} lr {:.6} {:.1} s",
@@ -1084,7 +1201,26 @@ impl<'d> Finetuner<'d> {
         }
         self.curve.push(stats.clone());
         self.epoch += 1;
+        if let Some((path, _)) = &self.checkpoint {
+            self.write_state(path, None)?;
+        }
         Ok(stats)
+    }
+
+    /// Writes the state of an unfinished epoch (`p` so far, `start` of this call).
+    fn save_mid_epoch(&self, p: &EpochProgress, start: Instant) -> Result<()> {
+        let Some((path, _)) = &self.checkpoint else {
+            return Ok(());
+        };
+        // a diverging model is reported at the end of the epoch; never keep its weights
+        if !checkpoint::non_finite(self.varmap())?.is_empty() {
+            return Ok(());
+        }
+        let progress = EpochProgress {
+            seconds: p.seconds + start.elapsed().as_secs_f64(),
+            ..p.clone()
+        };
+        self.write_state(path, Some(&progress))
     }
 
     fn train_batch(&mut self, idx: &[usize], epoch: usize, b: usize) -> Result<BatchOut> {
@@ -1204,6 +1340,10 @@ impl<'d> Finetuner<'d> {
     /// # Errors
     /// I/O (naming the path) or tensor errors.
     pub fn save_state(&self, path: &Path) -> Result<()> {
+        self.write_state(path, self.partial.as_ref())
+    }
+
+    fn write_state(&self, path: &Path, partial: Option<&EpochProgress>) -> Result<()> {
         let meta = StateMeta {
             fingerprint: self.fingerprint()?,
             epoch: self.epoch,
@@ -1212,6 +1352,7 @@ impl<'d> Finetuner<'d> {
             feature_seconds: self.feature_seconds,
             feature_passes: self.feature_passes,
             curve: self.curve.clone(),
+            partial: partial.cloned(),
         };
         TrainState::save(
             path,
@@ -1242,6 +1383,19 @@ impl<'d> Finetuner<'d> {
                 ))
                 .into());
         }
+        let batches = self.cfg.batches(self.images.n);
+        if let Some(p) = &meta.partial
+            && (meta.epoch >= self.cfg.epochs || p.batches >= batches)
+        {
+            return Err(s
+                .error(format!(
+                    "batch {} of epoch {} does not fit a run of {} epochs of {batches} batches",
+                    p.batches,
+                    meta.epoch + 1,
+                    self.cfg.epochs
+                ))
+                .into());
+        }
         if meta.epoch > self.cfg.epochs || meta.curve.len() != meta.epoch {
             return Err(s
                 .error(format!(
@@ -1258,13 +1412,16 @@ impl<'d> Finetuner<'d> {
             .load_state(&s.optim())
             .map_err(|e| s.error(format!("optimiser state: {e}")))?;
         checkpoint::set_vars(plan)?;
-        // the SLF feature cache is not saved: a cache that never changes is recomputed once
-        // more (bit-identical: same images, chunks and encoder), so count its pass
+        // the SLF feature cache is not in the state: it is filled again (replayed from the
+        // feature journal, or recomputed bit-identically: same images, chunks and encoder)
+        // before the next batch, one pass more than a run without the break, so count it:
+        // within an epoch always, at an epoch's end when the next epoch would not have
+        // made a new one (the inputs do not change per epoch)
         let recompute_cache = self.cfg.mode == Mode::Slf
             && self.cfg.cache_features
-            && !(self.cfg.augment && self.cfg.ncrop.is_none())
-            && meta.epoch > 0
-            && meta.epoch < self.cfg.epochs;
+            && meta.epoch < self.cfg.epochs
+            && (meta.partial.is_some()
+                || (!(self.cfg.augment && self.cfg.ncrop.is_none()) && meta.epoch > 0));
         if recompute_cache {
             self.total += self.images.n.div_ceil(FEATURE_CHUNK) as u64;
         }
@@ -1274,6 +1431,7 @@ impl<'d> Finetuner<'d> {
         self.feature_seconds = meta.feature_seconds;
         self.feature_passes = meta.feature_passes;
         self.curve = meta.curve;
+        self.partial = meta.partial;
         self.cache = None;
         Ok(())
     }

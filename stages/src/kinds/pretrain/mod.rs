@@ -179,7 +179,6 @@ pub use trainer::{
 };
 
 use std::path::Path;
-use std::time::Duration;
 
 use pipe_engine::{BoxError, NormalizeCtx, ParamError, Resources, Slots, StageCtx, TypedStage};
 use serde::{Deserialize, Deserializer, Serialize};
@@ -188,16 +187,13 @@ use serde_json::{Value, json};
 use crate::data::{self, tensor_io::DATA_FILE};
 use crate::device::DeviceSpec;
 use crate::kinds::pseudo_labels::{LABELS_FILE, PseudoLabels};
+use crate::nn::checkpoint;
 use crate::params::{
     Checks, MAX_DIM, MAX_EPOCHS, MAX_VIEWS, de_real, de_real_opt, de_real_pair_opt,
 };
 
 /// The `pretrain` kind.
 pub struct Pretrain;
-
-/// Default of `checkpoint_minutes`: a state write of a ResNet-18 (weights and optimiser
-/// buffers, ~140 MB) takes well under a second, so this costs nothing measurable.
-pub const DEFAULT_CHECKPOINT_MINUTES: f64 = 10.0;
 
 /// The encoder checkpoint.
 pub const ENCODER_FILE: &str = "encoder.safetensors";
@@ -961,9 +957,7 @@ impl TypedStage for Pretrain {
         e.non_negative("patch_sim", c.emp.patch_sim);
         e.non_negative("tcr", c.emp.tcr);
         e.positive_real("tcr_eps", c.emp.eps);
-        if let Some(minutes) = p.checkpoint_minutes {
-            e.within("checkpoint_minutes", minutes, 0.0, 1e6);
-        }
+        e.checkpoint_minutes(p.checkpoint_minutes);
         e.device(p.device);
         e.into_errors()
     }
@@ -977,9 +971,6 @@ impl TypedStage for Pretrain {
 
     fn key_params(p: &PretrainParams) -> Value {
         let mut v = crate::params::key_with_backend(p, p.device);
-        if let Value::Object(m) = &mut v {
-            m.remove("checkpoint_minutes");
-        }
         // Keys are stable across versions: the first version keyed all four CF-AMC-SSL switches
         // (absent = true), whether or not they applied; the later switches are keyed only where
         // they apply (the canonical form leaves the others out), and each so far applies only
@@ -1053,27 +1044,18 @@ impl TypedStage for Pretrain {
             None => Pretrainer::new(cfg, &dataset.train, &device)?,
         };
         let state_path = ctx.scratch_dir().join(STATE_FILE);
-        if state_path.is_file() {
-            // all or nothing: a state that does not load leaves the trainer fresh
-            match trainer.load_state(&state_path) {
-                Ok(()) if trainer.batches_done() > 0 => ctx.log(format!(
-                    "resumed from {} in epoch {} of {} after batch {}",
-                    state_path.display(),
-                    trainer.epochs_done() + 1,
-                    trainer.config().run_epochs(),
-                    trainer.batches_done()
-                )),
-                Ok(()) => ctx.log(format!(
-                    "resumed from {} after epoch {} of {}",
-                    state_path.display(),
-                    trainer.epochs_done(),
-                    trainer.config().run_epochs()
-                )),
-                Err(e) => ctx.log(format!("ignoring the saved state, starting over: {e}")),
-            }
+        // all or nothing: a state that does not load leaves the trainer fresh
+        let resumed = checkpoint::resume(&state_path, |path| {
+            trainer.load_state(path)?;
+            Ok::<_, BoxError>(trainer.resume_point())
+        });
+        if let Some(line) = resumed {
+            ctx.log(line);
         }
-        let minutes = p.checkpoint_minutes.unwrap_or(DEFAULT_CHECKPOINT_MINUTES);
-        trainer.checkpoint_to(state_path, Duration::from_secs_f64(minutes * 60.0));
+        trainer.checkpoint_to(
+            state_path,
+            crate::params::checkpoint_interval(p.checkpoint_minutes),
+        );
         let progress = |done: u64, total: u64, msg: &str| ctx.progress(done, total, msg);
         let log = |msg: &str| ctx.log(msg);
         let cancelled = || ctx.is_cancelled();

@@ -829,6 +829,15 @@ impl<'d> Pretrainer<'d> {
         self.partial.as_ref().map_or(0, |p| p.batches)
     }
 
+    /// Where this run stands (after [`Pretrainer::load_state`]: where it resumes).
+    pub fn resume_point(&self) -> checkpoint::ResumePoint {
+        checkpoint::ResumePoint {
+            epochs_done: self.epoch,
+            epochs: self.cfg.run_epochs(),
+            batches_done: self.batches_done(),
+        }
+    }
+
     /// Makes [`Pretrainer::train_epoch`] write the training state ([`Pretrainer::save_state`])
     /// to `path` at the end of every epoch, within an epoch once `every` has passed since the
     /// last write (`Duration::ZERO`: after every batch), and when cancelled between batches,
