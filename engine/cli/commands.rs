@@ -523,13 +523,19 @@ fn slurm_job(store: &pipe_cache::Store, node: &pipe_engine::Node) -> Option<(Str
 }
 
 /// What an interrupted run of `node` left to resume from in its scratch folder: a training
-/// state (saved after each epoch) or journaled batches (`evaluate`, `attack_dataset`). Reads
-/// folder listings only.
+/// state (where it stopped, from the state's header and one small record) or journaled
+/// batches (`evaluate`, `attack_dataset`, SLF's feature pass; from folder listings).
 fn resume_point(store: &pipe_cache::Store, node: &pipe_engine::Node) -> Option<String> {
     let dir = store.scratch_path(node.key.key());
     let mut what = Vec::new();
-    if dir.join(pipe_stages::nn::checkpoint::STATE_FILE).is_file() {
-        what.push("its saved training state".to_string());
+    let state = dir.join(pipe_stages::nn::checkpoint::STATE_FILE);
+    if state.is_file() {
+        what.push(
+            match pipe_stages::nn::checkpoint::read_resume_point(&state) {
+                Some(at) => format!("its saved training state ({at})"),
+                None => "its saved training state".to_string(),
+            },
+        );
     }
     let batches: usize = std::fs::read_dir(dir.join("journal"))
         .into_iter()

@@ -364,6 +364,11 @@ impl<'a> HeadTrainer<'a> {
             &named_vars(&self.varmap),
             self.opt.state(),
             vec![(META.into(), meta)],
+            checkpoint::ResumePoint {
+                epochs_done: self.curve.len(),
+                epochs: self.p.epochs,
+                batches_done: 0,
+            },
         )?;
         Ok(())
     }

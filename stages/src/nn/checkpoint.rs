@@ -297,8 +297,9 @@ fn preview(names: &[String]) -> String {
 /// what `pipe plan` looks for to say a rerun resumes).
 pub const STATE_FILE: &str = "state.safetensors";
 
-/// How far the run of a loaded training state got.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// How far the run of a training state got (written into every state as `meta/resume_json`,
+/// which `pipe plan` reads without loading the file: [`read_resume_point`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct ResumePoint {
     /// Epochs finished.
     pub epochs_done: usize,
@@ -306,6 +307,52 @@ pub struct ResumePoint {
     pub epochs: usize,
     /// Batches finished in the next epoch (a mid-epoch state), else 0.
     pub batches_done: usize,
+}
+
+impl std::fmt::Display for ResumePoint {
+    /// `after epoch 3 of 10`, or `in epoch 4 of 10 after batch 120`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.batches_done > 0 {
+            write!(
+                f,
+                "in epoch {} of {} after batch {}",
+                self.epochs_done + 1,
+                self.epochs,
+                self.batches_done
+            )
+        } else {
+            write!(f, "after epoch {} of {}", self.epochs_done, self.epochs)
+        }
+    }
+}
+
+/// The name of the [`ResumePoint`] record in a state file.
+const RESUME_RECORD: &str = "meta/resume_json";
+
+/// The [`ResumePoint`] recorded in the training state at `path`, read from the safetensors
+/// header and that one record (a few hundred bytes of a file that can hold hundreds of MB);
+/// `None` for a file without one (written before it existed) or that does not parse.
+pub fn read_resume_point(path: &Path) -> Option<ResumePoint> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut f = File::open(path).ok()?;
+    let mut len = [0u8; 8];
+    f.read_exact(&mut len).ok()?;
+    let len = u64::from_le_bytes(len);
+    if len > 100 << 20 {
+        return None;
+    }
+    let mut header = vec![0u8; usize::try_from(len).ok()?];
+    f.read_exact(&mut header).ok()?;
+    let header: serde_json::Value = serde_json::from_slice(&header).ok()?;
+    let offsets = header.get(RESUME_RECORD)?.get("data_offsets")?;
+    let (start, end) = (offsets.get(0)?.as_u64()?, offsets.get(1)?.as_u64()?);
+    if end < start || end - start > 4096 {
+        return None;
+    }
+    f.seek(SeekFrom::Start(8 + len + start)).ok()?;
+    let mut bytes = vec![0u8; usize::try_from(end - start).ok()?];
+    f.read_exact(&mut bytes).ok()?;
+    serde_json::from_slice(&bytes).ok()
 }
 
 /// Resumes a training kind from the state at `path`, if there is one: `load` reads it into
@@ -320,19 +367,7 @@ pub fn resume<E: std::fmt::Display>(
         return None;
     }
     Some(match load(path) {
-        Ok(r) if r.batches_done > 0 => format!(
-            "resumed from {} in epoch {} of {} after batch {}",
-            path.display(),
-            r.epochs_done + 1,
-            r.epochs,
-            r.batches_done
-        ),
-        Ok(r) => format!(
-            "resumed from {} after epoch {} of {}",
-            path.display(),
-            r.epochs_done,
-            r.epochs
-        ),
+        Ok(r) => format!("resumed from {} {r}", path.display()),
         Err(e) => format!("ignoring the saved state, starting over: {e}"),
     })
 }
@@ -348,7 +383,8 @@ pub struct TrainState {
 }
 
 impl TrainState {
-    /// Writes `vars` (under `model/`), `optim` (under `optim/`) and `extra` to `path`.
+    /// Writes `vars` (under `model/`), `optim` (under `optim/`), `extra`, and where the run
+    /// stands (`at`, for `pipe plan`) to `path`.
     ///
     /// # Errors
     /// I/O errors, naming the path.
@@ -357,8 +393,10 @@ impl TrainState {
         vars: &[(String, candle::Var)],
         optim: Vec<(String, Tensor)>,
         extra: Vec<(String, Tensor)>,
+        at: ResumePoint,
     ) -> Result<()> {
         let mut t: HashMap<String, Tensor> = HashMap::new();
+        t.insert(RESUME_RECORD.into(), json_tensor(&at)?);
         for (name, v) in vars {
             t.insert(format!("model/{name}"), v.as_detached_tensor());
         }
@@ -1060,6 +1098,46 @@ mod tests {
         }
         let nbt = vars["encoder.layer2.0.downsample.1.num_batches_tracked"].as_tensor();
         assert_eq!(nbt.to_scalar::<i64>()?, 1);
+        Ok(())
+    }
+
+    #[test]
+    fn a_state_says_where_its_run_stands_without_being_loaded() -> Result<()> {
+        let dir = test_dir("resume-point")?;
+        let path = dir.join("state.safetensors");
+        let big = Tensor::zeros((256, 1024), DType::F32, &candle::Device::Cpu)?;
+        let at = ResumePoint {
+            epochs_done: 3,
+            epochs: 10,
+            batches_done: 120,
+        };
+        TrainState::save(
+            &path,
+            &[],
+            vec![("m".into(), big.clone())],
+            vec![("meta/curve_json".into(), json_tensor(&vec![1.5f64; 3])?)],
+            at,
+        )?;
+        assert_eq!(read_resume_point(&path), Some(at));
+        assert_eq!(at.to_string(), "in epoch 4 of 10 after batch 120");
+        let end = ResumePoint {
+            batches_done: 0,
+            ..at
+        };
+        assert_eq!(end.to_string(), "after epoch 3 of 10");
+        // the loaders see it as one more record
+        let s = TrainState::load(&path, &candle::Device::Cpu)?;
+        assert_eq!(s.json::<ResumePoint>(RESUME_RECORD)?, at);
+        // a state without the record (an older pipe), and files that are not states
+        let mut t = HashMap::new();
+        t.insert("optim/m".to_string(), big);
+        save_tensors(&t, &path)?;
+        assert_eq!(read_resume_point(&path), None);
+        std::fs::write(&path, b"x")?;
+        assert_eq!(read_resume_point(&path), None);
+        std::fs::write(&path, u64::MAX.to_le_bytes())?;
+        assert_eq!(read_resume_point(&path), None);
+        assert_eq!(read_resume_point(&dir.join("absent")), None);
         Ok(())
     }
 }

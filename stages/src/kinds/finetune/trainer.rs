@@ -1359,6 +1359,10 @@ impl<'d> Finetuner<'d> {
             &self.state_vars(),
             self.opt.state(),
             vec![("meta/json".into(), checkpoint::json_tensor(&meta)?)],
+            checkpoint::ResumePoint {
+                batches_done: partial.map_or(0, |p| p.batches),
+                ..self.resume_point()
+            },
         )?;
         Ok(())
     }

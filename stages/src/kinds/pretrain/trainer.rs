@@ -1730,7 +1730,11 @@ impl<'d> Pretrainer<'d> {
             "meta/curve_json".into(),
             checkpoint::json_tensor(&self.curve)?,
         ));
-        TrainState::save(path, &named_vars(&self.varmap), self.opt.state(), extra)?;
+        let at = checkpoint::ResumePoint {
+            batches_done: partial.map_or(0, |p| p.batches),
+            ..self.resume_point()
+        };
+        TrainState::save(path, &named_vars(&self.varmap), self.opt.state(), extra, at)?;
         Ok(())
     }
 
