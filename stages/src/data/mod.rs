@@ -530,6 +530,25 @@ pub(crate) mod testutil {
         }
     }
 
+    /// A training loop's cancellation hook (polled before every batch) that never cancels
+    /// and copies `from` to `to` when polled the `n`-th time (0-based): with a state written
+    /// after every batch, the copy is the state after the batches before that poll.
+    pub(crate) fn copy_at_poll(n: usize, from: PathBuf, to: PathBuf) -> impl Fn() -> bool + Sync {
+        let polls = AtomicUsize::new(0);
+        move || {
+            if polls.fetch_add(1, Ordering::SeqCst) == n {
+                std::fs::copy(&from, &to).expect("copy the state");
+            }
+            false
+        }
+    }
+
+    /// A cancellation hook that cancels from its `n`-th poll (0-based) on.
+    pub(crate) fn cancel_at_poll(n: usize) -> impl Fn() -> bool + Sync {
+        let polls = AtomicUsize::new(0);
+        move || polls.fetch_add(1, Ordering::SeqCst) >= n
+    }
+
     /// The real CIFAR-10 JPEG archive shared with the project (CI has it).
     pub(crate) fn cifar10_jpeg() -> PathBuf {
         let p = PathBuf::from(concat!(

@@ -1506,9 +1506,9 @@ fn finetune_mid_epoch(
     snap: usize,
     dir: &Path,
 ) -> std::result::Result<(crate::nn::checkpoint::ResumePoint, Vec<String>), trainer::Error> {
+    use crate::data::testutil::{cancel_at_poll, copy_at_poll};
     use crate::journal::Journal;
     use std::sync::Mutex;
-    use std::sync::atomic::{AtomicUsize, Ordering};
     let _ = std::fs::remove_dir_all(dir);
     std::fs::create_dir_all(dir)?;
     let make = || Finetuner::new(c.clone(), enc, &d.train, 4, &Device::Cpu);
@@ -1517,13 +1517,7 @@ fn finetune_mid_epoch(
     let mut full = make()?;
     full.checkpoint_to(every_batch.clone(), std::time::Duration::ZERO);
     full.journal_features(Journal::at(dir));
-    let polls = AtomicUsize::new(0);
-    let copy_at_snap = || {
-        if polls.fetch_add(1, Ordering::SeqCst) == snap {
-            std::fs::copy(&every_batch, &copy).expect("copy the state");
-        }
-        false
-    };
+    let copy_at_snap = copy_at_poll(snap, every_batch.clone(), copy.clone());
     let hooks = TrainHooks {
         cancelled: &copy_at_snap,
         ..TrainHooks::default()
@@ -1567,8 +1561,7 @@ fn finetune_mid_epoch(
     let on_cancel = dir.join("on-cancel.state");
     let mut k = make()?;
     k.checkpoint_to(on_cancel.clone(), std::time::Duration::from_secs(3600));
-    let polls = AtomicUsize::new(0);
-    let cancel_at_snap = || polls.fetch_add(1, Ordering::SeqCst) >= snap;
+    let cancel_at_snap = cancel_at_poll(snap);
     let hooks = TrainHooks {
         cancelled: &cancel_at_snap,
         ..TrainHooks::default()

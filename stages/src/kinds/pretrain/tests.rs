@@ -1233,20 +1233,13 @@ fn mid_epoch_resume<'d>(
     snap: usize,
     dir: &std::path::Path,
 ) -> std::result::Result<(usize, usize), trainer::Error> {
-    use std::sync::atomic::{AtomicUsize, Ordering};
+    use crate::data::testutil::{cancel_at_poll, copy_at_poll};
     let every_batch = dir.join("every-batch.state");
     let copy = dir.join("copy.state");
     let _ = std::fs::remove_file(&every_batch);
     let mut full = make()?;
     full.checkpoint_to(every_batch.clone(), std::time::Duration::ZERO);
-    let polls = AtomicUsize::new(0);
-    // polled before every batch: at poll `snap` the file holds the state after `snap` batches
-    let copy_at_snap = || {
-        if polls.fetch_add(1, Ordering::SeqCst) == snap {
-            std::fs::copy(&every_batch, &copy).expect("copy the state");
-        }
-        false
-    };
+    let copy_at_snap = copy_at_poll(snap, every_batch.clone(), copy.clone());
     let hooks = TrainHooks {
         cancelled: &copy_at_snap,
         ..TrainHooks::default()
@@ -1282,8 +1275,7 @@ fn mid_epoch_resume<'d>(
     let _ = std::fs::remove_file(&on_cancel);
     let mut c = make()?;
     c.checkpoint_to(on_cancel.clone(), std::time::Duration::from_secs(3600));
-    let polls = AtomicUsize::new(0);
-    let cancel_at_snap = || polls.fetch_add(1, Ordering::SeqCst) >= snap;
+    let cancel_at_snap = cancel_at_poll(snap);
     let hooks = TrainHooks {
         cancelled: &cancel_at_snap,
         ..TrainHooks::default()
@@ -1354,8 +1346,7 @@ fn a_mid_epoch_state_that_does_not_fit_is_refused_whole() -> TestResult {
     let path = tmp.path().join("state");
     let mut t = Pretrainer::new(cfg.clone(), &d.train, &Device::Cpu)?;
     t.checkpoint_to(path.clone(), std::time::Duration::ZERO);
-    let polls = std::sync::atomic::AtomicUsize::new(0);
-    let cancel = || polls.fetch_add(1, std::sync::atomic::Ordering::SeqCst) >= 2;
+    let cancel = crate::data::testutil::cancel_at_poll(2);
     let hooks = TrainHooks {
         cancelled: &cancel,
         ..TrainHooks::default()
