@@ -741,14 +741,21 @@ fn rcs_defaults_split_schedule_and_keys() -> TestResult {
     Ok(())
 }
 
+/// RCS on 200 images (198 + 2 validation): the whole set for epoch 1, then a fresh
+/// selection of a quarter of the pool (49 images, 3 batches of 16) every epoch.
+fn small_rcs(epochs: usize) -> PretrainConfig {
+    small_acl(
+        "rcs",
+        json!({"epochs": epochs, "rcs_warmup": 2, "rcs_every": 1, "rcs_fraction": 0.25,
+               "pgd_steps": 1, "rcs_pgd_steps": 1}),
+    )
+}
+
 #[test]
 fn rcs_trains_on_the_selected_coreset_and_resumes_bit_identically() -> TestResult {
     // 200 images: 198 + 2 validation; fraction 0.25 of 198 = 49 images = 3 batches of 16
     let d = data(200);
-    let cfg = small_acl(
-        "rcs",
-        json!({"epochs": 3, "rcs_warmup": 2, "rcs_every": 1, "rcs_fraction": 0.25, "pgd_steps": 1, "rcs_pgd_steps": 1}),
-    );
+    let cfg = small_rcs(3);
     let tmp = crate::data::testutil::TempDir::new("pretrain-rcs");
     let mut t = Pretrainer::new(cfg.clone(), &d.train, &Device::Cpu)?;
     let head_before = |t: &Pretrainer<'_>| -> Vec<(String, Vec<u8>)> {
@@ -1328,10 +1335,7 @@ fn an_rcs_epoch_resumed_mid_way_keeps_its_coreset() -> TestResult {
     // selection's 13 candidate chunks of the 198-image pool, then before each batch of epoch
     // 2: poll 27 comes after its first batch.
     let d = data(200);
-    let cfg = small_acl(
-        "rcs",
-        json!({"epochs": 2, "rcs_warmup": 2, "rcs_every": 1, "rcs_fraction": 0.25, "pgd_steps": 1, "rcs_pgd_steps": 1}),
-    );
+    let cfg = small_rcs(2);
     let tmp = crate::data::testutil::TempDir::new("pretrain-rcs-mid-epoch");
     let make = || Pretrainer::new(cfg.clone(), &d.train, &Device::Cpu);
     assert_eq!(mid_epoch_resume(&make, 27, tmp.path())?, (1, 1));
