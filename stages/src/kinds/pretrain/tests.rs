@@ -400,6 +400,13 @@ fn same_seed_same_bits_and_resume_is_bit_identical() -> TestResult {
                 crate::nn::checkpoint::json_tensor(&vec![0u8; 3])?,
             ),
             ("meta/counters", Tensor::new(&[9i64, 999], &Device::Cpu)?),
+            // a mid-epoch state past the epoch's 4 batches
+            (
+                "meta/epoch_progress_json",
+                crate::nn::checkpoint::json_tensor(&json!({
+                    "batches": 4, "loss_sum": 0.0, "terms": {}, "images": 64, "seconds": 1.0
+                }))?,
+            ),
             (
                 "optim/nonsense",
                 Tensor::zeros(3, candle::DType::F32, &Device::Cpu)?,
@@ -1343,9 +1350,9 @@ fn an_rcs_epoch_resumed_mid_way_keeps_its_coreset() -> TestResult {
 }
 
 #[test]
-fn a_mid_epoch_state_that_does_not_fit_is_refused_whole() -> TestResult {
+fn a_cancelled_epoch_writes_its_progress() -> TestResult {
     let d = data(64);
-    let tmp = crate::data::testutil::TempDir::new("pretrain-mid-epoch-bad");
+    let tmp = crate::data::testutil::TempDir::new("pretrain-cancelled-epoch");
     let cfg = small("emp_ssl", "free");
     let path = tmp.path().join("state");
     let mut t = Pretrainer::new(cfg.clone(), &d.train, &Device::Cpu)?;
@@ -1365,24 +1372,9 @@ fn a_mid_epoch_state_that_does_not_fit_is_refused_whole() -> TestResult {
         (progress["batches"].clone(), progress["images"].clone()),
         (json!(2), json!(32))
     );
-    let mut past = progress.clone();
-    past["batches"] = json!(4);
-    let broken = tmp.path().join("broken.state");
-    let mut s = saved.clone();
-    s.insert(
-        "meta/epoch_progress_json".into(),
-        crate::nn::checkpoint::json_tensor(&past)?,
-    );
-    crate::nn::checkpoint::save_tensors(&s, &broken)?;
-    let mut f = Pretrainer::new(cfg, &d.train, &Device::Cpu)?;
-    let fresh = values(f.varmap());
-    let e = f
-        .load_state(&broken)
-        .err()
-        .map(|e| e.to_string())
-        .unwrap_or_default();
-    assert!(e.contains("broken.state") && e.contains("batch 4"), "{e}");
-    assert_eq!(values(f.varmap()), fresh);
-    assert_eq!((f.epochs_done(), f.batches_done(), f.steps()), (0, 0, 0));
+    // and a trainer resumes from it (states past their epoch: the bad-state list above)
+    let mut r = Pretrainer::new(cfg, &d.train, &Device::Cpu)?;
+    r.load_state(&path)?;
+    assert_eq!((r.epochs_done(), r.batches_done(), r.steps()), (0, 2, 4));
     Ok(())
 }
