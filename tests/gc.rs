@@ -128,3 +128,51 @@ fn gc_keeps_referenced_entries_and_removes_the_rest() {
     assert_eq!(problems[0]["key"], key.as_str());
     assert_eq!(problems[0]["file"], "out.txt");
 }
+
+#[test]
+fn gc_reports_the_unfinished_work_of_unkept_nodes_and_removes_it_on_request() {
+    let dir = Dir::new("gc-unfinished");
+    let a = dir.pipeline("a.yaml", &pipeline("a", 3));
+    let c = dir.pipeline("c.yaml", &pipeline("c", 5));
+    dir.json(&["run", &a], 0);
+    // what an interrupted `c_src` leaves: a training state in its scratch folder
+    let plan = dir.json(&["plan", &c], 0);
+    let scratch = dir.store.join("scratch").join(key_of(&plan, "c_src"));
+    std::fs::create_dir_all(&scratch).expect("mkdir");
+    std::fs::write(scratch.join("state.safetensors"), vec![0u8; 2_000_000]).expect("state");
+    // a pipeline that has the node keeps it without a word
+    let out = dir.pipe(&["gc", &a, &c]).code(0).stdout;
+    assert!(!out.contains("unfinished"), "{out}");
+    assert!(scratch.join("state.safetensors").is_file());
+    // one that does not: kept, and said
+    let out = dir.pipe(&["gc", &a]).code(0).stdout;
+    assert!(
+        out.contains("kept the resumable work of 1 unfinished nodes none of these pipelines has (2.0 MB); `--unfinished` removes it"),
+        "{out}"
+    );
+    assert!(scratch.join("state.safetensors").is_file());
+    let out = dir
+        .pipe(&["gc", &a, "--unfinished", "--dry-run"])
+        .code(0)
+        .stdout;
+    assert!(
+        out.contains("would remove the resumable work of 1 unfinished nodes"),
+        "{out}"
+    );
+    assert!(
+        scratch.join("state.safetensors").is_file(),
+        "a dry run removed it"
+    );
+    let out = dir.pipe(&["gc", &a, "--unfinished"]).code(0).stdout;
+    assert!(
+        out.contains("removed the resumable work of 1 unfinished nodes"),
+        "{out}"
+    );
+    assert!(!scratch.exists());
+    // the kept pipeline's entries are all still there
+    let again = dir.json(&["run", &a], 0);
+    assert!(
+        statuses(&again).values().all(|s| s == "cached"),
+        "{again:#}"
+    );
+}

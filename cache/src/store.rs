@@ -1440,7 +1440,7 @@ mod tests {
     }
 
     #[test]
-    fn gc_removes_scratch_of_committed_keys_only() -> Result<()> {
+    fn gc_removes_scratch_of_committed_keys_and_unfinished_work_on_request() -> Result<()> {
         let t = TestDir::new("gc-scratch");
         let store = Store::open(t.path())?;
         let (done, open) = (key("done"), key("open"));
@@ -1457,6 +1457,31 @@ mod tests {
             live.join("ckpt").is_file(),
             "a resume checkpoint was removed"
         );
+        // the unfinished work of a key no pipeline keeps is reported, and removed on request
+        assert_eq!(
+            (report.unfinished_scratch, report.unfinished_scratch_bytes),
+            (1, 9)
+        );
+        let kept_open = store.gc(&[done, open].into_iter().collect(), false)?;
+        assert_eq!(
+            kept_open.unfinished_scratch, 0,
+            "a kept key's state is not unfinished work"
+        );
+        let dry = store.gc_unfinished(&[done].into_iter().collect(), true, true)?;
+        assert_eq!((dry.unfinished_scratch, dry.freed_bytes), (1, 9));
+        assert!(live.join("ckpt").is_file(), "a dry run removed it");
+        // not while a run holds the key
+        let held = pending(&store, &open);
+        let busy = store.gc_unfinished(&[done].into_iter().collect(), false, true)?;
+        assert_eq!(busy.unfinished_scratch, 0);
+        assert!(
+            live.join("ckpt").is_file(),
+            "the state of a running node was removed"
+        );
+        drop(held);
+        let gone = store.gc_unfinished(&[done].into_iter().collect(), false, true)?;
+        assert_eq!((gone.unfinished_scratch, gone.freed_bytes), (1, 9));
+        assert!(!live.exists());
         Ok(())
     }
 

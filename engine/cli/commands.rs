@@ -372,7 +372,11 @@ pub fn dispatch(cli: Cli) -> Result<u8> {
             }
             Ok(0)
         }
-        Command::Gc { files, dry_run } => {
+        Command::Gc {
+            files,
+            dry_run,
+            unfinished,
+        } => {
             let store = open_store(&store_path)?;
             let reg = registry();
             let mut keep = BTreeSet::new();
@@ -393,7 +397,7 @@ pub fn dispatch(cli: Cli) -> Result<u8> {
                 let g = pipe_engine::graph::build(p, &reg);
                 keep.extend(g.nodes.iter().map(|n| *n.key.key()));
             }
-            let report = store.gc(&keep, dry_run)?;
+            let report = store.gc_unfinished(&keep, dry_run, unfinished)?;
             let mb = report.freed_bytes as f64 / 1e6;
             if dry_run {
                 for k in &report.removed {
@@ -418,6 +422,20 @@ pub fn dispatch(cli: Cli) -> Result<u8> {
                     "{verb} {} Slurm job files of nodes that are done or no longer wanted",
                     report.jobs_removed
                 );
+            }
+            if report.unfinished_scratch > 0 {
+                let mb = report.unfinished_scratch_bytes as f64 / 1e6;
+                let n = report.unfinished_scratch;
+                if unfinished {
+                    let verb = if dry_run { "would remove" } else { "removed" };
+                    println!(
+                        "{verb} the resumable work of {n} unfinished nodes none of these pipelines has ({mb:.1} MB)"
+                    );
+                } else {
+                    println!(
+                        "kept the resumable work of {n} unfinished nodes none of these pipelines has ({mb:.1} MB); `--unfinished` removes it"
+                    );
+                }
             }
             if report.corrupt_removed > 0 {
                 let verb = if dry_run { "would remove" } else { "removed" };

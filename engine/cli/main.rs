@@ -135,6 +135,10 @@ pub enum Command {
         /// Say what would be removed, remove nothing.
         #[arg(long)]
         dry_run: bool,
+        /// Also remove the resumable work (training states, batch journals) of unfinished
+        /// nodes that none of the pipelines has (without it, gc only reports their size).
+        #[arg(long)]
+        unfinished: bool,
     },
     /// Re-hash every entry in the store against its manifest.
     Verify {

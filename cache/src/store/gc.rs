@@ -30,6 +30,12 @@ pub struct GcReport {
     /// Files of `jobs/` (`<hex>.json`, `<hex>.out`: what the Slurm executor wrote for a
     /// key) removed because their key is not kept or is committed.
     pub jobs_removed: usize,
+    /// `scratch/<hex>` dirs of unfinished keys outside the keep-set (the training states and
+    /// batch journals of interrupted nodes no kept pipeline has), with their bytes: removed
+    /// only when [`Store::gc_unfinished`] is asked to, else reported.
+    pub unfinished_scratch: usize,
+    /// Their size in bytes (counted in `freed_bytes` only when they are removed).
+    pub unfinished_scratch_bytes: u64,
 }
 
 impl Store {
@@ -50,6 +56,23 @@ impl Store {
     ///
     /// [`StoreError::Io`](crate::StoreError::Io) naming the path that could not be removed.
     pub fn gc(&self, keep: &BTreeSet<Key>, dry_run: bool) -> Result<GcReport> {
+        self.gc_unfinished(keep, dry_run, false)
+    }
+
+    /// [`Store::gc`], and with `unfinished` also the scratch dirs (resumable training states,
+    /// batch journals) of keys outside `keep` that are not committed and whose key lock is
+    /// free: the work of interrupted nodes that no kept pipeline has any more. Without
+    /// `unfinished` they are counted in the report and left alone.
+    ///
+    /// # Errors
+    ///
+    /// As [`Store::gc`].
+    pub fn gc_unfinished(
+        &self,
+        keep: &BTreeSet<Key>,
+        dry_run: bool,
+        unfinished: bool,
+    ) -> Result<GcReport> {
         let _lock = if dry_run {
             self.lock_shared()?
         } else {
@@ -98,18 +121,30 @@ impl Store {
         let scratch = self.root.join("scratch");
         for item in fs::read_dir(&scratch).at(&scratch)? {
             let path = item.at(&scratch)?.path();
-            let committed = path
+            let Some(key) = path
                 .file_name()
                 .and_then(|n| n.to_str())
                 .and_then(|n| n.parse::<Key>().ok())
-                .is_some_and(|key| keep.contains(&key) && self.contains(&key));
-            if !committed {
+            else {
                 continue;
-            }
-            report.freed_bytes += tree_size(&path);
-            report.stale_scratch_removed += 1;
-            if !dry_run {
-                remove_tree_or_file(&path)?;
+            };
+            let kept = keep.contains(&key);
+            if kept && self.contains(&key) {
+                report.freed_bytes += tree_size(&path);
+                report.stale_scratch_removed += 1;
+                if !dry_run {
+                    remove_tree_or_file(&path)?;
+                }
+            } else if !kept && !self.key_lock_held(&key) {
+                let bytes = tree_size(&path);
+                report.unfinished_scratch += 1;
+                report.unfinished_scratch_bytes += bytes;
+                if unfinished {
+                    report.freed_bytes += bytes;
+                    if !dry_run {
+                        remove_tree_or_file(&path)?;
+                    }
+                }
             }
         }
 
