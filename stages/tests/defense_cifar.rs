@@ -113,6 +113,7 @@ fn the_ssl_head_learns_and_the_reversal_lowers_the_ssl_loss() -> Result<()> {
         seed: 0,
         device: Default::default(),
         augment: Default::default(),
+        checkpoint_minutes: None,
     };
     let mut t = HeadTrainer::new(&p, &clf, &data.train, &dev)?;
     let aug = SyncAugment::r_mao();

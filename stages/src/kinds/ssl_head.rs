@@ -20,6 +20,7 @@
 //! | `augment` | `batch` | one augmentation draw per batch (R-MAO's batch-synchronous transforms, \[Q55\]) or `per_image` |
 //! | `seed` | 0 | head init, shuffling, input crops and the SSL draws |
 //! | `device` | `auto` | `auto`, `cpu` or `cuda:N` (the backend is keyed, the ordinal is not) |
+//! | `checkpoint_minutes` | 10 | minutes between training-state writes within an epoch (0: every batch; not keyed) |
 //!
 //! # Training (R-MAO)
 //!
@@ -33,9 +34,10 @@
 //! 4 views, zero-padding to 40×40 and the classifier in train mode, \[Q60\]) but its results
 //! use R-MAO's head (\[Q58\]), so that recipe is not offered.
 //!
-//! After every epoch the head, Adam's moments and the curve are written to
-//! [`STATE_FILE`] in the node's scratch folder; a run of the same key resumes from the last
-//! finished epoch and ends bit-identical to an uninterrupted one.
+//! After every epoch, every `checkpoint_minutes` within an epoch and on Ctrl-C, the head,
+//! Adam's moments, the curve and the unfinished epoch's progress are written to
+//! [`STATE_FILE`] in the node's scratch folder; a run of the same key resumes from the batch
+//! after the last write and ends bit-identical to an uninterrupted one.
 //!
 //! # Outputs
 //!
@@ -47,8 +49,8 @@
 //!   other row, R-MAO's "correct", on the test split with the head in eval mode, batches of
 //!   `batch_size`, seeded draws), `chance_ssl_acc`, `epochs`, `seconds`, `device`.
 
-use std::path::Path;
-use std::time::Instant;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 use candle::{DType, Device, Tensor};
 use candle_nn::VarMap;
@@ -84,6 +86,8 @@ pub const EVAL_VIEWS: usize = 4;
 
 /// The state file's record of params and curve.
 const META: &str = "meta/json";
+/// The progress of an unfinished epoch in a mid-epoch state.
+const PROGRESS: &str = "meta/epoch_progress_json";
 const SHUFFLE_STREAM: u64 = 1;
 const CROP_STREAM: u64 = 2;
 const DRAW_STREAM: u64 = 3;
@@ -143,6 +147,14 @@ pub struct SslHeadParams {
     /// Device.
     #[serde(default)]
     pub device: DeviceSpec,
+    /// Minutes between training-state writes within an epoch (default 10; 0: after every
+    /// batch). Not keyed: it changes no result.
+    #[serde(
+        default,
+        deserialize_with = "crate::params::de_real_opt",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub checkpoint_minutes: Option<f64>,
 }
 
 impl SslHeadParams {
@@ -156,6 +168,7 @@ impl SslHeadParams {
         e.positive_real("lr", self.lr);
         e.positive("hidden_dim", self.hidden_dim);
         e.positive("out_dim", self.out_dim);
+        e.checkpoint_minutes(self.checkpoint_minutes);
         e.device(self.device);
         e.into_errors()
     }
@@ -192,6 +205,19 @@ pub struct CurvePoint {
     pub seconds: f64,
 }
 
+/// How far an unfinished epoch got (a mid-epoch state).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+struct EpochProgress {
+    /// Batches finished.
+    batches: usize,
+    /// Sum of their losses times their sizes.
+    sum: f64,
+    /// Images trained on.
+    seen: usize,
+    /// Wall seconds spent on the epoch up to the state.
+    seconds: f64,
+}
+
 /// Trains an [`SslHead`] on a frozen classifier, epoch by epoch, resumable.
 pub struct HeadTrainer<'a> {
     p: SslHeadParams,
@@ -205,6 +231,10 @@ pub struct HeadTrainer<'a> {
     crops: MultiView,
     device: Device,
     curve: Vec<CurvePoint>,
+    /// The unfinished epoch a mid-epoch state was loaded from (taken by the next epoch).
+    partial: Option<EpochProgress>,
+    /// Where and how often [`HeadTrainer::train_epoch`] writes the state.
+    checkpoint: Option<(PathBuf, Duration)>,
 }
 
 impl<'a> HeadTrainer<'a> {
@@ -255,7 +285,25 @@ impl<'a> HeadTrainer<'a> {
             crops,
             device: device.clone(),
             curve: Vec::new(),
+            partial: None,
+            checkpoint: None,
         })
+    }
+
+    /// Makes [`HeadTrainer::train_epoch`] write the training state to `path` at the end of
+    /// every epoch, within an epoch once `every` has passed since the last write, and when
+    /// cancelled between batches.
+    pub fn checkpoint_to(&mut self, path: PathBuf, every: Duration) {
+        self.checkpoint = Some((path, every));
+    }
+
+    /// Where this run stands (after [`HeadTrainer::load_state`]: where it resumes).
+    pub fn resume_point(&self) -> checkpoint::ResumePoint {
+        checkpoint::ResumePoint {
+            epochs_done: self.curve.len(),
+            epochs: self.p.epochs,
+            batches_done: self.partial.as_ref().map_or(0, |p| p.batches),
+        }
     }
 
     /// Finished epochs.
@@ -288,10 +336,11 @@ impl<'a> HeadTrainer<'a> {
         self.cfg
     }
 
-    /// Runs the next epoch.
+    /// Runs the next epoch (or the rest of the one a mid-epoch state stopped in); with
+    /// [`HeadTrainer::checkpoint_to`], writes the state during and after it.
     ///
     /// # Errors
-    /// Tensor errors, a non-finite loss, cancellation.
+    /// Tensor errors, a non-finite loss, cancellation, a state that cannot be written.
     pub fn train_epoch(
         &mut self,
         progress: &dyn Fn(u64, u64, &str),
@@ -305,9 +354,23 @@ impl<'a> HeadTrainer<'a> {
         }
         let order = Rng::derive(self.p.seed, &[SHUFFLE_STREAM, epoch]).permutation(n);
         let crop_seed = Rng::derive(self.p.seed, &[CROP_STREAM, epoch]).next_u64();
-        let (mut sum, mut seen) = (0.0f64, 0usize);
-        for (k, idx) in order.chunks(self.p.batch_size).enumerate() {
+        let mut done = self.partial.take().unwrap_or_default();
+        let batches = n.div_ceil(self.p.batch_size);
+        if done.batches >= batches {
+            return Err(format!(
+                "the saved state stopped after batch {} of epoch {}, which has {batches} batches",
+                done.batches,
+                epoch + 1
+            )
+            .into());
+        }
+        let first = done.batches;
+        let mut saved_at = Instant::now();
+        for (k, idx) in order.chunks(self.p.batch_size).enumerate().skip(first) {
             if cancelled() {
+                if k > first {
+                    self.save_mid_epoch(&done, start)?;
+                }
                 return Err("cancelled".into());
             }
             let part = self.train.select(idx);
@@ -332,25 +395,49 @@ impl<'a> HeadTrainer<'a> {
             }
             let grads = loss.backward()?;
             self.opt.step(&grads)?;
-            sum += value * part.n as f64;
-            seen += part.n;
+            done.batches += 1;
+            done.sum += value * part.n as f64;
+            done.seen += part.n;
             progress(
-                seen as u64,
+                done.seen as u64,
                 n as u64,
                 &format!(
                     "epoch {}/{}: loss {:.4}",
                     epoch + 1,
                     self.p.epochs,
-                    sum / seen as f64
+                    done.sum / done.seen as f64
                 ),
             );
+            let due = self
+                .checkpoint
+                .as_ref()
+                .is_some_and(|(_, every)| saved_at.elapsed() >= *every);
+            if due && k + 1 < batches {
+                self.save_mid_epoch(&done, start)?;
+                saved_at = Instant::now();
+            }
         }
         self.curve.push(CurvePoint {
             epoch: epoch as usize + 1,
-            loss: sum / seen as f64,
-            seconds: start.elapsed().as_secs_f64(),
+            loss: done.sum / done.seen as f64,
+            seconds: done.seconds + start.elapsed().as_secs_f64(),
         });
+        if let Some((path, _)) = &self.checkpoint {
+            self.write_state(path, None)?;
+        }
         Ok(())
+    }
+
+    /// Writes the state of an unfinished epoch (`done` so far, `start` of this call).
+    fn save_mid_epoch(&self, done: &EpochProgress, start: Instant) -> Result<()> {
+        let Some((path, _)) = &self.checkpoint else {
+            return Ok(());
+        };
+        let progress = EpochProgress {
+            seconds: done.seconds + start.elapsed().as_secs_f64(),
+            ..done.clone()
+        };
+        self.write_state(path, Some(&progress))
     }
 
     /// Writes the head, Adam's state and the curve (atomically).
@@ -358,19 +445,35 @@ impl<'a> HeadTrainer<'a> {
     /// # Errors
     /// I/O or tensor errors.
     pub fn save_state(&self, path: &Path) -> Result<()> {
-        let meta = checkpoint::json_tensor(&(&self.p, &self.curve))?;
+        self.write_state(path, self.partial.as_ref())
+    }
+
+    fn write_state(&self, path: &Path, partial: Option<&EpochProgress>) -> Result<()> {
+        let meta = checkpoint::json_tensor(&(&self.state_params(), &self.curve))?;
+        let mut extra = vec![(META.into(), meta)];
+        if let Some(p) = partial {
+            extra.push((PROGRESS.into(), checkpoint::json_tensor(p)?));
+        }
         TrainState::save(
             path,
             &named_vars(&self.varmap),
             self.opt.state(),
-            vec![(META.into(), meta)],
+            extra,
             checkpoint::ResumePoint {
-                epochs_done: self.curve.len(),
-                epochs: self.p.epochs,
-                batches_done: 0,
+                batches_done: partial.map_or(0, |p| p.batches),
+                ..self.resume_point()
             },
         )?;
         Ok(())
+    }
+
+    /// The params a state must have been written for (`checkpoint_minutes` aside: it
+    /// changes no result).
+    fn state_params(&self) -> SslHeadParams {
+        SslHeadParams {
+            checkpoint_minutes: None,
+            ..self.p.clone()
+        }
     }
 
     /// Restores a [`HeadTrainer::save_state`] file into this fresh trainer, all or nothing.
@@ -380,13 +483,30 @@ impl<'a> HeadTrainer<'a> {
     pub fn load_state(&mut self, path: &Path) -> Result<()> {
         let s = TrainState::load(path, &self.device)?;
         let (p, curve): (SslHeadParams, Vec<CurvePoint>) = s.json(META)?;
-        if p != self.p || curve.len() > self.p.epochs {
+        if p != self.state_params() || curve.len() > self.p.epochs {
             return Err(s.error("was written for other params").into());
+        }
+        let partial: Option<EpochProgress> = match s.get(PROGRESS) {
+            Some(_) => Some(s.json(PROGRESS)?),
+            None => None,
+        };
+        if let Some(b) = partial.as_ref().map(|p| p.batches) {
+            let batches = self.train.n.div_ceil(self.p.batch_size);
+            if curve.len() >= self.p.epochs || b >= batches {
+                return Err(s
+                    .error(format!(
+                        "batch {b} of epoch {} does not fit a run of {} epochs of {batches} batches",
+                        curve.len() + 1,
+                        self.p.epochs
+                    ))
+                    .into());
+            }
         }
         let plan = s.vars(&named_vars(&self.varmap))?;
         self.opt.load_state(&s.optim()).map_err(|e| s.error(e))?;
         checkpoint::set_vars(plan)?;
         self.curve = curve;
+        self.partial = partial;
         Ok(())
     }
 }
@@ -462,20 +582,19 @@ impl TypedStage for SslHeadKind {
         let state_path = ctx.scratch_dir().join(STATE_FILE);
         let resumed = crate::nn::checkpoint::resume(&state_path, |path| {
             t.load_state(path)?;
-            Ok::<_, BoxError>(crate::nn::checkpoint::ResumePoint {
-                epochs_done: t.epochs_done(),
-                epochs: p.epochs,
-                batches_done: 0,
-            })
+            Ok::<_, BoxError>(t.resume_point())
         });
         if let Some(line) = resumed {
             ctx.log(line);
         }
+        t.checkpoint_to(
+            state_path,
+            crate::params::checkpoint_interval(p.checkpoint_minutes),
+        );
         let progress = |done: u64, total: u64, msg: &str| ctx.progress(done, total, msg);
         let cancelled = || ctx.is_cancelled();
         while !t.finished() {
             t.train_epoch(&progress, &cancelled)?;
-            t.save_state(&state_path)?;
             let last = t.curve().last().expect("an epoch ran");
             ctx.log(format!(
                 "epoch {}: loss {:.4} ({:.1} s)",
