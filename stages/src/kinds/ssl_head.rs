@@ -234,7 +234,7 @@ pub struct HeadTrainer<'a> {
     /// The unfinished epoch a mid-epoch state was loaded from (taken by the next epoch).
     partial: Option<EpochProgress>,
     /// Where and how often [`HeadTrainer::train_epoch`] writes the state.
-    checkpoint: Option<(PathBuf, Duration)>,
+    checkpoint: Option<checkpoint::Cadence>,
 }
 
 impl<'a> HeadTrainer<'a> {
@@ -290,13 +290,6 @@ impl<'a> HeadTrainer<'a> {
         })
     }
 
-    /// Makes [`HeadTrainer::train_epoch`] write the training state to `path` at the end of
-    /// every epoch, within an epoch once `every` has passed since the last write, and when
-    /// cancelled between batches.
-    pub fn checkpoint_to(&mut self, path: PathBuf, every: Duration) {
-        self.checkpoint = Some((path, every));
-    }
-
     /// Where this run stands (after [`HeadTrainer::load_state`]: where it resumes).
     pub fn resume_point(&self) -> checkpoint::ResumePoint {
         checkpoint::ResumePoint {
@@ -337,7 +330,7 @@ impl<'a> HeadTrainer<'a> {
     }
 
     /// Runs the next epoch (or the rest of the one a mid-epoch state stopped in); with
-    /// [`HeadTrainer::checkpoint_to`], writes the state during and after it.
+    /// [`checkpoint::Resumable::checkpoint_to`], writes the state during and after it.
     ///
     /// # Errors
     /// Tensor errors, a non-finite loss, cancellation, a state that cannot be written.
@@ -365,7 +358,6 @@ impl<'a> HeadTrainer<'a> {
             .into());
         }
         let first = done.batches;
-        let mut saved_at = Instant::now();
         for (k, idx) in order.chunks(self.p.batch_size).enumerate().skip(first) {
             if cancelled() {
                 if k > first {
@@ -408,13 +400,13 @@ impl<'a> HeadTrainer<'a> {
                     done.sum / done.seen as f64
                 ),
             );
-            let due = self
-                .checkpoint
-                .as_ref()
-                .is_some_and(|(_, every)| saved_at.elapsed() >= *every);
-            if due && k + 1 < batches {
+            if k + 1 < batches
+                && self
+                    .checkpoint
+                    .as_ref()
+                    .is_some_and(checkpoint::Cadence::due)
+            {
                 self.save_mid_epoch(&done, start)?;
-                saved_at = Instant::now();
             }
         }
         self.curve.push(CurvePoint {
@@ -422,22 +414,27 @@ impl<'a> HeadTrainer<'a> {
             loss: done.sum / done.seen as f64,
             seconds: done.seconds + start.elapsed().as_secs_f64(),
         });
-        if let Some((path, _)) = &self.checkpoint {
-            self.write_state(path, None)?;
-        }
-        Ok(())
+        self.checkpoint_now(None)
     }
 
     /// Writes the state of an unfinished epoch (`done` so far, `start` of this call).
-    fn save_mid_epoch(&self, done: &EpochProgress, start: Instant) -> Result<()> {
-        let Some((path, _)) = &self.checkpoint else {
-            return Ok(());
-        };
+    fn save_mid_epoch(&mut self, done: &EpochProgress, start: Instant) -> Result<()> {
         let progress = EpochProgress {
             seconds: done.seconds + start.elapsed().as_secs_f64(),
             ..done.clone()
         };
-        self.write_state(path, Some(&progress))
+        self.checkpoint_now(Some(&progress))
+    }
+
+    /// Writes the state where [`checkpoint::Resumable::checkpoint_to`] said, if it did.
+    fn checkpoint_now(&mut self, partial: Option<&EpochProgress>) -> Result<()> {
+        if let Some(c) = &self.checkpoint {
+            self.write_state(c.path(), partial)?;
+        }
+        if let Some(c) = &mut self.checkpoint {
+            c.wrote();
+        }
+        Ok(())
     }
 
     /// Writes the head, Adam's state and the curve (atomically).
@@ -511,6 +508,17 @@ impl<'a> HeadTrainer<'a> {
     }
 }
 
+impl checkpoint::Resumable for HeadTrainer<'_> {
+    fn resume_from(&mut self, path: &Path) -> Result<checkpoint::ResumePoint> {
+        self.load_state(path)?;
+        Ok(self.resume_point())
+    }
+
+    fn checkpoint_to(&mut self, path: PathBuf, every: Duration) {
+        self.checkpoint = Some(checkpoint::Cadence::new(path, every));
+    }
+}
+
 impl TypedStage for SslHeadKind {
     const KIND: &'static str = "ssl_head";
     const VERSION: u32 = 1;
@@ -579,18 +587,12 @@ impl TypedStage for SslHeadKind {
             clf.spec().width,
             dataset.train.n
         ));
-        let state_path = ctx.scratch_dir().join(STATE_FILE);
-        let resumed = crate::nn::checkpoint::resume(&state_path, |path| {
-            t.load_state(path)?;
-            Ok::<_, BoxError>(t.resume_point())
-        });
-        if let Some(line) = resumed {
+        // all or nothing: a state that does not load leaves the trainer fresh
+        if let Some(line) =
+            crate::nn::checkpoint::resume_in(&mut t, ctx.scratch_dir(), p.checkpoint_minutes)
+        {
             ctx.log(line);
         }
-        t.checkpoint_to(
-            state_path,
-            crate::params::checkpoint_interval(p.checkpoint_minutes),
-        );
         let progress = |done: u64, total: u64, msg: &str| ctx.progress(done, total, msg);
         let cancelled = || ctx.is_cancelled();
         while !t.finished() {

@@ -355,21 +355,77 @@ pub fn read_resume_point(path: &Path) -> Option<ResumePoint> {
     serde_json::from_slice(&bytes).ok()
 }
 
-/// Resumes a training kind from the state at `path`, if there is one: `load` reads it into
-/// the fresh trainer all or nothing and says where it got. Returns the node's log line
+/// When a trainer writes its state within an epoch: to `path`, once `every` has passed since
+/// its last write (`Duration::ZERO`: after every batch).
+#[derive(Debug)]
+pub struct Cadence {
+    path: PathBuf,
+    every: std::time::Duration,
+    last: std::time::Instant,
+}
+
+impl Cadence {
+    /// Writes to `path` every `every`, counted from now.
+    pub fn new(path: PathBuf, every: std::time::Duration) -> Self {
+        Self {
+            path,
+            every,
+            last: std::time::Instant::now(),
+        }
+    }
+
+    /// The state file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Whether a write is due.
+    pub fn due(&self) -> bool {
+        self.last.elapsed() >= self.every
+    }
+
+    /// Notes a write (the next is due `every` from now).
+    pub fn wrote(&mut self) {
+        self.last = std::time::Instant::now();
+    }
+}
+
+/// A trainer of a training kind (`pretrain`, `finetune`, `ssl_head`): it resumes from a
+/// [`TrainState`] file and writes one as it trains.
+pub trait Resumable {
+    /// Reads the state at `path` into this fresh trainer, all or nothing (on an error the
+    /// trainer is still the fresh one); where the run stands after it.
+    ///
+    /// # Errors
+    /// A state that does not fit this run, or one that cannot be read, naming the file.
+    fn resume_from(
+        &mut self,
+        path: &Path,
+    ) -> std::result::Result<ResumePoint, Box<dyn std::error::Error + Send + Sync>>;
+
+    /// Makes the trainer write its state to `path` at the end of every epoch, within an epoch
+    /// once `every` has passed since the last write (`Duration::ZERO`: after every batch), and
+    /// when cancelled between batches.
+    fn checkpoint_to(&mut self, path: PathBuf, every: std::time::Duration);
+}
+
+/// What every training kind does before its first epoch: resumes `trainer` from the state in
+/// the node's `scratch` folder if there is one, and makes it write its state there every
+/// `checkpoint_minutes` ([`crate::params::checkpoint_interval`]). Returns the node's log line
 /// (`resumed from … after epoch 3 of 10`, `… in epoch 4 of 10 after batch 120`, or `ignoring
 /// the saved state, starting over: <why>`), `None` without a state.
-pub fn resume<E: std::fmt::Display>(
-    path: &Path,
-    load: impl FnOnce(&Path) -> std::result::Result<ResumePoint, E>,
+pub fn resume_in(
+    trainer: &mut impl Resumable,
+    scratch: &Path,
+    checkpoint_minutes: Option<f64>,
 ) -> Option<String> {
-    if !path.is_file() {
-        return None;
-    }
-    Some(match load(path) {
+    let path = scratch.join(STATE_FILE);
+    let line = path.is_file().then(|| match trainer.resume_from(&path) {
         Ok(r) => format!("resumed from {} {r}", path.display()),
         Err(e) => format!("ignoring the saved state, starting over: {e}"),
-    })
+    });
+    trainer.checkpoint_to(path, crate::params::checkpoint_interval(checkpoint_minutes));
+    line
 }
 
 /// A trainer's resumable state, one safetensors file in the node's scratch folder: the

@@ -745,19 +745,12 @@ impl TypedStage for Finetune {
             cancelled: &cancelled,
         };
         let mut t = Finetuner::new(cfg, &enc, &dataset.train, dataset.classes.len(), &device)?;
-        let state_path = ctx.scratch_dir().join(STATE_FILE);
-        // all or nothing: on an error the trainer is still the fresh one
-        let resumed = crate::nn::checkpoint::resume(&state_path, |path| {
-            t.load_state(path)?;
-            Ok::<_, BoxError>(t.resume_point())
-        });
-        if let Some(line) = resumed {
+        // all or nothing: a state that does not load leaves the trainer fresh
+        if let Some(line) =
+            crate::nn::checkpoint::resume_in(&mut t, ctx.scratch_dir(), p.checkpoint_minutes)
+        {
             ctx.log(line);
         }
-        t.checkpoint_to(
-            state_path,
-            crate::params::checkpoint_interval(p.checkpoint_minutes),
-        );
         t.journal_features(crate::journal::Journal::at(ctx.scratch_dir()));
         while !t.finished() {
             t.train_epoch(&hooks)?;

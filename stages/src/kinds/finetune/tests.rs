@@ -1,6 +1,7 @@
 use super::*;
 use crate::data::testutil::TempDir;
 use crate::data::{Dataset, SyntheticConfig, synthetic};
+use crate::nn::checkpoint::Resumable;
 use crate::nn::classifier::Classifier;
 use crate::nn::heads::{EncoderConfig, HeadConfig, encoder};
 use crate::nn::init::{InitRules, build_seeded, named_vars};

@@ -758,7 +758,7 @@ pub struct Finetuner<'d> {
     /// The unfinished epoch a mid-epoch state was loaded from (taken by the next epoch).
     partial: Option<EpochProgress>,
     /// Where and how often [`Finetuner::train_epoch`] writes the state.
-    checkpoint: Option<(PathBuf, Duration)>,
+    checkpoint: Option<checkpoint::Cadence>,
     /// Where the SLF feature pass records its chunks.
     journal: Journal,
 }
@@ -923,13 +923,6 @@ impl<'d> Finetuner<'d> {
             checkpoint: None,
             journal: Journal::off(),
         })
-    }
-
-    /// Makes [`Finetuner::train_epoch`] write the training state ([`Finetuner::save_state`])
-    /// to `path` at the end of every epoch, within an epoch once `every` has passed since the
-    /// last write (`Duration::ZERO`: after every batch), and when cancelled between batches.
-    pub fn checkpoint_to(&mut self, path: PathBuf, every: Duration) {
-        self.checkpoint = Some((path, every));
     }
 
     /// Records every chunk of the SLF feature pass in `journal` and replays the chunks a
@@ -1102,7 +1095,8 @@ impl<'d> Finetuner<'d> {
     }
 
     /// Trains one epoch (the next one, or the rest of the one a mid-epoch state stopped in),
-    /// calling the hooks per batch; appends to the curve. With [`Finetuner::checkpoint_to`],
+    /// calling the hooks per batch; appends to the curve. With
+    /// [`checkpoint::Resumable::checkpoint_to`],
     /// writes the state during and after the epoch.
     ///
     /// # Errors
@@ -1129,7 +1123,6 @@ impl<'d> Finetuner<'d> {
             .into());
         }
         let first = p.batches;
-        let mut saved_at = Instant::now();
         for (b, idx) in batches.iter().enumerate().skip(first) {
             if (hooks.cancelled)() {
                 if b > first {
@@ -1157,13 +1150,13 @@ impl<'d> Finetuner<'d> {
                     p.right as f64 / p.seen as f64
                 ),
             );
-            let due = self
-                .checkpoint
-                .as_ref()
-                .is_some_and(|(_, every)| saved_at.elapsed() >= *every);
-            if due && b + 1 < batches.len() {
+            if b + 1 < batches.len()
+                && self
+                    .checkpoint
+                    .as_ref()
+                    .is_some_and(checkpoint::Cadence::due)
+            {
                 self.save_mid_epoch(&p, start)?;
-                saved_at = Instant::now();
             }
         }
         let seen_f = p.seen.max(1) as f64;
@@ -1201,26 +1194,32 @@ impl<'d> Finetuner<'d> {
         }
         self.curve.push(stats.clone());
         self.epoch += 1;
-        if let Some((path, _)) = &self.checkpoint {
-            self.write_state(path, None)?;
-        }
+        self.checkpoint_now(None)?;
         Ok(stats)
     }
 
     /// Writes the state of an unfinished epoch (`p` so far, `start` of this call).
-    fn save_mid_epoch(&self, p: &EpochProgress, start: Instant) -> Result<()> {
-        let Some((path, _)) = &self.checkpoint else {
-            return Ok(());
-        };
+    fn save_mid_epoch(&mut self, p: &EpochProgress, start: Instant) -> Result<()> {
         // a diverging model is reported at the end of the epoch; never keep its weights
-        if !checkpoint::non_finite(self.varmap())?.is_empty() {
+        if self.checkpoint.is_none() || !checkpoint::non_finite(self.varmap())?.is_empty() {
             return Ok(());
         }
         let progress = EpochProgress {
             seconds: p.seconds + start.elapsed().as_secs_f64(),
             ..p.clone()
         };
-        self.write_state(path, Some(&progress))
+        self.checkpoint_now(Some(&progress))
+    }
+
+    /// Writes the state where [`checkpoint::Resumable::checkpoint_to`] said, if it did.
+    fn checkpoint_now(&mut self, partial: Option<&EpochProgress>) -> Result<()> {
+        if let Some(c) = &self.checkpoint {
+            self.write_state(c.path(), partial)?;
+        }
+        if let Some(c) = &mut self.checkpoint {
+            c.wrote();
+        }
+        Ok(())
     }
 
     fn train_batch(&mut self, idx: &[usize], epoch: usize, b: usize) -> Result<BatchOut> {
@@ -1494,6 +1493,17 @@ impl<'d> Finetuner<'d> {
             map.insert("train_acc_natural".into(), json!(a));
         }
         m
+    }
+}
+
+impl checkpoint::Resumable for Finetuner<'_> {
+    fn resume_from(&mut self, path: &Path) -> Result<checkpoint::ResumePoint> {
+        self.load_state(path)?;
+        Ok(self.resume_point())
+    }
+
+    fn checkpoint_to(&mut self, path: PathBuf, every: Duration) {
+        self.checkpoint = Some(checkpoint::Cadence::new(path, every));
     }
 }
 

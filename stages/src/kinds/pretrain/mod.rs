@@ -1043,19 +1043,12 @@ impl TypedStage for Pretrain {
             }
             None => Pretrainer::new(cfg, &dataset.train, &device)?,
         };
-        let state_path = ctx.scratch_dir().join(STATE_FILE);
         // all or nothing: a state that does not load leaves the trainer fresh
-        let resumed = checkpoint::resume(&state_path, |path| {
-            trainer.load_state(path)?;
-            Ok::<_, BoxError>(trainer.resume_point())
-        });
-        if let Some(line) = resumed {
+        if let Some(line) =
+            checkpoint::resume_in(&mut trainer, ctx.scratch_dir(), p.checkpoint_minutes)
+        {
             ctx.log(line);
         }
-        trainer.checkpoint_to(
-            state_path,
-            crate::params::checkpoint_interval(p.checkpoint_minutes),
-        );
         let progress = |done: u64, total: u64, msg: &str| ctx.progress(done, total, msg);
         let log = |msg: &str| ctx.log(msg);
         let cancelled = || ctx.is_cancelled();

@@ -1,5 +1,6 @@
 use super::*;
 use crate::data::{SyntheticConfig, synthetic};
+use crate::nn::checkpoint::Resumable;
 use crate::nn::init::named_vars;
 use candle::{D, Device, Tensor};
 use serde_json::json;

@@ -365,12 +365,6 @@ struct EpochProgress {
     seconds: f64,
 }
 
-/// Where and how often [`Pretrainer::train_epoch`] writes the training state.
-struct Checkpointing {
-    path: PathBuf,
-    every: Duration,
-}
-
 /// Callbacks from the loop to its runner (no-ops by default).
 pub struct TrainHooks<'a> {
     /// `(done, total, message)` per batch.
@@ -413,7 +407,8 @@ pub struct Pretrainer<'d> {
     advcl: Option<AdvclRun>,
     /// The unfinished epoch a mid-epoch state was loaded from (taken by the next epoch).
     partial: Option<EpochProgress>,
-    checkpoint: Option<Checkpointing>,
+    /// Where and how often [`Pretrainer::train_epoch`] writes the training state.
+    checkpoint: Option<checkpoint::Cadence>,
 }
 
 /// AdvCL's per-run data.
@@ -838,14 +833,6 @@ impl<'d> Pretrainer<'d> {
         }
     }
 
-    /// Makes [`Pretrainer::train_epoch`] write the training state ([`Pretrainer::save_state`])
-    /// to `path` at the end of every epoch, within an epoch once `every` has passed since the
-    /// last write (`Duration::ZERO`: after every batch), and when cancelled between batches,
-    /// so a crash loses at most `every` of training and a cancellation nothing.
-    pub fn checkpoint_to(&mut self, path: PathBuf, every: Duration) {
-        self.checkpoint = Some(Checkpointing { path, every });
-    }
-
     /// Whether every epoch is done.
     pub fn finished(&self) -> bool {
         self.epoch >= self.cfg.run_epochs()
@@ -1021,7 +1008,7 @@ impl<'d> Pretrainer<'d> {
     }
 
     /// Trains one epoch (the next one, or the rest of the one a mid-epoch state stopped in),
-    /// calling the hooks per batch; appends to the curve. With [`Pretrainer::checkpoint_to`],
+    /// calling the hooks per batch; appends to the curve. With [`checkpoint::Resumable::checkpoint_to`],
     /// writes the state during and after the epoch.
     ///
     /// # Errors
@@ -1062,7 +1049,6 @@ impl<'d> Pretrainer<'d> {
         let total = (iters * self.cfg.run_epochs()) as u64;
         let mut buf = Vec::with_capacity(bs * self.images.image_len());
         let first = done.batches;
-        let mut saved_at = Instant::now();
         for b in first..iters {
             if (hooks.cancelled)() {
                 if b > first {
@@ -1108,13 +1094,13 @@ impl<'d> Pretrainer<'d> {
                     rate
                 ),
             );
-            let due = self
-                .checkpoint
-                .as_ref()
-                .is_some_and(|c| saved_at.elapsed() >= c.every);
-            if due && b + 1 < iters {
+            if b + 1 < iters
+                && self
+                    .checkpoint
+                    .as_ref()
+                    .is_some_and(checkpoint::Cadence::due)
+            {
                 self.save_mid_epoch(&done, start)?;
-                saved_at = Instant::now();
             }
         }
         let n = iters as f64;
@@ -1155,26 +1141,32 @@ impl<'d> Pretrainer<'d> {
         }
         self.curve.push(stats.clone());
         self.epoch += 1;
-        if let Some(c) = &self.checkpoint {
-            self.write_state(&c.path, None)?;
-        }
+        self.checkpoint_now(None)?;
         Ok(stats)
     }
 
     /// Writes the state of an unfinished epoch (`done` so far, `start` of this call).
-    fn save_mid_epoch(&self, done: &EpochProgress, start: Instant) -> Result<()> {
-        let Some(c) = &self.checkpoint else {
-            return Ok(());
-        };
+    fn save_mid_epoch(&mut self, done: &EpochProgress, start: Instant) -> Result<()> {
         // a diverging model is reported at the end of the epoch; never keep its weights
-        if !checkpoint::non_finite(&self.varmap)?.is_empty() {
+        if self.checkpoint.is_none() || !checkpoint::non_finite(&self.varmap)?.is_empty() {
             return Ok(());
         }
         let progress = EpochProgress {
             seconds: done.seconds + start.elapsed().as_secs_f64(),
             ..done.clone()
         };
-        self.write_state(&c.path, Some(&progress))
+        self.checkpoint_now(Some(&progress))
+    }
+
+    /// Writes the state where [`checkpoint::Resumable::checkpoint_to`] said, if it did.
+    fn checkpoint_now(&mut self, partial: Option<&EpochProgress>) -> Result<()> {
+        if let Some(c) = &self.checkpoint {
+            self.write_state(c.path(), partial)?;
+        }
+        if let Some(c) = &mut self.checkpoint {
+            c.wrote();
+        }
+        Ok(())
     }
 
     /// Trains on one batch of `batch_size` u8 images (CHW, concatenated); `global` is the
@@ -1828,6 +1820,17 @@ impl<'d> Pretrainer<'d> {
     /// The `metrics.json` of the run so far.
     pub fn metrics(&self, device: &str) -> serde_json::Value {
         super::metrics_json(&self.cfg, &self.curve, self.step, self.images.n, device)
+    }
+}
+
+impl checkpoint::Resumable for Pretrainer<'_> {
+    fn resume_from(&mut self, path: &Path) -> Result<checkpoint::ResumePoint> {
+        self.load_state(path)?;
+        Ok(self.resume_point())
+    }
+
+    fn checkpoint_to(&mut self, path: PathBuf, every: Duration) {
+        self.checkpoint = Some(checkpoint::Cadence::new(path, every));
     }
 }
 

@@ -3,6 +3,7 @@ use serde_json::json;
 use super::*;
 use crate::data::testutil::TempDir;
 use crate::kinds::evaluate::testutil::{data, errors, normalize, trained_classifier};
+use crate::nn::checkpoint::Resumable;
 // (that training learns the contrastive task is checked on CIFAR-10: tests/defense_cifar.rs)
 
 #[allow(unused_imports)]
