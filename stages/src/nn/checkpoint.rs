@@ -561,6 +561,7 @@ pub fn json_tensor<T: serde::Serialize>(value: &T) -> Result<Tensor> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::data::testutil::TempDir;
     use crate::nn::heads::{ENCODER, Encoder, EncoderConfig, HeadConfig, encoder};
     use crate::nn::init::{InitRules, build_seeded, named_vars};
     use crate::nn::resnet::{ResNetConfig, resnet18};
@@ -590,14 +591,6 @@ mod tests {
         )?;
         assert_eq!(non_finite(&vm)?, ["b.nan", "c.inf", "d.huge"]);
         Ok(())
-    }
-
-    /// A fresh, empty folder for one test.
-    fn test_dir(name: &str) -> Result<PathBuf> {
-        let d = std::env::temp_dir().join(format!("pipe-ckpt-{}-{name}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&d);
-        std::fs::create_dir_all(&d).map_err(|e| io_err("creating", &d, e))?;
-        Ok(d)
     }
 
     fn cfg(width: usize, hidden: usize, z: usize) -> EncoderConfig {
@@ -653,7 +646,8 @@ mod tests {
 
     #[test]
     fn round_trip_is_bit_exact() -> Result<()> {
-        let dir = test_dir("round-trip")?;
+        let tmp = TempDir::new("ckpt-round-trip");
+        let dir = tmp.path();
         let path = dir.join("model.safetensors");
         let c = cfg(8, 32, 16);
         let (vm_a, enc_a) = build(&c, 1)?;
@@ -680,8 +674,8 @@ mod tests {
         assert_eq!(za.to_vec2::<f32>()?, zb.to_vec2::<f32>()?);
         // No temporary file left; saving again replaces the file.
         let listing = || -> Result<Vec<String>> {
-            let mut v: Vec<String> = std::fs::read_dir(&dir)
-                .map_err(|e| io_err("listing", &dir, e))?
+            let mut v: Vec<String> = std::fs::read_dir(dir)
+                .map_err(|e| io_err("listing", dir, e))?
                 .filter_map(|e| e.ok())
                 .map(|e| e.file_name().to_string_lossy().into_owned())
                 .collect();
@@ -693,7 +687,6 @@ mod tests {
         assert_eq!(listing()?, ["model.safetensors"]);
         assert_eq!(tensor_names(&path)?.len(), 120);
         assert!(save(&vm_a, &path, "decoder.").is_err());
-        std::fs::remove_dir_all(&dir).map_err(|e| io_err("removing", &dir, e))?;
         Ok(())
     }
 
@@ -825,7 +818,8 @@ mod tests {
 
     #[test]
     fn tensor_names_are_torchvision_state_dict_keys() -> Result<()> {
-        let dir = test_dir("names")?;
+        let tmp = TempDir::new("ckpt-names");
+        let dir = tmp.path();
         let path = dir.join("enc.safetensors");
         let (vm, _) = build(&cfg(8, 32, 16), 0)?;
         save(&vm, &path, "encoder.")?;
@@ -869,13 +863,13 @@ mod tests {
             "projection.3.weight".into(),
         ]);
         assert_eq!(heads, want_heads);
-        std::fs::remove_dir_all(&dir).map_err(|e| io_err("removing", &dir, e))?;
         Ok(())
     }
 
     #[test]
     fn partial_load_leaves_the_head_untouched() -> Result<()> {
-        let dir = test_dir("partial")?;
+        let tmp = TempDir::new("ckpt-partial");
+        let dir = tmp.path();
         let path = dir.join("pre.safetensors");
         let c = cfg(8, 32, 16);
         let (vm_a, enc_a) = build(&c, 10)?;
@@ -912,13 +906,13 @@ mod tests {
         let report = load(&vm_b, &enc_only, "", false)?;
         assert_eq!((report.loaded.len(), report.missing.len()), (120, 16));
         assert!(report.unexpected.is_empty());
-        std::fs::remove_dir_all(&dir).map_err(|e| io_err("removing", &dir, e))?;
         Ok(())
     }
 
     #[test]
     fn load_mapped_renames_a_bare_state_dict() -> Result<()> {
-        let dir = test_dir("mapped")?;
+        let tmp = TempDir::new("ckpt-mapped");
+        let dir = tmp.path();
         let path = dir.join("bare.safetensors");
         // A backbone at the root: exactly torchvision's names, no prefix.
         let rcfg = ResNetConfig {
@@ -939,13 +933,13 @@ mod tests {
             a["layer4.1.conv2.weight"],
             b["encoder.layer4.1.conv2.weight"]
         );
-        std::fs::remove_dir_all(&dir).map_err(|e| io_err("removing", &dir, e))?;
         Ok(())
     }
 
     #[test]
     fn wrong_shape_names_the_tensor_and_changes_nothing() -> Result<()> {
-        let dir = test_dir("shape")?;
+        let tmp = TempDir::new("ckpt-shape");
+        let dir = tmp.path();
         let path = dir.join("w8.safetensors");
         let (vm8, _) = build(&cfg(8, 32, 16), 0)?;
         save(&vm8, &path, "")?;
@@ -977,7 +971,6 @@ mod tests {
             .map(|e| e.to_string())
             .unwrap_or_default();
         assert!(err.contains("nope.safetensors"), "{err}");
-        std::fs::remove_dir_all(&dir).map_err(|e| io_err("removing", &dir, e))?;
         Ok(())
     }
 
@@ -1159,7 +1152,8 @@ mod tests {
 
     #[test]
     fn a_state_says_where_its_run_stands_without_being_loaded() -> Result<()> {
-        let dir = test_dir("resume-point")?;
+        let tmp = TempDir::new("ckpt-resume-point");
+        let dir = tmp.path();
         let path = dir.join("state.safetensors");
         let big = Tensor::zeros((256, 1024), DType::F32, &candle::Device::Cpu)?;
         let at = ResumePoint {
