@@ -353,6 +353,35 @@ pub fn apgd_checkpoints(n_iter: usize) -> Vec<usize> {
     (0..n_iter).filter(|_| c.tick().is_some()).collect()
 }
 
+/// APGD's step-size rule at a checkpoint, per example: halve η and go back to the best point
+/// when the loss oscillated over the interval, or when η was not halved at the previous
+/// checkpoint and the best loss has not risen since. R-AA starts `reduced_last_check` as all
+/// ones, so at the first checkpoint only oscillation halves η.
+struct StepControl {
+    best_at_check: Vec<f32>,
+    reduced: Vec<bool>,
+}
+
+impl StepControl {
+    fn new(loss_best: &[f32]) -> Self {
+        StepControl {
+            best_at_check: loss_best.to_vec(),
+            reduced: vec![true; loss_best.len()],
+        }
+    }
+
+    /// Which examples halve η at this checkpoint, given the oscillation flags and the best
+    /// losses now.
+    fn check(&mut self, oscillated: &[bool], loss_best: &[f32]) -> Vec<bool> {
+        let reduce: Vec<bool> = (0..loss_best.len())
+            .map(|e| oscillated[e] || (!self.reduced[e] && self.best_at_check[e] >= loss_best[e]))
+            .collect();
+        self.reduced.clone_from(&reduce);
+        self.best_at_check = loss_best.to_vec();
+        reduce
+    }
+}
+
 /// R-AA's `check_oscillation`: per example, whether the loss increased in at most
 /// `rho · k` of the last `k` iterations ending at `j` (indices below 0 wrap to the end of the
 /// history, as Python's do).
@@ -464,8 +493,7 @@ fn apgd_single(
     let mut step = vec![(2.0 * eps) as f32; b];
     let mut x_old = x_adv.clone();
     let mut checkpoints = Checkpoints::new(n_iter);
-    let mut best_at_check = loss_best.clone();
-    let mut reduced_at_check = vec![false; b];
+    let mut control = StepControl::new(&loss_best);
     let mut history = vec![vec![0f32; b]; n_iter];
     let project = |v: &Tensor| -> Result<Tensor> { v.maximum(&lo)?.minimum(&hi)?.clamp(0.0, 1.0) };
     for i in 0..n_iter {
@@ -495,12 +523,7 @@ fn apgd_single(
         }
         history[i] = l;
         if let Some(k) = checkpoints.tick() {
-            let osc = oscillation(&history, i, k, 0.75);
-            let reduce: Vec<bool> = (0..b)
-                .map(|e| osc[e] || (!reduced_at_check[e] && best_at_check[e] >= loss_best[e]))
-                .collect();
-            reduced_at_check.clone_from(&reduce);
-            best_at_check.clone_from(&loss_best);
+            let reduce = control.check(&oscillation(&history, i, k, 0.75), &loss_best);
             if reduce.iter().any(|r| *r) {
                 for e in 0..b {
                     if reduce[e] {

@@ -100,6 +100,10 @@
 //! of each set's reversal) is recorded in the node's scratch folder ([`crate::journal`]); a
 //! run of the same key after a crash or Ctrl-C replays them and computes only the rest, with
 //! the numbers of an uninterrupted run. The log says how many batches were replayed.
+//!
+//! `VERSION` 2: APGD's first step-size checkpoint halves η only where the loss oscillated, as
+//! R-AA's (`reduced_last_check` starts as ones); version 1 also halved it where the best loss
+//! had not risen, so its AutoAttack accuracies differ.
 
 pub mod defense;
 mod runner;
@@ -557,7 +561,7 @@ pub(crate) fn load_data(ctx: &StageCtx<'_>, clf: &Classifier) -> Result<data::Da
 
 impl TypedStage for Evaluate {
     const KIND: &'static str = "evaluate";
-    const VERSION: u32 = 1;
+    const VERSION: u32 = 2;
     type Params = EvaluateParams;
 
     fn inputs() -> Slots {

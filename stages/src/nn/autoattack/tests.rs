@@ -22,6 +22,26 @@ fn checkpoints_follow_r_aa() {
 }
 
 #[test]
+fn the_step_halves_as_r_aa_decides_at_each_checkpoint() {
+    // R-AA counts the start as a reduction: at the first checkpoint a flat best loss halves η
+    // only where the loss oscillated
+    let mut c = StepControl::new(&[1.0, 1.0, 1.0]);
+    assert_eq!(
+        c.check(&[false, true, false], &[1.0, 1.0, 2.0]),
+        [false, true, false]
+    );
+    // next: not halved last time and no better → halve; halved last time → keep; risen → keep
+    assert_eq!(
+        c.check(&[false, false, false], &[1.0, 1.0, 2.0]),
+        [true, false, true]
+    );
+    assert_eq!(
+        c.check(&[false, false, false], &[1.5, 1.0, 2.0]),
+        [false, true, false]
+    );
+}
+
+#[test]
 fn oscillation_counts_increases_and_wraps_like_python() {
     // one example, history of 4 iterations
     let h = vec![vec![1.0], vec![2.0], vec![1.0], vec![3.0]];
