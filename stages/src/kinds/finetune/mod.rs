@@ -12,9 +12,10 @@
 //!   (`augment: true`), and the head trains on rows of that cache.
 //! - `alf`: the same trainable set and frozen encoder, on l_inf PGD examples (`pgd_steps`
 //!   steps of `alpha` in the `eps` ball, uniform random start `U(−eps, eps)`, not clamped to
-//!   the box before the first forward unless `faithful.q31` is off, projected onto the ball and
-//!   `[0, 1]` after every step, CE through encoder + head in eval mode, the attack on a
-//!   detached copy of the current weights).
+//!   the box before the first forward unless `faithful.q31` is off, or no random start with
+//!   `random_start: false`, projected onto the ball and `[0, 1]` after every step, CE through
+//!   encoder + head in eval mode, the attack on a detached copy of the current weights);
+//!   `clean_epochs_before` / `_after` add clean epochs around the adversarial ones.
 //! - `aff`: every parameter, TRADES (`CE(f(x), y) + beta · KL(f(x) ‖ f(x̃))`): `x̃` starts at
 //!   `x + 0.001 · N(0, 1)` (not clamped unless `faithful.q31` is off) and takes `pgd_steps`
 //!   sign steps of `alpha` that maximise the KL, projected onto the `eps` ball and `[0, 1]`,
@@ -52,6 +53,8 @@
 //! | `augment` | preset | RandomCrop(32, pad 4, zeros) + HFlip on the training images, redrawn every epoch (full head only) |
 //! | `head_init` | preset | `default` (PyTorch's Linear init, seeded) or `zeros` (METHODS.md 10.1) |
 //! | `eps`, `alpha`, `pgd_steps` | 8/255, 2/255, 10 | ALF / AFF attack (fractions allowed) |
+//! | `random_start` | `true` | ALF: the attack starts at `U(−eps, eps)` around the image (R-AIR), or at the image itself with `false` (R-CF's robust head, "zero init"); keyed only when `false` |
+//! | `clean_epochs_before`, `clean_epochs_after` | 0, 0 | ALF: epochs on clean inputs before and after the `epochs` adversarial ones, one optimiser and schedule throughout (R-CF's EMP script trains its robust head 2 clean, 2 adversarial, 2 clean epochs, \[Q13\]); `metrics.epochs` and the curve count them all; keyed only when not 0 |
 //! | `beta` | 6 | TRADES weight (AFF) |
 //! | `seed` | 0 | shuffles, augmentations, attacks, the default head init |
 //! | `device` | `auto` | `auto`, `cpu` or `cuda:N` (the backend is keyed, the ordinal is not) |
@@ -380,6 +383,17 @@ pub struct FinetuneParams {
     /// Reference-code quirks of the ALF / AFF attacks.
     #[serde(default, skip_serializing_if = "FaithfulParam::is_empty")]
     pub faithful: FaithfulParam,
+    /// ALF: start the attack at a uniform random point of the ball (default) or at the clean
+    /// image. Keyed only when `false`, so the keys of earlier runs hold.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub random_start: Option<bool>,
+    /// ALF: clean epochs before and after the `epochs` adversarial ones (\[Q13\]). Keyed only
+    /// when not zero.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub clean_epochs_before: Option<usize>,
+    /// See `clean_epochs_before`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub clean_epochs_after: Option<usize>,
 }
 
 /// The values a preset fills in.
@@ -512,6 +526,7 @@ impl FinetuneParams {
         let c = self.config();
         let ncrop = self.head == HeadKind::Ncrop;
         let attacked = c.mode != Mode::Slf;
+        let alf = c.mode == Mode::Alf;
         let schedule = self.schedule_kind();
         FinetuneParams {
             mode: c.mode,
@@ -534,7 +549,7 @@ impl FinetuneParams {
                 _ => None,
             },
             batch_size: Some(c.batch_size),
-            epochs: Some(c.epochs),
+            epochs: Some(c.adversarial_epochs()),
             drop_last: Some(c.drop_last),
             augment: (!ncrop).then_some(c.augment),
             head_init: Some(c.head_init),
@@ -548,15 +563,20 @@ impl FinetuneParams {
             faithful: FaithfulParam {
                 q31: self.random_start().then_some(c.faithful.q31),
             },
+            random_start: (c.mode == Mode::Alf && c.eps != 0.0 && !c.random_start).then_some(false),
+            clean_epochs_before: alf.then_some(c.clean_epochs[0]).filter(|&n| n > 0),
+            clean_epochs_after: alf.then_some(c.clean_epochs[1]).filter(|&n| n > 0),
         }
     }
 
     /// Whether the attack has a random start that \[Q31\] can clamp: ALF's `U(−ε, ε)` (not
-    /// at `eps: 0`) and AFF's `x + 0.001 · N(0, 1)`.
+    /// at `eps: 0` or without `random_start`) and AFF's `x + 0.001 · N(0, 1)`.
     fn random_start(&self) -> bool {
         match self.mode {
             Mode::Slf => false,
-            Mode::Alf => self.eps.unwrap_or(8.0 / 255.0) != 0.0,
+            Mode::Alf => {
+                self.eps.unwrap_or(8.0 / 255.0) != 0.0 && self.random_start.unwrap_or(true)
+            }
             Mode::Aff => true,
         }
     }
@@ -575,6 +595,14 @@ impl FinetuneParams {
                 self.views.unwrap_or(ViewKind::Crop),
             )
         });
+        let clean_epochs = if self.mode == Mode::Alf {
+            [
+                self.clean_epochs_before.unwrap_or(0),
+                self.clean_epochs_after.unwrap_or(0),
+            ]
+        } else {
+            [0, 0]
+        };
         let schedule = match self.schedule_kind() {
             ScheduleKind::Constant => Schedule::Constant,
             ScheduleKind::Cosine => Schedule::Cosine {
@@ -603,7 +631,11 @@ impl FinetuneParams {
             weight_decay: self.weight_decay.unwrap_or(d.weight_decay),
             schedule,
             batch_size: self.batch_size.unwrap_or(d.batch_size),
-            epochs: self.epochs.unwrap_or(d.epochs),
+            epochs: self
+                .epochs
+                .unwrap_or(d.epochs)
+                .saturating_add(clean_epochs[0])
+                .saturating_add(clean_epochs[1]),
             drop_last: self.drop_last.unwrap_or(d.drop_last),
             augment: ncrop.is_none() && self.augment.unwrap_or(d.augment),
             head_init: self.head_init.unwrap_or(d.head_init),
@@ -615,6 +647,8 @@ impl FinetuneParams {
             faithful: Faithful {
                 q31: self.faithful.q31.unwrap_or(true),
             },
+            random_start: self.random_start.unwrap_or(true),
+            clean_epochs,
             cache_features: true,
         }
     }
@@ -670,8 +704,20 @@ impl TypedStage for Finetune {
                 )
             },
         );
-        e.positive("epochs", c.epochs);
+        e.positive("epochs", c.adversarial_epochs());
         e.at_most("epochs", c.epochs, MAX_EPOCHS);
+        for (name, set) in [
+            ("random_start", p.random_start.is_some()),
+            ("clean_epochs_before", p.clean_epochs_before.is_some()),
+            ("clean_epochs_after", p.clean_epochs_after.is_some()),
+        ] {
+            e.require(!set || c.mode == Mode::Alf, name, || {
+                format!(
+                    "applies to `mode: alf` only (the linear head on PGD examples), got `mode: {}`",
+                    mode_name(c.mode)
+                )
+            });
+        }
         e.positive_real("lr", c.lr);
         e.require(
             c.momentum.is_finite() && (0.0..1.0).contains(&c.momentum),

@@ -1323,6 +1323,133 @@ fn q31_leaves_the_first_forward_outside_the_box_unless_switched_off() -> TestRes
 }
 
 #[test]
+fn the_r_cf_robust_head_params_are_keyed_only_where_they_apply() {
+    let alf = norm_ok(json!({"mode": "alf", "epochs": 2}));
+    for same in [
+        json!({"mode": "alf", "epochs": 2, "random_start": true}),
+        json!({"mode": "alf", "epochs": 2, "clean_epochs_before": 0, "clean_epochs_after": 0}),
+    ] {
+        assert_eq!(norm_ok(same.clone()), alf, "{same}");
+    }
+    assert!(alf.get("random_start").is_none() && alf.get("clean_epochs_before").is_none());
+    // a zero start has no random start for [Q31] to clamp
+    let zero = norm_ok(json!({"mode": "alf", "epochs": 2, "random_start": false}));
+    assert_eq!(zero["random_start"], json!(false));
+    assert!(zero.get("faithful").is_none(), "{zero}");
+    assert_ne!(zero, alf);
+    // `epochs` stays the adversarial epochs as written
+    let q13 = norm_ok(
+        json!({"mode": "alf", "epochs": 2, "clean_epochs_before": 2, "clean_epochs_after": 2}),
+    );
+    assert_eq!(
+        (
+            &q13["epochs"],
+            &q13["clean_epochs_before"],
+            &q13["clean_epochs_after"]
+        ),
+        (&json!(2), &json!(2), &json!(2))
+    );
+    assert_eq!(norm_ok(q13.clone()), q13);
+    let c = cfg(q13);
+    assert_eq!((c.epochs, c.adversarial_epochs()), (6, 2));
+    let clean: Vec<bool> = (0..6).map(|e| c.clean_epoch(e)).collect();
+    assert_eq!(clean, [true, true, false, false, true, true]);
+    // other modes have no such switches
+    for (p, name) in [
+        (
+            json!({"mode": "slf", "random_start": false}),
+            "random_start",
+        ),
+        (
+            json!({"mode": "aff", "clean_epochs_after": 1}),
+            "clean_epochs_after",
+        ),
+        (
+            json!({"mode": "slf", "clean_epochs_before": 1}),
+            "clean_epochs_before",
+        ),
+    ] {
+        let e = errors(p.clone());
+        assert!(
+            e.iter()
+                .any(|m| m.starts_with(name) && m.contains("`mode: alf` only")),
+            "{p}: {e:?}"
+        );
+    }
+    let e = errors(json!({"mode": "alf", "epochs": 0, "clean_epochs_before": 2}));
+    assert!(e.iter().any(|m| m.starts_with("epochs")), "{e:?}");
+}
+
+#[test]
+fn the_r_cf_robust_head_attacks_from_the_clean_image_between_clean_epochs() -> TestResult {
+    // the attack's first forward sees the clean images themselves
+    let x = edge_images()?;
+    let y = Tensor::new(&[0u32, 1], &Device::Cpu)?;
+    let c = cfg(json!({"mode": "alf", "pgd_steps": 1, "random_start": false}));
+    let mut first: Option<Tensor> = None;
+    let objective = |xa: &Tensor| {
+        if first.is_none() {
+            first = Some(xa.clone());
+        }
+        cross_entropy_per_example(&toy_logits(xa)?, &y)
+    };
+    crate::nn::attacks::pgd(&x, objective, &c.alf_attack(), &mut Rng::new(1))?;
+    assert_eq!(max_diff(&first.ok_or("the objective never ran")?, &x), 0.0);
+    // a clean epoch of ALF trains the head exactly as SLF's per-batch path; the adversarial
+    // epoch after it does not
+    let d = data(48, 8);
+    let enc = EncoderWeights::from_varmap(&pretrain_encoder(6))?;
+    let base = json!({"optimizer": "adam", "lr": 0.01, "schedule": "constant", "weight_decay": 0,
+                      "batch_size": 16, "drop_last": true, "augment": false, "head_init": "default",
+                      "pgd_steps": 3, "alpha": 0.01, "seed": 3});
+    let with = |extra: Value| {
+        let mut v = base.clone();
+        v.as_object_mut()
+            .expect("map")
+            .extend(extra.as_object().expect("map").clone());
+        cfg(v)
+    };
+    let mut alf = Finetuner::new(
+        with(json!({"mode": "alf", "epochs": 1, "random_start": false, "clean_epochs_before": 1})),
+        &enc,
+        &d.train,
+        4,
+        &Device::Cpu,
+    )?;
+    let mut slf_cfg = with(json!({"mode": "slf", "epochs": 2}));
+    slf_cfg.cache_features = false;
+    let mut slf = Finetuner::new(slf_cfg, &enc, &d.train, 4, &Device::Cpu)?;
+    let hooks = TrainHooks::default();
+    let (a0, s0) = (alf.train_epoch(&hooks)?, slf.train_epoch(&hooks)?);
+    let ((wa, ba), (ws, bs)) = (head(alf.varmap()), head(slf.varmap()));
+    assert!(
+        max_diff(&wa, &ws) < 1e-6 && max_diff(&ba, &bs) < 1e-6,
+        "clean epoch: the heads differ by {} / {}",
+        max_diff(&wa, &ws),
+        max_diff(&ba, &bs)
+    );
+    assert!(
+        (a0.loss - s0.loss).abs() < 1e-6 && a0.acc == s0.acc,
+        "{a0:?} vs {s0:?}"
+    );
+    let (a1, s1) = (alf.train_epoch(&hooks)?, slf.train_epoch(&hooks)?);
+    assert!(alf.finished());
+    let (wa, _) = head(alf.varmap());
+    let (ws, _) = head(slf.varmap());
+    assert!(
+        max_diff(&wa, &ws) > 1e-4,
+        "the adversarial epoch trained on clean inputs"
+    );
+    assert!(
+        a1.loss > s1.loss,
+        "PGD inputs: loss {} vs clean {}",
+        a1.loss,
+        s1.loss
+    );
+    Ok(())
+}
+
+#[test]
 fn the_stage_resumes_from_the_state_in_its_scratch_folder() -> TestResult {
     use pipe_engine::{Overrides, graph, spec};
     use std::sync::atomic::AtomicBool;

@@ -199,12 +199,33 @@ pub struct FinetuneConfig {
     pub seed: u64,
     /// Reference-code quirks of the ALF / AFF attacks.
     pub faithful: Faithful,
+    /// ALF: the attack starts at a uniform random point of the `eps` ball (R-AIR) or, when
+    /// `false`, at the clean image (R-CF's robust head, zero init).
+    pub random_start: bool,
+    /// ALF: epochs on clean inputs before and after the adversarial ones, with the same
+    /// optimiser and schedule (R-CF's EMP robust head trains 2 clean, 2 adversarial, 2 clean
+    /// epochs, \[Q13\]); `epochs` counts them all.
+    pub clean_epochs: [usize; 2],
     /// SLF: train on cached features (true; the stage always does) or re-run the encoder per
     /// batch (false: the reference path, for tests). Ignored by ALF / AFF.
     pub cache_features: bool,
 }
 
 impl FinetuneConfig {
+    /// The `epochs` param: every epoch but [`FinetuneConfig::clean_epochs`].
+    pub fn adversarial_epochs(&self) -> usize {
+        self.epochs
+            .saturating_sub(self.clean_epochs[0])
+            .saturating_sub(self.clean_epochs[1])
+    }
+
+    /// Whether epoch `epoch` (0-based) of an ALF run trains on clean inputs
+    /// ([`FinetuneConfig::clean_epochs`]).
+    pub fn clean_epoch(&self, epoch: usize) -> bool {
+        let [before, after] = self.clean_epochs;
+        self.mode == Mode::Alf && (epoch < before || epoch + after >= self.epochs)
+    }
+
     /// The rate during epoch `epoch` (0-based).
     pub fn lr_at(&self, epoch: usize) -> f64 {
         match &self.schedule {
@@ -216,11 +237,13 @@ impl FinetuneConfig {
         }
     }
 
-    /// ALF's attack: l_inf PGD with `pgd_steps` steps of `alpha` in the `eps` ball, uniform
-    /// random start, box projection after every step; the start is clamped to the box before
-    /// the first forward only with \[Q31\] off.
+    /// ALF's attack: l_inf PGD with `pgd_steps` steps of `alpha` in the `eps` ball, from a
+    /// uniform random start (or the clean image without `random_start`), box projection after
+    /// every step; the start is clamped to the box before the first forward only with \[Q31\]
+    /// off.
     pub fn alf_attack(&self) -> PgdConfig {
         PgdConfig {
+            random_start: self.random_start,
             clamp_after_init: !self.faithful.q31,
             ..PgdConfig::new(Norm::Linf, self.eps, self.alpha, self.pgd_steps)
         }
@@ -1170,9 +1193,14 @@ impl<'d> Finetuner<'d> {
             images: p.seen,
         };
         (hooks.log)(&format!(
-            "epoch {}/{}: loss {:.5} acc {:.4}{} lr {:.6} {:.1} s",
+            "epoch {}/{}{}: loss {:.5} acc {:.4}{} lr {:.6} {:.1} s",
             epoch + 1,
             self.cfg.epochs,
+            if self.cfg.clean_epoch(epoch) {
+                " (clean)"
+            } else {
+                ""
+            },
             stats.loss,
             stats.acc,
             stats
@@ -1238,6 +1266,9 @@ impl<'d> Finetuner<'d> {
                 let f = match (&self.cache, self.cfg.mode) {
                     (Some((r, cache)), Mode::Slf) if *r == round => cache.index_select(&rows, 0)?,
                     (_, Mode::Slf) => self.features(frozen, idx, round)?,
+                    (_, Mode::Alf) if self.cfg.clean_epoch(epoch) => {
+                        frozen.features(&self.inputs(idx, round)?, false)?
+                    }
                     (_, Mode::Alf) => {
                         let x = self.inputs(idx, round)?;
                         // the attack sees the current head through a detached copy
