@@ -58,7 +58,9 @@
 //! whole set for the first `rcs_warmup − 1` epochs, then at 1-based epochs `e ≥ rcs_warmup`
 //! with `(e − 1) mod rcs_every = 0` a new coreset of `rcs_fraction` of the training split is
 //! selected ([`rcs`]: the greedy, head-gradient-based selection of R-RCS) and trained on until
-//! the next. The loss is `½ [(1 − ω) ℓ_CL + (1 + ω) ℓ̃_CL]` (\[Q43\]); the learning-rate
+//! the next; an epoch after `rcs_warmup` that comes before the first selection (`rcs_warmup`
+//! mod `rcs_every` neither 0 nor 1) trains on a random coreset of that size, R-RCS's initial
+//! one. The loss is `½ [(1 − ω) ℓ_CL + (1 + ω) ℓ̃_CL]` (\[Q43\]); the learning-rate
 //! schedule is rebuilt every epoch on the epoch's batch count `L` and fast-forwarded by
 //! `epoch · L` steps, so it follows the cosine in epoch fractions. The coreset is part of the
 //! resumable state.

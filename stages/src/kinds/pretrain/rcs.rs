@@ -86,6 +86,20 @@ pub fn split(n: usize, cfg: &PretrainConfig) -> RcsSplit {
     }
 }
 
+/// R-RCS's coreset before its first selection (`Coreset.__init__`: `np.random.choice` of
+/// `budget` pool images without replacement), sorted. An epoch after the warm-up trains on it
+/// when no selection came first (`rcs_warmup` is neither a selection epoch nor right before
+/// one, e.g. warm-up 10 with `rcs_every` 4: epoch 11 trains on it, epoch 13 selects).
+pub fn initial_coreset(split: &RcsSplit, cfg: &PretrainConfig) -> Vec<usize> {
+    let perm = Rng::derive(cfg.seed, &[RCS_STREAM, 0, 1]).permutation(split.pool.len());
+    let mut c: Vec<usize> = perm[..split.budget.min(split.pool.len())]
+        .iter()
+        .map(|&i| split.pool[i])
+        .collect();
+    c.sort_unstable();
+    c
+}
+
 /// Whether RCS selects a new coreset at the start of 0-based `epoch` (R-RCS's 1-based `e ≥ W`
 /// and `(e − 1) mod f = 0`), and whether training uses a coreset at all in that epoch.
 pub fn schedule(cfg: &PretrainConfig, epoch: usize) -> (bool, bool) {

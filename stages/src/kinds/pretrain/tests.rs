@@ -853,6 +853,56 @@ fn rcs_trains_on_the_selected_coreset_and_resumes_bit_identically() -> TestResul
     Ok(())
 }
 
+#[test]
+fn rcs_trains_on_r_rcs_initial_coreset_before_its_first_selection() -> TestResult {
+    // warm-up 2, every 3: epochs 1-2 the whole set; epoch 3 neither selects ((3 − 1) mod 3 ≠ 0)
+    // nor follows a selection, so R-RCS trains on `Coreset.__init__`'s random subset; 4 selects
+    let d = data(200);
+    let cfg = small_acl(
+        "rcs",
+        json!({"epochs": 3, "rcs_warmup": 2, "rcs_every": 3, "rcs_fraction": 0.25,
+               "pgd_steps": 1, "rcs_pgd_steps": 1}),
+    );
+    let plan: Vec<(bool, bool)> = (0..4).map(|e| rcs::schedule(&cfg, e)).collect();
+    assert_eq!(
+        plan,
+        [(false, false), (false, false), (false, true), (true, true)]
+    );
+    let split = rcs::split(200, &cfg);
+    let initial = rcs::initial_coreset(&split, &cfg);
+    let mut uniq = initial.clone();
+    uniq.dedup();
+    assert_eq!(
+        (initial.len(), uniq.len()),
+        (49, 49),
+        "⌊0.25 · 198⌋ distinct images"
+    );
+    assert!(initial.iter().all(|i| split.pool.contains(i)));
+    assert_ne!(
+        initial,
+        rcs::initial_coreset(&split, &small_acl("rcs", json!({"seed": 2})))
+    );
+    let mut t = Pretrainer::new(cfg, &d.train, &Device::Cpu)?;
+    for _ in 0..2 {
+        let e = t.train_epoch(&TrainHooks::default())?;
+        assert_eq!((e.images, t.coreset()), (200, None));
+    }
+    let lines = std::sync::Mutex::new(Vec::<String>::new());
+    let log = |l: &str| lines.lock().expect("lock").push(l.to_string());
+    let e3 = t.train_epoch(&TrainHooks {
+        log: &log,
+        ..TrainHooks::default()
+    })?;
+    assert!(e3.loss.is_finite(), "{e3:?}");
+    assert_eq!((e3.images, t.coreset()), (49, Some(initial.as_slice())));
+    let lines = lines.into_inner().expect("lock");
+    assert!(
+        lines.iter().any(|l| l.contains("no coreset selected yet")),
+        "{lines:?}"
+    );
+    Ok(())
+}
+
 /// ACL's warm-up + cosine (R-AIR `cosine_annealing` with `LambdaLR`), written out: the rate of
 /// the update `t` (0-based) is `base · f(t + 1)`.
 struct WarmupCosineRef {

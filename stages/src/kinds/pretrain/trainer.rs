@@ -942,9 +942,18 @@ impl<'d> Pretrainer<'d> {
             ));
             chosen
         } else if select || use_coreset {
-            r.coreset
-                .clone()
-                .ok_or("internal: no RCS coreset to reuse (a state from another version?)")?
+            match &r.coreset {
+                Some(c) => c.clone(),
+                None => {
+                    let c = super::rcs::initial_coreset(&r.split, &self.cfg);
+                    (hooks.log)(&format!(
+                        "epoch {}: no coreset selected yet: training on a random one of {} images (R-RCS's initial coreset)",
+                        epoch + 1,
+                        c.len()
+                    ));
+                    c
+                }
+            }
         } else {
             r.split.pool.clone()
         };
@@ -960,7 +969,7 @@ impl<'d> Pretrainer<'d> {
             });
         }
         if let Some(r) = &mut self.rcs {
-            if select && !resumed {
+            if use_coreset && !resumed {
                 r.coreset = Some(set.clone());
             }
             r.offset = if epoch >= 1 { epoch * l } else { 0 };
