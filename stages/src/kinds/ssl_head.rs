@@ -269,6 +269,7 @@ impl<'a> HeadTrainer<'a> {
             },
         )?;
         let crops = FinetuneConfig {
+            size: train.h,
             padding_mode: PaddingMode::Reflect,
             ..FinetuneConfig::default()
         }
@@ -281,7 +282,7 @@ impl<'a> HeadTrainer<'a> {
             head,
             cfg,
             opt,
-            aug: SyncAugment::r_mao().per_image(p.augment == AugmentMode::PerImage),
+            aug: SyncAugment::r_mao(train.h).per_image(p.augment == AugmentMode::PerImage),
             crops,
             device: device.clone(),
             curve: Vec::new(),
@@ -615,7 +616,7 @@ impl TypedStage for SslHeadKind {
         }
         std::fs::write(ctx.out_path("curve.jsonl"), curve)?;
         let head = t.head().frozen()?;
-        let aug = SyncAugment::r_mao().per_image(p.augment == AugmentMode::PerImage);
+        let aug = SyncAugment::r_mao(dataset.test.h).per_image(p.augment == AugmentMode::PerImage);
         let clf = clf.frozen()?;
         let (loss, acc) = ssl_stats(
             &clf,

@@ -391,7 +391,7 @@ fn cuda_vs_cpu_defense_ssl_loss_and_input_gradient()
         hidden_dim: 32,
         out_dim: 8,
     };
-    let aug = SyncAugment::r_mao();
+    let aug = SyncAugment::r_mao(32);
     let x = wave(&[6, 3, 32, 32], 0.3, 0.45, 0.5)?;
     let mut rng = Rng::new(3);
     let mut draws: Vec<_> = (0..4).map(|_| aug.draw_shared(&mut rng, 32, 32)).collect();

@@ -63,10 +63,11 @@ pub const TORCH_GRAY: [f64; 3] = [0.2989, 0.587, 0.114];
 pub const SSL_TEMPERATURE: f64 = 0.2;
 
 /// R-MAO's SSL augmentation: RandomResizedCrop(32) (scale [0.08, 1], ratio [3/4, 4/3],
-/// bilinear), flip 0.5, ColorJitter(0.8, 0.8, 0.8, 0.2) always applied, grayscale 0.2.
-pub fn r_mao_augment() -> PipelineConfig {
+/// bilinear), flip 0.5, ColorJitter(0.8, 0.8, 0.8, 0.2) always applied, grayscale 0.2; the
+/// crop's output side is `side`, the images' (32 on CIFAR).
+pub fn r_mao_augment(side: usize) -> PipelineConfig {
     PipelineConfig {
-        size: 32,
+        size: side,
         geometry: Geometry::ResizedCrop(RandomResizedCrop {
             // torchvision's tensor resize of R-MAO's time did not antialias; the crop is never
             // larger than a 32×32 image, so upsampling makes both modes equal anyway.
@@ -117,10 +118,10 @@ pub struct SyncAugment {
 }
 
 impl SyncAugment {
-    /// R-MAO's augmentation with torchvision's grayscale weights.
-    pub fn r_mao() -> Self {
+    /// R-MAO's augmentation with torchvision's grayscale weights, for `side × side` images.
+    pub fn r_mao(side: usize) -> Self {
         Self {
-            cfg: r_mao_augment(),
+            cfg: r_mao_augment(side),
             gray: TORCH_GRAY,
             per_image: false,
         }
@@ -896,7 +897,7 @@ pub fn bench_augment(batch: usize, reps: usize, device: &Device) -> Result<Vec<A
     let w = Tensor::randn(0f32, 1.0, (batch, 3, 32, 32), device)?;
     let mut rows = Vec::new();
     for mode in ["shared", "per_image", "per_image_loop"] {
-        let aug = SyncAugment::r_mao().per_image(mode != "shared");
+        let aug = SyncAugment::r_mao(32).per_image(mode != "shared");
         let mut rng = Rng::new(7);
         let mut times = Vec::new();
         for rep in 0..=reps.max(1) {

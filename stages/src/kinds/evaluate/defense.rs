@@ -367,7 +367,7 @@ pub fn defend(
 ) -> Result<Vec<DefendedSet>, Error> {
     let clf = clf.frozen()?;
     let head = head.map(SslHead::frozen).transpose()?;
-    let aug = SyncAugment::r_mao().per_image(spec.augment == AugmentMode::PerImage);
+    let aug = SyncAugment::r_mao(test.h).per_image(spec.augment == AugmentMode::PerImage);
     let order = Rng::derive(seed, &[ORDER_STREAM]).permutation(test.n);
     let total = (sets.len() * test.n) as u64;
     let mut out = Vec::new();
@@ -531,7 +531,7 @@ pub fn adaptive_attacks(
     use crate::nn::losses::cross_entropy_per_example;
     let clf = clf.frozen()?;
     let head = head.frozen()?;
-    let aug = SyncAugment::r_mao().per_image(adaptive.per_image);
+    let aug = SyncAugment::r_mao(test.h).per_image(adaptive.per_image);
     let il = 3 * test.h * test.w;
     let mut out = Vec::new();
     for (a, spec) in attacks.iter().enumerate() {

@@ -361,6 +361,7 @@ pub fn evaluate_with(
                 n_views: s.n_views,
                 scale: s.scale,
                 ratio: s.ratio,
+                size: test.h,
                 ..EmpConfig::crop(s.n_views)
             }
             .build()?;

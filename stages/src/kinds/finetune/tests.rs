@@ -806,7 +806,7 @@ fn render_views_matches_the_multi_view_generator() -> TestResult {
     // an image's views do not depend on the batch it is drawn with
     let d = data(6, 2);
     let spec = ncrop_spec(3, ViewKind::Crop);
-    let p = ncrop_pipeline(&spec);
+    let p = ncrop_pipeline(&spec, 32);
     let whole = crate::nn::augment::MultiView::new(crate::nn::augment::MultiViewConfig {
         n_views: 3,
         pipeline: p.clone(),
@@ -1318,6 +1318,29 @@ fn q31_leaves_the_first_forward_outside_the_box_unless_switched_off() -> TestRes
             lo >= 0.0 && hi <= 1.0,
             "AFF {faithful}: result in [{lo}, {hi}]"
         );
+    }
+    Ok(())
+}
+
+#[test]
+fn the_augmentation_has_the_size_of_the_images() -> TestResult {
+    // 40×40 images: RandomCrop(40, pad 4) and 40×40 n-crop views, not 32×32 windows of them
+    let d = synthetic(&SyntheticConfig {
+        n_classes: 4,
+        n_train: 8,
+        n_test: 4,
+        image_size: 40,
+        seed: 3,
+    });
+    let enc = EncoderWeights::from_varmap(&pretrain_encoder(4))?;
+    for p in [
+        json!({"mode": "slf", "augment": true, "preset": "air"}),
+        json!({"mode": "alf", "augment": true}),
+        json!({"mode": "slf", "head": "ncrop", "n_views": 2, "batch_size": 4}),
+    ] {
+        let t = Finetuner::new(cfg(p.clone()), &enc, &d.train, 4, &Device::Cpu)?;
+        let size = t.augmentation().map(|a| a.size);
+        assert_eq!(size, Some(40), "{p}");
     }
     Ok(())
 }

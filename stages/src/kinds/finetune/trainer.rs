@@ -289,12 +289,14 @@ pub fn ncrop_spec(n_views: usize, views: ViewKind) -> NcropSpec {
     }
 }
 
-/// The EMP view pipeline of an n-crop head.
-pub fn ncrop_pipeline(spec: &NcropSpec) -> PipelineConfig {
+/// The EMP view pipeline of an n-crop head, on images of `side × side` pixels (the views
+/// have the images' size).
+pub fn ncrop_pipeline(spec: &NcropSpec, side: usize) -> PipelineConfig {
     EmpConfig {
         n_views: spec.n_views,
         scale: spec.scale,
         ratio: spec.ratio,
+        size: side,
         ..EmpConfig::crop(spec.n_views)
     }
     .config()
@@ -903,8 +905,14 @@ impl<'d> Finetuner<'d> {
             )?),
         };
         let inputs = match (&cfg.ncrop, cfg.augment) {
-            (Some(n), _) => Some((ncrop_pipeline(n), n.n_views)),
-            (None, true) => Some((PadCropFlip::default().config().pipeline, 1)),
+            (Some(n), _) => Some((ncrop_pipeline(n, images.h), n.n_views)),
+            (None, true) => {
+                let crop = PadCropFlip {
+                    size: images.h,
+                    ..PadCropFlip::default()
+                };
+                Some((crop.config().pipeline, 1))
+            }
             (None, false) => None,
         };
         if let Some((p, _)) = &inputs {
@@ -967,6 +975,11 @@ impl<'d> Finetuner<'d> {
     /// The configuration.
     pub fn config(&self) -> &FinetuneConfig {
         &self.cfg
+    }
+
+    /// The augmentation of the training images (`augment`, or the n-crop head's views).
+    pub fn augmentation(&self) -> Option<&PipelineConfig> {
+        self.inputs.as_ref().map(|(p, _)| p)
     }
 
     /// The spec of the classifier being trained.
@@ -1587,7 +1600,10 @@ pub fn accuracy(clf: &Classifier, split: &Split, seed: u64, device: &Device) -> 
         return Ok(0.0);
     }
     let spec = clf.spec();
-    let pipeline = spec.ncrop.as_ref().map(|s| (ncrop_pipeline(s), s.n_views));
+    let pipeline = spec
+        .ncrop
+        .as_ref()
+        .map(|s| (ncrop_pipeline(s, split.h), s.n_views));
     let mut right = 0usize;
     for s in (0..n).step_by(FEATURE_CHUNK) {
         let idx: Vec<usize> = (s..(s + FEATURE_CHUNK).min(n)).collect();

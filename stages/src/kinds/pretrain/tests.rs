@@ -854,6 +854,29 @@ fn rcs_trains_on_the_selected_coreset_and_resumes_bit_identically() -> TestResul
 }
 
 #[test]
+fn views_have_the_size_of_the_images() -> TestResult {
+    // 40×40 images: every method's views are 40×40 (the references' RandomResizedCrop(32) on
+    // CIFAR), not 32×32 crops of them
+    let d = synthetic(&SyntheticConfig {
+        n_classes: 4,
+        n_train: 16,
+        n_test: 4,
+        image_size: 40,
+        seed: 3,
+    });
+    for (cfg, views) in [
+        (small("emp_ssl", "none"), 4),
+        (small("simclr", "none"), 2),
+        (small_acl("acl", json!({})), 2),
+    ] {
+        let t = Pretrainer::new(cfg.clone(), &d.train, &Device::Cpu)?;
+        let x = t.views_for(&d.train.images[..2 * d.train.image_len()], 0)?;
+        assert_eq!(x.dims(), [2 * views, 3, 40, 40], "{:?}", cfg.method);
+    }
+    Ok(())
+}
+
+#[test]
 fn rcs_trains_on_r_rcs_initial_coreset_before_its_first_selection() -> TestResult {
     // warm-up 2, every 3: epochs 1-2 the whole set; epoch 3 neither selects ((3 − 1) mod 3 ≠ 0)
     // nor follows a selection, so R-RCS trains on `Coreset.__init__`'s random subset; 4 selects

@@ -291,12 +291,18 @@ impl PretrainConfig {
         }
     }
 
-    fn view_generator(&self, epoch: usize) -> Result<MultiView> {
+    /// The view generator of `epoch` for images of `side × side` pixels (the views have the
+    /// images' size: 32 on CIFAR, as the references' `RandomResizedCrop(32)`).
+    fn view_generator(&self, epoch: usize, side: usize) -> Result<MultiView> {
         Ok(match self.method {
             Method::Acl | Method::Air | Method::Rcs => {
                 // view-major (rows 0..B view i, B..2B view j) instead of R-AIR's interleaving:
                 // the losses pair rows explicitly and BN sees the same set of rows
-                let cfg = DynAclConfig::with_strength(self.strength(epoch)).config();
+                let cfg = DynAclConfig {
+                    size: side,
+                    ..DynAclConfig::with_strength(self.strength(epoch))
+                }
+                .config();
                 MultiView::new(MultiViewConfig {
                     layout: Layout::ViewMajor,
                     ..cfg
@@ -306,6 +312,7 @@ impl PretrainConfig {
                 n_views: self.n_views,
                 scale: self.scale,
                 ratio: self.ratio,
+                size: side,
                 ..EmpConfig::crop(self.n_views)
             }
             .build()?,
@@ -313,6 +320,7 @@ impl PretrainConfig {
             Method::Simclr | Method::Advcl => SimClrConfig {
                 scale: self.scale,
                 ratio: self.ratio,
+                size: side,
                 ..SimClrConfig::default()
             }
             .build()?,
@@ -579,7 +587,7 @@ impl<'d> Pretrainer<'d> {
             )
             .into());
         }
-        let views = cfg.view_generator(0)?;
+        let views = cfg.view_generator(0, images.h)?;
         let (varmap, net) = if cfg.method.is_acl_family() {
             // R-AIR keeps torchvision's init everywhere (its stem is built in __init__)
             let (vm, m) =
@@ -762,7 +770,7 @@ impl<'d> Pretrainer<'d> {
             )
             .into());
         }
-        let views = cfg.view_generator(0)?;
+        let views = cfg.view_generator(0, images.h)?;
         let org = crate::nn::augment::FinetuneConfig {
             size: images.h,
             ..Default::default()
@@ -1010,7 +1018,7 @@ impl<'d> Pretrainer<'d> {
     /// Sets the view generator of `epoch` (the ACL family's strength changes per epoch).
     fn views_for_epoch(&mut self, epoch: usize) -> Result<()> {
         if self.cfg.method.is_acl_family() && self.views_epoch != epoch {
-            self.views = self.cfg.view_generator(epoch)?;
+            self.views = self.cfg.view_generator(epoch, self.images.h)?;
             self.views_epoch = epoch;
         }
         Ok(())

@@ -49,7 +49,7 @@ fn sync_augment_matches_the_host_pipeline_image_by_image() -> TestResult {
     let (n, worst) = (3usize, std::cell::Cell::new(0f32));
     let mut cases = 0;
     for (side, antialias) in [(32usize, false), (40, false), (40, true)] {
-        let mut cfg = r_mao_augment();
+        let mut cfg = r_mao_augment(32);
         cfg.geometry = Geometry::ResizedCrop(RandomResizedCrop {
             antialias,
             ..RandomResizedCrop::default()
@@ -110,7 +110,7 @@ fn sync_augment_matches_the_host_pipeline_image_by_image() -> TestResult {
 /// does not depend on which batch it is in.
 #[test]
 fn one_draw_is_shared_by_the_batch() -> TestResult {
-    let aug = SyncAugment::r_mao();
+    let aug = SyncAugment::r_mao(32);
     let data = images(4, 32, 32, 3);
     let x = to_tensor(&data, 4, 32, 32)?;
     let d = aug.draw_shared(&mut Rng::new(11), 32, 32);
@@ -129,7 +129,7 @@ fn one_draw_is_shared_by_the_batch() -> TestResult {
 #[test]
 fn gradients_through_the_augmentation_match_finite_differences() -> TestResult {
     let (n, side) = (2usize, 8usize);
-    let mut cfg = r_mao_augment();
+    let mut cfg = r_mao_augment(32);
     cfg.size = 6;
     let aug = SyncAugment::new(cfg, TORCH_GRAY)?;
     let mut rng = Rng::new(5);
@@ -262,7 +262,7 @@ fn ssl_loss_matches_the_head_and_l1x_written_out() -> TestResult {
             &Device::Cpu,
         )?)?;
     }
-    let aug = SyncAugment::r_mao();
+    let aug = SyncAugment::r_mao(32);
     let (b, views) = (5usize, 4usize);
     let x = to_tensor(&images(b, 32, 32, 9), b, 32, 32)?;
     let mut rng = Rng::new(3);
@@ -349,7 +349,7 @@ fn reversal_lowers_the_ssl_loss_within_its_ball() -> TestResult {
     eprintln!("SSL loss: {before:.4} -> {after:.4}");
     assert!(after < before - 1e-3, "{before} -> {after}");
 
-    let aug = SyncAugment::r_mao();
+    let aug = SyncAugment::r_mao(32);
     let cfg = ReverseConfig {
         steps: 5,
         ..ReverseConfig::r_mao()
@@ -405,7 +405,7 @@ fn random_noise_stays_in_the_ball_and_box() -> TestResult {
 
 #[test]
 fn unsupported_pipelines_are_refused() {
-    let mut cfg = r_mao_augment();
+    let mut cfg = r_mao_augment(32);
     cfg.solarize_p = 0.1;
     assert!(SyncAugment::new(cfg, TORCH_GRAY).is_err());
 }
@@ -414,7 +414,7 @@ fn unsupported_pipelines_are_refused() {
 /// pipeline's view of that image under its own decisions.
 #[test]
 fn per_image_draws_follow_each_images_own_decisions() -> TestResult {
-    let mut cfg = r_mao_augment();
+    let mut cfg = r_mao_augment(32);
     cfg.geometry = Geometry::ResizedCrop(RandomResizedCrop {
         antialias: false,
         ..RandomResizedCrop::default()
@@ -451,7 +451,7 @@ fn per_image_draws_follow_each_images_own_decisions() -> TestResult {
 /// gradient, with images with and without jitter and grayscale in one batch.
 #[test]
 fn batched_per_image_views_equal_each_image_alone() -> TestResult {
-    let mut cfg = r_mao_augment();
+    let mut cfg = r_mao_augment(32);
     cfg.jitter.p = 0.6;
     cfg.grayscale_p = 0.5;
     let aug = SyncAugment::new(cfg, TORCH_GRAY)?.per_image(true);
@@ -591,7 +591,7 @@ fn matches_torchvision_values_and_gradients() -> TestResult {
             ],
         ),
     ];
-    let aug = SyncAugment::r_mao();
+    let aug = SyncAugment::r_mao(32);
     for (i, ((top, left, height, width), flip, order, (bf, cf, sf, hf), gray, want)) in
         cases.into_iter().enumerate()
     {
