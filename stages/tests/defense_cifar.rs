@@ -38,7 +38,7 @@ type Result<T> = std::result::Result<T, Box<dyn std::error::Error + Send + Sync>
 /// Mean SSL loss of `x` over `sets` seeded draw sets of 4 views (the same draws for every
 /// input it is called with).
 fn measured(clf: &Classifier, head: &pipe_stages::nn::defense::SslHead, x: &Tensor) -> Result<f64> {
-    let aug = SyncAugment::r_mao();
+    let aug = SyncAugment::r_mao(32);
     let mut rng = Rng::new(12345);
     let mut total = 0.0;
     let sets = 8;
@@ -116,7 +116,7 @@ fn the_ssl_head_learns_and_the_reversal_lowers_the_ssl_loss() -> Result<()> {
         checkpoint_minutes: None,
     };
     let mut t = HeadTrainer::new(&p, &clf, &data.train, &dev)?;
-    let aug = SyncAugment::r_mao();
+    let aug = SyncAugment::r_mao(32);
     let before = ssl_stats(&clf, &t.head().frozen()?, &aug, &data.test, 4, 50, 3, &dev)?;
     while !t.finished() {
         t.train_epoch(&|_, _, _| {}, &|| false)?;
