@@ -234,7 +234,7 @@ pub enum BenchWhat {
         /// Free replays m.
         #[arg(long, default_value_t = 3)]
         m: usize,
-        /// Only these methods (`simclr`, `emp_ssl`, `acl`, `air`; default all; ACL / AIR have no `free`).
+        /// Only these methods (`simclr`, `emp_ssl`, `acl`, `air`, `advcl`; default all; ACL / AIR / AdvCL have no `free`).
         #[arg(long, value_delimiter = ',')]
         methods: Vec<String>,
         /// Only these attack modes (`none`, `pgd`, `free`; default all).
