@@ -161,6 +161,36 @@ fn typed<T: TypedStage>(params: &Value) -> Result<T::Params, BoxError> {
         .map_err(|e| format!("params of kind {} do not deserialize: {e}", T::KIND).into())
 }
 
+/// Deserializes `params`, reporting every unknown top-level field: each one is an error, and
+/// the rest is read again without it, so the typed params (and the kind's range checks on
+/// them) still come back when the unknown fields were the only problem. Any other error
+/// (a wrong type, a missing field) ends the reading with that error.
+fn deserialize_reporting_unknown<P: DeserializeOwned>(
+    mut params: Value,
+) -> (Option<P>, Vec<ParamError>) {
+    let mut errors = Vec::new();
+    loop {
+        match serde_path_to_error::deserialize::<_, P>(params.clone()) {
+            Ok(p) => return (Some(p), errors),
+            Err(e) => {
+                let path = e.path().to_string();
+                let path = if path == "." { String::new() } else { path };
+                let message = e.into_inner().to_string();
+                let unknown = message.starts_with("unknown field")
+                    && !path.is_empty()
+                    && !path.contains(['.', '['])
+                    && params
+                        .as_object_mut()
+                        .is_some_and(|m| m.remove(&path).is_some());
+                errors.push(ParamError::new(path, message));
+                if !unknown {
+                    return (None, errors);
+                }
+            }
+        }
+    }
+}
+
 impl<T: TypedStage> StageKind for Typed<T> {
     fn name(&self) -> &'static str {
         T::KIND
@@ -172,15 +202,13 @@ impl<T: TypedStage> StageKind for Typed<T> {
         T::inputs()
     }
     fn normalize(&self, params: Value, ctx: &NormalizeCtx<'_>) -> Result<Value, Vec<ParamError>> {
-        let p: T::Params = serde_path_to_error::deserialize(params).map_err(|e| {
-            let path = e.path().to_string();
-            let path = if path == "." { String::new() } else { path };
-            vec![ParamError::new(path, e.into_inner().to_string())]
-        })?;
-        let errors = T::check(&p);
-        if !errors.is_empty() {
-            return Err(errors);
+        let (p, mut errors) = deserialize_reporting_unknown::<T::Params>(params);
+        if let Some(p) = &p {
+            errors.extend(T::check(p));
         }
+        let Some(p) = p.filter(|_| errors.is_empty()) else {
+            return Err(errors);
+        };
         let p = T::canonicalize(p, ctx)?;
         serde_json::to_value(&p)
             .map_err(|e| vec![ParamError::new("", format!("params do not serialize: {e}"))])

@@ -271,6 +271,35 @@ fn unknown_param_names_the_field() {
 }
 
 #[test]
+fn unknown_params_do_not_hide_the_range_errors_of_the_rest() {
+    let errs = errors(
+        "stages:\n  d: {kind: echo}\n  x:\n    kind: bounded\n    inputs: {data: d}\n    params: {epoch: 4, epochs: 0, eps: 2, foo: 1}\n",
+    );
+    let mut got: Vec<(&str, &str)> = errs
+        .iter()
+        .map(|e| (e.path.as_str(), e.message.as_str()))
+        .collect();
+    got.sort_unstable();
+    assert_eq!(got.len(), 4, "{got:?}");
+    assert_eq!(got[0].0, "stages.x.params.epoch");
+    assert!(got[0].1.contains("unknown field `epoch`"), "{got:?}");
+    assert_eq!(
+        got[1],
+        ("stages.x.params.epochs", "expected at least 1, got 0")
+    );
+    assert_eq!(got[2].0, "stages.x.params.eps");
+    assert!(got[2].1.contains("[0, 1]"), "{got:?}");
+    assert_eq!(got[3].0, "stages.x.params.foo");
+    assert!(got[3].1.contains("unknown field `foo`"), "{got:?}");
+    // a wrong type still ends the reading of that stage's params with that error
+    let errs = errors(
+        "stages:\n  d: {kind: echo}\n  x:\n    kind: bounded\n    inputs: {data: d}\n    params: {epochs: ten, eps: 2, foo: 1}\n",
+    );
+    let paths: Vec<&str> = errs.iter().map(|e| e.path.as_str()).collect();
+    assert_eq!(paths, ["stages.x.params.epochs"], "{errs:?}");
+}
+
+#[test]
 fn mistyped_param() {
     let e = one_error(
         "stages:\n  d: {kind: echo}\n  x:\n    kind: bounded\n    inputs: {data: d}\n    params:\n      epochs: ten\n",
