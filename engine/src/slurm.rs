@@ -398,6 +398,12 @@ fn ensure_job(
         tracing::info!(node = %node.id, job = %id, "adopted");
         return Ok(Queued::Adopted(id));
     }
+    // that job may have committed the key and left the queue between the look at the store
+    // above and squeue's answer (a job commits before its process ends): look again, or the
+    // key would be computed twice
+    if store.contains(key) {
+        return Ok(Queued::Cached);
+    }
     let mut job = opts.job.clone();
     if !job.is_object() {
         job = json!({});

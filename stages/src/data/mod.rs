@@ -505,6 +505,17 @@ pub(crate) mod testutil {
 
     static COUNTER: AtomicUsize = AtomicUsize::new(0);
 
+    /// The tests' synthetic 4-class data (seed 3) of `side × side` images.
+    pub(crate) fn four_classes(n_train: usize, n_test: usize, side: u32) -> super::Dataset {
+        super::synthetic(&super::SyntheticConfig {
+            n_classes: 4,
+            n_train,
+            n_test,
+            image_size: side,
+            seed: 3,
+        })
+    }
+
     /// A temp dir unique to this process and test, removed on drop.
     pub(crate) struct TempDir(PathBuf);
 

@@ -1,5 +1,5 @@
 use super::*;
-use crate::data::testutil::TempDir;
+use crate::data::testutil::{TempDir, four_classes};
 use crate::data::{Dataset, SyntheticConfig, synthetic};
 use crate::nn::checkpoint::Resumable;
 use crate::nn::classifier::Classifier;
@@ -293,13 +293,7 @@ const WIDTH: usize = 8;
 const HIDDEN: usize = 32;
 
 fn data(n_train: usize, n_test: usize) -> Dataset {
-    synthetic(&SyntheticConfig {
-        n_classes: 4,
-        n_train,
-        n_test,
-        image_size: 32,
-        seed: 3,
-    })
+    four_classes(n_train, n_test, 32)
 }
 
 /// A pretrain-shaped encoder (backbone, pre_feature, projection), seeded.
@@ -1325,13 +1319,7 @@ fn q31_leaves_the_first_forward_outside_the_box_unless_switched_off() -> TestRes
 #[test]
 fn the_augmentation_has_the_size_of_the_images() -> TestResult {
     // 40×40 images: RandomCrop(40, pad 4) and 40×40 n-crop views, not 32×32 windows of them
-    let d = synthetic(&SyntheticConfig {
-        n_classes: 4,
-        n_train: 8,
-        n_test: 4,
-        image_size: 40,
-        seed: 3,
-    });
+    let d = four_classes(8, 4, 40);
     let enc = EncoderWeights::from_varmap(&pretrain_encoder(4))?;
     for p in [
         json!({"mode": "slf", "augment": true, "preset": "air"}),

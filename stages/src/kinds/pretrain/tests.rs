@@ -1,5 +1,4 @@
 use super::*;
-use crate::data::{SyntheticConfig, synthetic};
 use crate::nn::checkpoint::Resumable;
 use crate::nn::init::named_vars;
 use candle::{D, Device, Tensor};
@@ -152,13 +151,7 @@ fn bad_params_are_named() {
 // Training on synthetic data at width 8.
 
 fn data(n: usize) -> crate::data::Dataset {
-    synthetic(&SyntheticConfig {
-        n_classes: 4,
-        n_train: n,
-        n_test: 8,
-        image_size: 32,
-        seed: 3,
-    })
+    crate::data::testutil::four_classes(n, 8, 32)
 }
 
 fn small(method: &str, attack: &str) -> PretrainConfig {
@@ -857,13 +850,7 @@ fn rcs_trains_on_the_selected_coreset_and_resumes_bit_identically() -> TestResul
 fn views_have_the_size_of_the_images() -> TestResult {
     // 40×40 images: every method's views are 40×40 (the references' RandomResizedCrop(32) on
     // CIFAR), not 32×32 crops of them
-    let d = synthetic(&SyntheticConfig {
-        n_classes: 4,
-        n_train: 16,
-        n_test: 4,
-        image_size: 40,
-        seed: 3,
-    });
+    let d = crate::data::testutil::four_classes(16, 4, 40);
     for (cfg, views) in [
         (small("emp_ssl", "none"), 4),
         (small("simclr", "none"), 2),
