@@ -321,7 +321,6 @@ impl PretrainConfig {
                 scale: self.scale,
                 ratio: self.ratio,
                 size: side,
-                ..SimClrConfig::default()
             }
             .build()?,
         })
