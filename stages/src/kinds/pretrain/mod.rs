@@ -28,6 +28,7 @@
 //! | `seed` | 0 | every random number of the run |
 //! | `device` | `auto` | `auto`, `cpu` or `cuda:N` (the backend is keyed, the ordinal is not) |
 //! | `checkpoint_minutes` | 10 | minutes between training-state writes within an epoch (0: every batch; not keyed, see Resume) |
+//! | `input_norm` | `none` | `half`: `(x − 0.5) / 0.5` inside the model (R-EMP's transform; R-CF removed it), buffers `encoder.normalize.*` in the checkpoint; SimCLR / EMP-SSL only, keyed only when set |
 //! | `faithful` | `true` | the reference-code quirks, `true` / `false` for all or a map (`q6`, `q7`, `q8`, `q10`, `q28`, `q31`, `q38`, `q41`, `q43`, `q47`, `q50`) |
 //!
 //! # The ACL family (`method: acl | air`)
@@ -176,8 +177,8 @@ pub mod rcs;
 mod trainer;
 
 pub use trainer::{
-    AdvclBatch, AttackMode, BatchStats, BenchRow, EpochStats, Faithful, Method, PretrainConfig,
-    Pretrainer, TrainHooks, ViewKind, bench_mode,
+    AdvclBatch, AttackMode, BatchStats, BenchRow, EpochStats, Faithful, InputNormKind, Method,
+    PretrainConfig, Pretrainer, TrainHooks, ViewKind, bench_mode,
 };
 
 use std::path::Path;
@@ -546,6 +547,10 @@ pub struct PretrainParams {
     /// Reference-code quirks.
     #[serde(default)]
     pub faithful: FaithfulParam,
+    /// SimCLR / EMP-SSL: `half` normalises the input by mean and std 0.5 inside the model, as
+    /// the original EMP-SSL (R-EMP) does; keyed only when set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub input_norm: Option<InputNormKind>,
 }
 
 fn default_momentum() -> f64 {
@@ -631,6 +636,7 @@ impl PretrainParams {
             seed: c.seed,
             device: self.device,
             checkpoint_minutes: self.checkpoint_minutes,
+            input_norm: (c.input_norm != InputNormKind::None).then_some(c.input_norm),
             faithful: FaithfulParam {
                 q6: (free && !acl).then_some(c.faithful.q6),
                 q7: (pgd && !acl).then_some(c.faithful.q7),
@@ -777,6 +783,7 @@ impl PretrainParams {
             ce_weight: self.ce_weight.unwrap_or(0.2),
             hf_radius: self.hf_radius.unwrap_or(crate::nn::spectral::ADVCL_RADIUS),
             seed: self.seed,
+            input_norm: self.input_norm.unwrap_or_default(),
             faithful: Faithful {
                 q6: f.q6.unwrap_or(true),
                 q7: f.q7.unwrap_or(true),
@@ -849,6 +856,15 @@ impl TypedStage for Pretrain {
         let c = p.config();
         let mut e = Checks::default();
         let emp = c.method == Method::EmpSsl;
+        e.require(
+            p.input_norm.is_none() || matches!(c.method, Method::Simclr | Method::EmpSsl),
+            "input_norm",
+            || {
+                "applies to simclr and emp_ssl only (the ACL family normalises by ImageNet's \
+                 statistics inside its model, AdvCL reads raw pixels)"
+                    .into()
+            },
+        );
         if !emp {
             e.require(c.n_views == 2, "n_views", || {
                 let name = match c.method {

@@ -847,6 +847,53 @@ fn rcs_trains_on_the_selected_coreset_and_resumes_bit_identically() -> TestResul
 }
 
 #[test]
+fn r_emp_input_normalisation_is_keyed_trained_around_and_carried_to_the_classifier() -> TestResult {
+    use crate::kinds::finetune::{EncoderWeights, Finetuner};
+    // keyed only when set; the other families refuse it
+    let norm = |v: Value| normalize(v).unwrap_or_else(|e| panic!("valid params: {e:?}"));
+    let plain = norm(json!({"method": "emp_ssl"}));
+    assert!(plain.get("input_norm").is_none(), "{plain}");
+    assert_eq!(
+        norm(json!({"method": "emp_ssl", "input_norm": "none"})),
+        plain
+    );
+    let half = norm(json!({"method": "emp_ssl", "input_norm": "half"}));
+    assert_eq!(half["input_norm"], json!("half"));
+    let e = errors(json!({"method": "acl", "input_norm": "half"}));
+    assert!(e.iter().any(|m| m.starts_with("input_norm")), "{e:?}");
+    // the buffers hold 0.5, training leaves them there, and the classifier reads them
+    let d = data(32);
+    let mut cfg = small("emp_ssl", "none");
+    cfg.input_norm = InputNormKind::Half;
+    cfg.epochs = 1;
+    let mut t = Pretrainer::new(cfg, &d.train, &Device::Cpu)?;
+    t.train_epoch(&TrainHooks::default())?;
+    let tmp = crate::data::testutil::TempDir::new("pretrain-input-norm");
+    let path = tmp.path().join("encoder.safetensors");
+    t.save_encoder(&path)?;
+    let saved = candle::safetensors::load(&path, &Device::Cpu)?;
+    for name in ["encoder.normalize.mean", "encoder.normalize.std"] {
+        let v = saved.get(name).ok_or(name)?.to_vec1::<f32>()?;
+        assert_eq!(v, [0.5; 3], "{name}");
+    }
+    let enc = EncoderWeights::from_file(&path, &Device::Cpu)?;
+    assert!(enc.has_input_norm());
+    let ft: crate::kinds::finetune::FinetuneParams =
+        serde_json::from_value(json!({"mode": "slf", "epochs": 1, "batch_size": 16}))?;
+    let ft = ft.config();
+    let f = Finetuner::new(ft, &enc, &d.train, 4, &Device::Cpu)?;
+    let mean = named_vars(f.varmap())
+        .into_iter()
+        .find(|(n, _)| n == "encoder.normalize.mean")
+        .ok_or("no normalisation in the classifier")?;
+    assert_eq!(
+        mean.1.as_tensor().flatten_all()?.to_vec1::<f32>()?,
+        [0.5; 3]
+    );
+    Ok(())
+}
+
+#[test]
 fn views_have_the_size_of_the_images() -> TestResult {
     // 40×40 images: every method's views are 40×40 (the references' RandomResizedCrop(32) on
     // CIFAR), not 32×32 crops of them

@@ -28,7 +28,7 @@ use crate::nn::losses::{
 };
 use crate::nn::optim::{AclLars, AclLarsConfig, Lars, LarsConfig, Optim, Sgd, SgdConfig};
 pub use crate::nn::resnet::PGD_BRANCH;
-use crate::nn::resnet::{DEFAULT_BRANCH, ResNet, ResNetConfig};
+use crate::nn::resnet::{DEFAULT_BRANCH, INPUT_NORM, ResNet, ResNetConfig};
 use crate::nn::schedule::{AdvClLr, Cosine, FreeAdvLr, LrSchedule, WarmupCosine};
 use crate::nn::spectral::HighPass;
 use crate::rng::Rng;
@@ -225,6 +225,20 @@ pub struct PretrainConfig {
     pub seed: u64,
     /// Quirk switches.
     pub faithful: Faithful,
+    /// SimCLR / EMP-SSL: the input normalisation inside the model.
+    pub input_norm: InputNormKind,
+}
+
+/// The input normalisation of a SimCLR / EMP-SSL encoder (METHODS.md 0).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum InputNormKind {
+    /// Raw `[0, 1]` pixels (R-CF, which removed R-EMP's normalisation).
+    #[default]
+    None,
+    /// `(x − 0.5) / 0.5` per channel as the model's first op (R-EMP's transform), with the
+    /// buffers `encoder.normalize.mean` and `.std` set to 0.5 in the checkpoint.
+    Half,
 }
 
 impl PretrainConfig {
@@ -233,6 +247,7 @@ impl PretrainConfig {
         EncoderConfig {
             backbone: ResNetConfig {
                 width: self.width,
+                input_norm: self.input_norm != InputNormKind::None,
                 ..Default::default()
             },
             head: HeadConfig {
@@ -603,6 +618,14 @@ impl<'d> Pretrainer<'d> {
                 device,
                 |vb| encoder(&enc_cfg, vb),
             )?;
+            if cfg.input_norm == InputNormKind::Half {
+                // the seeded init writes ImageNet's statistics into the normalisation buffers
+                for (name, v) in named_vars(&vm) {
+                    if name.starts_with(&format!("{}.{INPUT_NORM}.", crate::nn::heads::ENCODER)) {
+                        v.set(&Tensor::full(0.5f32, v.shape(), device)?)?;
+                    }
+                }
+            }
             (vm, Net::Cf(e))
         };
         let params = trainable(&varmap);
