@@ -1363,6 +1363,12 @@ fn the_r_cf_robust_head_params_are_keyed_only_where_they_apply() {
     assert_eq!(norm_ok(q13.clone()), q13);
     let c = cfg(q13);
     assert_eq!((c.epochs, c.adversarial_epochs()), (6, 2));
+    // the resume fingerprint (the serialised config) of a default run has neither field, so
+    // states written before they existed still resume
+    let plain = serde_json::to_value(cfg(json!({"mode": "alf", "epochs": 2}))).expect("json");
+    assert!(plain.get("random_start").is_none() && plain.get("clean_epochs").is_none());
+    let set = serde_json::to_value(&c).expect("json");
+    assert_eq!(set["clean_epochs"], json!([2, 2]));
     let clean: Vec<bool> = (0..6).map(|e| c.clean_epoch(e)).collect();
     assert_eq!(clean, [true, true, false, false, true, true]);
     // other modes have no such switches

@@ -200,15 +200,31 @@ pub struct FinetuneConfig {
     /// Reference-code quirks of the ALF / AFF attacks.
     pub faithful: Faithful,
     /// ALF: the attack starts at a uniform random point of the `eps` ball (R-AIR) or, when
-    /// `false`, at the clean image (R-CF's robust head, zero init).
+    /// `false`, at the clean image (R-CF's robust head, zero init). Serialised only when
+    /// `false`, so the fingerprints of states written before it existed still match.
+    #[serde(default = "yes", skip_serializing_if = "is_true")]
     pub random_start: bool,
     /// ALF: epochs on clean inputs before and after the adversarial ones, with the same
     /// optimiser and schedule (R-CF's EMP robust head trains 2 clean, 2 adversarial, 2 clean
-    /// epochs, \[Q13\]); `epochs` counts them all.
+    /// epochs, \[Q13\]); `epochs` counts them all. Serialised only when not zero.
+    #[serde(default, skip_serializing_if = "is_zeros")]
     pub clean_epochs: [usize; 2],
     /// SLF: train on cached features (true; the stage always does) or re-run the encoder per
     /// batch (false: the reference path, for tests). Ignored by ALF / AFF.
     pub cache_features: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+#[allow(clippy::trivially_copy_pass_by_ref)] // serde's skip_serializing_if passes a reference
+fn is_true(v: &bool) -> bool {
+    *v
+}
+
+fn is_zeros(v: &[usize; 2]) -> bool {
+    *v == [0, 0]
 }
 
 impl FinetuneConfig {

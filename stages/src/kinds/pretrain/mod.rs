@@ -29,7 +29,7 @@
 //! | `device` | `auto` | `auto`, `cpu` or `cuda:N` (the backend is keyed, the ordinal is not) |
 //! | `checkpoint_minutes` | 10 | minutes between training-state writes within an epoch (0: every batch; not keyed, see Resume) |
 //! | `input_norm` | `none` | `half`: `(x − 0.5) / 0.5` inside the model (R-EMP's transform; R-CF removed it), buffers `encoder.normalize.*` in the checkpoint; SimCLR / EMP-SSL only, keyed only when set |
-//! | `faithful` | `true` | the reference-code quirks, `true` / `false` for all or a map (`q6`, `q7`, `q8`, `q10`, `q28`, `q31`, `q38`, `q41`, `q43`, `q47`, `q50`) |
+//! | `faithful` | `true` | the reference-code quirks, `true` / `false` for all or a map (`q6`, `q7`, `q8`, `q10`, `q28`, `q31`, `q38`, `q41`, `q43`, `q47`, `q48`, `q50`) |
 //!
 //! # The ACL family (`method: acl | air`)
 //!
@@ -142,6 +142,12 @@
 //!   and each later step applies their update in closed form (`r ↦ a r + s₃ − a s₀`, equal up
 //!   to float rounding; the head, whose BN also sees `x_cl`, runs every step). Clean: the
 //!   attack still uses batch statistics but restores the running statistics afterwards.
+//! - \[Q46\] (R-ADV's attack sums its cross-entropy, training averages it) has no switch: it
+//!   cannot change the attack. `x_ce`'s gradient comes from the cross-entropy alone and
+//!   `x_cl`'s from the contrastive term alone, and sign steps are blind to a positive scale.
+//! - `q48` (`advcl`): the attack's uniform start is not clamped to the box before the first
+//!   forward, and the high-frequency view is left unclamped (it can be negative); clean: both
+//!   clamped to `[0, 1]`. Keyed only when off.
 //! - `q50` (`advcl`): R-ADV's loop runs `range(0, epoch + 2)`, so the run trains `epochs + 2`
 //!   epochs and the cosine overshoots π at the end; clean: `epochs`.
 //!
@@ -242,6 +248,9 @@ pub struct FaithfulParam {
     /// \[Q47\] AdvCL's attack forwards update the BN running statistics.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub q47: Option<bool>,
+    /// \[Q48\] AdvCL's random start and high-frequency view are not clamped to the box.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub q48: Option<bool>,
     /// \[Q50\] AdvCL runs two epochs more than its cosine.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub q50: Option<bool>,
@@ -260,6 +269,7 @@ impl FaithfulParam {
             q41: Some(v),
             q43: Some(v),
             q47: Some(v),
+            q48: Some(v),
             q50: Some(v),
         }
     }
@@ -273,7 +283,7 @@ impl Default for FaithfulParam {
 
 impl<'de> Deserialize<'de> for FaithfulParam {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let expected = "expected true, false or a map with some of q6, q7, q8, q10, q28, q31, q38, q41, q43, q47, q50 set to true/false";
+        let expected = "expected true, false or a map with some of q6, q7, q8, q10, q28, q31, q38, q41, q43, q47, q48, q50 set to true/false";
         match Value::deserialize(d)? {
             Value::Bool(b) => Ok(Self::all(b)),
             Value::Object(m) => {
@@ -290,6 +300,7 @@ impl<'de> Deserialize<'de> for FaithfulParam {
                     q41: None,
                     q43: None,
                     q47: None,
+                    q48: None,
                     q50: None,
                 };
                 for (k, v) in m {
@@ -309,6 +320,7 @@ impl<'de> Deserialize<'de> for FaithfulParam {
                         "q41" => &mut out.q41,
                         "q43" => &mut out.q43,
                         "q47" => &mut out.q47,
+                        "q48" => &mut out.q48,
                         "q50" => &mut out.q50,
                         _ => {
                             return Err(serde::de::Error::custom(format!(
@@ -648,6 +660,7 @@ impl PretrainParams {
                 q41: rcs.then_some(c.faithful.q41),
                 q43: rcs.then_some(c.faithful.q43),
                 q47: advcl.then_some(c.faithful.q47),
+                q48: advcl.then_some(c.faithful.q48),
                 q50: advcl.then_some(c.faithful.q50),
             },
         }
@@ -795,6 +808,7 @@ impl PretrainParams {
                 q41: f.q41.unwrap_or(true),
                 q43: f.q43.unwrap_or(true),
                 q47: f.q47.unwrap_or(true),
+                q48: f.q48.unwrap_or(true),
                 q50: f.q50.unwrap_or(true),
             },
         }
@@ -1013,6 +1027,10 @@ impl TypedStage for Pretrain {
             if let Some(b) = value {
                 keyed.insert(name.into(), Value::Bool(b));
             }
+        }
+        // switches added to a method after its first version: keyed only when off
+        if f.q48 == Some(false) {
+            keyed.insert("q48".into(), Value::Bool(false));
         }
         if let Value::Object(m) = &mut v {
             m.insert("faithful".into(), Value::Object(keyed));

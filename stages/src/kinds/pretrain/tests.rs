@@ -1052,6 +1052,8 @@ fn advcl_defaults_keys_and_errors() -> TestResult {
         json!({"views": "patch", "z_dim": 64, "hidden_dim": 8}),
         json!({"lambda1": 3, "rcs_fraction": 0.5, "dyn_aug": true}),
         json!({"ce_weight": 0.2, "hf_radius": 8, "alpha": "2/255"}),
+        // switches added after AdvCL's first version keep its keys while on
+        json!({"faithful": {"q48": true}}),
     ] {
         let mut v = json!({"method": "advcl"});
         if let (Value::Object(m), Value::Object(e)) = (&mut v, extra.clone()) {
@@ -1063,6 +1065,7 @@ fn advcl_defaults_keys_and_errors() -> TestResult {
         json!({"ce_weight": 0.5}),
         json!({"hf_radius": 4}),
         json!({"faithful": {"q47": false}}),
+        json!({"faithful": {"q48": false}}),
         json!({"warmup_epochs": 2}),
     ] {
         let mut v = json!({"method": "advcl"});
@@ -1197,6 +1200,41 @@ fn values_of(t: &Tensor) -> Vec<u32> {
 
 fn scalar_f64(t: &Tensor) -> std::result::Result<f64, trainer::Error> {
     Ok(t.to_dtype(candle::DType::F64)?.to_scalar::<f64>()?)
+}
+
+#[test]
+fn advcl_q48_switches_the_clamps_of_the_start_and_the_hf_view() -> TestResult {
+    let d = data(40);
+    let (ks, labels) = advcl_labels(40);
+    let batch_of = |extra: Value| -> std::result::Result<_, trainer::Error> {
+        let t = Pretrainer::advcl(
+            small_advcl(extra),
+            &d.train,
+            &ks,
+            labels.clone(),
+            &Device::Cpu,
+        )?;
+        let idx = t.batch_indices(0, 0);
+        let images = t.batch_images(0, 0);
+        let batch = t.advcl_batch(&idx, &images, 0)?;
+        let adv = t.advcl_attack(&batch, 0)?;
+        Ok((batch, adv))
+    };
+    let min = |t: &Tensor| -> candle::Result<f32> { t.flatten_all()?.min(0)?.to_scalar::<f32>() };
+    // [Q48]: the high-frequency view of real-looking images goes below 0 unless clamped
+    let (faithful, (cl, _)) = batch_of(json!({}))?;
+    assert!(
+        min(&faithful.hf)? < 0.0,
+        "the HF view is never negative here"
+    );
+    let (clean, (cl_clean, _)) = batch_of(json!({"faithful": {"q48": false}}))?;
+    assert!(min(&clean.hf)? >= 0.0);
+    assert_eq!(max_abs(&(&faithful.xo - &clean.xo)?), 0.0, "the same views");
+    assert!(
+        max_abs(&(&cl - &cl_clean)?) > 0.0,
+        "the clamps change the attack"
+    );
+    Ok(())
 }
 
 #[test]

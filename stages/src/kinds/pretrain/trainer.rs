@@ -134,6 +134,8 @@ pub struct Faithful {
     /// \[Q47\] AdvCL's attack forwards run in train mode and update the BN running
     /// statistics, all five views at every step.
     pub q47: bool,
+    /// \[Q48\] AdvCL's random start and high-frequency view are not clamped to `[0, 1]`.
+    pub q48: bool,
     /// \[Q50\] AdvCL's loop runs `epochs + 2` epochs of the `epochs`-long cosine.
     pub q50: bool,
 }
@@ -1273,6 +1275,11 @@ impl<'d> Pretrainer<'d> {
         let shape = v.shape().to_vec();
         let xo = Tensor::from_vec(v.data, shape, &self.device)?;
         let hf = run.high_pass.apply(&xo)?;
+        let hf = if self.cfg.faithful.q48 {
+            hf
+        } else {
+            hf.clamp(0.0, 1.0)?
+        };
         Ok((xo, hf))
     }
 
@@ -1310,10 +1317,12 @@ impl<'d> Pretrainer<'d> {
     }
 
     /// AdvCL's two attacks from `x_o` (METHODS.md 8.3), run jointly as one PGD on
-    /// `[x_cl; x_ce]`: uniform start unclamped (\[Q48\]), `pgd_steps` sign steps of `alpha`,
+    /// `[x_cl; x_ce]`: uniform start unclamped (\[Q48\]; clamped with it off), `pgd_steps`
+    /// sign steps of `alpha`,
     /// the `eps` ball around `x_o` and the box; the objective
     /// `SupCon([z(x_cl; pgd), z(x1), z(x2), z(x_HF)]) + w · (1/|K|) Σ_K CE_sum(W_K f(x_ce;
-    /// pgd_ce), ŷ_K)` with the model in train mode. With \[Q47\] every step re-runs all five
+    /// pgd_ce), ŷ_K)` with the model in train mode (the sum, \[Q46\], cannot change the sign
+    /// steps: `x_ce`'s gradient comes from the cross-entropy alone). With \[Q47\] every step re-runs all five
     /// forwards, which update the running statistics; clean: the three clean views are
     /// embedded once and the running statistics are restored afterwards. Returns
     /// `(x_cl, x_ce)`.
@@ -1366,7 +1375,7 @@ impl<'d> Pretrainer<'d> {
                 .0)
         };
         let cfg = PgdConfig {
-            clamp_after_init: false,
+            clamp_after_init: !self.cfg.faithful.q48,
             ..PgdConfig::new(Norm::Linf, self.cfg.eps, self.cfg.alpha, self.cfg.pgd_steps)
         };
         let mut rng = Rng::derive(self.cfg.seed, &[ATTACK_STREAM, global]);
