@@ -561,9 +561,9 @@ impl FinetuneParams {
             device: self.device,
             checkpoint_minutes: self.checkpoint_minutes,
             faithful: FaithfulParam {
-                q31: self.random_start().then_some(c.faithful.q31),
+                q31: self.has_random_start().then_some(c.faithful.q31),
             },
-            random_start: (c.mode == Mode::Alf && c.eps != 0.0 && !c.random_start).then_some(false),
+            random_start: (alf && c.eps != 0.0 && !c.random_start).then_some(false),
             clean_epochs_before: alf.then_some(c.clean_epochs[0]).filter(|&n| n > 0),
             clean_epochs_after: alf.then_some(c.clean_epochs[1]).filter(|&n| n > 0),
         }
@@ -571,7 +571,7 @@ impl FinetuneParams {
 
     /// Whether the attack has a random start that \[Q31\] can clamp: ALF's `U(−ε, ε)` (not
     /// at `eps: 0` or without `random_start`) and AFF's `x + 0.001 · N(0, 1)`.
-    fn random_start(&self) -> bool {
+    fn has_random_start(&self) -> bool {
         match self.mode {
             Mode::Slf => false,
             Mode::Alf => {
