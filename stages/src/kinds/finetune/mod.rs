@@ -19,14 +19,15 @@
 //! - `aff`: every parameter, TRADES (`CE(f(x), y) + beta · KL(f(x) ‖ f(x̃))`): `x̃` starts at
 //!   `x + 0.001 · N(0, 1)` (not clamped unless `faithful.q31` is off) and takes `pgd_steps`
 //!   sign steps of `alpha` that maximise the KL, projected onto the `eps` ball and `[0, 1]`,
-//!   in eval mode. The training forward runs in
-//!   train mode with dual BN (natural inputs through `normal`, adversarial ones through `pgd`,
-//!   in the backbone and in `pre_feature`), both branches initialised from the encoder's BN;
-//!   the saved model keeps the `pgd` branch under the plain single-BN names, so `evaluate`
-//!   loads it as any classifier.
+//!   in eval mode. The training forward runs in train mode with dual BN (natural inputs
+//!   through `normal`, adversarial ones through `pgd`, in the backbone and in `pre_feature`),
+//!   both branches initialised from the encoder's BN (the backbone's from scratch with
+//!   `faithful.q34b`); the saved model keeps the `pgd` branch under the plain single-BN names,
+//!   so `evaluate` loads it as any classifier.
 //!
 //! An encoder with a `pgd` BN branch (ACL family) is read through that branch in every mode
-//! (\[Q34\] a; its shortcut convs and BNs are loaded too, \[Q34\] b clean).
+//! (\[Q34\] a; its shortcut convs and BNs are loaded too, \[Q34\] b clean, unless
+//! `faithful.q34b`).
 //!
 //! # Architecture
 //!
@@ -59,13 +60,18 @@
 //! | `seed` | 0 | shuffles, augmentations, attacks, the default head init |
 //! | `device` | `auto` | `auto`, `cpu` or `cuda:N` (the backend is keyed, the ordinal is not) |
 //! | `checkpoint_minutes` | 10 | minutes between training-state writes within an epoch (0: every batch; not keyed, see Resume) |
-//! | `faithful` | `true` | the reference-code quirks of the attacks, `true` / `false` for all or a map `{q31}` |
+//! | `faithful` | `{q31: true, q34b: false}` | the reference-code quirks, `true` / `false` for all or a map of some (`{q34b: true}`) |
 //!
 //! The `faithful` switches (METHODS.md section 17):
 //!
-//! | switch | `true` (reference, R-AIR / R-RCS) | `false` |
-//! |---|---|---|
-//! | `q31` | the random start (ALF: `x + U(−eps, eps)`; AFF: `x + 0.001 · N(0, 1)`) goes into the first forward unclamped, so the first gradient is taken at a slightly out-of-range image | the start is clamped to `[0, 1]` first (METHODS.md 2.5) |
+//! | switch | default | `true` (reference, R-AIR / R-RCS) | `false` |
+//! |---|---|---|---|
+//! | `q31` | `true` | the random start (ALF: `x + U(−eps, eps)`; AFF: `x + 0.001 · N(0, 1)`) goes into the first forward unclamped, so the first gradient is taken at a slightly out-of-range image | the start is clamped to `[0, 1]` first (METHODS.md 2.5) |
+//! | `q34b` | `false` | AFF: R-AIR's `load_state_dict(strict=False)` misses the BN and shortcut names of its dual-BN model, so every BN of the backbone (both branches: weight 1, bias 0, running mean 0, variance 1) and the three 1×1 shortcut convs (Kaiming-normal, fan-out) start from scratch; the other convs and `pre_feature` are pretrained | both branches and the shortcut convs start from the encoder (its `pgd` branch where it has one), METHODS.md's clean variant |
+//!
+//! `q34b` came after the first version, so it defaults to that version's (clean) behaviour
+//! and is keyed only when on: every earlier AFF node keeps its key. `faithful: true` turns it
+//! on too (the reference's every quirk).
 //!
 //! Presets:
 //!
@@ -98,7 +104,7 @@
 //! (`eps`, `alpha`, `pgd_steps` for SLF; `beta` unless AFF; `n_views`, `views` unless
 //! `ncrop`; `augment` for `ncrop`; `momentum` for Adam; `t_max` unless cosine; `milestones`
 //! unless multistep; `faithful.q31` unless ALF with `eps > 0` or AFF, the modes whose attack
-//! has a random start), so sweeping them recomputes nothing.
+//! has a random start; `faithful.q34b` unless AFF and on), so sweeping them recomputes nothing.
 //!
 //! # Outputs
 //!
@@ -231,22 +237,29 @@ pub struct FaithfulParam {
     /// \[Q31\] the attack's random start is not clamped to the box before the first forward.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub q31: Option<bool>,
+    /// \[Q34\] b: AFF's dual-BN copy starts the backbone's BNs and shortcut convs from scratch
+    /// (default `false`, the clean variant; `faithful: true` turns it on).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub q34b: Option<bool>,
 }
 
 impl FaithfulParam {
     fn all(v: bool) -> Self {
-        Self { q31: Some(v) }
+        Self {
+            q31: Some(v),
+            q34b: Some(v),
+        }
     }
 
     /// Whether no switch is written (the canonical form of a mode without attack).
     pub fn is_empty(&self) -> bool {
-        self.q31.is_none()
+        self.q31.is_none() && self.q34b.is_none()
     }
 }
 
 impl<'de> Deserialize<'de> for FaithfulParam {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let expected = "expected true, false or a map with q31 set to true/false";
+        let expected = "expected true, false or a map with q31 and / or q34b set to true/false";
         match Value::deserialize(d)? {
             Value::Bool(b) => Ok(Self::all(b)),
             Value::Object(m) => {
@@ -259,6 +272,7 @@ impl<'de> Deserialize<'de> for FaithfulParam {
                     };
                     match k.as_str() {
                         "q31" => out.q31 = Some(b),
+                        "q34b" => out.q34b = Some(b),
                         _ => {
                             return Err(serde::de::Error::custom(format!(
                                 "unknown switch faithful.{k}: {expected}"
@@ -562,6 +576,8 @@ impl FinetuneParams {
             checkpoint_minutes: self.checkpoint_minutes,
             faithful: FaithfulParam {
                 q31: self.has_random_start().then_some(c.faithful.q31),
+                // added after the first version: keyed only when on, so AFF keys hold
+                q34b: c.faithful.q34b.then_some(true),
             },
             random_start: (alf && c.eps != 0.0 && !c.random_start).then_some(false),
             clean_epochs_before: alf.then_some(c.clean_epochs[0]).filter(|&n| n > 0),
@@ -646,6 +662,7 @@ impl FinetuneParams {
             seed: self.seed,
             faithful: Faithful {
                 q31: self.faithful.q31.unwrap_or(true),
+                q34b: self.mode == Mode::Aff && self.faithful.q34b.unwrap_or(false),
             },
             random_start: self.random_start.unwrap_or(true),
             clean_epochs,

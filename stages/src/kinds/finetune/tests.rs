@@ -729,24 +729,29 @@ fn aff_keeps_the_pgd_branch_under_the_plain_names() -> TestResult {
     Ok(())
 }
 
-#[test]
-fn an_encoder_with_a_pgd_branch_is_read_through_it() -> TestResult {
-    // an ACL-style checkpoint: every BN tensor also under `<bn>.pgd.`, with other values
-    let src = pretrain_encoder(6);
+/// An ACL-style checkpoint: [`pretrain_encoder`] with every backbone BN tensor also under
+/// `<bn>.pgd.`, 0.5 higher.
+fn pgd_branch_checkpoint(seed: u64) -> candle::Result<HashMap<String, Tensor>> {
+    let src = named_vars(&pretrain_encoder(seed));
     let mut t: HashMap<String, Tensor> = HashMap::new();
-    for (n, v) in named_vars(&src) {
+    for (n, v) in &src {
         let tensor = v.as_tensor().clone();
-        let is_bn = n.starts_with("encoder.")
-            && named_vars(&src).iter().any(|(o, _)| {
-                n.rsplit_once('.')
-                    .is_some_and(|(m, _)| *o == format!("{m}.running_mean"))
-            });
-        if is_bn && tensor.dtype() == DType::F32 {
-            let (m, p) = n.rsplit_once('.').ok_or("name")?;
+        let bn_module = n
+            .rsplit_once('.')
+            .filter(|(m, _)| src.iter().any(|(o, _)| *o == format!("{m}.running_mean")));
+        if let Some((m, p)) = bn_module.filter(|_| n.starts_with("encoder."))
+            && tensor.dtype() == DType::F32
+        {
             t.insert(format!("{m}.pgd.{p}"), (&tensor + 0.5)?);
         }
-        t.insert(n, tensor);
+        t.insert(n.clone(), tensor);
     }
+    Ok(t)
+}
+
+#[test]
+fn an_encoder_with_a_pgd_branch_is_read_through_it() -> TestResult {
+    let t = pgd_branch_checkpoint(6)?;
     let enc = EncoderWeights::from_tensors(t.clone())?;
     assert!(enc.has_pgd_branch());
     let d = data(16, 8);
@@ -1232,6 +1237,145 @@ fn faithful_q31_is_keyed_only_where_a_random_start_exists() {
             .any(|m| m.contains("faithful.q31: expected true or false")),
         "{e:?}"
     );
+}
+
+#[test]
+fn faithful_q34b_is_keyed_only_for_aff_and_only_when_on() {
+    // off by default (the first version's AFF), so every earlier AFF node keeps its key
+    let aff = norm_ok(json!({"mode": "aff"}));
+    assert_eq!(aff["faithful"], json!({"q31": true}));
+    assert_eq!(
+        norm_ok(json!({"mode": "aff", "faithful": {"q34b": false}})),
+        aff
+    );
+    assert!(!cfg(json!({"mode": "aff"})).faithful.q34b);
+    let on = norm_ok(json!({"mode": "aff", "faithful": {"q34b": true}}));
+    assert_eq!(on["faithful"], json!({"q31": true, "q34b": true}));
+    assert_eq!(norm_ok(json!({"mode": "aff", "faithful": true})), on);
+    assert_eq!(norm_ok(on.clone()), on);
+    assert!(cfg(json!({"mode": "aff", "faithful": true})).faithful.q34b);
+    assert_eq!(
+        norm_ok(json!({"mode": "aff", "faithful": false}))["faithful"],
+        json!({"q31": false})
+    );
+    // SLF and ALF load no dual-BN copy: the switch is dropped and does nothing
+    for mode in ["slf", "alf"] {
+        assert_eq!(
+            norm_ok(json!({"mode": mode, "faithful": {"q34b": true}})),
+            norm_ok(json!({"mode": mode})),
+            "{mode}"
+        );
+        assert!(!cfg(json!({"mode": mode, "faithful": true})).faithful.q34b);
+    }
+    let e = errors(json!({"mode": "aff", "faithful": {"q34b": "yes"}}));
+    assert!(
+        e.iter()
+            .any(|m| m.contains("faithful.q34b: expected true or false")),
+        "{e:?}"
+    );
+}
+
+/// Mean and standard deviation of a tensor's values.
+fn mean_std(t: &Tensor) -> (f64, f64) {
+    let v = to_f64(t);
+    let n = v.len() as f64;
+    let mean = v.iter().sum::<f64>() / n;
+    let var = v.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / n;
+    (mean, var.sqrt())
+}
+
+#[test]
+fn q34b_starts_the_backbone_bns_and_shortcut_convs_from_scratch() -> TestResult {
+    let t = pgd_branch_checkpoint(7)?;
+    let enc = EncoderWeights::from_tensors(t.clone())?;
+    let d = data(32, 8);
+    let aff = |faithful: Value| -> std::result::Result<Finetuner<'_>, trainer::Error> {
+        Finetuner::new(
+            cfg(
+                json!({"mode": "aff", "epochs": 1, "batch_size": 16, "pgd_steps": 1,
+                       "faithful": faithful}),
+            ),
+            &enc,
+            &d.train,
+            4,
+            &Device::Cpu,
+        )
+    };
+    // ResNet-18 has 20 BN modules in its backbone (stem, 2 per block, 3 shortcuts), each with
+    // weight, bias, running mean and variance, in two branches
+    let fresh: HashMap<&str, f64> = [
+        ("weight", 1.0),
+        ("bias", 0.0),
+        ("running_mean", 0.0),
+        ("running_var", 1.0),
+    ]
+    .into();
+    let faithful = aff(json!({"q34b": true}))?;
+    let dual: BTreeMap<String, Tensor> = named_vars(faithful.varmap())
+        .into_iter()
+        .map(|(n, v)| (n, v.as_tensor().clone()))
+        .collect();
+    let mut bn_tensors = 0;
+    for (name, tensor) in &dual {
+        let Some((module, p)) = name.rsplit_once('.') else {
+            continue;
+        };
+        let is_bn = dual.contains_key(&format!("{module}.running_mean"));
+        if name.starts_with("encoder.") && is_bn && p != "num_batches_tracked" {
+            bn_tensors += 1;
+            let want = fresh[p];
+            assert!(
+                to_f64(tensor).iter().all(|&x| x == want),
+                "{name} is not {want}"
+            );
+        }
+    }
+    assert_eq!(bn_tensors, 20 * 4 * 2);
+    for (layer, c_out) in [(2, 2 * WIDTH), (3, 4 * WIDTH), (4, 8 * WIDTH)] {
+        let name = format!("encoder.layer{layer}.0.downsample.0.weight");
+        assert_ne!(bytes_of(&dual[&name]), bytes_of(&t[&name]), "{name}");
+        // Kaiming-normal, fan-out (R-AIR's init of every conv): std sqrt(2 / c_out)
+        let (mean, std) = mean_std(&dual[&name]);
+        let want = (2.0 / c_out as f64).sqrt();
+        assert!(mean.abs() < 0.25 * want, "{name}: mean {mean}");
+        assert!(
+            (std / want - 1.0).abs() < 0.3,
+            "{name}: std {std}, want {want}"
+        );
+    }
+    // the other convs and pre_feature (no counterpart in R-AIR) are pretrained
+    for name in [
+        "encoder.conv1.weight",
+        "encoder.layer1.0.conv1.weight",
+        "encoder.layer4.1.conv2.weight",
+        "pre_feature.0.weight",
+        "pre_feature.1.weight",
+        "pre_feature.1.pgd.running_var",
+    ] {
+        let src = name.replace(".pgd.", ".");
+        assert_eq!(bytes_of(&dual[name]), bytes_of(&t[&src]), "{name}");
+    }
+    // clean (the default): both branches from the checkpoint's `pgd` branch, shortcuts loaded
+    let clean = aff(json!({}))?;
+    let dual = values(clean.varmap());
+    for name in [
+        "encoder.bn1.weight",
+        "encoder.bn1.pgd.weight",
+        "encoder.layer3.0.downsample.1.running_var",
+    ] {
+        let src = name.replace(".pgd.", ".");
+        let (m, p) = src.rsplit_once('.').ok_or("name")?;
+        assert_eq!(dual[name], bytes_of(&t[&format!("{m}.pgd.{p}")]), "{name}");
+    }
+    assert_eq!(
+        dual["encoder.layer2.0.downsample.0.weight"],
+        bytes_of(&t["encoder.layer2.0.downsample.0.weight"])
+    );
+    // and the faithful copy trains
+    let mut faithful = faithful;
+    let stats = faithful.train_epoch(&TrainHooks::default())?;
+    assert!(stats.loss.is_finite(), "{stats:?}");
+    Ok(())
 }
 
 /// Images at the box edges: half the pixels 0, half 1, `(2, 3, 4, 4)`.

@@ -37,7 +37,7 @@
 //! branches initialised from the encoder's BN (its `pgd` branch when it has one, \[Q34\] clean).
 //! [`Finetuner::finish`] keeps the `pgd` branch under the plain single-BN names.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -150,11 +150,23 @@ pub struct Faithful {
     /// (`x + 0.001 · N(0, 1)`) is not clamped to `[0, 1]` before the first forward (R-AIR /
     /// R-RCS); `false` clamps it.
     pub q31: bool,
+    /// \[Q34\] b (AFF only; `false` for SLF / ALF): the dual-BN training copy starts every BN
+    /// of the backbone (both branches: weight 1, bias 0, running mean 0, variance 1) and the
+    /// three 1×1 shortcut convs (Kaiming-normal, fan-out) from scratch, as R-AIR's
+    /// `strict=False` load leaves them; the other convs and `pre_feature` are pretrained.
+    /// `false`: both branches and the shortcut convs are read from the encoder (the `pgd`
+    /// branch where it has one). Not serialised when `false`, so the resume fingerprints of
+    /// SLF / ALF states hold.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub q34b: bool,
 }
 
 impl Default for Faithful {
     fn default() -> Self {
-        Self { q31: true }
+        Self {
+            q31: true,
+            q34b: false,
+        }
     }
 }
 
@@ -522,9 +534,14 @@ impl EncoderWeights {
 
     /// Sets every variable of `varmap` except the head (`classifier.*`) from the checkpoint.
     fn load_into(&self, varmap: &VarMap) -> Result<()> {
+        self.load_into_except(varmap, &HashSet::new())
+    }
+
+    /// [`EncoderWeights::load_into`], leaving the variables named in `keep` as they are.
+    fn load_into_except(&self, varmap: &VarMap, keep: &HashSet<String>) -> Result<()> {
         let mut plan = Vec::new();
         for (name, var) in named_vars(varmap) {
-            if name.starts_with(&format!("{CLASSIFIER}.")) {
+            if name.starts_with(&format!("{CLASSIFIER}.")) || keep.contains(&name) {
                 continue;
             }
             match self.source(&name) {
@@ -563,6 +580,29 @@ impl EncoderWeights {
 
 // ---------------------------------------------------------------------------------------------
 // AFF's dual-BN training copy
+
+/// The variables of the dual-BN copy that R-AIR's AFF does not load from the pretrained
+/// encoder (\[Q34\] b): its converted single-BN `state_dict` names BNs `bn1.weight` and the
+/// shortcut `downsample.0` / `.1`, the dual model `bn1.bn_list.k.weight` and
+/// `downsample.conv` / `.bn`, and `load_state_dict(strict=False)` skips every name that does
+/// not match. So every BN tensor of the backbone (both branches) and the shortcut convs keep
+/// their initialisation. `pre_feature` has no counterpart in R-AIR and is loaded.
+fn r_air_unloaded(varmap: &VarMap) -> HashSet<String> {
+    let names: Vec<String> = named_vars(varmap).into_iter().map(|(n, _)| n).collect();
+    let bn_modules: HashSet<&str> = names
+        .iter()
+        .filter_map(|n| n.strip_suffix(".running_mean"))
+        .collect();
+    names
+        .iter()
+        .filter(|n| n.starts_with(&format!("{ENCODER}.")))
+        .filter(|n| {
+            let module = n.rsplit_once('.').map_or("", |(m, _)| m);
+            bn_modules.contains(module) || module.ends_with(".downsample.0")
+        })
+        .cloned()
+        .collect()
+}
 
 /// `pre_feature` with one BN per branch.
 #[derive(Debug, Clone)]
@@ -888,7 +928,12 @@ impl<'d> Finetuner<'d> {
                     device,
                     |vb| DualClassifier::build(&spec, vb),
                 )?;
-                enc.load_into(&varmap)?;
+                let fresh = if cfg.faithful.q34b {
+                    r_air_unloaded(&varmap)
+                } else {
+                    HashSet::new()
+                };
+                enc.load_into_except(&varmap, &fresh)?;
                 let params = trainable(&varmap);
                 (Model::Dual { varmap, net }, params)
             }
