@@ -18,7 +18,9 @@
 //!   fractions such as `8/255` compare by value). Labels fill `{param}` / `{kind.param}` from
 //!   the run's provenance: `"Crop-based EMP-FreeAdv ({pretrain.n_views} crops, m={m},
 //!   {pretrain.epochs} epochs)"`. Runs no rule matches come after, labelled by `label`, or by
-//!   default with the params that differ between the runs (`m=3, n_views=16`).
+//!   default with the params that differ between the runs (`m=3, n_views=16`; fields of map
+//!   params by their dotted names, `faithful.q34b=true`; `q34b unset` for a run that has
+//!   none of them).
 //! - `title`, `sort` (a column's metric: best first), `precision`, `plots` (params to plot on
 //!   the x axis; default: every swept param, see [`plot`]; `[]` for none).
 //!
@@ -172,7 +174,9 @@ fn default_precision() -> u32 {
 
 impl TypedStage for Report {
     const KIND: &'static str = "report";
-    const VERSION: u32 = 1;
+    // 2: nested params (`faithful.q34b`, `defense.adaptive_lambda`) and lists label and plot
+    // runs no row rule names; a run with none of the varying params says which are unset
+    const VERSION: u32 = 2;
     type Params = ReportParams;
 
     fn inputs() -> Slots {

@@ -132,14 +132,28 @@ impl Run {
         })
     }
 
-    /// Every scalar param of the first link of each kind, as `kind.param`.
+    /// Every param of the first link of each kind, as `kind.param`: the fields of a map param
+    /// as `kind.param.field` (`finetune.faithful.q34b`, `evaluate.defense.adaptive_lambda`),
+    /// lists of scalars as they are (`finetune.milestones`); lists holding maps (`attacks`)
+    /// are left out.
     pub fn flat_params(&self) -> BTreeMap<String, Value> {
+        fn flatten(prefix: String, v: &Value, out: &mut BTreeMap<String, Value>) {
+            match v {
+                Value::Object(m) => {
+                    for (k, v) in m {
+                        flatten(format!("{prefix}.{k}"), v, out);
+                    }
+                }
+                Value::Array(a) if a.iter().any(|x| x.is_object() || x.is_array()) => {}
+                _ => {
+                    out.insert(prefix, v.clone());
+                }
+            }
+        }
         let mut out = BTreeMap::new();
         for l in self.firsts() {
             for (k, v) in &l.params {
-                if !v.is_object() && !v.is_array() {
-                    out.insert(format!("{}.{k}", l.kind), v.clone());
-                }
+                flatten(format!("{}.{k}", l.kind), v, &mut out);
             }
         }
         out
@@ -170,6 +184,13 @@ pub fn format_value(name: &str, v: &Value) -> String {
             Some(x) if n.is_f64() => format_plain(x),
             _ => n.to_string(),
         },
+        Value::Array(a) => format!(
+            "[{}]",
+            a.iter()
+                .map(|x| format_value(name, x))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
         other => other.to_string(),
     }
 }
@@ -570,7 +591,9 @@ pub fn varying_params(runs: &[Run]) -> Vec<(String, String)> {
 }
 
 /// Labels for runs no rule names: `name=value` of every param that differs between the runs
-/// (`m=3, n_views=16`), or the run's kind and key when all are alike.
+/// (`m=3, n_views=16`); for a run that has none of them (each is set only on other runs:
+/// params keyed only away from their default, or that do not apply), `name unset` for each;
+/// the run's kind and key when all runs are alike.
 fn auto_labels(runs: &[Run]) -> Vec<String> {
     let varying = varying_params(runs);
     runs.iter()
@@ -583,10 +606,16 @@ fn auto_labels(runs: &[Run]) -> Vec<String> {
                         .map(|v| format!("{shown}={}", format_value(k, v)))
                 })
                 .collect();
-            if parts.is_empty() {
+            if !parts.is_empty() {
+                parts.join(", ")
+            } else if varying.is_empty() {
                 format!("{} {}", r.chain[0].kind, short(r.key()))
             } else {
-                parts.join(", ")
+                varying
+                    .iter()
+                    .map(|(_, shown)| format!("{shown} unset"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
             }
         })
         .collect()

@@ -331,6 +331,77 @@ fn unmatched_runs_get_labels_from_the_params_that_differ() {
 }
 
 #[test]
+fn map_and_list_params_label_the_runs_that_differ_in_them() {
+    // finetune variants that differ only inside a map param (one keyed only when on) and in
+    // a list; the evaluate params' `attacks`, a list of maps, never labels
+    let ft = |id: &str, faithful: Value, milestones: Value| {
+        let mut r = run(id, json!({"method": "acl"}), 1.0, 0.5, 0.2);
+        r.chain[2].params =
+            obj(json!({"mode": "aff", "faithful": faithful, "milestones": milestones}));
+        r.chain[3].key = "p0".repeat(32);
+        r.chain[0].params = obj(
+            json!({"attacks": [{"norm": "linf", "eps": 8.0 / 255.0 * f64::from(id.len() as u8)}]}),
+        );
+        r
+    };
+    let runs = vec![
+        ft("a", json!({"q31": true}), json!([15, 20])),
+        ft("bb", json!({"q31": true, "q34b": true}), json!([15, 20])),
+        ft("ccc", json!({"q31": false}), json!([4, 5])),
+    ];
+    let t = build(&params(json!({"columns": ["clean_acc"]})), &runs).expect("table");
+    let labels: Vec<&str> = t.rows.iter().map(|r| r.label.as_str()).collect();
+    assert_eq!(
+        labels,
+        [
+            "faithful.q31=true, milestones=[15, 20]",
+            "faithful.q31=true, faithful.q34b=true, milestones=[15, 20]",
+            "faithful.q31=false, milestones=[4, 5]",
+        ]
+    );
+    // a run that has none of the varying params says so instead of showing its key
+    let runs = vec![
+        ft("a", json!({"q31": true}), json!([15, 20])),
+        ft("bb", json!({"q31": true, "q34b": true}), json!([15, 20])),
+    ];
+    let t = build(&params(json!({"columns": ["clean_acc"]})), &runs).expect("table");
+    let labels: Vec<&str> = t.rows.iter().map(|r| r.label.as_str()).collect();
+    assert_eq!(labels, ["faithful.q34b unset", "faithful.q34b=true"]);
+    // runs alike in every param keep kind and key
+    let runs = vec![
+        ft("a", json!({"q31": true}), json!([15, 20])),
+        ft("a", json!({"q31": true}), json!([15, 20])),
+    ];
+    let t = build(&params(json!({"columns": ["clean_acc"]})), &runs).expect("table");
+    assert_eq!(
+        t.rows[0].label,
+        format!("evaluate {}", &runs[0].key()[..12])
+    );
+    // a numeric field of a map param is swept and plotted like a plain one
+    let runs: Vec<Run> = [1, 10, 100]
+        .iter()
+        .map(|l| {
+            let mut r = run(&format!("{l}"), json!({"method": "acl"}), 1.0, 0.5, 0.2);
+            r.chain[0].params =
+                obj(json!({"defense": {"method": "reverse", "adaptive_lambda": l}}));
+            r
+        })
+        .collect();
+    let xs = swept(&runs, None).expect("swept");
+    assert_eq!(
+        xs,
+        [(
+            "evaluate.defense.adaptive_lambda".to_string(),
+            "defense.adaptive_lambda".to_string()
+        )]
+    );
+    let t = build(&params(json!({"columns": ["clean_acc"]})), &runs).expect("table");
+    assert_eq!(t.rows[0].label, "defense.adaptive_lambda=1");
+    let p = plots(&t, &runs, &xs).expect("plots");
+    assert_eq!(p[0].file, "plot_defense.adaptive_lambda_clean_acc.svg");
+}
+
+#[test]
 fn markdown_csv_html_and_latex_carry_marks_and_sources() {
     let t = build(&paper_params(), &three_rows()).expect("table");
     let md = markdown(&t);
