@@ -60,6 +60,7 @@
 //! | `seed` | 0 | shuffles, augmentations, attacks, the default head init |
 //! | `device` | `auto` | `auto`, `cpu` or `cuda:N` (the backend is keyed, the ordinal is not) |
 //! | `checkpoint_minutes` | 10 | minutes between training-state writes within an epoch (0: every batch; not keyed, see Resume) |
+//! | `select` | `last` | which epoch's head is kept: `last`, or `best_test_pgd20` (SLF / ALF with the full-image head; \[Q35\], R-ADV's SLF script): after every epoch the head is attacked on the dataset's *test* split (PGD-20, l_inf 8/255, step 2/255, uniform random start, eval mode, [`selection_attack`]) and the head of the epoch with the best PGD-20 accuracy is kept (the first on ties). Selection on the test set reproduces R-ADV's reported numbers; it is not a sound protocol. Keyed only when not `last` |
 //! | `faithful` | `{q31: true, q34b: false}` | the reference-code quirks, `true` / `false` for all or a map of some (`{q34b: true}`) |
 //!
 //! The `faithful` switches (METHODS.md section 17):
@@ -97,7 +98,8 @@
 //! | `advcl` (AdvCL) | 512 / 0.01 / 15,20 / 25, PyTorch's head init (R-ADV's SLF script) | 128 / 0.1 / 15,20 / 25 (R-AIR's fallback) | 128 / 0.1 / 15,20 / 25 |
 //!
 //! R-ADV's SLF script also evaluates PGD-20 on the test set after every epoch and reports the
-//! best epoch (\[Q35\]); `finetune` keeps the last epoch and leaves evaluation to `evaluate`.
+//! best epoch (\[Q35\]); `finetune` keeps the last epoch and leaves evaluation to `evaluate`
+//! unless `select: best_test_pgd20` asks for R-ADV's selection.
 //!
 //! Canonical form: the preset's values are written out and `preset` itself is dropped, so a
 //! preset and the same values written by hand key alike; params that do not apply are dropped
@@ -121,7 +123,10 @@
 //!   `feature_seconds`, `feature_passes` (encoder passes over the split that filled the SLF
 //!   feature cache: 1, or one per epoch with `augment`; one more after a resume when the cache
 //!   never changes), `epochs`, `steps`, `n_train`, `classes`, `width`, `feature_dim`,
-//!   `device`, `threads`, and `curve` (per epoch: `loss`, `acc`, `lr`, `seconds`, `images`).
+//!   `device`, `threads`, and `curve` (per epoch: `loss`, `acc`, `lr`, `seconds`, `images`;
+//!   with `select: best_test_pgd20` also `test_clean_acc` and `test_pgd_acc`, and at the top
+//!   level `select`, `selected_epoch` (1-based), `selected_test_clean_acc` and
+//!   `selected_test_pgd20_acc`).
 //!
 //! Progress is reported per batch (and per chunk of the feature pass); the run polls for
 //! cancellation between batches. A non-finite loss fails the node naming epoch and batch.
@@ -152,8 +157,9 @@ mod trainer;
 
 pub use trainer::{
     AFF_INIT_NOISE, DUAL_BRANCHES, EncoderWeights, EpochStats, FEATURE_CHUNK, Faithful,
-    FinetuneConfig, Finetuned, Finetuner, HeadInit, Mode, OptimizerKind, PGD_BRANCH, Schedule,
-    accuracy, finetune, ncrop_pipeline, ncrop_spec, render_views, trades_examples,
+    FinetuneConfig, Finetuned, Finetuner, HeadInit, Mode, OptimizerKind, PGD_BRANCH, SELECT_BATCH,
+    Schedule, Selection, accuracy, finetune, ncrop_pipeline, ncrop_spec, render_views,
+    selection_attack, trades_examples,
 };
 
 /// The resumable state in the scratch folder ([`Finetuner::save_state`]).
@@ -408,6 +414,10 @@ pub struct FinetuneParams {
     /// See `clean_epochs_before`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub clean_epochs_after: Option<usize>,
+    /// Which epoch's head is kept (\[Q35\]): `last` (default) or `best_test_pgd20`. Keyed
+    /// only when not `last`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub select: Option<Selection>,
 }
 
 /// The values a preset fills in.
@@ -582,6 +592,7 @@ impl FinetuneParams {
             random_start: (alf && c.eps != 0.0 && !c.random_start).then_some(false),
             clean_epochs_before: alf.then_some(c.clean_epochs[0]).filter(|&n| n > 0),
             clean_epochs_after: alf.then_some(c.clean_epochs[1]).filter(|&n| n > 0),
+            select: Some(c.select).filter(|&s| s != Selection::Last),
         }
     }
 
@@ -667,6 +678,7 @@ impl FinetuneParams {
             random_start: self.random_start.unwrap_or(true),
             clean_epochs,
             cache_features: true,
+            select: self.select.unwrap_or_default(),
         }
     }
 }
@@ -702,6 +714,14 @@ impl TypedStage for Finetune {
                 mode_name(c.mode)
             )
         });
+        e.require(
+            c.select == Selection::Last || (c.mode != Mode::Aff && !ncrop),
+            "select",
+            || {
+                "`select: best_test_pgd20` keeps the best head of SLF or ALF with the full-image head (R-ADV's SLF)"
+                    .into()
+            },
+        );
         e.require(!(ncrop && p.augment == Some(true)), "augment", || {
             "augment applies to the full-image head; the n-crop head's views are its augmentation"
                 .into()
@@ -807,7 +827,15 @@ impl TypedStage for Finetune {
             log: &log,
             cancelled: &cancelled,
         };
+        let select = cfg.select;
         let mut t = Finetuner::new(cfg, &enc, &dataset.train, dataset.classes.len(), &device)?;
+        if select == Selection::BestTestPgd20 {
+            t.select_on(&dataset.test)?;
+            ctx.log(format!(
+                "select: best_test_pgd20, PGD-20 on the {} test images after every epoch; the best epoch's head is kept (selection on the test set, as R-ADV)",
+                dataset.test.n
+            ));
+        }
         // all or nothing: a state that does not load leaves the trainer fresh
         if let Some(line) =
             crate::nn::checkpoint::resume_in(&mut t, ctx.scratch_dir(), p.checkpoint_minutes)
@@ -826,6 +854,12 @@ impl TypedStage for Finetune {
             "done: train loss {} train acc {} in {:.1} s",
             metrics["train_loss"], metrics["train_acc"], metrics["seconds"]
         ));
+        if let Some(e) = metrics.get("selected_epoch") {
+            ctx.log(format!(
+                "kept the head of epoch {e}: test clean acc {}, PGD-20 acc {}",
+                metrics["selected_test_clean_acc"], metrics["selected_test_pgd20_acc"]
+            ));
+        }
         Ok(())
     }
 }

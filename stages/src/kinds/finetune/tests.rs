@@ -1908,3 +1908,199 @@ fn a_run_resumes_mid_epoch_bit_identically() -> TestResult {
     }
     Ok(())
 }
+
+// ---------------------------------------------------------------------------------------------
+// [Q35]: R-ADV's best-on-test selection.
+
+#[test]
+fn select_is_keyed_only_when_not_last_and_only_for_full_head_slf_and_alf() {
+    let slf = norm_ok(json!({"mode": "slf"}));
+    assert!(slf.get("select").is_none(), "{slf}");
+    assert_eq!(norm_ok(json!({"mode": "slf", "select": "last"})), slf);
+    assert_eq!(cfg(json!({"mode": "slf"})).select, Selection::Last);
+    let best = norm_ok(json!({"mode": "slf", "select": "best_test_pgd20"}));
+    assert_eq!(best["select"], json!("best_test_pgd20"));
+    assert_ne!(best, slf);
+    assert_eq!(norm_ok(best.clone()), best);
+    assert_eq!(
+        cfg(json!({"mode": "alf", "select": "best_test_pgd20"})).select,
+        Selection::BestTestPgd20
+    );
+    for bad in [
+        json!({"mode": "aff", "select": "best_test_pgd20"}),
+        json!({"mode": "slf", "head": "ncrop", "select": "best_test_pgd20"}),
+    ] {
+        let e = errors(bad.clone());
+        assert!(e.iter().any(|m| m.contains("select")), "{bad}: {e:?}");
+    }
+    let e = errors(json!({"mode": "slf", "select": "best"}));
+    assert!(e.iter().any(|m| m.contains("best_test_pgd20")), "{e:?}");
+}
+
+/// The head (`classifier.*`) of a trainer, as bytes.
+fn head_values(vm: &VarMap) -> BTreeMap<String, Vec<u8>> {
+    values(vm)
+        .into_iter()
+        .filter(|(n, _)| n.starts_with("classifier."))
+        .collect()
+}
+
+#[test]
+fn best_test_pgd20_keeps_the_head_of_the_epoch_with_the_best_test_pgd_accuracy() -> TestResult {
+    let d = data(64, 48);
+    let enc = EncoderWeights::from_varmap(&pretrain_encoder(8))?;
+    let hooks = TrainHooks::default();
+    // SGD at a high rate: the head's test accuracies move from epoch to epoch
+    let c = cfg(
+        json!({"mode": "slf", "epochs": 5, "batch_size": 16, "optimizer": "sgd",
+                       "lr": 2.0, "select": "best_test_pgd20", "seed": 4}),
+    );
+    let mut t = Finetuner::new(c.clone(), &enc, &d.train, 4, &Device::Cpu)?;
+    // without the test split the run refuses to select
+    assert!(t.train_epoch(&hooks).is_err());
+    let mut t = Finetuner::new(c, &enc, &d.train, 4, &Device::Cpu)?;
+    t.select_on(&d.test)?;
+    let mut heads = Vec::new();
+    while !t.finished() {
+        t.train_epoch(&hooks)?;
+        heads.push(head_values(t.varmap()));
+    }
+    let robust: Vec<f64> = t
+        .curve()
+        .iter()
+        .map(|e| e.test_pgd_acc.expect("pgd acc"))
+        .collect();
+    let clean: Vec<f64> = t
+        .curve()
+        .iter()
+        .map(|e| e.test_clean_acc.expect("clean acc"))
+        .collect();
+    // the first epoch with the highest PGD-20 accuracy (R-ADV's `>`)
+    let best = robust
+        .iter()
+        .enumerate()
+        .fold(0, |b, (i, &r)| if r > robust[b] { i } else { b });
+    assert_eq!(t.selected_epoch(), Some(best), "{robust:?}");
+    // the attack attacks: robust below clean somewhere, never above
+    assert!(
+        robust.iter().zip(&clean).all(|(r, c)| r <= c),
+        "{robust:?} {clean:?}"
+    );
+    assert!(
+        robust.iter().zip(&clean).any(|(r, c)| r < c),
+        "{robust:?} {clean:?}"
+    );
+    let (vm, clf) = t.finish()?;
+    assert_eq!(head_values(&vm), heads[best], "kept head of epoch {best}");
+    // the trainer itself still holds the last epoch's head
+    assert_eq!(head_values(t.varmap()), heads[heads.len() - 1]);
+    // the kept classifier's clean test accuracy is the one recorded for its epoch
+    let acc = accuracy(&clf, &d.test, 0, &Device::Cpu)?;
+    assert!(
+        (acc - clean[best]).abs() < 1e-12,
+        "{acc} vs {}",
+        clean[best]
+    );
+    let m = t.metrics("cpu");
+    assert_eq!(m["selected_epoch"], json!(best + 1));
+    assert_eq!(m["selected_test_pgd20_acc"], json!(robust[best]));
+    assert_eq!(m["select"], json!("best_test_pgd20"));
+    // a `last` run has none of it
+    let mut last = Finetuner::new(
+        cfg(json!({"mode": "slf", "epochs": 1, "batch_size": 16})),
+        &enc,
+        &d.train,
+        4,
+        &Device::Cpu,
+    )?;
+    last.train_epoch(&hooks)?;
+    assert!(last.metrics("cpu").get("selected_epoch").is_none());
+    assert!(last.curve()[0].test_pgd_acc.is_none());
+    Ok(())
+}
+
+#[test]
+fn a_resumed_selection_keeps_the_same_head() -> TestResult {
+    let d = data(48, 32);
+    let enc = EncoderWeights::from_varmap(&pretrain_encoder(9))?;
+    let hooks = TrainHooks::default();
+    let tmp = TempDir::new("finetune-select-resume");
+    let c = cfg(
+        json!({"mode": "slf", "epochs": 3, "batch_size": 16, "optimizer": "sgd",
+                       "lr": 2.0, "select": "best_test_pgd20", "seed": 1}),
+    );
+    let mut whole = Finetuner::new(c.clone(), &enc, &d.train, 4, &Device::Cpu)?;
+    whole.select_on(&d.test)?;
+    while !whole.finished() {
+        whole.train_epoch(&hooks)?;
+    }
+    for stop in [1, 2] {
+        let path = tmp.path().join(format!("state-{stop}.safetensors"));
+        {
+            let mut first = Finetuner::new(c.clone(), &enc, &d.train, 4, &Device::Cpu)?;
+            first.select_on(&d.test)?;
+            for _ in 0..stop {
+                first.train_epoch(&hooks)?;
+            }
+            first.save_state(&path)?;
+        }
+        let mut resumed = Finetuner::new(c.clone(), &enc, &d.train, 4, &Device::Cpu)?;
+        resumed.select_on(&d.test)?;
+        resumed.load_state(&path)?;
+        while !resumed.finished() {
+            resumed.train_epoch(&hooks)?;
+        }
+        assert_eq!(
+            resumed.selected_epoch(),
+            whole.selected_epoch(),
+            "stop {stop}"
+        );
+        assert_eq!(
+            trainer_values(&resumed)?,
+            trainer_values(&whole)?,
+            "stop {stop}"
+        );
+        let strip = |t: &Finetuner<'_>| -> Vec<(f64, f64, Option<f64>, Option<f64>)> {
+            t.curve()
+                .iter()
+                .map(|e| (e.loss, e.acc, e.test_clean_acc, e.test_pgd_acc))
+                .collect()
+        };
+        assert_eq!(strip(&resumed), strip(&whole), "stop {stop}");
+    }
+    Ok(())
+}
+
+#[test]
+fn the_stage_selects_on_the_dataset_test_split() -> TestResult {
+    let (_tmp, plan, store) = run_chain(
+        "finetune-select",
+        "{method: emp_ssl, n_views: 2, views: crop, batch_size: 16, epochs: 1, width: 8, hidden_dim: 32, z_dim: 16, seed: 2}",
+        "{mode: slf, epochs: 2, batch_size: 16, lr: 0.01, seed: 3, select: best_test_pgd20}",
+    )?;
+    let entry = entry_of_node(&plan, &store, "ft")?;
+    let m: Value = serde_json::from_slice(&std::fs::read(entry.file("metrics.json")?)?)?;
+    let curve = m["curve"].as_array().ok_or("curve")?;
+    let robust: Vec<f64> = curve
+        .iter()
+        .map(|e| e["test_pgd_acc"].as_f64().ok_or("test_pgd_acc"))
+        .collect::<std::result::Result<_, _>>()?;
+    let kept = if robust[1] > robust[0] { 2 } else { 1 };
+    assert_eq!(m["selected_epoch"], json!(kept), "{m}");
+    assert_eq!(m["selected_test_pgd20_acc"], json!(robust[kept - 1]), "{m}");
+    // eight test images: accuracies are multiples of 1/8
+    assert!(
+        robust.iter().all(|r| (r * 8.0).fract() == 0.0),
+        "{robust:?}"
+    );
+    let log = std::fs::read_to_string(entry.file("log.txt")?)?;
+    assert!(
+        log.contains("select: best_test_pgd20, PGD-20 on the 8 test images"),
+        "{log}"
+    );
+    assert!(
+        log.contains(&format!("kept the head of epoch {kept}")),
+        "{log}"
+    );
+    Ok(())
+}

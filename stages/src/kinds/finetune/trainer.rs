@@ -75,6 +75,41 @@ type Result<T> = std::result::Result<T, Error>;
 const SHUFFLE_STREAM: u64 = 0x4654_5348; // "FTSH"
 const AUGMENT_STREAM: u64 = 0x4654_4147; // "FTAG"
 const ATTACK_STREAM: u64 = 0x4654_4154; // "FTAT"
+const SELECT_STREAM: u64 = 0x4654_534c; // "FTSL"
+
+/// `select: best_test_pgd20`: R-ADV's per-epoch test attack (`AttackPGD` with `train=False`):
+/// l_inf 8/255, 20 steps of 2/255, uniform random start, not clamped before the first forward.
+pub fn selection_attack() -> PgdConfig {
+    PgdConfig {
+        random_start: true,
+        clamp_after_init: false,
+        ..PgdConfig::new(Norm::Linf, 8.0 / 255.0, 2.0 / 255.0, 20)
+    }
+}
+
+/// Test images per batch of the selection attack (not keyed: the attack is per image).
+pub const SELECT_BATCH: usize = 256;
+
+/// Which epoch's head a run keeps (METHODS.md \[Q35\]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Selection {
+    /// The last epoch's (R-AIR / R-RCS; the default).
+    #[default]
+    Last,
+    /// R-ADV's SLF script: after every epoch, clean and PGD-20 accuracy on the dataset's
+    /// *test* split ([`selection_attack`], eval mode); the head of the epoch with the best
+    /// PGD-20 accuracy is kept (the first on ties, R-ADV's `>`). Selection on the test set:
+    /// faithful to R-ADV's reported numbers, not a sound protocol.
+    BestTestPgd20,
+}
+
+impl Selection {
+    #[allow(clippy::trivially_copy_pass_by_ref)] // serde's skip_serializing_if passes a reference
+    fn is_last(&self) -> bool {
+        *self == Selection::Last
+    }
+}
 
 /// The layout version of [`Finetuner::save_state`] files (part of their fingerprint).
 const STATE_FORMAT: u32 = 1;
@@ -224,6 +259,9 @@ pub struct FinetuneConfig {
     /// SLF: train on cached features (true; the stage always does) or re-run the encoder per
     /// batch (false: the reference path, for tests). Ignored by ALF / AFF.
     pub cache_features: bool,
+    /// Which epoch's head is kept (SLF / ALF). Serialised only when not `last`.
+    #[serde(default, skip_serializing_if = "Selection::is_last")]
+    pub select: Selection,
 }
 
 fn yes() -> bool {
@@ -710,10 +748,16 @@ pub struct EpochStats {
     pub natural_acc: Option<f64>,
     /// Learning rate of the epoch.
     pub lr: f64,
-    /// Wall seconds (including the epoch's feature pass, if any).
+    /// Wall seconds (including the epoch's feature pass, if any, and the selection attack).
     pub seconds: f64,
     /// Images trained on.
     pub images: usize,
+    /// `select: best_test_pgd20`: clean accuracy on the test split after the epoch.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub test_clean_acc: Option<f64>,
+    /// `select: best_test_pgd20`: PGD-20 accuracy on the test split after the epoch.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub test_pgd_acc: Option<f64>,
 }
 
 enum Model {
@@ -747,6 +791,10 @@ struct StateMeta {
     /// A mid-epoch state: how far the unfinished epoch got.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     partial: Option<EpochProgress>,
+    /// `select: best_test_pgd20`: the epoch (0-based) whose head is kept so far; its tensors
+    /// are `best/<name>`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    best: Option<usize>,
 }
 
 /// How far an unfinished epoch got: what a mid-epoch state records so that the resumed epoch
@@ -842,6 +890,10 @@ pub struct Finetuner<'d> {
     checkpoint: Option<checkpoint::Cadence>,
     /// Where the SLF feature pass records its chunks.
     journal: Journal,
+    /// `select: best_test_pgd20`: the test split selected on ([`Finetuner::select_on`]).
+    test: Option<&'d Split>,
+    /// `select: best_test_pgd20`: the kept epoch (0-based) and its head.
+    best: Option<(usize, Vec<(String, Tensor)>)>,
 }
 
 fn scalar(t: &Tensor) -> Result<f64> {
@@ -1014,7 +1066,94 @@ impl<'d> Finetuner<'d> {
             partial: None,
             checkpoint: None,
             journal: Journal::off(),
+            test: None,
+            best: None,
         })
+    }
+
+    /// `select: best_test_pgd20`: the split the head is selected on (the dataset's test split,
+    /// as R-ADV does). Call before training or [`Finetuner::load_state`].
+    ///
+    /// # Errors
+    /// Another `select`, an empty split, or images of another size than the training ones.
+    pub fn select_on(&mut self, test: &'d Split) -> Result<()> {
+        if self.cfg.select != Selection::BestTestPgd20 {
+            return Err("internal: select_on without `select: best_test_pgd20`".into());
+        }
+        if test.n == 0 {
+            return Err(
+                "`select: best_test_pgd20` needs test images: the dataset's test split is empty"
+                    .into(),
+            );
+        }
+        if (test.h, test.w) != (self.images.h, self.images.w) {
+            return Err(format!(
+                "the test images are {}x{}, the training images {}x{}",
+                test.h, test.w, self.images.h, self.images.w
+            )
+            .into());
+        }
+        if self.test.is_none() {
+            self.total += (self.cfg.epochs * test.n.div_ceil(SELECT_BATCH)) as u64;
+        }
+        self.test = Some(test);
+        Ok(())
+    }
+
+    /// The epoch (0-based) whose head [`Finetuner::finish`] keeps with `select:
+    /// best_test_pgd20`, once one is trained.
+    pub fn selected_epoch(&self) -> Option<usize> {
+        self.best.as_ref().map(|(e, _)| *e)
+    }
+
+    /// R-ADV's `validate` after an epoch: clean and PGD-20 ([`selection_attack`]) accuracy of
+    /// the current classifier on the test split, eval mode, the attack's random start drawn
+    /// from `(seed, epoch, batch)`.
+    fn select_eval(&mut self, epoch: usize, hooks: &TrainHooks<'_>) -> Result<(f64, f64)> {
+        let (Model::Single { clf, .. }, Some(test)) = (&self.model, self.test) else {
+            return Err(
+                "internal: `select: best_test_pgd20` without a test split or on AFF".into(),
+            );
+        };
+        let target = clf.frozen()?;
+        let attack = selection_attack();
+        let (mut clean, mut robust) = (0usize, 0usize);
+        for (b, first) in (0..test.n).step_by(SELECT_BATCH).enumerate() {
+            if (hooks.cancelled)() {
+                return Err(
+                    format!("cancelled during the selection attack of epoch {epoch}").into(),
+                );
+            }
+            let idx: Vec<usize> = (first..(first + SELECT_BATCH).min(test.n)).collect();
+            let x = Tensor::from_vec(
+                to_float(test, &idx),
+                (idx.len(), 3, test.h, test.w),
+                &self.device,
+            )?;
+            let y: Vec<u32> = idx
+                .iter()
+                .map(|&i| u32::try_from(test.labels[i]))
+                .collect::<std::result::Result<_, _>>()?;
+            let y = Tensor::from_vec(y, idx.len(), &self.device)?;
+            clean += correct(&target.logits(&x, false)?, &y)?;
+            let mut rng = Rng::derive(self.cfg.seed, &[SELECT_STREAM, epoch as u64, b as u64]);
+            let objective = |xa: &Tensor| cross_entropy_per_example(&target.logits(xa, false)?, &y);
+            let adv = pgd(&x, objective, &attack, &mut rng)?.adv;
+            robust += correct(&target.logits(&adv, false)?, &y)?;
+            self.done += 1;
+            (hooks.progress)(
+                self.done,
+                self.total,
+                &format!(
+                    "epoch {}/{} selection: PGD-20 acc {:.3} on {} test images",
+                    epoch + 1,
+                    self.cfg.epochs,
+                    robust as f64 / (first + idx.len()) as f64,
+                    first + idx.len()
+                ),
+            );
+        }
+        Ok((clean as f64 / test.n as f64, robust as f64 / test.n as f64))
     }
 
     /// Records every chunk of the SLF feature pass in `journal` and replays the chunks a
@@ -1257,7 +1396,7 @@ impl<'d> Finetuner<'d> {
             }
         }
         let seen_f = p.seen.max(1) as f64;
-        let stats = EpochStats {
+        let mut stats = EpochStats {
             epoch,
             loss: p.loss_sum / seen_f,
             acc: p.right as f64 / seen_f,
@@ -1265,6 +1404,8 @@ impl<'d> Finetuner<'d> {
             lr,
             seconds: p.seconds + start.elapsed().as_secs_f64(),
             images: p.seen,
+            test_clean_acc: None,
+            test_pgd_acc: None,
         };
         (hooks.log)(&format!(
             "epoch {}/{}{}: loss {:.5} acc {:.4}{} lr {:.6} {:.1} s",
@@ -1293,6 +1434,32 @@ impl<'d> Finetuner<'d> {
                 bad.len()
             )
             .into());
+        }
+        if self.cfg.select == Selection::BestTestPgd20 {
+            let (clean, robust) = self.select_eval(epoch, hooks)?;
+            stats.test_clean_acc = Some(clean);
+            stats.test_pgd_acc = Some(robust);
+            stats.seconds = p.seconds + start.elapsed().as_secs_f64();
+            let best_so_far = self
+                .best
+                .as_ref()
+                .and_then(|(e, _)| self.curve.get(*e))
+                .and_then(|s| s.test_pgd_acc);
+            let kept = best_so_far.is_none_or(|b| robust > b);
+            if kept {
+                let head = self
+                    .state_vars()
+                    .into_iter()
+                    .map(|(n, v)| Ok((n, v.as_detached_tensor().copy()?)))
+                    .collect::<Result<Vec<_>>>()?;
+                self.best = Some((epoch, head));
+            }
+            (hooks.log)(&format!(
+                "epoch {}/{} selection: test clean acc {clean:.4}, PGD-20 acc {robust:.4}{}",
+                epoch + 1,
+                self.cfg.epochs,
+                if kept { " (best so far: kept)" } else { "" }
+            ));
         }
         self.curve.push(stats.clone());
         self.epoch += 1;
@@ -1457,12 +1624,17 @@ impl<'d> Finetuner<'d> {
             feature_passes: self.feature_passes,
             curve: self.curve.clone(),
             partial: partial.cloned(),
+            best: self.selected_epoch(),
         };
+        let mut extra = vec![("meta/json".into(), checkpoint::json_tensor(&meta)?)];
+        if let Some((_, head)) = &self.best {
+            extra.extend(head.iter().map(|(n, t)| (format!("best/{n}"), t.clone())));
+        }
         TrainState::save(
             path,
             &self.state_vars(),
             self.opt.state(),
-            vec![("meta/json".into(), checkpoint::json_tensor(&meta)?)],
+            extra,
             checkpoint::ResumePoint {
                 batches_done: partial.map_or(0, |p| p.batches),
                 ..self.resume_point()
@@ -1515,6 +1687,40 @@ impl<'d> Finetuner<'d> {
                 .into());
         }
         let plan = s.vars(&self.state_vars())?;
+        let best = match meta.best {
+            Some(e) if e < meta.epoch => {
+                let head = self
+                    .state_vars()
+                    .into_iter()
+                    .map(|(n, v)| {
+                        let t = s.tensor(&format!("best/{n}"))?;
+                        if t.dims() != v.dims() {
+                            return Err(s.error(format!(
+                                "best/{n} has shape {:?}, expected {:?}",
+                                t.dims(),
+                                v.dims()
+                            )));
+                        }
+                        Ok((n, t.clone()))
+                    })
+                    .collect::<candle::Result<Vec<_>>>()?;
+                Some((e, head))
+            }
+            Some(e) => {
+                return Err(s
+                    .error(format!(
+                        "its kept epoch {e} is not one of the {} finished",
+                        meta.epoch
+                    ))
+                    .into());
+            }
+            None if self.cfg.select == Selection::BestTestPgd20 && meta.epoch > 0 => {
+                return Err(s
+                    .error("has no kept head for `select: best_test_pgd20`")
+                    .into());
+            }
+            None => None,
+        };
         // checks every entry before it changes anything
         self.opt
             .load_state(&s.optim())
@@ -1540,6 +1746,7 @@ impl<'d> Finetuner<'d> {
         self.feature_passes = meta.feature_passes;
         self.curve = meta.curve;
         self.partial = meta.partial;
+        self.best = best;
         self.cache = None;
         Ok(())
     }
@@ -1551,7 +1758,29 @@ impl<'d> Finetuner<'d> {
     /// Tensor errors.
     pub fn finish(&self) -> Result<(VarMap, Classifier)> {
         match &self.model {
-            Model::Single { varmap, clf, .. } => Ok((varmap.clone(), clf.as_ref().clone())),
+            Model::Single { varmap, clf, .. } => match &self.best {
+                None => Ok((varmap.clone(), clf.as_ref().clone())),
+                // a fresh classifier (the trainer's variables stay as trained) with the
+                // kept epoch's head
+                Some((_, head)) => {
+                    let (out, clf) =
+                        Classifier::build_seeded(&self.spec, self.cfg.seed, &self.device)?;
+                    let kept: HashMap<&str, &Tensor> =
+                        head.iter().map(|(n, t)| (n.as_str(), t)).collect();
+                    let trained: HashMap<String, Var> = named_vars(varmap).into_iter().collect();
+                    for (name, var) in named_vars(&out) {
+                        let src = match kept.get(name.as_str()) {
+                            Some(t) => (*t).clone(),
+                            None => trained
+                                .get(&name)
+                                .ok_or_else(|| format!("internal: the classifier has no {name}"))?
+                                .as_detached_tensor(),
+                        };
+                        var.set(&src.copy()?)?;
+                    }
+                    Ok((out, clf))
+                }
+            },
             Model::Dual { varmap, .. } => {
                 let (out, clf) = Classifier::build_seeded(&self.spec, self.cfg.seed, &self.device)?;
                 let dual: HashMap<String, Var> = named_vars(varmap).into_iter().collect();
@@ -1596,6 +1825,14 @@ impl<'d> Finetuner<'d> {
         });
         if let (Some(a), Value::Object(map)) = (last.and_then(|e| e.natural_acc), &mut m) {
             map.insert("train_acc_natural".into(), json!(a));
+        }
+        let kept = self.selected_epoch().and_then(|e| self.curve.get(e));
+        if let (Some(e), Value::Object(map)) = (kept, &mut m) {
+            map.insert("select".into(), json!(self.cfg.select));
+            // 1-based, as the log counts epochs
+            map.insert("selected_epoch".into(), json!(e.epoch + 1));
+            map.insert("selected_test_clean_acc".into(), json!(e.test_clean_acc));
+            map.insert("selected_test_pgd20_acc".into(), json!(e.test_pgd_acc));
         }
         m
     }
