@@ -521,12 +521,25 @@ impl TrainState {
     /// # Errors
     /// A missing or misshapen tensor, naming file and tensor.
     pub fn vars(&self, vars: &[(String, candle::Var)]) -> Result<Vec<(candle::Var, Tensor)>> {
+        self.vars_under("model", vars)
+    }
+
+    /// [`TrainState::vars`] for tensors saved as `<prefix>/<name>` (a trainer's extra copies,
+    /// e.g. finetune's kept head under `best/`).
+    ///
+    /// # Errors
+    /// A missing or misshapen tensor, naming file and tensor.
+    pub fn vars_under(
+        &self,
+        prefix: &str,
+        vars: &[(String, candle::Var)],
+    ) -> Result<Vec<(candle::Var, Tensor)>> {
         let mut plan = Vec::with_capacity(vars.len());
         for (name, v) in vars {
-            let saved = self.tensor(&format!("model/{name}"))?;
+            let saved = self.tensor(&format!("{prefix}/{name}"))?;
             if saved.shape() != v.shape() {
                 return Err(self.error(format!(
-                    "model/{name} has shape {:?}, expected {:?}",
+                    "{prefix}/{name} has shape {:?}, expected {:?}",
                     saved.dims(),
                     v.dims()
                 )));

@@ -867,6 +867,9 @@ fn cancellation_and_a_diverging_run_fail_clearly() -> TestResult {
     Ok(())
 }
 
+/// A tiny EMP-SSL pretraining for the chains of [`run_chain`].
+const TINY_EMP: &str = "{method: emp_ssl, n_views: 2, views: crop, batch_size: 16, epochs: 1, width: 8, hidden_dim: 32, z_dim: 16, seed: 2}";
+
 /// Runs `data` (synthetic, 4 classes, 48 + 8 images) → `pre` (pretrain with `pre_params`) →
 /// `ft` (finetune with `ft_params`) → `ev` (evaluate, PGD-1) through the engine and returns
 /// the folder (kept alive), the plan and the store.
@@ -922,6 +925,15 @@ fn run_chain(
     Ok((tmp, plan, store))
 }
 
+/// The `metrics.json` of an entry.
+fn metrics_of(
+    entry: &pipe_cache::Entry,
+) -> std::result::Result<Value, Box<dyn std::error::Error + Send + Sync>> {
+    Ok(serde_json::from_slice(&std::fs::read(
+        entry.file("metrics.json")?,
+    )?)?)
+}
+
 /// The committed entry of node `id`.
 fn entry_of_node(
     plan: &pipe_engine::plan::Plan,
@@ -943,7 +955,7 @@ fn entry_of_node(
 fn end_to_end_through_the_engine() -> TestResult {
     let (_tmp, plan, store) = run_chain(
         "finetune-e2e",
-        "{method: emp_ssl, n_views: 2, views: crop, batch_size: 16, epochs: 1, width: 8, hidden_dim: 32, z_dim: 16, seed: 2}",
+        TINY_EMP,
         "{mode: slf, epochs: 2, batch_size: 16, lr: 0.01, seed: 3}",
     )?;
     let entry = entry_of_node(&plan, &store, "ft")?;
@@ -958,7 +970,7 @@ fn end_to_end_through_the_engine() -> TestResult {
         (clf.spec().width, clf.spec().hidden_dim, clf.spec().classes),
         (8, 32, 4)
     );
-    let m: Value = serde_json::from_slice(&std::fs::read(entry.file("metrics.json")?)?)?;
+    let m: Value = metrics_of(&entry)?;
     assert_eq!(
         (m["mode"].clone(), m["epochs"].clone(), m["n_train"].clone()),
         (json!("slf"), json!(2), json!(48))
@@ -967,7 +979,7 @@ fn end_to_end_through_the_engine() -> TestResult {
     assert_eq!(m["curve"].as_array().map(Vec::len), Some(2));
     // `evaluate` consumes the artifact as it is
     let entry = entry_of_node(&plan, &store, "ev")?;
-    let m: Value = serde_json::from_slice(&std::fs::read(entry.file("metrics.json")?)?)?;
+    let m: Value = metrics_of(&entry)?;
     let (clean, pgd) = (
         m["clean_acc"].as_f64().ok_or("clean_acc")?,
         m["pgd_linf_8/255_acc"].as_f64().ok_or("pgd acc")?,
@@ -1021,7 +1033,7 @@ fn acl_encoder_is_finetuned_through_its_pgd_branch_and_normalisation() -> TestRe
         "the normal branch gives the same features ({other})"
     );
     let ev = entry_of_node(&plan, &store, "ev")?;
-    let m: Value = serde_json::from_slice(&std::fs::read(ev.file("metrics.json")?)?)?;
+    let m: Value = metrics_of(&ev)?;
     assert!(
         m["clean_acc"]
             .as_f64()
@@ -1043,7 +1055,7 @@ fn acl_encoder_is_finetuned_through_its_pgd_branch_and_normalisation() -> TestRe
         names.iter().any(|n| n == "encoder.normalize.std"),
         "{names:?}"
     );
-    let m: Value = serde_json::from_slice(&std::fs::read(ft.file("metrics.json")?)?)?;
+    let m: Value = metrics_of(&ft)?;
     assert!(m["train_loss"].as_f64().is_some_and(f64::is_finite), "{m}");
     Ok(())
 }
@@ -1684,7 +1696,7 @@ fn the_stage_resumes_from_the_state_in_its_scratch_folder() -> TestResult {
     let log = std::fs::read_to_string(entry.dir.join("log.txt"))?;
     assert!(log.contains("after epoch 1 of 2"), "{log}");
     assert!(log.contains("resumed from"), "{log}");
-    let m: Value = serde_json::from_slice(&std::fs::read(entry.file("metrics.json")?)?)?;
+    let m: Value = metrics_of(&entry)?;
     assert_eq!(
         (m["epochs"].clone(), m["steps"].clone()),
         (json!(2), json!(4))
@@ -2075,11 +2087,11 @@ fn a_resumed_selection_keeps_the_same_head() -> TestResult {
 fn the_stage_selects_on_the_dataset_test_split() -> TestResult {
     let (_tmp, plan, store) = run_chain(
         "finetune-select",
-        "{method: emp_ssl, n_views: 2, views: crop, batch_size: 16, epochs: 1, width: 8, hidden_dim: 32, z_dim: 16, seed: 2}",
+        TINY_EMP,
         "{mode: slf, epochs: 2, batch_size: 16, lr: 0.01, seed: 3, select: best_test_pgd20}",
     )?;
     let entry = entry_of_node(&plan, &store, "ft")?;
-    let m: Value = serde_json::from_slice(&std::fs::read(entry.file("metrics.json")?)?)?;
+    let m: Value = metrics_of(&entry)?;
     let curve = m["curve"].as_array().ok_or("curve")?;
     let robust: Vec<f64> = curve
         .iter()

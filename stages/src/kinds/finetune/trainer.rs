@@ -1689,21 +1689,13 @@ impl<'d> Finetuner<'d> {
         let plan = s.vars(&self.state_vars())?;
         let best = match meta.best {
             Some(e) if e < meta.epoch => {
-                let head = self
-                    .state_vars()
+                let vars = self.state_vars();
+                let head = s
+                    .vars_under("best", &vars)?
                     .into_iter()
-                    .map(|(n, v)| {
-                        let t = s.tensor(&format!("best/{n}"))?;
-                        if t.dims() != v.dims() {
-                            return Err(s.error(format!(
-                                "best/{n} has shape {:?}, expected {:?}",
-                                t.dims(),
-                                v.dims()
-                            )));
-                        }
-                        Ok((n, t.clone()))
-                    })
-                    .collect::<candle::Result<Vec<_>>>()?;
+                    .zip(&vars)
+                    .map(|((_, t), (n, _))| (n.clone(), t))
+                    .collect();
                 Some((e, head))
             }
             Some(e) => {
