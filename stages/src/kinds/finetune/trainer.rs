@@ -1125,16 +1125,8 @@ impl<'d> Finetuner<'d> {
                 );
             }
             let idx: Vec<usize> = (first..(first + SELECT_BATCH).min(test.n)).collect();
-            let x = Tensor::from_vec(
-                to_float(test, &idx),
-                (idx.len(), 3, test.h, test.w),
-                &self.device,
-            )?;
-            let y: Vec<u32> = idx
-                .iter()
-                .map(|&i| u32::try_from(test.labels[i]))
-                .collect::<std::result::Result<_, _>>()?;
-            let y = Tensor::from_vec(y, idx.len(), &self.device)?;
+            let x = images_of(test, &idx, &self.device)?;
+            let y = labels_of(test, &idx, &self.device)?;
             clean += correct(&target.logits(&x, false)?, &y)?;
             let mut rng = Rng::derive(self.cfg.seed, &[SELECT_STREAM, epoch as u64, b as u64]);
             let objective = |xa: &Tensor| cross_entropy_per_example(&target.logits(xa, false)?, &y);
@@ -1903,20 +1895,27 @@ pub fn accuracy(clf: &Classifier, split: &Split, seed: u64, device: &Device) -> 
                 let x = Tensor::from_vec(data, (nv * idx.len(), 3, p.size, p.size), device)?;
                 clf.logits_ncrop(&x, *nv, false)?
             }
-            None => {
-                let x = Tensor::from_vec(
-                    to_float(split, &idx),
-                    (idx.len(), 3, split.h, split.w),
-                    device,
-                )?;
-                clf.logits(&x, false)?
-            }
+            None => clf.logits(&images_of(split, &idx, device)?, false)?,
         };
-        let y: Vec<u32> = idx
-            .iter()
-            .map(|&i| u32::try_from(split.labels[i]))
-            .collect::<std::result::Result<_, _>>()?;
-        right += correct(&logits, &Tensor::from_vec(y, idx.len(), device)?)?;
+        right += correct(&logits, &labels_of(split, &idx, device)?)?;
     }
     Ok(right as f64 / n as f64)
+}
+
+/// Rows `idx` of `split` as a float image batch `(n, 3, h, w)` in `[0, 1]`.
+fn images_of(split: &Split, idx: &[usize], device: &Device) -> Result<Tensor> {
+    Ok(Tensor::from_vec(
+        to_float(split, idx),
+        (idx.len(), 3, split.h, split.w),
+        device,
+    )?)
+}
+
+/// The labels of rows `idx` of `split` (u32).
+fn labels_of(split: &Split, idx: &[usize], device: &Device) -> Result<Tensor> {
+    let y: Vec<u32> = idx
+        .iter()
+        .map(|&i| u32::try_from(split.labels[i]))
+        .collect::<std::result::Result<_, _>>()?;
+    Ok(Tensor::from_vec(y, idx.len(), device)?)
 }
