@@ -718,8 +718,11 @@ impl TypedStage for Finetune {
             c.select == Selection::Last || (c.mode != Mode::Aff && !ncrop),
             "select",
             || {
-                "`select: best_test_pgd20` keeps the best head of SLF or ALF with the full-image head (R-ADV's SLF)"
-                    .into()
+                format!(
+                    "`select: best_test_pgd20` keeps the best epoch's head of SLF or ALF with the full-image head, got `mode: {}`{}",
+                    mode_name(c.mode),
+                    if ncrop { " with `head: ncrop`" } else { "" }
+                )
             },
         );
         e.require(!(ncrop && p.augment == Some(true)), "augment", || {
