@@ -40,6 +40,7 @@ pub mod slurm;
 pub mod spec;
 pub mod stage;
 pub mod statcache;
+pub mod suggest;
 pub mod testing;
 pub mod value;
 

@@ -439,6 +439,52 @@ extra: 1
     assert!(text.contains("p.yaml:15:1: extra: unknown field"), "{text}");
 }
 
+/// A misspelt name gets "did you mean" with the one close name, wherever the file names
+/// something: a kind, a stage, a variant, an input slot, a param, a top-level field, `--set`.
+#[test]
+fn misspelt_names_suggest_the_close_name() {
+    let yaml = "\
+nmae: hints
+stages:
+  data:
+    kind: bounde
+    params: {epochs: 1}
+  v:
+    kind: echo
+    variants: {small: {n: 1}, large: {n: 2}}
+  b:
+    kind: bounded
+    inputs: {dta: dat}
+    params: {epochs: 1, esp: 0.1}
+  c:
+    kind: bounded
+    inputs: {data: \"v[smal]\"}
+    params: {epochs: 1}
+";
+    let o = Overrides {
+        set: vec![("dtaa".into(), "epochs".into(), serde_json::json!(2))],
+        ..Overrides::default()
+    };
+    let errs = parse_with(yaml, &o).expect_err("misspelt names").0;
+    let has = |path: &str, text: &str| {
+        assert!(
+            errs.iter()
+                .any(|e| e.path == path && e.message.contains(text)),
+            "no error at {path} saying {text}: {errs:#?}"
+        );
+    };
+    has("nmae", "unknown field `nmae` (did you mean `name`?)");
+    has("stages.data.kind", "unknown stage kind `bounde` (did you mean `bounded`?)");
+    has("stages.b.inputs.dta", "no input `dta` (did you mean `data`?)");
+    has("stages.b.inputs.dta", "unknown stage `dat` (did you mean `data`?)");
+    has("stages.b.params.esp", "unknown field `esp` (did you mean `eps`?)");
+    has("stages.c.inputs.data", "no variant `smal` (did you mean `small`?)");
+    has("--set dtaa.epochs", "no stage `dtaa` in this pipeline (did you mean `data`?)");
+    // nothing close: no guess
+    let e = one_error("stages:\n  a: {kind: echo, params: {zzzz: 1}}\n");
+    assert!(!e.message.contains("did you mean"), "{}", e.message);
+}
+
 #[test]
 fn unknown_top_level_field() {
     let e = one_error("name: t\nstages:\n  a: {kind: echo}\nstage_defaults: {}\n");

@@ -33,6 +33,7 @@ use crate::error::{Error, ParamError, SpecError, SpecErrors};
 use crate::registry::Registry;
 use crate::stage::{NormalizeCtx, Slots};
 use crate::statcache::StatCache;
+use crate::suggest;
 use crate::value::{label, parse_scalar, yaml_to_json};
 use locate::Locator;
 
@@ -238,7 +239,7 @@ impl Ctx<'_> {
             line: pos.map(|p| p.0),
             col: pos.map(|p| p.1),
             path,
-            message: message.into(),
+            message: suggest::explain(&message.into()),
         });
     }
 }
@@ -480,8 +481,9 @@ fn parse_inner(
             Some(other) => ctx.err(
                 other,
                 format!(
-                    "unknown field `{other}`, expected one of `name`, `defaults`, `stages` \
-                     (or an `x-` field holding YAML anchors)"
+                    "unknown field `{other}`{}, expected one of `name`, `defaults`, `stages` \
+                     (or an `x-` field holding YAML anchors)",
+                    suggest::hint(other, ["name", "defaults", "stages"])
                 ),
             ),
             None => ctx.err("", "expected string keys at the top level"),
@@ -509,7 +511,8 @@ fn parse_inner(
             ctx.err(
                 &path,
                 format!(
-                    "unknown stage kind `{kind}` (known: {})",
+                    "unknown stage kind `{kind}`{} (known: {})",
+                    suggest::hint(kind, registry.names()),
                     registry.names().join(", ")
                 ),
             );
@@ -571,8 +574,9 @@ fn parse_inner(
             ctx.err(
                 format!("{path}.kind"),
                 format!(
-                    "unknown stage kind `{}` (known: {})",
+                    "unknown stage kind `{}`{} (known: {})",
                     raw.kind,
+                    suggest::hint(&raw.kind, registry.names()),
                     registry.names().join(", ")
                 ),
             );
@@ -685,7 +689,10 @@ fn parse_inner(
             }
             None => ctx.err(
                 format!("--set {stage}.{param}"),
-                format!("no stage `{stage}` in this pipeline"),
+                format!(
+                    "no stage `{stage}` in this pipeline{}",
+                    suggest::hint(stage, ids.iter().map(String::as_str))
+                ),
             ),
         }
     }
@@ -702,7 +709,10 @@ fn parse_inner(
             }
             None => ctx.err(
                 format!("--sweep {stage}.{param}"),
-                format!("no stage `{stage}` in this pipeline"),
+                format!(
+                    "no stage `{stage}` in this pipeline{}",
+                    suggest::hint(stage, ids.iter().map(String::as_str))
+                ),
             ),
         }
     }
@@ -715,7 +725,11 @@ fn parse_inner(
                 if !ids.contains(&s.stage) {
                     ctx.err(
                         format!("{path}.inputs.{slot}"),
-                        format!("input names unknown stage `{}`", s.stage),
+                        format!(
+                            "input names unknown stage `{}`{}",
+                            s.stage,
+                            suggest::hint(&s.stage, ids.iter().map(String::as_str))
+                        ),
                     );
                 } else if let Some(v) = &s.variant {
                     let up = parsed.iter().find(|q| q.id == s.stage);
@@ -729,9 +743,10 @@ fn parse_inner(
                                 format!("`{}[{v}]`: stage `{}` has no variants", s.stage, s.stage)
                             } else {
                                 format!(
-                                    "`{}[{v}]`: stage `{}` has no variant `{v}` (its variants: {})",
+                                    "`{}[{v}]`: stage `{}` has no variant `{v}`{} (its variants: {})",
                                     s.stage,
                                     s.stage,
+                                    suggest::hint(v, names.iter().copied()),
                                     names.join(", ")
                                 )
                             },
@@ -749,8 +764,9 @@ fn parse_inner(
                     None => ctx.err(
                         format!("{path}.inputs.{slot}"),
                         format!(
-                            "kind `{}` has no input `{slot}` (expected: {})",
+                            "kind `{}` has no input `{slot}`{} (expected: {})",
                             p.kind,
+                            suggest::hint(slot, slots.iter().map(|s| s.name)),
                             slots.iter().map(|s| s.name).collect::<Vec<_>>().join(", ")
                         ),
                     ),
