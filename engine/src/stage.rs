@@ -33,6 +33,29 @@ pub struct Slot {
     pub many: bool,
 }
 
+impl Slot {
+    /// A slot the pipeline must connect, to one artifact.
+    pub const fn required(name: &'static str) -> Slot {
+        Slot {
+            name,
+            required: true,
+            many: false,
+        }
+    }
+    /// A slot the pipeline may leave out.
+    pub const fn optional(name: &'static str) -> Slot {
+        Slot {
+            name,
+            required: false,
+            many: false,
+        }
+    }
+    /// This slot, taking several artifacts.
+    pub const fn many(self) -> Slot {
+        Slot { many: true, ..self }
+    }
+}
+
 /// The input slots a kind accepts.
 #[derive(Clone, Copy, Debug)]
 pub enum Slots {

@@ -108,8 +108,8 @@ fn distance(a: &[char], b: &[char]) -> usize {
     for (i, row) in d.iter_mut().enumerate() {
         row[0] = i;
     }
-    for j in 0..=m {
-        d[0][j] = j;
+    for (j, cell) in d[0].iter_mut().enumerate() {
+        *cell = j;
     }
     for i in 1..=n {
         for j in 1..=m {
@@ -148,7 +148,9 @@ mod tests {
 
     #[test]
     fn suggests_only_a_clear_winner_within_a_third_of_the_name() {
-        let fields = ["method", "attack", "views", "n_views", "epochs", "eps", "m", "width"];
+        let fields = [
+            "method", "attack", "views", "n_views", "epochs", "eps", "m", "width",
+        ];
         assert_eq!(closest("n_veiws", fields), Some("n_views"));
         // one edit from both `views` and `n_views`: no guess
         assert_eq!(closest("nviews", fields), None);
@@ -182,7 +184,10 @@ mod tests {
         assert_eq!(explain(far), far);
         let other = "invalid type: string \"a\", expected u64";
         assert_eq!(explain(other), other);
-        assert_eq!(hint("pretrian", ["pretrain", "dataset"]), " (did you mean `pretrain`?)");
+        assert_eq!(
+            hint("pretrian", ["pretrain", "dataset"]),
+            " (did you mean `pretrain`?)"
+        );
         assert_eq!(hint("zzz", ["pretrain"]), "");
     }
 }

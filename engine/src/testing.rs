@@ -67,11 +67,7 @@ impl TypedStage for Sum {
     const VERSION: u32 = 1;
     type Params = SumParams;
     fn inputs() -> Slots {
-        const S: &[Slot] = &[Slot {
-            name: "terms",
-            required: false,
-            many: true,
-        }];
+        const S: &[Slot] = &[Slot::optional("terms").many()];
         Slots::Fixed(S)
     }
     fn run(p: &SumParams, ctx: &mut StageCtx<'_>) -> Result<(), BoxError> {
@@ -181,11 +177,7 @@ impl TypedStage for Bounded {
     const VERSION: u32 = 1;
     type Params = BoundedParams;
     fn inputs() -> Slots {
-        const S: &[Slot] = &[Slot {
-            name: "data",
-            required: true,
-            many: false,
-        }];
+        const S: &[Slot] = &[Slot::required("data")];
         Slots::Fixed(S)
     }
     fn check(p: &BoundedParams) -> Vec<ParamError> {

@@ -474,12 +474,30 @@ stages:
         );
     };
     has("nmae", "unknown field `nmae` (did you mean `name`?)");
-    has("stages.data.kind", "unknown stage kind `bounde` (did you mean `bounded`?)");
-    has("stages.b.inputs.dta", "no input `dta` (did you mean `data`?)");
-    has("stages.b.inputs.dta", "unknown stage `dat` (did you mean `data`?)");
-    has("stages.b.params.esp", "unknown field `esp` (did you mean `eps`?)");
-    has("stages.c.inputs.data", "no variant `smal` (did you mean `small`?)");
-    has("--set dtaa.epochs", "no stage `dtaa` in this pipeline (did you mean `data`?)");
+    has(
+        "stages.data.kind",
+        "unknown stage kind `bounde` (did you mean `bounded`?)",
+    );
+    has(
+        "stages.b.inputs.dta",
+        "no input `dta` (did you mean `data`?)",
+    );
+    has(
+        "stages.b.inputs.dta",
+        "unknown stage `dat` (did you mean `data`?)",
+    );
+    has(
+        "stages.b.params.esp",
+        "unknown field `esp` (did you mean `eps`?)",
+    );
+    has(
+        "stages.c.inputs.data",
+        "no variant `smal` (did you mean `small`?)",
+    );
+    has(
+        "--set dtaa.epochs",
+        "no stage `dtaa` in this pipeline (did you mean `data`?)",
+    );
     // nothing close: no guess
     let e = one_error("stages:\n  a: {kind: echo, params: {zzzz: 1}}\n");
     assert!(!e.message.contains("did you mean"), "{}", e.message);

@@ -375,18 +375,7 @@ impl TypedStage for AttackDataset {
     type Params = AttackDatasetParams;
 
     fn inputs() -> Slots {
-        const S: &[Slot] = &[
-            Slot {
-                name: "model",
-                required: true,
-                many: false,
-            },
-            Slot {
-                name: "dataset",
-                required: true,
-                many: false,
-            },
-        ];
+        const S: &[Slot] = &[Slot::required("model"), Slot::required("dataset")];
         Slots::Fixed(S)
     }
 

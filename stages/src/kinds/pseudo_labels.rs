@@ -40,9 +40,7 @@ use std::time::Instant;
 
 use candle::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
-use pipe_engine::{
-    BoxError, NormalizeCtx, ParamError, Resources, Slot, Slots, StageCtx, TypedStage,
-};
+use pipe_engine::{BoxError, ParamError, Resources, Slot, Slots, StageCtx, TypedStage};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value, json};
 
@@ -203,30 +201,12 @@ impl TypedStage for PseudoLabelsKind {
     type Params = PseudoLabelsParams;
 
     fn inputs() -> Slots {
-        const S: &[Slot] = &[
-            Slot {
-                name: "encoder",
-                required: true,
-                many: false,
-            },
-            Slot {
-                name: "dataset",
-                required: true,
-                many: false,
-            },
-        ];
+        const S: &[Slot] = &[Slot::required("encoder"), Slot::required("dataset")];
         Slots::Fixed(S)
     }
 
     fn check(p: &PseudoLabelsParams) -> Vec<ParamError> {
         p.check_errors()
-    }
-
-    fn canonicalize(
-        p: PseudoLabelsParams,
-        _ctx: &NormalizeCtx<'_>,
-    ) -> std::result::Result<PseudoLabelsParams, Vec<ParamError>> {
-        Ok(p)
     }
 
     fn key_params(p: &PseudoLabelsParams) -> Value {

@@ -54,9 +54,7 @@ use std::time::{Duration, Instant};
 
 use candle::{DType, Device, Tensor};
 use candle_nn::VarMap;
-use pipe_engine::{
-    BoxError, NormalizeCtx, ParamError, Resources, Slot, Slots, StageCtx, TypedStage,
-};
+use pipe_engine::{BoxError, ParamError, Resources, Slot, Slots, StageCtx, TypedStage};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
@@ -526,30 +524,12 @@ impl TypedStage for SslHeadKind {
     type Params = SslHeadParams;
 
     fn inputs() -> Slots {
-        const S: &[Slot] = &[
-            Slot {
-                name: "model",
-                required: true,
-                many: false,
-            },
-            Slot {
-                name: "dataset",
-                required: true,
-                many: false,
-            },
-        ];
+        const S: &[Slot] = &[Slot::required("model"), Slot::required("dataset")];
         Slots::Fixed(S)
     }
 
     fn check(p: &SslHeadParams) -> Vec<ParamError> {
         p.check_errors()
-    }
-
-    fn canonicalize(
-        p: SslHeadParams,
-        _ctx: &NormalizeCtx<'_>,
-    ) -> std::result::Result<SslHeadParams, Vec<ParamError>> {
-        Ok(p)
     }
 
     fn key_params(p: &SslHeadParams) -> Value {

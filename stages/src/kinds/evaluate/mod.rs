@@ -566,26 +566,10 @@ impl TypedStage for Evaluate {
 
     fn inputs() -> Slots {
         const S: &[Slot] = &[
-            Slot {
-                name: "model",
-                required: true,
-                many: false,
-            },
-            Slot {
-                name: "dataset",
-                required: true,
-                many: false,
-            },
-            Slot {
-                name: "adversarial",
-                required: false,
-                many: false,
-            },
-            Slot {
-                name: "ssl_head",
-                required: false,
-                many: false,
-            },
+            Slot::required("model"),
+            Slot::required("dataset"),
+            Slot::optional("adversarial"),
+            Slot::optional("ssl_head"),
         ];
         Slots::Fixed(S)
     }

@@ -690,16 +690,8 @@ impl TypedStage for Finetune {
 
     fn inputs() -> Slots {
         const S: &[pipe_engine::Slot] = &[
-            pipe_engine::Slot {
-                name: "encoder",
-                required: true,
-                many: false,
-            },
-            pipe_engine::Slot {
-                name: "dataset",
-                required: true,
-                many: false,
-            },
+            pipe_engine::Slot::required("encoder"),
+            pipe_engine::Slot::required("dataset"),
         ];
         Slots::Fixed(S)
     }

@@ -845,17 +845,9 @@ impl TypedStage for Pretrain {
 
     fn inputs() -> Slots {
         const S: &[pipe_engine::Slot] = &[
-            pipe_engine::Slot {
-                name: "dataset",
-                required: true,
-                many: false,
-            },
+            pipe_engine::Slot::required("dataset"),
             // AdvCL's pseudo-labels (a `pseudo_labels` node)
-            pipe_engine::Slot {
-                name: "labels",
-                required: false,
-                many: false,
-            },
+            pipe_engine::Slot::optional("labels"),
         ];
         Slots::Fixed(S)
     }

@@ -180,11 +180,8 @@ impl TypedStage for Report {
     type Params = ReportParams;
 
     fn inputs() -> Slots {
-        Slots::Fixed(&[Slot {
-            name: "runs",
-            required: true,
-            many: true,
-        }])
+        const S: &[Slot] = &[Slot::required("runs").many()];
+        Slots::Fixed(S)
     }
 
     fn check(p: &ReportParams) -> Vec<ParamError> {
