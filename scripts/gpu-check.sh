@@ -5,7 +5,8 @@
 #
 #   bash scripts/gpu-check.sh quick   # nvidia-smi, `pipe devices`, the CUDA-vs-CPU tests, and
 #                                     # `pipe bench pretrain` of CF-AMC-SSL (16 crops, batch 100,
-#                                     # m 3, width 64) and of the PGD / no-attack modes
+#                                     # m 3, width 64; again with PIPE_KERNELS=candle) and of
+#                                     # the PGD / no-attack modes
 #   bash scripts/gpu-check.sh epoch   # one CF-AMC-SSL epoch on the whole CIFAR-10 training set
 #                                     # (width 64, 16 crops, batch 100, m 3): wall time, images/s
 #   bash scripts/gpu-check.sh paper   # pipelines/cf_amc_ssl.yaml for as long as the command may
@@ -74,6 +75,11 @@ quick)
     run cuda-tests "$bin/cuda-tests" cuda_vs_cpu --nocapture --test-threads 1
     run bench-cf-amc-ssl timeout "$limit" "$pipe" bench pretrain --device cuda:0 --widths 64 \
         --batch 100 --views 16 --m 3 --methods emp_ssl --attacks free --steps 5 --json
+    # the same with candle's own conv backward (its naive CUDA `conv_transpose2d`), to measure
+    # what conv2d_composed gains
+    run bench-cf-amc-ssl-candle-conv env PIPE_KERNELS=candle timeout "$limit" "$pipe" bench \
+        pretrain --device cuda:0 --widths 64 --batch 100 --views 16 --m 3 --methods emp_ssl \
+        --attacks free --steps 3 --json
     run bench-all timeout "$limit" "$pipe" bench pretrain --device cuda:0 --widths 64 \
         --batch 100 --views 16 --m 3 --steps 3 --json
     run bench-defense timeout "$limit" "$pipe" bench defense --device cuda:0 --batch 512 --json

@@ -57,8 +57,11 @@
 //!
 //! # Devices and dtypes
 //!
-//! The fast op runs for CPU tensors in f32 and f64. Anything else (CUDA, Metal, f16, bf16) goes
-//! to candle's own [`Tensor::conv2d`], so the GPU path is unchanged. [`KernelImpl::Candle`]
+//! The fast op runs for CPU tensors in f32 and f64. On CUDA the forward is candle's own
+//! [`Tensor::conv2d`] and the backward is built from candle convolutions too (`conv2d_composed`):
+//! candle's own backward would take the input gradient through its naive CUDA
+//! `conv_transpose2d` kernel and always compute the weight gradient. Anything else (Metal, CPU
+//! f16 / bf16, non-square kernels on CUDA) runs candle's [`Tensor::conv2d`]. [`KernelImpl::Candle`]
 //! forces candle's conv everywhere (to compare the two; `PIPE_KERNELS=candle` makes it the
 //! default of every new layer, here and in [`crate::nn::batch_norm`]).
 //!
@@ -81,7 +84,7 @@ use std::sync::OnceLock;
 use std::thread::LocalKey;
 
 use candle::backend::BackendStorage;
-use candle::{CpuStorage, CustomOp2, DType, Layout, Module, Result, Shape, Tensor};
+use candle::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Module, Result, Shape, Tensor};
 use candle_nn::{Init, VarBuilder};
 use gemm::Parallelism;
 use rayon::prelude::*;
@@ -211,7 +214,8 @@ pub fn conv2d_no_bias(
 }
 
 /// `conv2d(x, weight)` with the given stride and padding: the fast op of this module for CPU
-/// f32 / f64 tensors, candle's [`Tensor::conv2d`] otherwise.
+/// f32 / f64 tensors, candle's forward with this module's backward on CUDA (`conv2d_composed`),
+/// candle's [`Tensor::conv2d`] otherwise.
 ///
 /// # Errors
 /// On mismatched shapes (input channels, a kernel larger than the padded input), a zero
@@ -224,11 +228,197 @@ pub fn conv2d(x: &Tensor, weight: &Tensor, cfg: Conv2dConfig) -> Result<Tensor> 
         && x.rank() == 4
         && weight.rank() == 4;
     if !fast {
+        if x.device().is_cuda() && composable(weight, cfg)? {
+            return conv2d_composed(x, weight, cfg);
+        }
         return x.conv2d(weight, cfg.padding, cfg.stride, 1, 1);
     }
     let x = x.contiguous()?;
     let w = weight.contiguous()?;
     x.apply_op2(&w, Conv2dOp { cfg })
+}
+
+/// Whether [`conv2d_composed`] handles this kernel: square, and padded by at most `k - 1`
+/// (ResNet-18's 3x3 / padding 1 and 1x1 / padding 0 convolutions all are).
+fn composable(weight: &Tensor, cfg: Conv2dConfig) -> Result<bool> {
+    if weight.rank() != 4 || cfg.stride == 0 {
+        return Ok(false);
+    }
+    let (_, _, kh, kw) = weight.dims4()?;
+    Ok(kh == kw && kh >= 1 && cfg.padding < kh)
+}
+
+/// candle's `conv2d` forward with a backward built from candle's `conv2d` only: what a
+/// convolution runs on CUDA.
+///
+/// candle 0.11 differentiates `conv2d` with `conv_transpose2d`, whose CUDA kernel is a naive
+/// one (a thread per input pixel, looping over every channel and tap, no tiling), and always
+/// computes the weight gradient too. Here the input gradient is the stride-1 convolution of the
+/// zero-dilated output gradient with the flipped, transposed kernel (im2col + cuBLAS, or cuDNN
+/// with the `cudnn` feature, like the forward); the weight gradient is candle's own formula (a
+/// convolution dilated by the stride). Each is computed only when its input tracks a gradient,
+/// so an attack on a frozen network ([`Conv2d::detached`]) computes no weight gradient. The
+/// output padding is worked out per axis, so a non-square input with stride 2 also works (it
+/// does not through candle's backward, see the tests). Second-order gradients are not
+/// supported (the gradients are computed from detached tensors).
+///
+/// Runs on any device; the CPU path of [`conv2d`] uses the faster fused ops instead, and the
+/// tests check this one there against candle's own backward.
+///
+/// # Errors
+/// As [`Tensor::conv2d`]; a kernel [`composable`] refuses.
+pub(crate) fn conv2d_composed(x: &Tensor, weight: &Tensor, cfg: Conv2dConfig) -> Result<Tensor> {
+    if !composable(weight, cfg)? {
+        candle::bail!(
+            "conv2d_composed: kernel {:?} with padding {} is not square or padded by k or more",
+            weight.dims(),
+            cfg.padding
+        )
+    }
+    let y = x
+        .detach()
+        .conv2d(&weight.detach(), cfg.padding, cfg.stride, 1, 1)?
+        .contiguous()?;
+    if !x.track_op() && !weight.track_op() {
+        return Ok(y);
+    }
+    y.apply_op3(x, weight, ComposedBackward { cfg })
+}
+
+/// The op of [`conv2d_composed`] on (y, x, weight): its value is `y` (the convolution,
+/// computed outside), its backward that of `conv2d(x, weight)`.
+struct ComposedBackward {
+    cfg: Conv2dConfig,
+}
+
+impl ComposedBackward {
+    /// `y`'s storage as it is: a fresh, contiguous convolution output.
+    fn check(&self, l: &Layout) -> Result<()> {
+        if !l.is_contiguous() || l.start_offset() != 0 {
+            candle::bail!(
+                "{}: the output is not a fresh contiguous tensor",
+                self.name()
+            )
+        }
+        Ok(())
+    }
+
+    /// The input gradient: `dy` (b, c_out, oh, ow) dilated by the stride and padded to the
+    /// input's size, convolved at stride 1 with the flipped kernel, (c_in, c_out, k, k).
+    fn input_grad(&self, dy: &Tensor, w: &Tensor, hw: (usize, usize)) -> Result<Tensor> {
+        let (s, p) = (self.cfg.stride, self.cfg.padding);
+        let (_, _, k, _) = w.dims4()?;
+        let (_, _, oh, ow) = dy.dims4()?;
+        // rows of the input past the last one the forward's windows reach
+        let extra = |inp: usize, out: usize| (inp + 2 * p) - ((out - 1) * s + k);
+        let (eh, ew) = (extra(hw.0, oh), extra(hw.1, ow));
+        let dy = if s == 1 { dy.clone() } else { dilate(dy, s)? };
+        let dy = dy
+            .narrow(2, 0, (oh - 1) * s + 1 + eh)?
+            .narrow(3, 0, (ow - 1) * s + 1 + ew)?;
+        let rev = Tensor::new(
+            (0..k as u32).rev().collect::<Vec<u32>>().as_slice(),
+            w.device(),
+        )?;
+        let flipped = w
+            .index_select(&rev, 2)?
+            .index_select(&rev, 3)?
+            .transpose(0, 1)?
+            .contiguous()?;
+        dy.conv2d(&flipped, k - 1 - p, 1, 1, 1)
+    }
+
+    /// The weight gradient: candle's formula, `x` and `dy` with batch and channels swapped,
+    /// convolved with dilation = stride, cut to the kernel.
+    fn weight_grad(&self, x: &Tensor, dy: &Tensor, k: usize) -> Result<Tensor> {
+        let dw = x
+            .transpose(0, 1)?
+            .conv2d(
+                &dy.transpose(0, 1)?,
+                self.cfg.padding,
+                1,
+                self.cfg.stride,
+                1,
+            )?
+            .transpose(0, 1)?;
+        let (_, _, gh, gw) = dw.dims4()?;
+        if (gh, gw) == (k, k) {
+            Ok(dw)
+        } else {
+            dw.narrow(2, 0, k)?.narrow(3, 0, k)
+        }
+    }
+}
+
+/// `t` (b, c, h, w) with `s - 1` zero rows after every row and zero columns after every
+/// column: (b, c, h·s, w·s).
+fn dilate(t: &Tensor, s: usize) -> Result<Tensor> {
+    let (b, c, h, w) = t.dims4()?;
+    let zeros = t.zeros_like()?;
+    let mut parts = vec![t.clone()];
+    parts.extend(std::iter::repeat_n(zeros, s - 1));
+    let t = Tensor::stack(&parts, 4)?.reshape((b, c, h, w * s))?;
+    let zeros = t.zeros_like()?;
+    let mut parts = vec![t];
+    parts.extend(std::iter::repeat_n(zeros, s - 1));
+    Tensor::stack(&parts, 3)?.reshape((b, c, h * s, w * s))
+}
+
+impl CustomOp3 for ComposedBackward {
+    fn name(&self) -> &'static str {
+        "pipe-conv2d-composed"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        self.check(l1)?;
+        Ok((s1.try_clone(l1)?, l1.shape().clone()))
+    }
+
+    fn cuda_fwd(
+        &self,
+        s1: &candle::CudaStorage,
+        l1: &Layout,
+        _: &candle::CudaStorage,
+        _: &Layout,
+        _: &candle::CudaStorage,
+        _: &Layout,
+    ) -> Result<(candle::CudaStorage, Shape)> {
+        self.check(l1)?;
+        Ok((s1.try_clone(l1)?, l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        _y: &Tensor,
+        x: &Tensor,
+        w: &Tensor,
+        _res: &Tensor,
+        dy: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (want_dx, want_dw) = (x.track_op(), w.track_op());
+        let (x, w, dy) = (x.detach(), w.detach(), dy.detach());
+        let (_, _, h, wd) = x.dims4()?;
+        let (_, _, k, _) = w.dims4()?;
+        let dx = if want_dx {
+            Some(self.input_grad(&dy, &w, (h, wd))?)
+        } else {
+            None
+        };
+        let dw = if want_dw {
+            Some(self.weight_grad(&x, &dy, k)?)
+        } else {
+            None
+        };
+        Ok((None, dx, dw))
+    }
 }
 
 /// The geometry of one convolution.
@@ -1135,18 +1325,32 @@ mod tests {
     }
 
     fn run(case: Case, dtype: DType, imp: KernelImpl) -> Result<Run> {
+        let (_, _, _, h, w, k, stride, padding) = case;
+        run_with(case, dtype, |x, wt, cfg| {
+            if imp == KernelImpl::Candle
+                && out_padding(h, k, stride, padding) != out_padding(w, k, stride, padding)
+            {
+                candle_strided(x, wt, stride, padding)
+            } else {
+                Conv2d::new(wt.clone(), cfg).with_impl(imp).forward(x)
+            }
+        })
+    }
+
+    /// [`run`] with the convolution `conv(x, w, cfg)`.
+    fn run_with(
+        case: Case,
+        dtype: DType,
+        conv: impl Fn(&Tensor, &Tensor, Conv2dConfig) -> Result<Tensor>,
+    ) -> Result<Run> {
         let (b, c_in, c_out, h, w, k, stride, padding) = case;
         let x = Var::from_tensor(&wave((b, c_in, h, w), 0.1, dtype)?)?;
         let wt = Var::from_tensor(&(wave((c_out, c_in, k, k), 1.3, dtype)? * 0.3)?)?;
-        let conv =
-            Conv2d::new(wt.as_tensor().clone(), Conv2dConfig { stride, padding }).with_impl(imp);
-        let y = if imp == KernelImpl::Candle
-            && out_padding(h, k, stride, padding) != out_padding(w, k, stride, padding)
-        {
-            candle_strided(x.as_tensor(), wt.as_tensor(), stride, padding)?
-        } else {
-            conv.forward(x.as_tensor())?
-        };
+        let y = conv(
+            x.as_tensor(),
+            wt.as_tensor(),
+            Conv2dConfig { stride, padding },
+        )?;
         let r = wave(y.dims4()?, 2.9, dtype)?;
         let grads = (&y * &r)?.sum_all()?.backward()?;
         let get = |v: &Var| {
@@ -1242,6 +1446,80 @@ mod tests {
     #[test]
     fn f64_agrees_with_candle_conv_in_value_and_both_gradients() -> Result<()> {
         check_against_candle(DType::F64, 1e-13)
+    }
+
+    #[test]
+    fn composed_backward_agrees_with_candle_in_value_and_both_gradients() -> Result<()> {
+        // what a convolution runs on CUDA, run here on the CPU
+        for (dtype, tol) in [(DType::F32, 1e-5), (DType::F64, 1e-12)] {
+            for case in CASES {
+                let composed = run_with(case, dtype, conv2d_composed)?;
+                let reference = run(case, dtype, KernelImpl::Candle)?;
+                for (what, a, b) in [
+                    ("y", &composed.y, &reference.y),
+                    ("dx", &composed.dx, &reference.dx),
+                    ("dw", &composed.dw, &reference.dw),
+                ] {
+                    let e = rel_err(a, b)?;
+                    assert!(e <= tol, "{dtype:?} {case:?} {what}: relative error {e:e}");
+                }
+            }
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn composed_backward_computes_only_the_gradients_that_are_tracked() -> Result<()> {
+        let (b, c_in, c_out, h, w, k) = (2, 3, 4, 9, 6, 3);
+        let cfg = Conv2dConfig {
+            stride: 2,
+            padding: 1,
+        };
+        let x = Var::from_tensor(&wave((b, c_in, h, w), 0.1, DType::F32)?)?;
+        let wv = Var::from_tensor(&wave((c_out, c_in, k, k), 1.3, DType::F32)?)?;
+        let y = conv2d_composed(x.as_tensor(), wv.as_tensor(), cfg)?;
+        let dy = wave(y.dims4()?, 2.9, DType::F32)?;
+        let op = ComposedBackward { cfg };
+        let (plain_x, plain_w) = (x.as_tensor().detach(), wv.as_tensor().detach());
+        let grads = |x: &Tensor, w: &Tensor| op.bwd(&y, x, w, &y, &dy);
+        let (none, dx, dw) = grads(x.as_tensor(), wv.as_tensor())?;
+        assert!(none.is_none() && dx.is_some() && dw.is_some());
+        let (_, dx, dw) = grads(x.as_tensor(), &plain_w)?;
+        assert!(
+            dx.is_some() && dw.is_none(),
+            "a frozen weight gets no gradient"
+        );
+        let (_, dx, dw) = grads(&plain_x, wv.as_tensor())?;
+        assert!(
+            dx.is_none() && dw.is_some(),
+            "a plain input gets no gradient"
+        );
+        // nothing tracked: the plain convolution, no op on top
+        let y = conv2d_composed(&plain_x, &plain_w, cfg)?;
+        assert!(!y.track_op());
+        // and what it refuses (candle's backward runs these)
+        let wide = wave((c_out, c_in, 3, 1), 0.5, DType::F32)?;
+        assert!(!composable(&wide, cfg)?);
+        let overpadded = Conv2dConfig {
+            stride: 1,
+            padding: 3,
+        };
+        assert!(!composable(wv.as_tensor(), overpadded)?);
+        assert!(conv2d_composed(x.as_tensor(), wv.as_tensor(), overpadded).is_err());
+        Ok(())
+    }
+
+    #[test]
+    fn dilate_interleaves_zero_rows_and_columns() -> Result<()> {
+        let t = Tensor::new(&[[[[1f32, 2.], [3., 4.]]]], &Device::Cpu)?;
+        let d = dilate(&t, 2)?;
+        assert_eq!(
+            d.flatten_all()?.to_vec1::<f32>()?,
+            [
+                1., 0., 2., 0., 0., 0., 0., 0., 3., 0., 4., 0., 0., 0., 0., 0.
+            ]
+        );
+        Ok(())
     }
 
     #[test]
