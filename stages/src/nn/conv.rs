@@ -227,8 +227,8 @@ pub fn conv2d(x: &Tensor, weight: &Tensor, cfg: Conv2dConfig) -> Result<Tensor> 
         && matches!(x.dtype(), DType::F32 | DType::F64)
         && x.rank() == 4
         && weight.rank() == 4;
-    if !fast {
-        if x.device().is_cuda() && composable(weight, cfg)? {
+    if !fast || composed_on_cpu() {
+        if (x.device().is_cuda() || composed_on_cpu()) && composable(weight, cfg)? {
             return conv2d_composed(x, weight, cfg);
         }
         return x.conv2d(weight, cfg.padding, cfg.stride, 1, 1);
@@ -236,6 +236,20 @@ pub fn conv2d(x: &Tensor, weight: &Tensor, cfg: Conv2dConfig) -> Result<Tensor> 
     let x = x.contiguous()?;
     let w = weight.contiguous()?;
     x.apply_op2(&w, Conv2dOp { cfg })
+}
+
+#[cfg(test)]
+thread_local! {
+    /// Tests: [`conv2d`] on this thread runs the CUDA path (`conv2d_composed`) on the CPU, so a
+    /// whole network can be checked against the fast ops.
+    pub(crate) static COMPOSED_ON_CPU: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+fn composed_on_cpu() -> bool {
+    #[cfg(test)]
+    return COMPOSED_ON_CPU.with(std::cell::Cell::get);
+    #[cfg(not(test))]
+    false
 }
 
 /// Whether [`conv2d_composed`] handles this kernel: square, and padded by at most `k - 1`

@@ -671,6 +671,91 @@ mod tests {
         Ok((varmap, net))
     }
 
+    /// max |a - b| / max |b|.
+    fn rel(a: &Tensor, b: &Tensor) -> Result<f64> {
+        let d = (a - b)?
+            .abs()?
+            .max_all()?
+            .to_dtype(DType::F64)?
+            .to_scalar::<f64>()?;
+        let s = b
+            .abs()?
+            .max_all()?
+            .to_dtype(DType::F64)?
+            .to_scalar::<f64>()?;
+        Ok(d / s.max(1e-30))
+    }
+
+    #[test]
+    fn the_cuda_conv_backward_gives_the_fast_ops_gradients_through_the_whole_net() -> Result<()> {
+        // conv2d_composed (what CUDA runs) forced on the CPU, against the fused CPU ops: a train
+        // step's parameter and input gradients, and an attack's input gradient on the frozen net
+        let x0 = Tensor::from_vec(
+            (0..4 * 3 * 32 * 32)
+                .map(|i| (0.5 + 0.5 * (0.37 * i as f64).sin()) as f32)
+                .collect(),
+            (4, 3, 32, 32),
+            &Device::Cpu,
+        )?;
+        // a fresh net each time: a train-mode forward moves the BN running statistics
+        let step = |composed: bool| -> Result<(Vec<Tensor>, Tensor, Tensor)> {
+            let (varmap, net) = build(8, &["normal"], 5)?;
+            let params = trainable(&varmap);
+            let frozen = net.frozen()?;
+            crate::nn::conv::COMPOSED_ON_CPU.with(|c| c.set(composed));
+            let x = candle::Var::from_tensor(&x0)?;
+            let y = net.forward_t(x.as_tensor(), true)?;
+            let r = Tensor::from_vec(
+                (0..y.elem_count())
+                    .map(|i| (1.7 + 0.37 * i as f64).sin() as f32)
+                    .collect(),
+                y.shape(),
+                &Device::Cpu,
+            )?;
+            let g = (&y * &r)?.sum_all()?.backward()?;
+            let grads = params
+                .iter()
+                .map(|(n, v)| {
+                    g.get(v.as_tensor())
+                        .cloned()
+                        .ok_or_else(|| candle::Error::Msg(format!("no gradient for {n}")))
+                })
+                .collect::<Result<Vec<_>>>()?;
+            let dx = g
+                .get(x.as_tensor())
+                .cloned()
+                .ok_or_else(|| candle::Error::Msg("no dx".into()))?;
+            let a = (frozen.forward_t(x.as_tensor(), false)? * &r)?
+                .sum_all()?
+                .backward()?;
+            let attack_dx = a
+                .get(x.as_tensor())
+                .cloned()
+                .ok_or_else(|| candle::Error::Msg("no attack dx".into()))?;
+            for (n, v) in &params {
+                assert!(
+                    a.get(v.as_tensor()).is_none(),
+                    "the attack differentiated {n}"
+                );
+            }
+            crate::nn::conv::COMPOSED_ON_CPU.with(|c| c.set(false));
+            Ok((grads, dx, attack_dx))
+        };
+        let fast = step(false)?;
+        let composed = step(true)?;
+        for (i, (a, b)) in composed.0.iter().zip(&fast.0).enumerate() {
+            let e = rel(a, b)?;
+            assert!(e < 1e-4, "parameter {i}: relative error {e:e}");
+        }
+        assert_eq!(composed.0.len(), 60, "20 convs and 20 BNs (weight, bias)");
+        let e = rel(&composed.1, &fast.1)?;
+        assert!(e < 1e-4, "input gradient: relative error {e:e}");
+        let e = rel(&composed.2, &fast.2)?;
+        assert!(e < 1e-4, "attack input gradient: relative error {e:e}");
+        assert!(fast.1.abs()?.max_all()?.to_scalar::<f32>()? > 0.0);
+        Ok(())
+    }
+
     #[test]
     fn input_norm_is_imagenet_standardisation_in_front_of_the_same_net() -> Result<()> {
         let varmap = VarMap::new();
