@@ -551,7 +551,13 @@ fn run_node(
                 ))
             }
         }
-        Ok(Err(e)) => Some(error_chain(e.as_ref())),
+        Ok(Err(e)) => {
+            let msg = error_chain(e.as_ref());
+            Some(match kind.explain_failure(&node.params, &msg) {
+                Some(hint) => format!("{msg}\n  hint: {hint}"),
+                None => msg,
+            })
+        }
         Err(p) => Some(format!("panicked: {}", panic_message(p.as_ref()))),
     };
     if let Some(msg) = failure {

@@ -117,6 +117,11 @@ pub trait StageKind: Send + Sync + 'static {
     fn resources(&self, params: &Value) -> Resources;
     /// Runs the stage with normalized params.
     fn run(&self, params: &Value, ctx: &mut StageCtx<'_>) -> Result<(), BoxError>;
+    /// A hint added to a failure of a node with normalized `params` whose message (the error
+    /// with its causes) is `message`: what to change (see [`TypedStage::explain_failure`]).
+    fn explain_failure(&self, _params: &Value, _message: &str) -> Option<String> {
+        None
+    }
 }
 
 /// What a stage author implements: typed params with serde defaults and
@@ -168,6 +173,12 @@ pub trait TypedStage: Send + Sync + 'static {
     }
     /// Runs the stage.
     fn run(params: &Self::Params, ctx: &mut StageCtx<'_>) -> Result<(), BoxError>;
+    /// A hint for a failed run, given the normalized params (as keyed, defaults filled) and
+    /// the failure's message with its causes: a GPU kind says which of its params to lower
+    /// when the message is the GPU running out of memory. Default: none.
+    fn explain_failure(_params: &Value, _message: &str) -> Option<String> {
+        None
+    }
 }
 
 /// Adapter from [`TypedStage`] to [`StageKind`].
@@ -264,6 +275,9 @@ impl<T: TypedStage> StageKind for Typed<T> {
     fn run(&self, params: &Value, ctx: &mut StageCtx<'_>) -> Result<(), BoxError> {
         let p = typed::<T>(params)?;
         T::run(&p, ctx)
+    }
+    fn explain_failure(&self, params: &Value, message: &str) -> Option<String> {
+        T::explain_failure(params, message)
     }
 }
 

@@ -105,6 +105,12 @@ impl TypedStage for Fail {
         ctx.log("about to fail");
         Err(p.message.clone().into())
     }
+    /// A message containing `hint` gets one naming the param as the engine passed it.
+    fn explain_failure(params: &serde_json::Value, message: &str) -> Option<String> {
+        message
+            .contains("hint")
+            .then(|| format!("the params were {params}"))
+    }
 }
 
 /// Always panics with `message`.

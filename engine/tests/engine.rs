@@ -1139,6 +1139,21 @@ fn failing_node_is_not_cached_and_its_dependents_are_skipped() {
 }
 
 #[test]
+fn a_kind_can_add_a_hint_to_its_failure() {
+    let env = Env::new("fail-hint");
+    let plan = env.plan("stages:\n  f: {kind: fail, params: {message: wants a hint}}\n");
+    let (s, _) = env.run(&plan, &opts(1, 1, false));
+    let want = "wants a hint\n  hint: the params were {\"message\":\"wants a hint\"}";
+    assert_eq!(*outcome(&plan, &s, "f"), Outcome::Failed(want.into()));
+    let log = env
+        .store
+        .failed_log(key_of(&plan.graph, "f").key())
+        .expect("failed log kept");
+    let text = std::fs::read_to_string(log).expect("read failed log");
+    assert!(text.contains(&format!("error: {want}")), "{text}");
+}
+
+#[test]
 fn keep_going_runs_independent_branches() {
     let env = Env::new("keepgoing");
     let plan = env.plan(FAILING);

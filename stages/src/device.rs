@@ -251,6 +251,47 @@ fn first_missing(libs: &[(&str, &[&'static str])]) -> Option<String> {
     ))
 }
 
+/// Errors that mean the GPU ran out of memory: the driver's, cuBLAS's and cuDNN's (cudarc
+/// writes their enum names into the message).
+const OUT_OF_MEMORY: [&str; 3] = [
+    "CUDA_ERROR_OUT_OF_MEMORY",
+    "CUBLAS_STATUS_ALLOC_FAILED",
+    "CUDNN_STATUS_ALLOC_FAILED",
+];
+
+/// The hint a GPU kind adds to a failure ([`pipe_engine::TypedStage::explain_failure`]) whose
+/// `message` says the GPU ran out of memory: which of `knobs` (paths into the normalized
+/// `params`, `defense.batch_size`) to lower, with their values in this node; `None` for any
+/// other failure.
+pub fn out_of_memory_hint(
+    params: &serde_json::Value,
+    message: &str,
+    knobs: &[&str],
+) -> Option<String> {
+    if !OUT_OF_MEMORY.iter().any(|e| message.contains(e)) {
+        return None;
+    }
+    let set: Vec<String> = knobs
+        .iter()
+        .filter_map(|k| {
+            let v = k.split('.').try_fold(params, |v, part| v.get(part))?;
+            (!v.is_null()).then(|| format!("`{k}` (here {v})"))
+        })
+        .collect();
+    let lower = match set.as_slice() {
+        [] => String::new(),
+        [one] => format!("lower {one} (another value is another node) or "),
+        [init @ .., last] => format!(
+            "lower {} or {last} (other values are other nodes) or ",
+            init.join(", ")
+        ),
+    };
+    Some(format!(
+        "the GPU ran out of memory: {lower}run it on a GPU with more memory; `pipe run --gpus N` \
+         with N above the number of GPUs lets N nodes share one GPU's memory"
+    ))
+}
+
 /// What this binary can compute on: the answer of `pipe devices`.
 #[derive(Clone, Debug, Serialize)]
 pub struct Inventory {
@@ -433,6 +474,42 @@ mod tests {
         assert_eq!("cuda".parse::<DeviceSpec>().ok(), Some(DeviceSpec::Cuda(0)));
         assert!("gpu".parse::<DeviceSpec>().is_err());
         assert!("cuda:x".parse::<DeviceSpec>().is_err());
+    }
+
+    #[test]
+    fn out_of_memory_hints_name_the_knobs_the_params_set() {
+        let p = serde_json::json!({"batch_size": 64, "defense": {"batch_size": 8, "views": null}});
+        let knobs = [
+            "batch_size",
+            "defense.batch_size",
+            "defense.views",
+            "n_views",
+        ];
+        for oom in [
+            "DriverError(CUDA_ERROR_OUT_OF_MEMORY, \"out of memory\")",
+            "attack: CublasError(CUBLAS_STATUS_ALLOC_FAILED)",
+            "CUDNN_STATUS_ALLOC_FAILED",
+        ] {
+            let hint = out_of_memory_hint(&p, oom, &knobs);
+            assert_eq!(
+                hint.as_deref().and_then(|h| h.split(" or run").next()),
+                Some(
+                    "the GPU ran out of memory: lower `batch_size` (here 64) or \
+                     `defense.batch_size` (here 8) (other values are other nodes)"
+                ),
+                "{oom}"
+            );
+        }
+        let one = out_of_memory_hint(&p, "CUDA_ERROR_OUT_OF_MEMORY", &["batch_size"]);
+        assert!(one.is_some_and(|h| h.contains("lower `batch_size` (here 64) (another value")));
+        let none = out_of_memory_hint(&p, "CUDA_ERROR_OUT_OF_MEMORY", &[]);
+        assert!(none.is_some_and(|h| h.starts_with("the GPU ran out of memory: run it on")));
+        // any other failure (the CPU never reports these) gets no hint
+        assert_eq!(
+            out_of_memory_hint(&p, "DriverError(CUDA_ERROR_INVALID_PTX)", &knobs),
+            None
+        );
+        assert_eq!(out_of_memory_hint(&p, "out of memory", &knobs), None);
     }
 
     #[test]

@@ -409,6 +409,10 @@ impl TypedStage for AttackDataset {
         crate::params::device_resources(p.device)
     }
 
+    fn explain_failure(params: &serde_json::Value, message: &str) -> Option<String> {
+        crate::device::out_of_memory_hint(params, message, &["batch_size"])
+    }
+
     fn run(p: &AttackDatasetParams, ctx: &mut StageCtx<'_>) -> Result<(), BoxError> {
         let ctx = &*ctx;
         let device = p.device.open()?;

@@ -224,6 +224,10 @@ impl TypedStage for PseudoLabelsKind {
         crate::params::device_resources(p.device)
     }
 
+    fn explain_failure(params: &serde_json::Value, message: &str) -> Option<String> {
+        crate::device::out_of_memory_hint(params, message, &[])
+    }
+
     fn run(p: &PseudoLabelsParams, ctx: &mut StageCtx<'_>) -> Result<()> {
         let ctx = &*ctx;
         let enc_path = crate::params::input_file(ctx, "encoder", ENCODER_FILE, "pretrain")?;

@@ -547,6 +547,10 @@ impl TypedStage for SslHeadKind {
         crate::params::device_resources(p.device)
     }
 
+    fn explain_failure(params: &serde_json::Value, message: &str) -> Option<String> {
+        crate::device::out_of_memory_hint(params, message, &["batch_size"])
+    }
+
     fn run(p: &SslHeadParams, ctx: &mut StageCtx<'_>) -> Result<()> {
         let ctx = &*ctx;
         let weights = crate::params::input_file(ctx, "model", WEIGHTS_FILE, "finetune")?;

@@ -669,6 +669,14 @@ impl TypedStage for Evaluate {
         crate::params::device_resources(p.device)
     }
 
+    fn explain_failure(params: &serde_json::Value, message: &str) -> Option<String> {
+        crate::device::out_of_memory_hint(
+            params,
+            message,
+            &["batch_size", "defense.batch_size", "defense.views"],
+        )
+    }
+
     fn run(p: &EvaluateParams, ctx: &mut StageCtx<'_>) -> Result<(), BoxError> {
         let ctx = &*ctx;
         let start = Instant::now();

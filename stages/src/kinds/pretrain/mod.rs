@@ -1041,6 +1041,10 @@ impl TypedStage for Pretrain {
         crate::params::device_resources(p.device)
     }
 
+    fn explain_failure(params: &serde_json::Value, message: &str) -> Option<String> {
+        crate::device::out_of_memory_hint(params, message, &["batch_size", "n_views"])
+    }
+
     fn run(p: &PretrainParams, ctx: &mut StageCtx<'_>) -> Result<(), BoxError> {
         let ctx = &*ctx;
         let cfg = p.config();

@@ -33,6 +33,33 @@ fn errors(v: Value) -> Vec<String> {
 }
 
 #[test]
+fn a_gpu_out_of_memory_failure_names_the_resolved_batch_size_and_views() -> TestResult {
+    let mut reg = pipe_engine::Registry::new();
+    crate::register_all(&mut reg);
+    let kind = reg.get("pretrain").expect("registered");
+    let p =
+        normalize(json!({"method": "emp_ssl", "attack": "free"})).map_err(|e| format!("{e:?}"))?;
+    // what candle's CUDA backend reports (cudarc's `DriverError` Debug form) with our causes
+    let oom = "train step 3: DriverError(CUDA_ERROR_OUT_OF_MEMORY, \"out of memory\")";
+    let hint = kind.explain_failure(&p, oom).ok_or("no hint")?;
+    assert!(
+        hint.starts_with(
+            "the GPU ran out of memory: lower `batch_size` (here 100) or `n_views` (here 16)"
+        ),
+        "{hint}"
+    );
+    let p = normalize(json!({"method": "emp_ssl", "attack": "free", "batch_size": 20}))
+        .map_err(|e| format!("{e:?}"))?;
+    let hint = kind.explain_failure(&p, oom).ok_or("no hint")?;
+    assert!(hint.contains("`batch_size` (here 20)"), "{hint}");
+    assert_eq!(
+        kind.explain_failure(&p, "the dataset has no test split"),
+        None
+    );
+    Ok(())
+}
+
+#[test]
 fn defaults_follow_method_and_attack() {
     let c = params(json!({"method": "emp_ssl"})).config();
     assert_eq!(
