@@ -188,13 +188,22 @@ fn zero_decay_where(params: &mut [Param], pred: impl Fn(&str, &Var) -> bool) {
     }
 }
 
-/// The Frobenius norm as an `f64`.
-fn norm(t: &Tensor) -> Result<f64> {
-    Ok(t.sqr()?
-        .sum_all()?
-        .to_dtype(DType::F64)?
-        .to_scalar::<f64>()?
-        .sqrt())
+/// The Frobenius norms of `ts` as `f64`s (each the `f32` sum of squares candle computes on the
+/// tensor's device), read to the host in one copy: on CUDA each read waits for the device, and
+/// a LARS step reads two norms per tensor.
+fn norms_at_once(ts: &[&Tensor]) -> Result<Vec<f64>> {
+    if ts.is_empty() {
+        return Ok(Vec::new());
+    }
+    let sums = ts
+        .iter()
+        .map(|t| t.sqr()?.sum_all()?.to_dtype(DType::F64))
+        .collect::<Result<Vec<_>>>()?;
+    Ok(Tensor::stack(&sums, 0)?
+        .to_vec1::<f64>()?
+        .into_iter()
+        .map(f64::sqrt)
+        .collect())
 }
 
 /// The parameter's gradient, detached (`None` when it has none).
@@ -640,9 +649,35 @@ impl Lars {
     /// Tensor errors.
     pub fn step(&mut self, grads: &GradStore) -> Result<()> {
         let lr = self.sgd.lr();
-        let mut scaled = Vec::with_capacity(self.sgd.params.len());
-        for param in &self.sgd.params {
-            let Some(g) = grad_of(grads, &param.var) else {
+        let params = &self.sgd.params;
+        let gs: Vec<Option<Tensor>> = params.iter().map(|p| grad_of(grads, &p.var)).collect();
+        let trusted =
+            |i: usize| gs[i].is_some() && !(self.exclude_bias_n_norm && params[i].var.rank() == 1);
+        // (‖p‖, ‖g‖) of the trust-scaled tensors: one fused pass each on the CPU, else candle's
+        // sums of squares read to the host together (on CUDA a read is a synchronisation)
+        let mut pg: Vec<Option<(f64, f64)>> = vec![None; params.len()];
+        let mut slow: Vec<(usize, Tensor, &Tensor)> = Vec::new();
+        for (i, (param, g)) in params.iter().zip(&gs).enumerate() {
+            if let (true, Some(g)) = (trusted(i), g) {
+                let p = param.var.as_detached_tensor();
+                match fused::norms(&p, g) {
+                    Some(n) => pg[i] = Some(n),
+                    None => slow.push((i, p, g)),
+                }
+            }
+        }
+        let slow_norms = norms_at_once(
+            &slow
+                .iter()
+                .flat_map(|(_, p, g)| [p, *g])
+                .collect::<Vec<_>>(),
+        )?;
+        for ((i, ..), n) in slow.iter().zip(slow_norms.chunks_exact(2)) {
+            pg[*i] = Some((n[0], n[1]));
+        }
+        let mut scaled = Vec::with_capacity(params.len());
+        for ((param, g), norms) in params.iter().zip(gs).zip(pg) {
+            let Some(g) = g else {
                 scaled.push(None);
                 continue;
             };
@@ -651,14 +686,9 @@ impl Lars {
                 decay: 0.0,
                 rho: 1.0,
             };
-            if self.exclude_bias_n_norm && param.var.rank() == 1 {
+            let Some((pn, gn)) = norms else {
                 scaled.push(Some(plain));
                 continue;
-            }
-            let p = param.var.as_detached_tensor();
-            let (pn, gn) = match fused::norms(&p, &g) {
-                Some(n) => n,
-                None => (norm(&p)?, norm(&g)?),
             };
             if pn == 0.0 || gn == 0.0 {
                 scaled.push(Some(plain));
@@ -773,13 +803,29 @@ impl AclLars {
         let AclLarsConfig {
             lr, momentum, eta, ..
         } = self.cfg;
-        for (param, buf) in self.params.iter().zip(self.bufs.iter_mut()) {
-            let Some(g) = grad_of(grads, &param.var) else {
+        let pg: Vec<Option<(Tensor, Tensor)>> = self
+            .params
+            .iter()
+            .map(|param| grad_of(grads, &param.var).map(|g| (param.var.as_detached_tensor(), g)))
+            .collect();
+        // every norm read to the host at once (on CUDA a read is a synchronisation)
+        let norms = norms_at_once(
+            &pg.iter()
+                .flatten()
+                .flat_map(|(p, g)| [p, g])
+                .collect::<Vec<_>>(),
+        )?;
+        let mut norms = norms.chunks_exact(2);
+        for ((param, buf), pg) in self.params.iter().zip(self.bufs.iter_mut()).zip(pg) {
+            let Some((p, g)) = pg else {
                 continue;
             };
-            let p = param.var.as_detached_tensor();
+            // one pair of norms per parameter with a gradient, in order
+            let n = norms
+                .next()
+                .ok_or_else(|| candle::Error::Msg("LARS norms".into()))?;
             let w = param.weight_decay;
-            let (pn, gn) = (norm(&p)?, norm(&g)?);
+            let (pn, gn) = (n[0], n[1]);
             let local = if pn < 1e-15 || gn < 1e-15 {
                 1.0
             } else {
@@ -1343,6 +1389,55 @@ mod tests {
             opt.step(&grads(&params, k)?)?;
             assert_close(&values(&params)?, w, 1e-13);
         }
+        Ok(())
+    }
+
+    /// The norms read together are the ones read one at a time (bit for bit), and each
+    /// parameter gets its own: a step where the middle parameter has no gradient moves the
+    /// others exactly as an optimiser over them alone.
+    #[test]
+    fn lars_norms_are_read_at_once_and_stay_with_their_tensors() -> TestResult {
+        let dev = Device::Cpu;
+        let mut rng = crate::rng::Rng::new(3);
+        let mut draw =
+            |n: usize| -> Vec<f32> { (0..n).map(|_| rng.uniform(-1.0, 1.0) as f32).collect() };
+        let ts = [
+            Tensor::from_vec(draw(1000), (10, 100), &dev)?,
+            Tensor::from_vec(draw(7), 7, &dev)?.to_dtype(DType::F64)?,
+            Tensor::zeros((2, 3), DType::F32, &dev)?,
+        ];
+        let one_by_one: Vec<f64> = ts
+            .iter()
+            .map(|t| -> Result<f64> {
+                Ok(t.sqr()?
+                    .sum_all()?
+                    .to_dtype(DType::F64)?
+                    .to_scalar::<f64>()?
+                    .sqrt())
+            })
+            .collect::<Result<_>>()?;
+        assert_eq!(norms_at_once(&ts.iter().collect::<Vec<_>>())?, one_by_one);
+        assert!(norms_at_once(&[])?.is_empty());
+
+        let wz = |p: &[(String, Var)]| vec![p[0].clone(), p[2].clone()];
+        let (all, alone) = (init()?, init()?);
+        let mut lars = Lars::new_named(&all, LarsConfig::default())?;
+        let mut lars_alone = Lars::new_named(&wz(&alone), LarsConfig::default())?;
+        let (all2, alone2) = (init()?, init()?);
+        let mut acl = AclLars::new_named(&all2, AclLarsConfig::default())?;
+        let mut acl_alone = AclLars::new_named(&wz(&alone2), AclLarsConfig::default())?;
+        for k in 0..3 {
+            lars.step(&grads(&all, k)?)?;
+            lars_alone.step(&grads(&alone, k)?)?;
+            acl.step(&grads(&all2, k)?)?;
+            acl_alone.step(&grads(&alone2, k)?)?;
+        }
+        for (a, b) in [(&all, &alone), (&all2, &alone2)] {
+            let (va, vb) = (values(a)?, values(b)?);
+            assert_eq!((&va[0], &va[2]), (&vb[0], &vb[2]));
+        }
+        // and the step moved them
+        assert_ne!(values(&all)?[0], values(&init()?)?[0]);
         Ok(())
     }
 
