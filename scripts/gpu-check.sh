@@ -5,7 +5,8 @@
 #
 #   bash scripts/gpu-check.sh quick   # nvidia-smi, `pipe devices`, the CUDA-vs-CPU tests, and
 #                                     # `pipe bench pretrain` of CF-AMC-SSL (16 crops, batch 100,
-#                                     # m 3, width 64; again with PIPE_KERNELS=candle) and of
+#                                     # m 3, width 64; again with PIPE_KERNELS=candle and with
+#                                     # PIPE_CUDA_MATH=tf32) and of
 #                                     # the PGD / no-attack modes
 #   bash scripts/gpu-check.sh epoch   # one CF-AMC-SSL epoch on the whole CIFAR-10 training set
 #                                     # (width 64, 16 crops, batch 100, m 3): wall time, images/s
@@ -79,6 +80,10 @@ quick)
     # what conv2d_composed gains
     run bench-cf-amc-ssl-candle-conv env PIPE_KERNELS=candle timeout "$limit" "$pipe" bench \
         pretrain --device cuda:0 --widths 64 --batch 100 --views 16 --m 3 --methods emp_ssl \
+        --attacks free --steps 3 --json
+    # TF32 tensor cores for the f32 matmuls and convolutions (PIPE_CUDA_MATH=tf32)
+    run bench-cf-amc-ssl-tf32 env PIPE_CUDA_MATH=tf32 timeout "$limit" "$pipe" bench pretrain \
+        --device cuda:0 --widths 64 --batch 100 --views 16 --m 3 --methods emp_ssl \
         --attacks free --steps 3 --json
     run bench-all timeout "$limit" "$pipe" bench pretrain --device cuda:0 --widths 64 \
         --batch 100 --views 16 --m 3 --steps 3 --json

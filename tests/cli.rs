@@ -364,6 +364,7 @@ fn devices_lists_the_cpu_and_why_there_is_no_cuda() {
     assert_eq!(j["cuda_built"], cfg!(feature = "cuda"));
     assert!(j["cpu_threads"].as_u64().is_some_and(|n| n >= 1), "{j}");
     assert!(j["cpu_logical"].as_u64().is_some_and(|n| n >= 1), "{j}");
+    assert_eq!(j["cuda_math"], "fp32");
     let text = dir.pipe(&["devices"]).code(0).stdout;
     assert!(text.contains("\ncpu "), "{text}");
     if !cfg!(feature = "cuda") {
@@ -455,6 +456,108 @@ stages:
         "{}",
         bad.stderr
     );
+}
+
+/// `PIPE_CUDA_MATH=tf32` moves the key of a node that computes on CUDA (TF32 numbers are not
+/// fp32 numbers) and of no CPU node; `fp32` is the default and keys as before; a bad value, or
+/// `tf32` with `NVIDIA_TF32_OVERRIDE=0` (which would turn TF32 off unseen), is refused.
+#[test]
+fn pipe_cuda_math_is_keyed_on_cuda_nodes_only() {
+    let dir = Dir::new("cuda-math");
+    let p = dir.pipeline(
+        "math.yaml",
+        r#"
+name: math
+stages:
+  data:
+    kind: dataset
+    params: {source: synthetic, n_classes: 4, n_train: 32, n_test: 8, seed: 1}
+  gpu:
+    kind: pretrain
+    inputs: {dataset: data}
+    params: {method: simclr, attack: none, views: crop, batch_size: 16, epochs: 1, width: 8, hidden_dim: 32}
+  cpu:
+    kind: pretrain
+    inputs: {dataset: data}
+    params: {method: simclr, attack: none, views: crop, batch_size: 16, epochs: 1, width: 8, hidden_dim: 32, device: cpu}
+"#,
+    );
+    let plan = |math: Option<&str>| {
+        // `auto` keys as CUDA whatever this machine has
+        let mut c = dir.command(&["plan", &p, "--json"]);
+        c.env_remove("NVIDIA_TF32_OVERRIDE")
+            .env("PIPE_AUTO_DEVICE", "cuda");
+        match math {
+            Some(m) => c.env("PIPE_CUDA_MATH", m),
+            None => c.env_remove("PIPE_CUDA_MATH"),
+        };
+        crate::util::Output::from_process(&["plan"], c.output().expect("pipe plan"))
+            .code(0)
+            .json()
+    };
+    let (unset, fp32, tf32) = (plan(None), plan(Some("fp32")), plan(Some("tf32")));
+    for id in ["data", "gpu", "cpu"] {
+        assert_eq!(node(&unset, id)["key"], node(&fp32, id)["key"], "{id}");
+    }
+    assert_eq!(node(&fp32, "cpu")["key"], node(&tf32, "cpu")["key"]);
+    assert_ne!(node(&fp32, "gpu")["key"], node(&tf32, "gpu")["key"]);
+    let devices = dir
+        .command(&["devices", "--json"])
+        .env("PIPE_CUDA_MATH", "tf32")
+        .env_remove("NVIDIA_TF32_OVERRIDE")
+        .output()
+        .expect("pipe devices");
+    let devices = crate::util::Output::from_process(&["devices"], devices)
+        .code(0)
+        .json();
+    assert_eq!(devices["cuda_math"], "tf32");
+    // what the CUDA libraries of a run see: fp32 pins NVIDIA_TF32_OVERRIDE=0 (a cudnn build's
+    // convolutions would be TF32 by default), tf32 leaves the environment alone
+    let env = dir.pipeline(
+        "env.yaml",
+        r#"
+name: env
+stages:
+  env:
+    kind: shell
+    params:
+      cmd: printf %s "${NVIDIA_TF32_OVERRIDE-unset}" > "$PIPE_OUT/v.txt"
+      outputs: [v.txt]
+"#,
+    );
+    for (math, want) in [(None, "0"), (Some("fp32"), "0"), (Some("tf32"), "unset")] {
+        // the node's key does not depend on the setting: a fresh store for each run
+        let _ = std::fs::remove_dir_all(&dir.store);
+        let mut c = dir.command(&["run", &env]);
+        c.env_remove("NVIDIA_TF32_OVERRIDE");
+        match math {
+            Some(m) => c.env("PIPE_CUDA_MATH", m),
+            None => c.env_remove("PIPE_CUDA_MATH"),
+        };
+        crate::util::Output::from_process(&["run"], c.output().expect("pipe run")).code(0);
+        let v = crate::caching::entry_file(&dir, &env, "env", "v.txt");
+        assert_eq!(v, want, "{math:?}");
+    }
+    for (env, want) in [
+        (
+            [("PIPE_CUDA_MATH", "bf16"), ("NVIDIA_TF32_OVERRIDE", "")],
+            "PIPE_CUDA_MATH: expected `fp32` or `tf32`, got `bf16`",
+        ),
+        (
+            [("PIPE_CUDA_MATH", "tf32"), ("NVIDIA_TF32_OVERRIDE", "0")],
+            "PIPE_CUDA_MATH=tf32, but NVIDIA_TF32_OVERRIDE=0 turns TF32 off",
+        ),
+    ] {
+        let bad = crate::util::Output::from_process(
+            &["plan"],
+            dir.command(&["plan", &p])
+                .envs(env)
+                .output()
+                .expect("pipe plan"),
+        )
+        .code(2);
+        assert!(bad.stderr.contains(want), "{}", bad.stderr);
+    }
 }
 
 /// `pipe bench pretrain` times the ACL family (no free-adversarial variant) and AdvCL (PGD

@@ -198,7 +198,9 @@ fn every_node_runs_as_one_slurm_job_with_the_keys_of_a_local_run() {
         let key = node(&doc, name)["key"].as_str().expect("key").to_string();
         let wrap = arg(sub, "--wrap");
         assert!(
-            wrap.contains(&format!(" exec {key}")) && wrap.contains("PIPE_AUTO_DEVICE=cpu"),
+            wrap.contains(&format!(" exec {key}"))
+                && wrap.contains("PIPE_AUTO_DEVICE=cpu")
+                && wrap.contains("PIPE_CUDA_MATH=fp32"),
             "{wrap}"
         );
         assert!(

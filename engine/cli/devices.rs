@@ -68,6 +68,13 @@ fn text(inv: &Inventory) -> String {
     if let Some(why) = &inv.cuda_unavailable {
         out += &format!("cuda     none usable: {why}\n");
     }
+    if inv.cuda_built {
+        out += &format!(
+            "math     CUDA f32 matmuls and convolutions in {} ({}: fp32 or tf32)\n",
+            inv.cuda_math,
+            pipe_stages::device::CUDA_MATH_ENV
+        );
+    }
     out += &format!("auto     {}\n", inv.auto);
     out
 }

@@ -299,6 +299,27 @@ pub enum BenchWhat {
 fn main() -> ExitCode {
     pipe_stages::tune::reexec_tuned();
     let cli = Cli::parse();
+    // how CUDA computes f32 (PIPE_CUDA_MATH): the CUDA libraries read NVIDIA_TF32_OVERRIDE when
+    // they load, so it is set here, before any thread starts; a bad value is refused
+    match pipe_stages::device::CudaMath::from_env() {
+        Ok(math) => {
+            if let Some((k, v)) = math.required_env()
+                && std::env::var(k).as_deref() != Ok(v)
+            {
+                // SAFETY: single-threaded so far (nothing above starts a thread), so no other
+                // thread reads the environment while it changes
+                #[allow(unsafe_code)]
+                unsafe {
+                    std::env::set_var(k, v)
+                };
+            }
+            math.apply_to_candle();
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    }
     // `pipe plan FILE | head` ends quietly; a run keeps ignoring SIGPIPE so that a closed pipe
     // on its stdout does not kill it mid-node (its own signal handling stops it cleanly).
     if !matches!(cli.command, Command::Run { .. }) {

@@ -53,10 +53,17 @@ pub fn executor(
             "--store".into(),
             store.root().display().to_string(),
         ],
-        env: vec![(
-            pipe_stages::device::AUTO_DEVICE_ENV.to_string(),
-            auto.to_string(),
-        )],
+        env: vec![
+            (
+                pipe_stages::device::AUTO_DEVICE_ENV.to_string(),
+                auto.to_string(),
+            ),
+            // the jobs compute in the math the nodes were keyed with
+            (
+                pipe_stages::device::CUDA_MATH_ENV.to_string(),
+                pipe_stages::device::CudaMath::current().name().to_string(),
+            ),
+        ],
         sbatch_args,
         job: json!({
             "pipeline": file.display().to_string(),

@@ -151,6 +151,98 @@ pub fn auto_backend() -> &'static str {
     })
 }
 
+/// The environment variable that picks how CUDA computes `f32` matmuls and convolutions
+/// ([`CudaMath`]).
+pub const CUDA_MATH_ENV: &str = "PIPE_CUDA_MATH";
+
+/// NVIDIA's switch that turns TF32 off in every one of its libraries when `0`.
+pub const TF32_OVERRIDE_ENV: &str = "NVIDIA_TF32_OVERRIDE";
+
+/// How CUDA computes `f32` matmuls and convolutions: a process-wide setting
+/// ([`CUDA_MATH_ENV`]), keyed on CUDA nodes when not the default.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum CudaMath {
+    /// Full `f32` (the default): cuBLAS without tensor cores, and cuDNN (with `cudnn`) held to
+    /// `f32` too, since its default on Ampere and later GPUs is TF32.
+    #[default]
+    Fp32,
+    /// TF32 tensor cores (a 10-bit mantissa for the products, `f32` accumulation) in cuBLAS
+    /// matmuls, hence in the im2col convolutions, and in cuDNN's: faster, less precise.
+    /// PyTorch's default for convolutions (`torch.backends.cudnn.allow_tf32`), not for matmuls.
+    Tf32,
+}
+
+impl CudaMath {
+    /// `fp32` or `tf32`.
+    pub fn name(self) -> &'static str {
+        match self {
+            CudaMath::Fp32 => "fp32",
+            CudaMath::Tf32 => "tf32",
+        }
+    }
+
+    /// The setting that `value` of [`CUDA_MATH_ENV`] (unset or empty: `fp32`) asks for, given
+    /// the value of [`TF32_OVERRIDE_ENV`].
+    ///
+    /// # Errors
+    /// Any other value, or `tf32` where `NVIDIA_TF32_OVERRIDE=0` would silently turn it off.
+    pub fn parse(value: Option<&str>, tf32_override: Option<&str>) -> Result<CudaMath, String> {
+        match value.unwrap_or("") {
+            "" | "fp32" => Ok(CudaMath::Fp32),
+            "tf32" if tf32_override == Some("0") => Err(format!(
+                "{CUDA_MATH_ENV}=tf32, but {TF32_OVERRIDE_ENV}=0 turns TF32 off in the CUDA \
+                 libraries: unset one of them"
+            )),
+            "tf32" => Ok(CudaMath::Tf32),
+            v => Err(format!(
+                "{CUDA_MATH_ENV}: expected `fp32` or `tf32`, got `{v}`"
+            )),
+        }
+    }
+
+    /// The setting of this process's environment.
+    ///
+    /// # Errors
+    /// As [`CudaMath::parse`] (the CLI refuses to start with a bad value).
+    pub fn from_env() -> Result<CudaMath, String> {
+        let var = |k: &str| std::env::var(k).ok();
+        CudaMath::parse(
+            var(CUDA_MATH_ENV).as_deref(),
+            var(TF32_OVERRIDE_ENV).as_deref(),
+        )
+    }
+
+    /// This process's setting, read once ([`CudaMath::from_env`]; a bad value, which the CLI
+    /// refuses before anything is planned, reads as the default).
+    pub fn current() -> CudaMath {
+        use std::sync::OnceLock;
+        static MATH: OnceLock<CudaMath> = OnceLock::new();
+        *MATH.get_or_init(|| CudaMath::from_env().unwrap_or_default())
+    }
+
+    /// The environment variable the process must have before the CUDA libraries load so that
+    /// they compute what this setting says: `NVIDIA_TF32_OVERRIDE=0` for `fp32` (which keeps a
+    /// `cudnn` build's convolutions out of TF32), nothing for `tf32`.
+    pub fn required_env(self) -> Option<(&'static str, &'static str)> {
+        match self {
+            CudaMath::Fp32 => Some((TF32_OVERRIDE_ENV, "0")),
+            CudaMath::Tf32 => None,
+        }
+    }
+
+    /// Applies the candle side of the setting (cuBLAS's `f32` compute type); the environment
+    /// side is [`CudaMath::required_env`], which the binary sets before any thread starts.
+    pub fn apply_to_candle(self) {
+        candle::cuda::set_gemm_reduced_precision_f32(self == CudaMath::Tf32);
+    }
+
+    /// What a CUDA node's key adds for this setting: nothing for the default, so keys made
+    /// before the setting existed stay valid.
+    pub fn key_entry(self, backend: &str) -> Option<(&'static str, &'static str)> {
+        (backend == "cuda" && self != CudaMath::Fp32).then_some(("cuda_math", self.name()))
+    }
+}
+
 /// Whether this binary can use CUDA here: it was built with the `cuda` feature, the CUDA
 /// libraries can be loaded and the driver reports at least one device (asked once per process;
 /// candle's own `cuda_is_available` only says whether the feature was compiled in). Where the
@@ -310,6 +402,8 @@ pub struct Inventory {
     pub cuda_devices: Vec<CudaDeviceInfo>,
     /// Why no CUDA device is usable; `None` when at least one is.
     pub cuda_unavailable: Option<String>,
+    /// How CUDA computes `f32` matmuls and convolutions here ([`CudaMath`]): `fp32` or `tf32`.
+    pub cuda_math: &'static str,
 }
 
 /// One CUDA device, as [`inventory`] reports it.
@@ -349,6 +443,7 @@ pub fn inventory() -> Inventory {
         cpu_logical: std::thread::available_parallelism().map_or(1, |n| n.get()),
         cuda_devices,
         cuda_unavailable,
+        cuda_math: CudaMath::current().name(),
     }
 }
 
@@ -474,6 +569,29 @@ mod tests {
         assert_eq!("cuda".parse::<DeviceSpec>().ok(), Some(DeviceSpec::Cuda(0)));
         assert!("gpu".parse::<DeviceSpec>().is_err());
         assert!("cuda:x".parse::<DeviceSpec>().is_err());
+    }
+
+    #[test]
+    fn cuda_math_parses_refuses_and_keys_only_tf32_on_cuda() {
+        assert_eq!(CudaMath::parse(None, None), Ok(CudaMath::Fp32));
+        assert_eq!(CudaMath::parse(Some(""), Some("0")), Ok(CudaMath::Fp32));
+        assert_eq!(CudaMath::parse(Some("fp32"), Some("1")), Ok(CudaMath::Fp32));
+        assert_eq!(CudaMath::parse(Some("tf32"), None), Ok(CudaMath::Tf32));
+        assert_eq!(CudaMath::parse(Some("tf32"), Some("1")), Ok(CudaMath::Tf32));
+        assert!(CudaMath::parse(Some("tf32"), Some("0")).is_err_and(|e| e.contains("unset one")));
+        assert!(CudaMath::parse(Some("TF32"), None).is_err_and(|e| e.contains("got `TF32`")));
+        // fp32 pins NVIDIA's switch (a cudnn build's convolutions are TF32 by default)
+        assert_eq!(
+            CudaMath::Fp32.required_env(),
+            Some(("NVIDIA_TF32_OVERRIDE", "0"))
+        );
+        assert_eq!(CudaMath::Tf32.required_env(), None);
+        assert_eq!(
+            CudaMath::Tf32.key_entry("cuda"),
+            Some(("cuda_math", "tf32"))
+        );
+        assert_eq!(CudaMath::Tf32.key_entry("cpu"), None);
+        assert_eq!(CudaMath::Fp32.key_entry("cuda"), None);
     }
 
     #[test]

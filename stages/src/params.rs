@@ -180,12 +180,26 @@ pub fn write_json(path: &std::path::Path, v: &Value) -> Result<(), pipe_engine::
 }
 
 /// A kind's keyed params: the serialized params with `device` replaced by its backend (the
-/// backend changes the numbers, the ordinal does not) and without `checkpoint_minutes` (how
-/// often a training kind writes its state changes no result).
+/// backend changes the numbers, the ordinal does not), `cuda_math: tf32` on a CUDA node of a
+/// process that computes in TF32 ([`crate::device::CudaMath`]), and without
+/// `checkpoint_minutes` (how often a training kind writes its state changes no result).
 pub fn key_with_backend<P: serde::Serialize>(p: &P, device: crate::device::DeviceSpec) -> Value {
+    key_with_backend_math(p, device, crate::device::CudaMath::current())
+}
+
+/// [`key_with_backend`] under a given CUDA math setting.
+pub fn key_with_backend_math<P: serde::Serialize>(
+    p: &P,
+    device: crate::device::DeviceSpec,
+    math: crate::device::CudaMath,
+) -> Value {
     let mut v = serde_json::to_value(p).unwrap_or(Value::Null);
     if let Value::Object(m) = &mut v {
-        m.insert("device".into(), Value::from(device.backend()));
+        let backend = device.backend();
+        m.insert("device".into(), Value::from(backend));
+        if let Some((k, val)) = math.key_entry(backend) {
+            m.insert(k.into(), Value::from(val));
+        }
         m.remove("checkpoint_minutes");
     }
     v
@@ -258,6 +272,23 @@ mod tests {
                     && errors[0].message.contains("--features cuda")
             );
         }
+    }
+
+    #[test]
+    fn tf32_is_keyed_on_cuda_nodes_and_nothing_else_moves() {
+        use crate::device::{CudaMath, DeviceSpec};
+        let p = serde_json::json!({"epochs": 1, "device": "cuda:1", "checkpoint_minutes": 5});
+        let key = |d, m| key_with_backend_math(&p, d, m);
+        let fp32 = key(DeviceSpec::Cuda(1), CudaMath::Fp32);
+        assert_eq!(fp32, serde_json::json!({"epochs": 1, "device": "cuda"}));
+        assert_eq!(
+            key(DeviceSpec::Cuda(0), CudaMath::Tf32),
+            serde_json::json!({"epochs": 1, "device": "cuda", "cuda_math": "tf32"})
+        );
+        assert_eq!(
+            key(DeviceSpec::Cpu, CudaMath::Tf32),
+            key(DeviceSpec::Cpu, CudaMath::Fp32)
+        );
     }
 
     #[test]
