@@ -501,18 +501,28 @@ stages:
     }
     assert_eq!(node(&fp32, "cpu")["key"], node(&tf32, "cpu")["key"]);
     assert_ne!(node(&fp32, "gpu")["key"], node(&tf32, "gpu")["key"]);
-    let devices = dir
-        .command(&["devices", "--json"])
-        .env("PIPE_CUDA_MATH", "tf32")
-        .env_remove("NVIDIA_TF32_OVERRIDE")
-        .output()
-        .expect("pipe devices");
-    let devices = crate::util::Output::from_process(&["devices"], devices)
-        .code(0)
-        .json();
-    assert_eq!(devices["cuda_math"], "tf32");
-    // what the CUDA libraries of a run see: fp32 pins NVIDIA_TF32_OVERRIDE=0 (a cudnn build's
-    // convolutions would be TF32 by default), tf32 leaves the environment alone
+    // what pipe's own CUDA libraries read: fp32 pins NVIDIA_TF32_OVERRIDE=0 (cuDNN computes
+    // f32 convolutions in TF32 by default), tf32 leaves it as it was
+    for (math, over, want) in [
+        ("fp32", None, serde_json::json!("0")),
+        ("fp32", Some("1"), serde_json::json!("0")),
+        ("tf32", None, serde_json::Value::Null),
+        ("tf32", Some("1"), serde_json::json!("1")),
+    ] {
+        let mut c = dir.command(&["devices", "--json"]);
+        c.env("PIPE_CUDA_MATH", math);
+        match over {
+            Some(o) => c.env("NVIDIA_TF32_OVERRIDE", o),
+            None => c.env_remove("NVIDIA_TF32_OVERRIDE"),
+        };
+        let devices = crate::util::Output::from_process(&["devices"], c.output().expect("devices"))
+            .code(0)
+            .json();
+        assert_eq!(devices["cuda_math"], math);
+        assert_eq!(devices["nvidia_tf32_override"], want, "{math} {over:?}");
+    }
+    // a shell stage's command gets the environment pipe was started with, not the
+    // NVIDIA_TF32_OVERRIDE=0 that fp32 sets for pipe's own CUDA libraries
     let env = dir.pipeline(
         "env.yaml",
         r#"
@@ -525,18 +535,26 @@ stages:
       outputs: [v.txt]
 "#,
     );
-    for (math, want) in [(None, "0"), (Some("fp32"), "0"), (Some("tf32"), "unset")] {
+    for (math, over, want) in [
+        (None, None, "unset"),
+        (Some("fp32"), Some("1"), "1"),
+        (Some("tf32"), None, "unset"),
+        (Some("fp32"), Some("0"), "0"),
+    ] {
         // the node's key does not depend on the setting: a fresh store for each run
         let _ = std::fs::remove_dir_all(&dir.store);
         let mut c = dir.command(&["run", &env]);
-        c.env_remove("NVIDIA_TF32_OVERRIDE");
+        match over {
+            Some(o) => c.env("NVIDIA_TF32_OVERRIDE", o),
+            None => c.env_remove("NVIDIA_TF32_OVERRIDE"),
+        };
         match math {
             Some(m) => c.env("PIPE_CUDA_MATH", m),
             None => c.env_remove("PIPE_CUDA_MATH"),
         };
         crate::util::Output::from_process(&["run"], c.output().expect("pipe run")).code(0);
         let v = crate::caching::entry_file(&dir, &env, "env", "v.txt");
-        assert_eq!(v, want, "{math:?}");
+        assert_eq!(v, want, "{math:?} {over:?}");
     }
     for (env, want) in [
         (

@@ -303,17 +303,11 @@ fn main() -> ExitCode {
     // they load, so it is set here, before any thread starts; a bad value is refused
     match pipe_stages::device::CudaMath::from_env() {
         Ok(math) => {
-            if let Some((k, v)) = math.required_env()
-                && std::env::var(k).as_deref() != Ok(v)
-            {
-                // SAFETY: single-threaded so far (nothing above starts a thread), so no other
-                // thread reads the environment while it changes
-                #[allow(unsafe_code)]
-                unsafe {
-                    std::env::set_var(k, v)
-                };
-            }
-            math.apply_to_candle();
+            // SAFETY: single-threaded so far (nothing above starts a thread)
+            #[allow(unsafe_code)]
+            unsafe {
+                math.apply_to_process()
+            };
         }
         Err(e) => {
             eprintln!("error: {e}");

@@ -230,9 +230,23 @@ impl CudaMath {
         }
     }
 
-    /// Applies the candle side of the setting (cuBLAS's `f32` compute type); the environment
-    /// side is [`CudaMath::required_env`], which the binary sets before any thread starts.
-    pub fn apply_to_candle(self) {
+    /// Applies the setting to this process: the environment the CUDA libraries read when they
+    /// load ([`CudaMath::required_env`]; the value it replaces is kept for child processes,
+    /// [`inherited_env`]) and candle's cuBLAS `f32` compute type.
+    ///
+    /// # Safety
+    /// It may change the process environment: call it before any other thread exists (first
+    /// thing in `main`), when nothing can read the environment concurrently.
+    #[allow(unsafe_code)]
+    pub unsafe fn apply_to_process(self) {
+        if let Some((k, v)) = self.required_env() {
+            let before = std::env::var_os(k);
+            if before.as_deref() != Some(std::ffi::OsStr::new(v)) {
+                let _ = REPLACED_ENV.set((k, before));
+                // SAFETY: the caller guarantees that no other thread exists
+                unsafe { std::env::set_var(k, v) };
+            }
+        }
         candle::cuda::set_gemm_reduced_precision_f32(self == CudaMath::Tf32);
     }
 
@@ -241,6 +255,17 @@ impl CudaMath {
     pub fn key_entry(self, backend: &str) -> Option<(&'static str, &'static str)> {
         (backend == "cuda" && self != CudaMath::Fp32).then_some(("cuda_math", self.name()))
     }
+}
+
+/// The variable [`CudaMath::apply_to_process`] changed and its value before (`None`: unset).
+static REPLACED_ENV: std::sync::OnceLock<(&'static str, Option<std::ffi::OsString>)> =
+    std::sync::OnceLock::new();
+
+/// The environment variable `pipe` set for its own CUDA libraries, with the value a child
+/// process (a `shell` stage's command: a PyTorch script computes as its own defaults say) must
+/// get instead (`None`: unset); `None` when `pipe` changed nothing.
+pub fn inherited_env() -> Option<(&'static str, Option<&'static std::ffi::OsStr>)> {
+    REPLACED_ENV.get().map(|(k, v)| (*k, v.as_deref()))
 }
 
 /// Whether this binary can use CUDA here: it was built with the `cuda` feature, the CUDA
@@ -404,6 +429,8 @@ pub struct Inventory {
     pub cuda_unavailable: Option<String>,
     /// How CUDA computes `f32` matmuls and convolutions here ([`CudaMath`]): `fp32` or `tf32`.
     pub cuda_math: &'static str,
+    /// `NVIDIA_TF32_OVERRIDE` as this process's CUDA libraries read it (`0` under `fp32`).
+    pub nvidia_tf32_override: Option<String>,
 }
 
 /// One CUDA device, as [`inventory`] reports it.
@@ -444,6 +471,7 @@ pub fn inventory() -> Inventory {
         cuda_devices,
         cuda_unavailable,
         cuda_math: CudaMath::current().name(),
+        nvidia_tf32_override: std::env::var(TF32_OVERRIDE_ENV).ok(),
     }
 }
 

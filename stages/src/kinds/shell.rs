@@ -113,6 +113,17 @@ impl TypedStage for Shell {
             .stdout(Stdio::from(ctx.log_file()?))
             .stderr(Stdio::piped())
             .process_group(0);
+        // the command sees the environment `pipe` was started with, not what it set for its
+        // own CUDA libraries
+        match crate::device::inherited_env() {
+            Some((k, Some(v))) => {
+                cmd.env(k, v);
+            }
+            Some((k, None)) => {
+                cmd.env_remove(k);
+            }
+            None => {}
+        }
         for (name, v) in &p.extra {
             let text = match v {
                 Value::String(s) => s.clone(),
