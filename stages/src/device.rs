@@ -247,6 +247,12 @@ impl CudaMath {
                 unsafe { std::env::set_var(k, v) };
             }
         }
+        self.apply_to_candle();
+    }
+
+    /// The candle side of [`CudaMath::apply_to_process`] alone: cuBLAS's `f32` compute type
+    /// (process-wide, for every thread).
+    pub fn apply_to_candle(self) {
         candle::cuda::set_gemm_reduced_precision_f32(self == CudaMath::Tf32);
     }
 

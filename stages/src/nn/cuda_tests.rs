@@ -7,6 +7,8 @@
 //! fused SGD / LARS step); the CUDA side runs candle's, plus the host round trip of the
 //! Cholesky log-det, so each test also checks that a custom op never sees CUDA storage.
 
+use std::sync::{PoisonError, RwLock, RwLockReadGuard};
+
 use candle::backprop::GradStore;
 use candle::{DType, Device, Module, ModuleT, Result, Tensor, Var};
 use candle_nn::{BatchNorm, VarBuilder, VarMap};
@@ -20,14 +22,21 @@ use crate::nn::losses::{EmpLossConfig, emp_loss};
 use crate::nn::optim::{Lars, LarsConfig};
 use crate::nn::resnet::{ResNetConfig, resnet18};
 
-/// `cuda:0`, or `None` (with a note on stderr) where no CUDA device is usable.
-fn gpu() -> Option<Device> {
+/// cuBLAS's `f32` math is process-wide: the TF32 test holds this for writing while it switches
+/// to TF32, every other test holds it for reading (so it computes in `f32` even when the tests
+/// run in parallel).
+static GEMM_MATH: RwLock<()> = RwLock::new(());
+
+/// `cuda:0` (with the read side of [`GEMM_MATH`]), or `None` (with a note on stderr) where no
+/// CUDA device is usable.
+fn gpu() -> Option<(Device, RwLockReadGuard<'static, ()>)> {
+    let math = GEMM_MATH.read().unwrap_or_else(PoisonError::into_inner);
     if !cuda_usable() {
         eprintln!("no usable CUDA device: CPU-vs-CUDA test skipped");
         return None;
     }
     match Device::new_cuda(0) {
-        Ok(d) => Some(d),
+        Ok(d) => Some((d, math)),
         Err(e) => {
             eprintln!("cuda:0 does not open ({e}): CPU-vs-CUDA test skipped");
             None
@@ -85,7 +94,9 @@ fn grad(g: &GradStore, t: &Tensor, what: &str) -> Result<Tensor> {
 
 #[test]
 fn cuda_vs_cpu_conv2d_forward_and_both_gradients() -> Result<()> {
-    let Some(dev) = gpu() else { return Ok(()) };
+    let Some((dev, _fp32)) = gpu() else {
+        return Ok(());
+    };
     // on CUDA the convolution's backward is `conv2d_composed`'s (no `conv_transpose2d`); a
     // non-square input with stride 2 needs a different output padding per axis
     let cases = [(3, 1, 1), (3, 2, 1), (1, 1, 0), (1, 2, 0)]
@@ -124,7 +135,9 @@ fn cuda_vs_cpu_conv2d_forward_and_both_gradients() -> Result<()> {
 
 #[test]
 fn cuda_vs_cpu_batch_norm_relu_and_add_relu() -> Result<()> {
-    let Some(dev) = gpu() else { return Ok(()) };
+    let Some((dev, _fp32)) = gpu() else {
+        return Ok(());
+    };
     let dims = [6, 5, 7, 7];
     for train in [true, false] {
         for relu in [false, true] {
@@ -177,7 +190,9 @@ fn cuda_vs_cpu_batch_norm_relu_and_add_relu() -> Result<()> {
 
 #[test]
 fn cuda_vs_cpu_logdet_and_the_emp_loss_gradient() -> Result<()> {
-    let Some(dev) = gpu() else { return Ok(()) };
+    let Some((dev, _fp32)) = gpu() else {
+        return Ok(());
+    };
     // 4 views of 16 unit rows in 8 dimensions: the TCR term takes a Cholesky log-det on the host
     let z0 = wave(&[64, 8], 0.4, 1.0, 0.1)?;
     let mut outs = Vec::new();
@@ -211,7 +226,9 @@ fn cuda_vs_cpu_logdet_and_the_emp_loss_gradient() -> Result<()> {
 /// ops on CUDA).
 #[test]
 fn cuda_vs_cpu_resnet_train_step_with_lars() -> Result<()> {
-    let Some(dev) = gpu() else { return Ok(()) };
+    let Some((dev, _fp32)) = gpu() else {
+        return Ok(());
+    };
     let cfg = ResNetConfig {
         width: 8,
         ..Default::default()
@@ -284,7 +301,9 @@ fn cuda_vs_cpu_resnet_train_step_with_lars() -> Result<()> {
 #[test]
 fn cuda_vs_cpu_air_step() -> std::result::Result<(), Box<dyn std::error::Error + Send + Sync>> {
     use crate::kinds::pretrain::{PretrainParams, Pretrainer};
-    let Some(dev) = gpu() else { return Ok(()) };
+    let Some((dev, _fp32)) = gpu() else {
+        return Ok(());
+    };
     let d = crate::data::synthetic(&crate::data::SyntheticConfig {
         n_classes: 4,
         n_train: 16,
@@ -310,7 +329,9 @@ fn cuda_vs_cpu_air_step() -> std::result::Result<(), Box<dyn std::error::Error +
 #[test]
 fn cuda_vs_cpu_advcl_step() -> std::result::Result<(), Box<dyn std::error::Error + Send + Sync>> {
     use crate::kinds::pretrain::{PretrainParams, Pretrainer};
-    let Some(dev) = gpu() else { return Ok(()) };
+    let Some((dev, _fp32)) = gpu() else {
+        return Ok(());
+    };
     let d = crate::data::synthetic(&crate::data::SyntheticConfig {
         n_classes: 4,
         n_train: 16,
@@ -383,7 +404,9 @@ fn cuda_vs_cpu_defense_ssl_loss_and_input_gradient()
     };
     use crate::nn::init::build_seeded;
     use crate::rng::Rng;
-    let Some(gpu) = gpu() else { return Ok(()) };
+    let Some((gpu, _fp32)) = gpu() else {
+        return Ok(());
+    };
     let spec = ClassifierSpec {
         width: 8,
         hidden_dim: 0,
@@ -431,5 +454,42 @@ fn cuda_vs_cpu_defense_ssl_loss_and_input_gradient()
     close("augmented views", &v_gpu, &v_cpu, 1e-5)?;
     close("SSL loss", &l_gpu, &l_cpu, 1e-4)?;
     close("input gradient", &g_gpu, &g_cpu, 1e-3)?;
+    Ok(())
+}
+
+/// `PIPE_CUDA_MATH=tf32` is keyed because it changes the numbers: cuBLAS's TF32 compute type
+/// rounds the products' inputs to a 10-bit mantissa, so a matmul moves away from the exact
+/// (f64) product by far more than the `f32` one, yet stays within TF32's rounding.
+#[test]
+fn cuda_vs_cpu_tf32_matmuls_are_coarser_than_f32_ones() -> Result<()> {
+    struct BackToFp32;
+    impl Drop for BackToFp32 {
+        fn drop(&mut self) {
+            crate::device::CudaMath::Fp32.apply_to_candle();
+        }
+    }
+    let _only_this = GEMM_MATH.write().unwrap_or_else(PoisonError::into_inner);
+    if !cuda_usable() {
+        eprintln!("no usable CUDA device: CPU-vs-CUDA test skipped");
+        return Ok(());
+    }
+    let dev = Device::new_cuda(0)?;
+    let (a, b) = (
+        wave(&[256, 512], 0.1, 1.0, 0.0)?,
+        wave(&[512, 192], 0.7, 1.0, 0.1)?,
+    );
+    let exact = a.to_dtype(DType::F64)?.matmul(&b.to_dtype(DType::F64)?)?;
+    let on_gpu = || a.to_device(&dev)?.matmul(&b.to_device(&dev)?);
+    let fp32 = rel_err(&on_gpu()?, &exact)?;
+    let _restore = BackToFp32;
+    crate::device::CudaMath::Tf32.apply_to_candle();
+    let tf32 = rel_err(&on_gpu()?, &exact)?;
+    eprintln!("matmul 256x512x192 against f64: f32 {fp32:e}, tf32 {tf32:e}");
+    assert!(fp32 < 1e-5, "f32 matmul error {fp32:e}");
+    assert!(
+        tf32 > 10.0 * fp32,
+        "TF32 matmul error {tf32:e} vs f32 {fp32:e}: TF32 not in use?"
+    );
+    assert!(tf32 < 1e-2, "TF32 matmul error {tf32:e}");
     Ok(())
 }
