@@ -651,19 +651,20 @@ impl Lars {
         let lr = self.sgd.lr();
         let params = &self.sgd.params;
         let gs: Vec<Option<Tensor>> = params.iter().map(|p| grad_of(grads, &p.var)).collect();
-        let trusted =
-            |i: usize| gs[i].is_some() && !(self.exclude_bias_n_norm && params[i].var.rank() == 1);
-        // (‖p‖, ‖g‖) of the trust-scaled tensors: one fused pass each on the CPU, else candle's
-        // sums of squares read to the host together (on CUDA a read is a synchronisation)
+        // (‖p‖, ‖g‖) of the trust-scaled tensors (biases and norms are not, when excluded):
+        // one fused pass each on the CPU, else candle's sums of squares read to the host
+        // together (on CUDA a read is a synchronisation)
         let mut pg: Vec<Option<(f64, f64)>> = vec![None; params.len()];
         let mut slow: Vec<(usize, Tensor, &Tensor)> = Vec::new();
         for (i, (param, g)) in params.iter().zip(&gs).enumerate() {
-            if let (true, Some(g)) = (trusted(i), g) {
-                let p = param.var.as_detached_tensor();
-                match fused::norms(&p, g) {
-                    Some(n) => pg[i] = Some(n),
-                    None => slow.push((i, p, g)),
-                }
+            let Some(g) = g else { continue };
+            if self.exclude_bias_n_norm && param.var.rank() == 1 {
+                continue;
+            }
+            let p = param.var.as_detached_tensor();
+            match fused::norms(&p, g) {
+                Some(n) => pg[i] = Some(n),
+                None => slow.push((i, p, g)),
             }
         }
         let slow_norms = norms_at_once(
