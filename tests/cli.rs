@@ -598,6 +598,11 @@ fn bench_pretrain_covers_the_acl_family() {
         ],
         0,
     );
+    // the settings the numbers depend on are in the report
+    assert_eq!(
+        (&j["kernels"], &j["cuda_math"]),
+        (&"fast".into(), &"fp32".into())
+    );
     let rows: Vec<(String, String, u64)> = j["rows"]
         .as_array()
         .expect("rows")

@@ -116,6 +116,16 @@ pub fn run(what: crate::BenchWhat) -> Result<u8> {
     }
 }
 
+/// What a benchmark's numbers depend on beyond its arguments: the kernels (`fast`, or `candle`
+/// under `PIPE_KERNELS=candle`) and how CUDA computes f32 (`PIPE_CUDA_MATH`).
+fn math_and_kernels() -> (&'static str, &'static str) {
+    let kernels = match pipe_stages::nn::conv::KernelImpl::from_env() {
+        pipe_stages::nn::conv::KernelImpl::Candle => "candle",
+        pipe_stages::nn::conv::KernelImpl::Fast => "fast",
+    };
+    (kernels, pipe_stages::device::CudaMath::current().name())
+}
+
 fn defense(batch: usize, reps: usize, device: &str, json_out: bool) -> Result<u8> {
     let spec: pipe_stages::device::DeviceSpec = device.parse().map_err(anyhow::Error::msg)?;
     let dev = spec.open().map_err(|e| anyhow::anyhow!("{e}"))?;
@@ -124,7 +134,9 @@ fn defense(batch: usize, reps: usize, device: &str, json_out: bool) -> Result<u8
         println!(
             "{}",
             serde_json::to_string_pretty(
-                &json!({"device": device, "threads": rayon::current_num_threads(), "rows": rows})
+                &json!({"device": device, "threads": rayon::current_num_threads(),
+                        "kernels": math_and_kernels().0, "cuda_math": math_and_kernels().1,
+                        "rows": rows})
             )?
         );
     } else {
@@ -203,8 +215,9 @@ fn pretrain(
         DeviceSpec::Auto => "cpu".to_string(),
         d => d.to_string(),
     };
+    let (kernels, math) = math_and_kernels();
     if !json_out {
-        println!("on {on}");
+        println!("on {on} (kernels {kernels}, CUDA f32 math {math})");
     }
     let mut rows = Vec::new();
     for &width in widths {
@@ -249,7 +262,8 @@ fn pretrain(
         println!(
             "{}",
             serde_json::to_string_pretty(
-                &json!({"threads": rayon::current_num_threads(), "device": on, "rows": rows})
+                &json!({"threads": rayon::current_num_threads(), "device": on,
+                        "kernels": kernels, "cuda_math": math, "rows": rows})
             )?
         );
     }
