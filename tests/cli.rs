@@ -578,6 +578,44 @@ stages:
     }
 }
 
+/// Without a terminal (or with `--no-progress`) a run prints each node's progress as plain
+/// lines, at most one per 30 s but always its first and last report: a four-step pretraining
+/// gives two lines, the last at 4/4 with the rate.
+#[test]
+fn plain_output_reports_progress_first_and_last_and_throttles_between() {
+    let dir = Dir::new("progress-lines");
+    let p = dir.pipeline(
+        "lines.yaml",
+        r#"
+name: lines
+stages:
+  data:
+    kind: dataset
+    params: {source: synthetic, n_classes: 4, n_train: 32, n_test: 8, seed: 1}
+  pretrain:
+    kind: pretrain
+    inputs: {dataset: data}
+    params: {method: simclr, attack: none, views: crop, batch_size: 16, epochs: 2, width: 4, hidden_dim: 16, device: cpu}
+"#,
+    );
+    let out = dir.pipe(&["run", &p, "--no-progress"]).code(0);
+    let lines: Vec<&str> = out
+        .stderr
+        .lines()
+        .filter(|l| l.starts_with("  ...     pretrain: "))
+        .collect();
+    assert_eq!(lines.len(), 2, "{}", out.stderr);
+    assert!(
+        lines[0].starts_with("  ...     pretrain: 1/4 epoch 1/2 loss "),
+        "{lines:?}"
+    );
+    assert!(
+        lines[1].starts_with("  ...     pretrain: 4/4 epoch 2/2 loss ")
+            && lines[1].ends_with(" img/s"),
+        "{lines:?}"
+    );
+}
+
 /// `pipe bench pretrain` times the ACL family (no free-adversarial variant) and AdvCL (PGD
 /// only) too, and refuses a method it does not know.
 #[test]

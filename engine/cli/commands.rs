@@ -93,7 +93,7 @@ pub fn dispatch(cli: Cli) -> Result<u8> {
             {
                 Box::new(crate::progress::Bars::new())
             } else {
-                Box::new(crate::progress::Lines)
+                Box::new(crate::progress::Lines::default())
             };
             let summary =
                 pipe_engine::exec::run(&plan, &reg, &store, &opts, cancel, observer.as_mut());

@@ -1,7 +1,7 @@
 //! Rendering run events: indicatif bars on a terminal, plain log lines otherwise.
 
 use std::collections::HashMap;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 use pipe_engine::{Event, Observer, Outcome, Plan, StageEvent};
@@ -126,8 +126,18 @@ impl Drop for Bars {
     }
 }
 
-/// Plain lines on stderr, for logs and CI.
-pub struct Lines;
+/// Plain lines on stderr, for logs and CI: the nodes' starts and ends, and each running node's
+/// progress at most every [`Lines::EVERY`] (its first and last report always), so that a long
+/// run under `nohup`, Slurm or a timeout says how far it got and how fast.
+#[derive(Default)]
+pub struct Lines {
+    last: HashMap<usize, Instant>,
+}
+
+impl Lines {
+    /// The least time between two progress lines of one node.
+    pub const EVERY: Duration = Duration::from_secs(30);
+}
 
 impl Observer for Lines {
     fn event(&mut self, plan: &Plan, event: &Event) {
@@ -143,8 +153,23 @@ impl Observer for Lines {
                 pid.map(|p| format!(" (held by pid {p})"))
                     .unwrap_or_default()
             ),
+            Event::Stage(
+                i,
+                StageEvent::Progress {
+                    done,
+                    total,
+                    message,
+                },
+            ) => {
+                let due = self.last.get(i).is_none_or(|t| t.elapsed() >= Self::EVERY);
+                if due || done >= total {
+                    self.last.insert(*i, Instant::now());
+                    eprintln!("  ...     {}: {done}/{total} {message}", nodes[*i].id);
+                }
+            }
             Event::Stage(..) => {}
             Event::Finished(i, r) => {
+                self.last.remove(i);
                 let id = &nodes[*i].id;
                 match &r.outcome {
                     Outcome::Ran => eprintln!("  done    {id} ({:.1}s)", r.seconds),
