@@ -404,12 +404,7 @@ stages:
 "#,
     );
     let plan = |auto: Option<&str>| {
-        let mut c = dir.command(&["plan", &p, "--json"]);
-        match auto {
-            Some(a) => c.env("PIPE_AUTO_DEVICE", a),
-            None => c.env_remove("PIPE_AUTO_DEVICE"),
-        };
-        crate::util::Output::from_process(&["plan"], c.output().expect("pipe plan"))
+        dir.pipe_env(&["plan", &p, "--json"], &[("PIPE_AUTO_DEVICE", auto)])
             .code(0)
             .json()
     };
@@ -442,14 +437,9 @@ stages:
             "{err}"
         );
     }
-    let bad = crate::util::Output::from_process(
-        &["devices"],
-        dir.command(&["devices"])
-            .env("PIPE_AUTO_DEVICE", "gpu")
-            .output()
-            .expect("pipe devices"),
-    )
-    .code(2);
+    let bad = dir
+        .pipe_env(&["devices"], &[("PIPE_AUTO_DEVICE", Some("gpu"))])
+        .code(2);
     assert!(
         bad.stderr
             .contains("PIPE_AUTO_DEVICE: expected `cpu` or `cuda`, got `gpu`"),
@@ -484,16 +474,12 @@ stages:
     );
     let plan = |math: Option<&str>| {
         // `auto` keys as CUDA whatever this machine has
-        let mut c = dir.command(&["plan", &p, "--json"]);
-        c.env_remove("NVIDIA_TF32_OVERRIDE")
-            .env("PIPE_AUTO_DEVICE", "cuda");
-        match math {
-            Some(m) => c.env("PIPE_CUDA_MATH", m),
-            None => c.env_remove("PIPE_CUDA_MATH"),
-        };
-        crate::util::Output::from_process(&["plan"], c.output().expect("pipe plan"))
-            .code(0)
-            .json()
+        let env = [
+            ("PIPE_AUTO_DEVICE", Some("cuda")),
+            ("NVIDIA_TF32_OVERRIDE", None),
+            ("PIPE_CUDA_MATH", math),
+        ];
+        dir.pipe_env(&["plan", &p, "--json"], &env).code(0).json()
     };
     let (unset, fp32, tf32) = (plan(None), plan(Some("fp32")), plan(Some("tf32")));
     for id in ["data", "gpu", "cpu"] {
@@ -509,15 +495,11 @@ stages:
         ("tf32", None, serde_json::Value::Null),
         ("tf32", Some("1"), serde_json::json!("1")),
     ] {
-        let mut c = dir.command(&["devices", "--json"]);
-        c.env("PIPE_CUDA_MATH", math);
-        match over {
-            Some(o) => c.env("NVIDIA_TF32_OVERRIDE", o),
-            None => c.env_remove("NVIDIA_TF32_OVERRIDE"),
-        };
-        let devices = crate::util::Output::from_process(&["devices"], c.output().expect("devices"))
-            .code(0)
-            .json();
+        let env = [
+            ("PIPE_CUDA_MATH", Some(math)),
+            ("NVIDIA_TF32_OVERRIDE", over),
+        ];
+        let devices = dir.pipe_env(&["devices", "--json"], &env).code(0).json();
         assert_eq!(devices["cuda_math"], math);
         assert_eq!(devices["nvidia_tf32_override"], want, "{math} {over:?}");
     }
@@ -543,16 +525,8 @@ stages:
     ] {
         // the node's key does not depend on the setting: a fresh store for each run
         let _ = std::fs::remove_dir_all(&dir.store);
-        let mut c = dir.command(&["run", &env]);
-        match over {
-            Some(o) => c.env("NVIDIA_TF32_OVERRIDE", o),
-            None => c.env_remove("NVIDIA_TF32_OVERRIDE"),
-        };
-        match math {
-            Some(m) => c.env("PIPE_CUDA_MATH", m),
-            None => c.env_remove("PIPE_CUDA_MATH"),
-        };
-        crate::util::Output::from_process(&["run"], c.output().expect("pipe run")).code(0);
+        let vars = [("NVIDIA_TF32_OVERRIDE", over), ("PIPE_CUDA_MATH", math)];
+        dir.pipe_env(&["run", &env], &vars).code(0);
         let v = crate::caching::entry_file(&dir, &env, "env", "v.txt");
         assert_eq!(v, want, "{math:?} {over:?}");
     }
@@ -566,14 +540,9 @@ stages:
             "PIPE_CUDA_MATH=tf32, but NVIDIA_TF32_OVERRIDE=0 turns TF32 off",
         ),
     ] {
-        let bad = crate::util::Output::from_process(
-            &["plan"],
-            dir.command(&["plan", &p])
-                .envs(env)
-                .output()
-                .expect("pipe plan"),
-        )
-        .code(2);
+        let bad = dir
+            .pipe_env(&["plan", &p], &env.map(|(k, v)| (k, Some(v))))
+            .code(2);
         assert!(bad.stderr.contains(want), "{}", bad.stderr);
     }
 }

@@ -102,6 +102,18 @@ impl Dir {
         Output::from_process(args, out)
     }
 
+    /// Runs `pipe ARGS` with environment variables set (`Some`) or removed (`None`).
+    pub fn pipe_env(&self, args: &[&str], env: &[(&str, Option<&str>)]) -> Output {
+        let mut c = self.command(args);
+        for (k, v) in env {
+            match v {
+                Some(v) => c.env(k, v),
+                None => c.env_remove(k),
+            };
+        }
+        Output::from_process(args, c.output().expect("start pipe"))
+    }
+
     /// Starts `pipe ARGS` in the background, stdout and stderr piped.
     pub fn spawn(&self, args: &[&str]) -> Child {
         self.command(args)
