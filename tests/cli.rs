@@ -383,26 +383,35 @@ fn devices_lists_the_cpu_and_why_there_is_no_cuda() {
     assert!(!dir.store.exists(), "`pipe devices` touched the store");
 }
 
+/// A pipeline `name`: synthetic data (32 training images) and one SimCLR pretraining of a
+/// width-8 ResNet per `(id, more params)` (`", epochs: 2"`; one epoch unless they say).
+fn tiny_pretrain(name: &str, nodes: &[(&str, &str)]) -> String {
+    let mut yaml = format!(
+        "name: {name}\nstages:\n  data:\n    kind: dataset\n    params: {{source: synthetic, \
+         n_classes: 4, n_train: 32, n_test: 8, seed: 1}}\n"
+    );
+    for (id, more) in nodes {
+        let epochs = if more.contains("epochs:") {
+            ""
+        } else {
+            ", epochs: 1"
+        };
+        yaml += &format!(
+            "  {id}:\n    kind: pretrain\n    inputs: {{dataset: data}}\n    params: {{method: \
+             simclr, attack: none, views: crop, batch_size: 16, width: 8, hidden_dim: 32\
+             {epochs}{more}}}\n"
+        );
+    }
+    yaml
+}
+
 /// `PIPE_AUTO_DEVICE` fixes what `device: auto` means: it changes the key of a training node
 /// (the backend is keyed) and not of the data; `cuda` on a machine that cannot compute on CUDA
 /// fails the node instead of computing CPU numbers under a CUDA key; a bad value is refused.
 #[test]
 fn pipe_auto_device_fixes_what_auto_means_in_keys_and_at_run_time() {
     let dir = Dir::new("auto-device");
-    let p = dir.pipeline(
-        "auto.yaml",
-        r#"
-name: auto
-stages:
-  data:
-    kind: dataset
-    params: {source: synthetic, n_classes: 4, n_train: 32, n_test: 8, seed: 1}
-  pretrain:
-    kind: pretrain
-    inputs: {dataset: data}
-    params: {method: simclr, attack: none, views: crop, batch_size: 16, epochs: 1, width: 8, hidden_dim: 32}
-"#,
-    );
+    let p = dir.pipeline("auto.yaml", &tiny_pretrain("auto", &[("pretrain", "")]));
     let plan = |auto: Option<&str>| {
         dir.pipe_env(&["plan", &p, "--json"], &[("PIPE_AUTO_DEVICE", auto)])
             .code(0)
@@ -454,24 +463,8 @@ stages:
 #[test]
 fn pipe_cuda_math_is_keyed_on_cuda_nodes_only() {
     let dir = Dir::new("cuda-math");
-    let p = dir.pipeline(
-        "math.yaml",
-        r#"
-name: math
-stages:
-  data:
-    kind: dataset
-    params: {source: synthetic, n_classes: 4, n_train: 32, n_test: 8, seed: 1}
-  gpu:
-    kind: pretrain
-    inputs: {dataset: data}
-    params: {method: simclr, attack: none, views: crop, batch_size: 16, epochs: 1, width: 8, hidden_dim: 32}
-  cpu:
-    kind: pretrain
-    inputs: {dataset: data}
-    params: {method: simclr, attack: none, views: crop, batch_size: 16, epochs: 1, width: 8, hidden_dim: 32, device: cpu}
-"#,
-    );
+    let yaml = tiny_pretrain("math", &[("gpu", ""), ("cpu", ", device: cpu")]);
+    let p = dir.pipeline("math.yaml", &yaml);
     let plan = |math: Option<&str>| {
         // `auto` keys as CUDA whatever this machine has
         let env = [
@@ -553,20 +546,8 @@ stages:
 #[test]
 fn plain_output_reports_progress_first_and_last_and_throttles_between() {
     let dir = Dir::new("progress-lines");
-    let p = dir.pipeline(
-        "lines.yaml",
-        r#"
-name: lines
-stages:
-  data:
-    kind: dataset
-    params: {source: synthetic, n_classes: 4, n_train: 32, n_test: 8, seed: 1}
-  pretrain:
-    kind: pretrain
-    inputs: {dataset: data}
-    params: {method: simclr, attack: none, views: crop, batch_size: 16, epochs: 2, width: 4, hidden_dim: 16, device: cpu}
-"#,
-    );
+    let yaml = tiny_pretrain("lines", &[("pretrain", ", epochs: 2, device: cpu")]);
+    let p = dir.pipeline("lines.yaml", &yaml);
     let out = dir.pipe(&["run", &p, "--no-progress"]).code(0);
     let lines: Vec<&str> = out
         .stderr
