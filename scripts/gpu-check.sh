@@ -7,7 +7,8 @@
 #                                     # `pipe bench pretrain` of CF-AMC-SSL (16 crops, batch 100,
 #                                     # m 3, width 64; again with PIPE_KERNELS=candle and with
 #                                     # PIPE_CUDA_MATH=tf32) and of
-#                                     # the PGD / no-attack modes
+#                                     # the PGD / no-attack modes; `pipe bench nn` at 1,600
+#                                     # rows (the net, one layer's conv and BN)
 #   bash scripts/gpu-check.sh epoch   # one CF-AMC-SSL epoch on the whole CIFAR-10 training set
 #                                     # (width 64, 16 crops, batch 100, m 3): wall time, images/s
 #   bash scripts/gpu-check.sh paper   # pipelines/cf_amc_ssl.yaml for as long as the command may
@@ -76,18 +77,24 @@ quick)
     run cuda-tests "$bin/cuda-tests" cuda_vs_cpu --nocapture --test-threads 1
     run bench-cf-amc-ssl timeout "$limit" "$pipe" bench pretrain --device cuda:0 --widths 64 \
         --batch 100 --views 16 --m 3 --methods emp_ssl --attacks free --steps 5 --json
+    # TF32 tensor cores for the f32 matmuls and convolutions (PIPE_CUDA_MATH=tf32)
+    run bench-cf-amc-ssl-tf32 env PIPE_CUDA_MATH=tf32 timeout "$limit" "$pipe" bench pretrain \
+        --device cuda:0 --widths 64 --batch 100 --views 16 --m 3 --methods emp_ssl \
+        --attacks free --steps 3 --json
+    # where a step's time goes: the whole net and one layer's conv and BN + ReLU at 1,600 rows
+    # (a CF-AMC-SSL batch), in f32 and in TF32
+    run bench-nn timeout "$limit" "$pipe" bench nn --device cuda:0 --widths 64 --batch 1600 \
+        --reps 3 --json
+    run bench-nn-tf32 env PIPE_CUDA_MATH=tf32 timeout "$limit" "$pipe" bench nn --device cuda:0 \
+        --widths 64 --batch 1600 --reps 3 --json
+    run bench-all timeout "$limit" "$pipe" bench pretrain --device cuda:0 --widths 64 \
+        --batch 100 --views 16 --m 3 --steps 3 --json
+    run bench-defense timeout "$limit" "$pipe" bench defense --device cuda:0 --batch 512 --json
     # the same with candle's own conv backward (its naive CUDA `conv_transpose2d`), to measure
     # what conv2d_composed gains
     run bench-cf-amc-ssl-candle-conv env PIPE_KERNELS=candle timeout "$limit" "$pipe" bench \
         pretrain --device cuda:0 --widths 64 --batch 100 --views 16 --m 3 --methods emp_ssl \
         --attacks free --steps 3 --json
-    # TF32 tensor cores for the f32 matmuls and convolutions (PIPE_CUDA_MATH=tf32)
-    run bench-cf-amc-ssl-tf32 env PIPE_CUDA_MATH=tf32 timeout "$limit" "$pipe" bench pretrain \
-        --device cuda:0 --widths 64 --batch 100 --views 16 --m 3 --methods emp_ssl \
-        --attacks free --steps 3 --json
-    run bench-all timeout "$limit" "$pipe" bench pretrain --device cuda:0 --widths 64 \
-        --batch 100 --views 16 --m 3 --steps 3 --json
-    run bench-defense timeout "$limit" "$pipe" bench defense --device cuda:0 --batch 512 --json
     ;;
 epoch)
     cat >"$out/one_epoch.yaml" <<'EOF'

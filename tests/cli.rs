@@ -566,6 +566,46 @@ fn plain_output_reports_progress_first_and_last_and_throttles_between() {
     );
 }
 
+/// `pipe bench nn` times the whole network and one layer's convolution and batch norm (where a
+/// step's time goes), names what it ran on, and refuses a device this build cannot open.
+#[test]
+fn bench_nn_times_the_net_and_one_layer() {
+    let dir = Dir::new("bench-nn");
+    let j = dir.json(
+        &[
+            "bench", "nn", "--widths", "2", "--batch", "2", "--reps", "1",
+        ],
+        0,
+    );
+    assert_eq!(
+        (&j["device"], &j["kernels"]),
+        (&"cpu".into(), &"fast".into())
+    );
+    let row = &j["rows"][0];
+    for k in [
+        "forward_ms",
+        "train_step_ms",
+        "pgd_step_ms",
+        "conv3x3_forward_ms",
+        "conv3x3_train_ms",
+        "bn_relu_train_ms",
+    ] {
+        assert!(row[k].as_f64().is_some_and(|v| v > 0.0), "{k}: {row}");
+    }
+    if !cfg!(feature = "cuda") {
+        let out = dir
+            .pipe(&[
+                "bench", "nn", "--widths", "2", "--batch", "2", "--device", "cuda:0",
+            ])
+            .code(2);
+        assert!(
+            out.stderr.contains("without the `cuda` feature"),
+            "{}",
+            out.stderr
+        );
+    }
+}
+
 /// `pipe bench pretrain` times the ACL family (no free-adversarial variant) and AdvCL (PGD
 /// only) too, and refuses a method it does not know.
 #[test]

@@ -82,8 +82,9 @@ pub fn run(what: crate::BenchWhat) -> Result<u8> {
             widths,
             batch,
             reps,
+            device,
             json,
-        } => nn(&widths, batch, reps, json),
+        } => nn(&widths, batch, reps, &device, json),
         crate::BenchWhat::Pretrain {
             widths,
             batch,
@@ -270,14 +271,24 @@ fn pretrain(
     Ok(0)
 }
 
-fn nn(widths: &[usize], batch: usize, reps: usize, json_out: bool) -> Result<u8> {
+fn nn(widths: &[usize], batch: usize, reps: usize, device: &str, json_out: bool) -> Result<u8> {
+    let spec: pipe_stages::device::DeviceSpec = device.parse().map_err(anyhow::Error::msg)?;
+    let dev = spec.open().map_err(|e| anyhow::anyhow!("{e}"))?;
+    let (kernels, math) = math_and_kernels();
+    if !json_out {
+        println!("on {device} (kernels {kernels}, CUDA f32 math {math})");
+    }
     let mut rows = Vec::new();
     for &w in widths {
-        let t = pipe_stages::nn::bench::bench_resnet(w, batch, reps)?;
+        let t = pipe_stages::nn::bench::bench_resnet(w, batch, reps, &dev)?;
         if !json_out {
             println!(
                 "ResNet-18 width {:>3}, batch {}: forward {:8.1} ms   train step {:8.1} ms   PGD step {:8.1} ms",
                 t.width, t.batch, t.forward_ms, t.train_step_ms, t.pgd_step_ms
+            );
+            println!(
+                "  one {}-channel 32x32 layer: conv3x3 forward {:8.1} ms, forward + backward {:8.1} ms; BN + ReLU forward + backward {:8.1} ms",
+                t.width, t.conv3x3_forward_ms, t.conv3x3_train_ms, t.bn_relu_train_ms
             );
         }
         rows.push(t);
@@ -285,9 +296,10 @@ fn nn(widths: &[usize], batch: usize, reps: usize, json_out: bool) -> Result<u8>
     if json_out {
         println!(
             "{}",
-            serde_json::to_string_pretty(
-                &json!({"threads": rayon::current_num_threads(), "rows": rows})
-            )?
+            serde_json::to_string_pretty(&json!({
+                "threads": rayon::current_num_threads(), "device": device,
+                "kernels": kernels, "cuda_math": math, "rows": rows
+            }))?
         );
     }
     Ok(0)

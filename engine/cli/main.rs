@@ -212,6 +212,9 @@ pub enum BenchWhat {
         /// Timed repetitions (the median is reported).
         #[arg(long, default_value_t = 3)]
         reps: usize,
+        /// Where to time: `cpu`, `cuda:N` or `auto` (`pipe devices` lists them).
+        #[arg(long, default_value = "cpu")]
+        device: String,
         /// Print one JSON document on stdout.
         #[arg(long)]
         json: bool,

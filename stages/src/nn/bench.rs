@@ -9,8 +9,14 @@
 //!   the frozen backbone ([`crate::nn::resnet::ResNet::frozen`]: no parameter gradients), as
 //!   the stages run attacks.
 //!
-//! The convolutions are [`crate::nn::conv`]'s fast CPU op; `PIPE_CONV=candle` times candle's
-//! own conv instead.
+//! And, to show where a step's time goes, one layer of the first residual stage at the same
+//! batch (`(batch, width, 32, 32)`, the largest activations): a 3x3 convolution forward, its
+//! forward + backward (input and weight gradients), and batch norm + ReLU in training mode,
+//! forward + backward.
+//!
+//! The convolutions are [`crate::nn::conv`]'s fast CPU op; `PIPE_KERNELS=candle` times candle's
+//! own ops instead. On CUDA the same calls run candle's kernels (and `conv2d_composed`'s
+//! backward), and each timed repetition ends with a device synchronisation.
 //!
 //! Each number is the median of `reps` timed repetitions after one warm-up.
 
@@ -40,6 +46,13 @@ pub struct ModelTimings {
     pub train_step_ms: f64,
     /// One PGD step (gradient wrt the input), ms.
     pub pgd_step_ms: f64,
+    /// One 3x3 `width -> width` convolution of `(batch, width, 32, 32)`, forward, ms.
+    pub conv3x3_forward_ms: f64,
+    /// The same convolution forward + backward (input and weight gradients), ms.
+    pub conv3x3_train_ms: f64,
+    /// Batch norm + ReLU (training mode) of the same activations, forward + backward (input,
+    /// gamma and beta gradients), ms.
+    pub bn_relu_train_ms: f64,
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -47,23 +60,37 @@ fn median(mut v: Vec<f64>) -> f64 {
     v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
 }
 
-fn time(reps: usize, mut f: impl FnMut() -> candle::Result<()>) -> candle::Result<f64> {
+/// Median milliseconds of `f` over `reps` runs after a warm-up, each ended by a
+/// synchronisation of `dev` (CUDA queues work; the CPU returns at once).
+fn time(
+    dev: &Device,
+    reps: usize,
+    mut f: impl FnMut() -> candle::Result<()>,
+) -> candle::Result<f64> {
     f()?;
+    dev.synchronize()?;
     let mut ms = Vec::with_capacity(reps);
     for _ in 0..reps.max(1) {
         let t0 = Instant::now();
         f()?;
+        dev.synchronize()?;
         ms.push(t0.elapsed().as_secs_f64() * 1e3);
     }
     Ok(median(ms))
 }
 
-/// Times forward, train step and PGD step of ResNet-18 at `width` on `batch` CPU images.
+/// Times forward, train step and PGD step of ResNet-18 at `width` on `batch` random images, and
+/// one layer's convolution and batch norm, on `dev`.
 ///
 /// # Errors
 /// Any candle error.
-pub fn bench_resnet(width: usize, batch: usize, reps: usize) -> candle::Result<ModelTimings> {
-    let dev = Device::Cpu;
+pub fn bench_resnet(
+    width: usize,
+    batch: usize,
+    reps: usize,
+    dev: &Device,
+) -> candle::Result<ModelTimings> {
+    let dev = dev.clone();
     let cfg = ResNetConfig {
         width,
         ..ResNetConfig::default()
@@ -84,7 +111,7 @@ pub fn bench_resnet(width: usize, batch: usize, reps: usize) -> candle::Result<M
     let y: Vec<u32> = (0..batch).map(|_| rng.below(10) as u32).collect();
     let y = Tensor::from_vec(y, batch, &dev)?;
 
-    let forward_ms = time(reps, || {
+    let forward_ms = time(&dev, reps, || {
         let logits = head.forward(&net.forward_t(&x, false)?)?;
         logits.sum_all()?.to_scalar::<f32>().map(|_| ())
     })?;
@@ -99,7 +126,7 @@ pub fn bench_resnet(width: usize, batch: usize, reps: usize) -> candle::Result<M
             weight_decay: 5e-4,
         },
     )?;
-    let train_step_ms = time(reps, || {
+    let train_step_ms = time(&dev, reps, || {
         let logits = head.forward(&net.forward_t(&x, true)?)?;
         let loss = cross_entropy(&logits, &y)?;
         opt.step(&loss.backward()?)
@@ -109,7 +136,7 @@ pub fn bench_resnet(width: usize, batch: usize, reps: usize) -> candle::Result<M
         random_start: false,
         ..PgdConfig::new(Norm::Linf, 8.0 / 255.0, 2.0 / 255.0, 1)
     };
-    let pgd_step_ms = time(reps, || {
+    let pgd_step_ms = time(&dev, reps, || {
         // Built inside the timed step, as a stage would per attack batch (it copies no data).
         let frozen = net.frozen()?;
         let r = pgd(
@@ -120,11 +147,70 @@ pub fn bench_resnet(width: usize, batch: usize, reps: usize) -> candle::Result<M
         )?;
         r.adv.sum_all()?.to_scalar::<f32>().map(|_| ())
     })?;
+    let (conv3x3_forward_ms, conv3x3_train_ms, bn_relu_train_ms) =
+        bench_layer(width, batch, reps, &dev, &mut rng)?;
     Ok(ModelTimings {
         width,
         batch,
         forward_ms,
         train_step_ms,
         pgd_step_ms,
+        conv3x3_forward_ms,
+        conv3x3_train_ms,
+        bn_relu_train_ms,
     })
+}
+
+/// [`ModelTimings`]'s one-layer numbers: conv forward, conv forward + backward, BN + ReLU
+/// forward + backward, on `(batch, width, 32, 32)`.
+fn bench_layer(
+    width: usize,
+    batch: usize,
+    reps: usize,
+    dev: &Device,
+    rng: &mut Rng,
+) -> candle::Result<(f64, f64, f64)> {
+    use crate::nn::batch_norm::batch_norm;
+    use crate::nn::conv::{Conv2d, Conv2dConfig, KernelImpl};
+    let mut draw =
+        |n: usize, scale: f32| -> Vec<f32> { (0..n).map(|_| (rng.f32() - 0.5) * scale).collect() };
+    let x = candle::Var::from_vec(
+        draw(batch * width * 32 * 32, 2.0),
+        (batch, width, 32, 32),
+        dev,
+    )?;
+    let w = candle::Var::from_vec(draw(width * width * 9, 0.1), (width, width, 3, 3), dev)?;
+    let conv = Conv2d::new(
+        w.as_tensor().clone(),
+        Conv2dConfig {
+            stride: 1,
+            padding: 1,
+        },
+    )
+    .with_impl(KernelImpl::from_env());
+    let fwd = time(dev, reps, || conv.forward(x.as_tensor()).map(|_| ()))?;
+    let train = time(dev, reps, || {
+        conv.forward(x.as_tensor())?
+            .sum_all()?
+            .backward()
+            .map(|_| ())
+    })?;
+    let gamma = candle::Var::ones(width, DType::F32, dev)?;
+    let beta = candle::Var::zeros(width, DType::F32, dev)?;
+    let bn = candle_nn::BatchNorm::new_with_momentum(
+        width,
+        Tensor::zeros(width, DType::F32, dev)?,
+        Tensor::ones(width, DType::F32, dev)?,
+        gamma.as_tensor().clone(),
+        beta.as_tensor().clone(),
+        1e-5,
+        0.1,
+    )?;
+    let bn_train = time(dev, reps, || {
+        batch_norm(x.as_tensor(), &bn, true, true, KernelImpl::from_env())?
+            .sum_all()?
+            .backward()
+            .map(|_| ())
+    })?;
+    Ok((fwd, train, bn_train))
 }
