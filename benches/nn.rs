@@ -9,7 +9,7 @@ fn main() {
         .and_then(|s| s.parse().ok())
         .unwrap_or(3);
     for width in [16, 64] {
-        match pipe_stages::nn::bench::bench_resnet(width, 64, reps, &candle::Device::Cpu) {
+        match pipe_stages::nn::bench::bench_resnet_cpu(width, 64, reps) {
             Ok(t) => println!(
                 "resnet18 width {:>3} batch 64: forward {:8.1} ms | train step {:8.1} ms | PGD step {:8.1} ms",
                 t.width, t.forward_ms, t.train_step_ms, t.pgd_step_ms

@@ -161,6 +161,14 @@ pub fn bench_resnet(
     })
 }
 
+/// [`bench_resnet`] on the CPU.
+///
+/// # Errors
+/// Any candle error.
+pub fn bench_resnet_cpu(width: usize, batch: usize, reps: usize) -> candle::Result<ModelTimings> {
+    bench_resnet(width, batch, reps, &Device::Cpu)
+}
+
 /// [`ModelTimings`]'s one-layer numbers: conv forward, conv forward + backward, BN + ReLU
 /// forward + backward, on `(batch, width, 32, 32)`.
 fn bench_layer(
