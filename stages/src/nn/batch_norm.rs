@@ -38,18 +38,24 @@
 //!
 //! # Devices and dtypes
 //!
-//! The fused ops run for contiguous CPU f32 / f64 tensors of rank ≥ 2 with an affine BN;
-//! anything else (CUDA, f16, no affine) runs candle-nn's `BatchNorm` and candle's `relu`, and
-//! [`KernelImpl::Candle`] forces that path everywhere. Second-order gradients are not
-//! supported (the backward is computed directly, without a graph).
+//! The fused ops run for CPU f32 / f64 tensors of rank ≥ 2 with an affine BN, and in a `cuda`
+//! build for CUDA f32 ones (of at most 2^31 elements) through [`staged`], whose statistics and
+//! coefficients stay on the GPU and whose passes are the kernels of `stages/cuda/batch_norm.cu`.
+//! Anything else (f16, no affine, a CUDA f64) runs candle-nn's `BatchNorm` and candle's `relu`,
+//! and [`KernelImpl::Candle`] (`PIPE_KERNELS=candle`) forces that path everywhere. Second-order
+//! gradients are not supported (the backward is computed directly, without a graph).
 
 use candle::backend::BackendStorage;
 use candle::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, ModuleT, Result, Shape, Storage};
-use candle::{Tensor, Var, WithDType};
+use candle::{Device, Tensor, Var, WithDType};
 use candle_nn::BatchNorm;
 use rayon::prelude::*;
 
 use crate::nn::conv::{KernelImpl, zeros};
+
+#[cfg(feature = "cuda")]
+mod kernels;
+mod staged;
 
 /// `bn(x)`, followed by a ReLU when `relu`, with batch statistics (and a running-statistics
 /// update) when `train`: the fused CPU op where it applies, candle-nn's `BatchNorm` otherwise.
@@ -65,8 +71,7 @@ pub fn batch_norm(
 ) -> Result<Tensor> {
     let affine = bn.weight_and_bias();
     let fast = imp == KernelImpl::Fast
-        && x.device().is_cpu()
-        && matches!(x.dtype(), DType::F32 | DType::F64)
+        && fused_for(x)
         && x.rank() >= 2
         && affine.is_some_and(|(w, b)| w.dtype() == x.dtype() && b.dtype() == x.dtype());
     let Some((gamma, beta)) = affine.filter(|_| fast) else {
@@ -84,12 +89,15 @@ pub fn batch_norm(
             rm.dim(0)?
         )
     }
+    if train && b * l < 2 {
+        candle::bail!("batch-norm: train mode needs more than one value per channel")
+    }
     let x = x.contiguous()?;
     let shape = Dims { b, c, l };
+    if !x.device().is_cpu() {
+        return staged::batch_norm(&x, bn, (gamma, beta), train, relu, shape);
+    }
     let (mean, var) = if train {
-        if b * l < 2 {
-            candle::bail!("batch-norm: train mode needs more than one value per channel")
-        }
         let (mean, var) = match x.dtype() {
             DType::F64 => with_slice(&x, |v: &[f64]| Ok(batch_stats(v, shape)))?,
             _ => with_slice(&x, |v: &[f32]| Ok(batch_stats(v, shape)))?,
@@ -120,15 +128,25 @@ pub fn batch_norm(
 /// On a shape or dtype mismatch.
 pub fn add_relu(a: &Tensor, b: &Tensor, imp: KernelImpl) -> Result<Tensor> {
     let fast = imp == KernelImpl::Fast
-        && a.device().is_cpu()
-        && b.device().is_cpu()
+        && fused_for(a)
+        && a.device().same_device(b.device())
         && a.dtype() == b.dtype()
-        && matches!(a.dtype(), DType::F32 | DType::F64)
         && a.shape() == b.shape();
     if !fast {
         return (a + b)?.relu();
     }
     a.contiguous()?.apply_op2(&b.contiguous()?, AddRelu)
+}
+
+/// Whether the fused ops take `t`: CPU f32 / f64, and in a `cuda` build CUDA f32 of at most
+/// 2^31 elements (the kernels' 32-bit indices).
+fn fused_for(t: &Tensor) -> bool {
+    match t.device() {
+        Device::Cpu => matches!(t.dtype(), DType::F32 | DType::F64),
+        #[cfg(feature = "cuda")]
+        Device::Cuda(_) => t.dtype() == DType::F32 && t.elem_count() <= kernels::MAX_ELEMS,
+        _ => false,
+    }
 }
 
 /// The (b, c, l) view of a BN input.
@@ -276,6 +294,84 @@ fn batch_stats<T: WithDType>(x: &[T], d: Dims) -> (Vec<f64>, Vec<f64>) {
     (mean, var)
 }
 
+/// `scale_c · x + shift_c` per channel `c`, then a ReLU when `relu` (NaN passes).
+fn apply_pass<T: WithDType>(x: &[T], coef: &[(T, T)], d: Dims, relu: bool) -> Vec<T> {
+    let mut y = zeros(x.len(), T::zero());
+    y.par_chunks_mut(d.img())
+        .zip(x.par_chunks(d.img()))
+        .for_each(|(yi, xi)| {
+            for ((yc, xc), &(s, t)) in yi.chunks_exact_mut(d.l).zip(xi.chunks_exact(d.l)).zip(coef)
+            {
+                for (o, &v) in yc.iter_mut().zip(xc) {
+                    let r = v * s + t;
+                    *o = if relu && r <= T::zero() { T::zero() } else { r };
+                }
+            }
+        });
+    y
+}
+
+/// `Σ g` and `Σ g · (x - μ_c)` per channel, interleaved (`[Σ g, Σ g (x - μ)]` for channel 0,
+/// then 1, ...), with `g = dout · [out > 0]` (or `dout` without ReLU): the parameter gradients
+/// and the batch-statistics terms of a train-mode dx.
+fn grad_channel_sums<T: WithDType>(
+    x: &[T],
+    out: &[T],
+    dout: &[T],
+    mean: &[f64],
+    d: Dims,
+    relu: bool,
+) -> Vec<f64> {
+    channel_sums(d, 2, |img, acc| {
+        let r = img * d.img()..(img + 1) * d.img();
+        let (xi, oi, gi) = (&x[r.clone()], &out[r.clone()], &dout[r]);
+        for (c, &mu) in mean.iter().enumerate() {
+            let cr = c * d.l..(c + 1) * d.l;
+            let (xc, oc, gc) = (&xi[cr.clone()], &oi[cr.clone()], &gi[cr]);
+            let (sg, sgx) = grad_sums(xc, oc, gc, mu, relu);
+            acc[2 * c] += sg;
+            acc[2 * c + 1] += sgx;
+        }
+    })
+}
+
+/// `dx = k1_c · g + (k2_c · x + k3_c)` in train mode, `k1_c · g` in eval mode (which does not
+/// read x), with `g` as in [`grad_channel_sums`].
+fn dx_pass<T: WithDType>(
+    x: &[T],
+    out: &[T],
+    dout: &[T],
+    coef: &[(T, T, T)],
+    d: Dims,
+    relu: bool,
+    train: bool,
+) -> Vec<T> {
+    let grad = |o: T, g: T| {
+        if relu && o <= T::zero() { T::zero() } else { g }
+    };
+    let mut dx = zeros(x.len(), T::zero());
+    dx.par_chunks_mut(d.img())
+        .enumerate()
+        .for_each(|(img, dxi)| {
+            let r = img * d.img()..(img + 1) * d.img();
+            let (xi, oi, gi) = (&x[r.clone()], &out[r.clone()], &dout[r]);
+            for (c, &(k1, k2, k3)) in coef.iter().enumerate() {
+                let cr = c * d.l..(c + 1) * d.l;
+                let (dxc, oc, gc) = (&mut dxi[cr.clone()], &oi[cr.clone()], &gi[cr.clone()]);
+                if train {
+                    for (((o, &xv), &ov), &gv) in dxc.iter_mut().zip(&xi[cr]).zip(oc).zip(gc) {
+                        *o = k1 * grad(ov, gv) + (k2 * xv + k3);
+                    }
+                } else {
+                    for ((o, &ov), &gv) in dxc.iter_mut().zip(oc).zip(gc) {
+                        *o = k1 * grad(ov, gv);
+                    }
+                }
+            }
+        });
+    dx
+}
+
 /// torch's running-statistics update from the batch mean and biased variance over `m` values.
 fn update_running(bn: &BatchNorm, mean: &[f64], var: &[f64], m: usize) -> Result<()> {
     let mom = bn.momentum();
@@ -328,25 +424,7 @@ impl BnOp {
     }
 
     fn forward<T: WithDType>(&self, x: &[T]) -> Vec<T> {
-        let d = self.shape;
-        let coef = self.affine::<T>();
-        let mut y = zeros(x.len(), T::zero());
-        let relu = self.relu;
-        y.par_chunks_mut(d.img())
-            .zip(x.par_chunks(d.img()))
-            .for_each(|(yi, xi)| {
-                for ((yc, xc), &(s, t)) in yi
-                    .chunks_exact_mut(d.l)
-                    .zip(xi.chunks_exact(d.l))
-                    .zip(&coef)
-                {
-                    for (o, &v) in yc.iter_mut().zip(xc) {
-                        let r = v * s + t;
-                        *o = if relu && r <= T::zero() { T::zero() } else { r };
-                    }
-                }
-            });
-        y
+        apply_pass(x, &self.affine::<T>(), self.shape, self.relu)
     }
 
     /// `(dx, dγ, dβ)`, each only when asked for.
@@ -360,25 +438,10 @@ impl BnOp {
     ) -> (Option<Vec<T>>, ParamGrads<T>) {
         let d = self.shape;
         let relu = self.relu;
-        let grad = |o: T, g: T| {
-            if relu && o <= T::zero() { T::zero() } else { g }
-        };
         // Σ g and Σ g · (x - μ) per channel: the parameter gradients, and the batch-statistics
         // terms of a train-mode dx.
-        let sums = (want_params || (want_dx && self.train)).then(|| {
-            channel_sums(d, 2, |img, acc| {
-                let r = img * d.img()..(img + 1) * d.img();
-                let (xi, oi, gi) = (&x[r.clone()], &out[r.clone()], &dout[r]);
-                for c in 0..d.c {
-                    let mu = self.mean[c];
-                    let cr = c * d.l..(c + 1) * d.l;
-                    let (xc, oc, gc) = (&xi[cr.clone()], &oi[cr.clone()], &gi[cr]);
-                    let (sg, sgx) = grad_sums(xc, oc, gc, mu, relu);
-                    acc[2 * c] += sg;
-                    acc[2 * c + 1] += sgx;
-                }
-            })
-        });
+        let sums = (want_params || (want_dx && self.train))
+            .then(|| grad_channel_sums(x, out, dout, &self.mean, d, relu));
         let params = match (&sums, want_params) {
             (Some(s), true) => {
                 let dgamma = (0..d.c)
@@ -408,27 +471,7 @@ impl BnOp {
                 }
             })
             .collect();
-        let mut dx = zeros(x.len(), T::zero());
-        dx.par_chunks_mut(d.img())
-            .enumerate()
-            .for_each(|(img, dxi)| {
-                let r = img * d.img()..(img + 1) * d.img();
-                let (xi, oi, gi) = (&x[r.clone()], &out[r.clone()], &dout[r]);
-                for (c, &(k1, k2, k3)) in coef.iter().enumerate() {
-                    let cr = c * d.l..(c + 1) * d.l;
-                    let (dxc, oc, gc) = (&mut dxi[cr.clone()], &oi[cr.clone()], &gi[cr.clone()]);
-                    if self.train {
-                        for (((o, &xv), &ov), &gv) in dxc.iter_mut().zip(&xi[cr]).zip(oc).zip(gc) {
-                            *o = k1 * grad(ov, gv) + (k2 * xv + k3);
-                        }
-                    } else {
-                        // Eval mode: dx = γ · inv · g does not read x.
-                        for ((o, &ov), &gv) in dxc.iter_mut().zip(oc).zip(gc) {
-                            *o = k1 * grad(ov, gv);
-                        }
-                    }
-                }
-            });
+        let dx = dx_pass(x, out, dout, &coef, d, relu, self.train);
         (Some(dx), params)
     }
 
@@ -524,21 +567,56 @@ impl AddRelu {
             .collect_into_vec(&mut y);
         y
     }
+}
 
-    fn backward<T: WithDType>(out: &Tensor, dout: &Tensor) -> Result<Tensor> {
-        let dout = dout.contiguous()?;
-        let g = with_slice(out, |os: &[T]| {
-            with_slice(&dout, |gs: &[T]| {
-                let mut g = Vec::with_capacity(os.len());
-                os.par_iter()
-                    .zip(gs)
-                    .with_min_len(MIN_LEN)
-                    .map(|(&o, &d)| if o <= T::zero() { T::zero() } else { d })
-                    .collect_into_vec(&mut g);
-                Ok(g)
-            })
-        })?;
-        Tensor::from_vec(g, out.shape(), out.device())
+/// `dout · [out > 0]`: the gradient through a ReLU output `out` (no backward of its own).
+struct ReluGrad;
+
+impl ReluGrad {
+    fn forward<T: WithDType>(out: &[T], dout: &[T]) -> Vec<T> {
+        let mut g = Vec::with_capacity(out.len());
+        out.par_iter()
+            .zip(dout)
+            .with_min_len(MIN_LEN)
+            .map(|(&o, &d)| if o <= T::zero() { T::zero() } else { d })
+            .collect_into_vec(&mut g);
+        g
+    }
+}
+
+impl CustomOp2 for ReluGrad {
+    fn name(&self) -> &'static str {
+        "pipe-relu-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let g = match (s1, s2) {
+            (CpuStorage::F32(o), CpuStorage::F32(d)) => {
+                CpuStorage::F32(Self::forward(slice_of(o, l1)?, slice_of(d, l2)?))
+            }
+            (CpuStorage::F64(o), CpuStorage::F64(d)) => {
+                CpuStorage::F64(Self::forward(slice_of(o, l1)?, slice_of(d, l2)?))
+            }
+            _ => candle::bail!("{}: unsupported dtypes", self.name()),
+        };
+        Ok((g, l1.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle::CudaStorage,
+        l1: &Layout,
+        s2: &candle::CudaStorage,
+        l2: &Layout,
+    ) -> Result<(candle::CudaStorage, Shape)> {
+        Ok((kernels::relu_grad(s1, l1, s2, l2)?, l1.shape().clone()))
     }
 }
 
@@ -569,6 +647,17 @@ impl CustomOp2 for AddRelu {
         Ok((y, l1.shape().clone()))
     }
 
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle::CudaStorage,
+        l1: &Layout,
+        s2: &candle::CudaStorage,
+        l2: &Layout,
+    ) -> Result<(candle::CudaStorage, Shape)> {
+        Ok((kernels::add_relu(s1, l1, s2, l2)?, l1.shape().clone()))
+    }
+
     fn bwd(
         &self,
         a: &Tensor,
@@ -579,10 +668,7 @@ impl CustomOp2 for AddRelu {
         if !a.track_op() && !b.track_op() {
             return Ok((None, None));
         }
-        let g = match out.dtype() {
-            DType::F64 => Self::backward::<f64>(out, dout)?,
-            _ => Self::backward::<f32>(out, dout)?,
-        };
+        let g = out.apply_op2_no_bwd(&dout.contiguous()?, &ReluGrad)?;
         Ok((a.track_op().then(|| g.clone()), b.track_op().then_some(g)))
     }
 }
@@ -635,10 +721,19 @@ mod tests {
         dtype: DType,
         imp: KernelImpl,
     ) -> Result<Vec<Tensor>> {
+        run_with(dims, dtype, |x, bn| batch_norm(x, bn, train, relu, imp))
+    }
+
+    /// [`run`] with the forward `bn_fwd(x, bn)`.
+    fn run_with(
+        dims: &[usize],
+        dtype: DType,
+        bn_fwd: impl Fn(&Tensor, &BatchNorm) -> Result<Tensor>,
+    ) -> Result<Vec<Tensor>> {
         let (bn, gamma, beta) = make_bn(dims[1], dtype)?;
         // Mean 0.3 and a spread of 2 so that the variance term matters.
         let x = Var::from_tensor(&wave(dims, 0.1, 2.0, 0.3, dtype)?)?;
-        let y = batch_norm(x.as_tensor(), &bn, train, relu, imp)?;
+        let y = bn_fwd(x.as_tensor(), &bn)?;
         let r = wave(y.dims(), 2.9, 1.0, 0.2, dtype)?;
         let grads = (&y * &r)?.sum_all()?.backward()?;
         let get = |t: &Tensor| {
@@ -686,6 +781,38 @@ mod tests {
     #[test]
     fn f64_agrees_with_candle_batch_norm_and_relu() -> Result<()> {
         check_against_candle(DType::F64, 1e-12)
+    }
+
+    /// The device-resident path (what CUDA runs), here with its CPU twins: the same numbers as
+    /// the fused CPU op, bit for bit, since it does the same operations in the same order. A
+    /// slip in its coefficient algebra or in which tensor goes to which op shows here.
+    #[test]
+    fn the_staged_path_computes_what_the_fused_cpu_op_does() -> Result<()> {
+        let names = ["y", "dx", "dgamma", "dbeta", "running_mean", "running_var"];
+        for dims in [&[3, 5, 7, 7][..], &[1, 17, 9, 6], &[6, 5], &[4, 3, 5]] {
+            for train in [true, false] {
+                for relu in [false, true] {
+                    let fused = run(dims, train, relu, DType::F32, KernelImpl::Fast)?;
+                    let staged = run_with(dims, DType::F32, |x, bn| {
+                        let (gamma, beta) = bn
+                            .weight_and_bias()
+                            .ok_or_else(|| candle::Error::Msg("affine".into()))?;
+                        let d = Dims {
+                            b: dims[0],
+                            c: dims[1],
+                            l: dims[2..].iter().product(),
+                        };
+                        staged::batch_norm(x, bn, (gamma, beta), train, relu, d)
+                    })?;
+                    for ((name, a), b) in names.iter().zip(&staged).zip(&fused) {
+                        let same = a.flatten_all()?.to_vec1::<f32>()?
+                            == b.flatten_all()?.to_vec1::<f32>()?;
+                        assert!(same, "{dims:?} train={train} relu={relu} {name}");
+                    }
+                }
+            }
+        }
+        Ok(())
     }
 
     #[test]

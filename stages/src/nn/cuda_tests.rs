@@ -3,9 +3,10 @@
 //! where no CUDA device is usable. Run on a GPU machine with
 //! `scripts/cuda-cargo test --release --features cuda -p pipe-stages cuda_vs_cpu -- --nocapture`.
 //!
-//! The CPU side runs this crate's own kernels (the im2col conv, the fused batch norm, the
-//! fused SGD / LARS step); the CUDA side runs candle's, plus the host round trip of the
-//! Cholesky log-det, so each test also checks that a custom op never sees CUDA storage.
+//! The CPU side runs this crate's own CPU kernels (the im2col conv, the fused batch norm, the
+//! fused SGD / LARS step); the CUDA side runs candle's, this crate's CUDA kernels (the fused
+//! batch norm and residual ReLU of `stages/cuda/batch_norm.cu`) and the host round trip of the
+//! Cholesky log-det, so each test also checks that a custom op handles CUDA storage.
 
 use std::sync::{PoisonError, RwLock, RwLockReadGuard};
 
@@ -133,55 +134,67 @@ fn cuda_vs_cpu_conv2d_forward_and_both_gradients() -> Result<()> {
     Ok(())
 }
 
+/// The fused BN (+ ReLU) and residual ReLU: this crate's CUDA kernels (`PIPE_KERNELS` fast)
+/// and candle's ops (`candle`) on the GPU against the fused CPU op. The shapes cover a small
+/// map, a channel split into several parts (80 · 16 · 16 values a channel) and BatchNorm1d.
 #[test]
 fn cuda_vs_cpu_batch_norm_relu_and_add_relu() -> Result<()> {
     let Some((dev, _fp32)) = gpu() else {
         return Ok(());
     };
-    let dims = [6, 5, 7, 7];
-    for train in [true, false] {
-        for relu in [false, true] {
-            let mut outs = Vec::new();
-            for d in [&Device::Cpu, &dev] {
-                let gamma = Var::from_tensor(&wave(&[5], 0.3, 0.5, 1.0)?.to_device(d)?)?;
-                let beta = Var::from_tensor(&wave(&[5], 1.1, 0.4, 0.1)?.to_device(d)?)?;
-                let bn = BatchNorm::new_with_momentum(
-                    5,
-                    wave(&[5], 2.0, 0.3, 0.2)?.to_device(d)?,
-                    wave(&[5], 0.7, 0.2, 1.1)?.to_device(d)?,
-                    gamma.as_tensor().clone(),
-                    beta.as_tensor().clone(),
-                    1e-5,
-                    0.1,
-                )?;
-                let x = Var::from_tensor(&wave(&dims, 0.1, 2.0, 0.3)?.to_device(d)?)?;
-                let skip = Var::from_tensor(&wave(&dims, 0.7, 1.0, 0.0)?.to_device(d)?)?;
-                let y = batch_norm(x.as_tensor(), &bn, train, relu, KernelImpl::Fast)?;
-                let y = add_relu(&y, skip.as_tensor(), KernelImpl::Fast)?;
-                let r = wave(&dims, 2.9, 1.0, 0.2)?.to_device(d)?;
-                let g = (&y * r)?.sum_all()?.backward()?;
-                outs.push([
-                    y.clone(),
-                    grad(&g, x.as_tensor(), "x")?,
-                    grad(&g, gamma.as_tensor(), "gamma")?,
-                    grad(&g, beta.as_tensor(), "beta")?,
-                    grad(&g, skip.as_tensor(), "skip")?,
-                    bn.running_mean().clone(),
-                    bn.running_var().clone(),
-                ]);
-            }
-            let names = [
-                "y",
-                "dx",
-                "dgamma",
-                "dbeta",
-                "dskip",
-                "running_mean",
-                "running_var",
-            ];
-            for (i, name) in names.iter().enumerate() {
-                let what = format!("bn train={train} relu={relu} {name}");
-                close(&what, &outs[1][i], &outs[0][i], 1e-4)?;
+    for dims in [&[6, 5, 7, 7][..], &[80, 8, 16, 16], &[300, 40]] {
+        let c = dims[1];
+        for train in [true, false] {
+            for relu in [false, true] {
+                let mut outs = Vec::new();
+                for (d, imp) in [
+                    (&Device::Cpu, KernelImpl::Fast),
+                    (&dev, KernelImpl::Fast),
+                    (&dev, KernelImpl::Candle),
+                ] {
+                    let gamma = Var::from_tensor(&wave(&[c], 0.3, 0.5, 1.0)?.to_device(d)?)?;
+                    let beta = Var::from_tensor(&wave(&[c], 1.1, 0.4, 0.1)?.to_device(d)?)?;
+                    let bn = BatchNorm::new_with_momentum(
+                        c,
+                        wave(&[c], 2.0, 0.3, 0.2)?.to_device(d)?,
+                        wave(&[c], 0.7, 0.2, 1.1)?.to_device(d)?,
+                        gamma.as_tensor().clone(),
+                        beta.as_tensor().clone(),
+                        1e-5,
+                        0.1,
+                    )?;
+                    let x = Var::from_tensor(&wave(dims, 0.1, 2.0, 0.3)?.to_device(d)?)?;
+                    let skip = Var::from_tensor(&wave(dims, 0.7, 1.0, 0.0)?.to_device(d)?)?;
+                    let y = batch_norm(x.as_tensor(), &bn, train, relu, imp)?;
+                    let y = add_relu(&y, skip.as_tensor(), imp)?;
+                    let r = wave(dims, 2.9, 1.0, 0.2)?.to_device(d)?;
+                    let g = (&y * r)?.sum_all()?.backward()?;
+                    outs.push([
+                        y.clone(),
+                        grad(&g, x.as_tensor(), "x")?,
+                        grad(&g, gamma.as_tensor(), "gamma")?,
+                        grad(&g, beta.as_tensor(), "beta")?,
+                        grad(&g, skip.as_tensor(), "skip")?,
+                        bn.running_mean().clone(),
+                        bn.running_var().clone(),
+                    ]);
+                }
+                let names = [
+                    "y",
+                    "dx",
+                    "dgamma",
+                    "dbeta",
+                    "dskip",
+                    "running_mean",
+                    "running_var",
+                ];
+                for (k, kernels) in [(1, "fast"), (2, "candle")] {
+                    for (i, name) in names.iter().enumerate() {
+                        let what =
+                            format!("bn {dims:?} train={train} relu={relu} {kernels} {name}");
+                        close(&what, &outs[k][i], &outs[0][i], 1e-4)?;
+                    }
+                }
             }
         }
     }
