@@ -10,9 +10,12 @@
 //! | Square | black-box random search on the margin loss, `p_init` 0.8, `Q` queries |
 //!
 //! Presets ([`AaConfig::original`], [`AaConfig::torchattacks`]): R-AA's standard version (APGD
-//! `N` = 100, FAB 100 iterations, Square 5000 queries on its unscaled schedule) and what R-CF ran
-//! through torchattacks (APGD `N` = 10; FAB 100 iterations; Square 5000 queries on the schedule
-//! rescaled to the query budget). torchattacks seeds with the wall clock (\[Q18\]); here every
+//! `N` = 100, FAB 100 iterations, 9 targets, Square 5000 queries on its unscaled schedule) and
+//! what R-CF ran through torchattacks (APGD `N` = 10, FAB 10 iterations, every other class a
+//! target (`n_classes - 1`: 9 on CIFAR-10, 99 on CIFAR-100), Square 5000 queries on the schedule
+//! rescaled to the query budget). METHODS.md 11.4 / §15 give torchattacks' FAB 100 steps and
+//! no target count; the pinned torchattacks (`27e658c`) has `steps=10` for APGD, APGD-T and FAB
+//! alike (one commit moved all three from 100) and `n_target_classes = n_classes - 1`. torchattacks seeds with the wall clock (\[Q18\]); here every
 //! attack draws from a seeded [`Rng`], so a seed fixes the result.
 //!
 //! The model is any `FnMut(&Tensor) -> Result<Tensor>` from a `(B, C, H, W)` batch in `[0, 1]`
@@ -97,8 +100,57 @@ pub struct AaConfig {
     pub square_queries: usize,
     /// Square's `p` schedule rescaled to `square_queries` (torchattacks) or as for 10 000.
     pub square_rescale: bool,
-    /// Targets of APGD-T and FAB-T: the 2nd … (n+1)th classes (capped at `K − 1`).
-    pub n_target_classes: usize,
+    /// Targets of APGD-T and FAB-T: the 2nd … (n+1)th classes.
+    pub n_target_classes: TargetClasses,
+}
+
+/// How many classes APGD-T and FAB-T target: a count (R-AA's 9, capped at `K − 1` for `K`
+/// classes), or every other class, `K − 1` (torchattacks' `n_classes - 1`: 99 on CIFAR-100).
+/// Written as a number or as `all`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TargetClasses {
+    /// The 2nd … (n+1)th highest-scoring classes.
+    Count(usize),
+    /// All classes but the true one.
+    All,
+}
+
+impl TargetClasses {
+    /// The number of targets for `k` classes.
+    pub fn for_classes(self, k: usize) -> usize {
+        let others = k.saturating_sub(1);
+        match self {
+            TargetClasses::Count(n) => n.min(others),
+            TargetClasses::All => others,
+        }
+    }
+}
+
+impl Serialize for TargetClasses {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        match self {
+            TargetClasses::Count(n) => s.serialize_u64(*n as u64),
+            TargetClasses::All => s.serialize_str("all"),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for TargetClasses {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Count(usize),
+            Word(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::Count(n) => Ok(TargetClasses::Count(n)),
+            Raw::Word(w) if w == "all" => Ok(TargetClasses::All),
+            Raw::Word(w) => Err(serde::de::Error::custom(format!(
+                "expected a number of target classes or `all`, got `{w}`"
+            ))),
+        }
+    }
 }
 
 impl AaConfig {
@@ -111,15 +163,19 @@ impl AaConfig {
             fab_iters: 100,
             square_queries: 5000,
             square_rescale: false,
-            n_target_classes: 9,
+            n_target_classes: TargetClasses::Count(9),
         }
     }
 
-    /// The standard version as torchattacks runs it (what R-CF reported).
+    /// The standard version as torchattacks runs it (what R-CF reported): at the pinned
+    /// torchattacks (`27e658c`) APGD, APGD-T and FAB default to 10 steps, which its
+    /// `AutoAttack` does not override, and APGD-T and FAB-T target `n_classes - 1` classes.
     pub fn torchattacks(eps: f64) -> Self {
         AaConfig {
             apgd_iters: 10,
+            fab_iters: 10,
             square_rescale: true,
+            n_target_classes: TargetClasses::All,
             ..AaConfig::original(eps)
         }
     }
@@ -144,7 +200,7 @@ impl AaConfig {
         if self.apgd_iters == 0 || self.fab_iters == 0 || self.square_queries == 0 {
             bail!("autoattack: iterations and queries must be at least 1")
         }
-        if self.n_target_classes == 0 {
+        if self.n_target_classes == TargetClasses::Count(0) {
             bail!("autoattack: n_target_classes must be at least 1")
         }
         Ok(())
@@ -572,7 +628,7 @@ fn ranked_class(
 
 /// The number of targets for `k` classes.
 fn targets(cfg: &AaConfig, k: usize) -> usize {
-    cfg.n_target_classes.min(k.saturating_sub(1))
+    cfg.n_target_classes.for_classes(k)
 }
 
 /// A model: logits `(B, K)` of a batch.

@@ -51,9 +51,10 @@
 //! `autoattack` is a list of l_inf AutoAttack runs (METHODS.md 11.4, [`crate::nn::autoattack`]),
 //! each `{eps, version, attacks, apgd_iters, fab_iters, square_queries, square_rescale,
 //! n_target_classes}`: `eps` is required; `version` (`original`, the default: R-AA's standard
-//! version, APGD 100 iterations, Square on its unscaled schedule; or `torchattacks`: APGD 10
-//! iterations, Square's schedule rescaled, what R-CF ran) fills the rest, which may also be
-//! given one by one; `attacks` (default all four, in order: `apgd-ce`, `apgd-t`, `fab-t`,
+//! version, APGD and FAB 100 iterations, 9 targets, Square on its unscaled schedule; or
+//! `torchattacks`: APGD and FAB 10 iterations, every other class a target (`all`), Square's
+//! schedule rescaled, what R-CF ran) fills the rest, which may also be given one by one
+//! (`n_target_classes` a number or `all`); `attacks` (default all four, in order: `apgd-ce`, `apgd-t`, `fab-t`,
 //! `square`) runs a subset, as R-AA's `attacks_to_run`. Canonicalization writes every field out
 //! and drops `version`, so equivalent runs key alike; a node without `autoattack` keys as
 //! before the param existed. AutoAttack needs a full-image classifier.
@@ -128,7 +129,7 @@ use crate::data::{self, tensor_io::DATA_FILE};
 use crate::device::DeviceSpec;
 use crate::journal::Journal;
 use crate::nn::attacks::Norm;
-use crate::nn::autoattack::{AaAttack, AaConfig};
+use crate::nn::autoattack::{AaAttack, AaConfig, TargetClasses};
 use crate::nn::classifier::{Classifier, SPEC_FILE, WEIGHTS_FILE};
 use crate::params::{Checks, de_real, de_real_opt};
 
@@ -288,9 +289,9 @@ pub struct AutoAttackParam {
     /// Square's schedule rescaled to its queries.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub square_rescale: Option<bool>,
-    /// Targets of APGD-T and FAB-T.
+    /// Targets of APGD-T and FAB-T: a number or `all`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub n_target_classes: Option<usize>,
+    pub n_target_classes: Option<TargetClasses>,
 }
 
 impl AutoAttackParam {
@@ -602,7 +603,11 @@ impl TypedStage for Evaluate {
             e.positive(&at("apgd_iters"), c.apgd_iters);
             e.positive(&at("fab_iters"), c.fab_iters);
             e.positive(&at("square_queries"), c.square_queries);
-            e.positive(&at("n_target_classes"), c.n_target_classes);
+            e.require(
+                c.n_target_classes != TargetClasses::Count(0),
+                &at("n_target_classes"),
+                || "must be at least 1 (or `all`)".to_string(),
+            );
             if let Some(j) = p.autoattack[..i]
                 .iter()
                 .position(|o| aa_metric(o.eps) == aa_metric(a.eps))

@@ -540,8 +540,19 @@ fn autoattack_params_are_written_out_and_keyed() {
     assert_eq!(one, written, "the version's values written out key alike");
     let ta = ok(json!({"autoattack": [{"eps": "4/255", "version": "torchattacks"}]}));
     assert_eq!(ta["autoattack"][0]["apgd_iters"], json!(10));
+    // torchattacks at its pinned commit: FAB 10 steps, n_classes - 1 targets.
+    assert_eq!(ta["autoattack"][0]["fab_iters"], json!(10));
+    assert_eq!(ta["autoattack"][0]["n_target_classes"], json!("all"));
     assert_eq!(ta["autoattack"][0]["square_rescale"], json!(true));
     assert!(ta["autoattack"][0].get("version").is_none());
+    assert_eq!(
+        ta,
+        ok(
+            json!({"autoattack": [{"eps": "4/255", "n_target_classes": "all", "fab_iters": 10,
+            "apgd_iters": 10, "square_rescale": true}]})
+        ),
+        "`all` written out keys as the preset"
+    );
     let two =
         ok(json!({"autoattack": [{"eps": "8/255"}, {"eps": "4/255", "attacks": ["apgd-ce"]}]}));
     assert_eq!(
@@ -587,6 +598,17 @@ fn autoattack_params_are_written_out_and_keyed() {
         json!({"autoattack": [{"eps": "8/255", "attacks": ["pgd"]}]}),
     );
     assert!(!e.is_empty(), "an unknown attack name is refused");
+    for bad in [json!(0), json!("some")] {
+        let e = testutil::errors(
+            "evaluate",
+            json!({"autoattack": [{"eps": "8/255", "n_target_classes": bad}]}),
+        );
+        assert!(
+            e.iter()
+                .any(|m| m.contains("n_target_classes") || m.contains("`all`")),
+            "{bad}: {e:?}"
+        );
+    }
 }
 
 #[test]

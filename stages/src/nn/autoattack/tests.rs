@@ -355,7 +355,29 @@ fn square_schedule_and_configs() {
         (100, 100, 5000, false)
     );
     let t = AaConfig::torchattacks(8.0 / 255.0);
-    assert_eq!((t.apgd_iters, t.square_rescale), (10, true));
+    assert_eq!(
+        (
+            t.apgd_iters,
+            t.fab_iters,
+            t.square_rescale,
+            t.n_target_classes
+        ),
+        (10, 10, true, TargetClasses::All)
+    );
+    // R-AA: 9 targets, fewer with fewer classes; torchattacks: every other class.
+    assert_eq!(targets(&o, 10), 9);
+    assert_eq!(targets(&o, 100), 9);
+    assert_eq!(targets(&o, 5), 4);
+    assert_eq!(targets(&t, 10), 9);
+    assert_eq!(targets(&t, 100), 99);
+    assert!(
+        AaConfig {
+            n_target_classes: TargetClasses::Count(0),
+            ..o.clone()
+        }
+        .validate()
+        .is_err()
+    );
     assert!(o.validate().is_ok());
     let dup = AaConfig {
         attacks: vec![AaAttack::Square, AaAttack::Square],
