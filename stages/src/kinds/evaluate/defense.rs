@@ -37,7 +37,7 @@ use candle::{Device, Tensor};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value, json};
 
-use super::runner::{AttackSpec, Error, Hooks, count_correct};
+use super::runner::{AttackSpec, Error, Hooks, count_correct, format_radius};
 use crate::data::Split;
 use crate::journal::Journal;
 use crate::nn::attacks::{Norm, Select};
@@ -326,6 +326,29 @@ impl DefenseSpec {
             select: self.select,
         }
     }
+}
+
+/// A note for the log when an l_inf reversal's radius is not twice an l_inf attack's ε, as
+/// R-MAO's is (it evaluates one radius at a time and reverses at `2ε`: `r_mao`'s 16/255 is that
+/// for 8/255). Every set is reversed at the one radius of the spec, so a node attacking at
+/// several radii reverses some of them at another ratio than R-MAO would.
+pub fn radius_note(spec: &DefenseSpec, attacks: &[AttackSpec]) -> Option<String> {
+    if spec.method != DefenseMethod::Reverse || spec.norm != DefenseNorm::Linf {
+        return None;
+    }
+    let off: Vec<String> = attacks
+        .iter()
+        .filter(|a| a.norm == Norm::Linf && (2.0 * a.eps - spec.eps).abs() > 1e-9)
+        .map(|a| format!("{} (R-MAO: {})", a.name(), format_radius(2.0 * a.eps)))
+        .collect();
+    (!off.is_empty()).then(|| {
+        format!(
+            "note: every set is reversed at eps {}; R-MAO reverses at twice the attack's eps, \
+             which differs for {}; one evaluate node per radius with `defense.eps` set follows it",
+            format_radius(spec.eps),
+            off.join(", ")
+        )
+    })
 }
 
 /// One defended set: the clean images or one attack's.

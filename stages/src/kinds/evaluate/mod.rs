@@ -776,6 +776,9 @@ impl TypedStage for Evaluate {
         let mut adaptive: Vec<(Vec<f32>, usize)> = Vec::new();
         let defended = match &defense {
             Some(spec) => {
+                if let Some(note) = defense::radius_note(spec, &cfg.attacks) {
+                    ctx.log(note);
+                }
                 let clean = batch_tensor(test, 0, test.n, &candle::Device::Cpu)?
                     .flatten_all()?
                     .to_vec1::<f32>()?;

@@ -760,6 +760,46 @@ fn an_interrupted_evaluation_resumes_from_its_journal_bit_identically() -> TestR
 // The test-time defence
 
 #[test]
+fn the_log_notes_attacks_reversed_at_another_ratio_than_r_mao() {
+    let attack = |norm: Norm, k: f64| AttackSpec {
+        norm,
+        eps: k / 255.0,
+        alpha: 2.0 / 255.0,
+        steps: 10,
+        random_start: true,
+        restarts: 1,
+    };
+    let spec = |p: Value| DefenseParam::resolve(&serde_json::from_value(p).expect("defense"));
+    let r_mao = spec(json!({}));
+    // 8/255 is reversed at R-MAO's 16/255: nothing to say; l_2 attacks are not R-MAO's l_inf.
+    let plain = [attack(Norm::Linf, 8.0), attack(Norm::L2, 128.0)];
+    assert_eq!(defense::radius_note(&r_mao, &plain), None);
+    // The default attack list adds 4/255, which R-MAO would reverse at 8/255.
+    let both = [attack(Norm::Linf, 4.0), attack(Norm::Linf, 8.0)];
+    let note = defense::radius_note(&r_mao, &both).expect("a note");
+    assert!(
+        note.contains("eps 16/255") && note.contains("pgd_linf_4/255 (R-MAO: 8/255)"),
+        "{note}"
+    );
+    assert!(!note.contains("pgd_linf_8/255"), "{note}");
+    // Set to twice the attack's: nothing; R-DLSP's attack-norm reversal and the noise
+    // baseline are not R-MAO's.
+    let four = [attack(Norm::Linf, 4.0)];
+    assert_eq!(
+        defense::radius_note(&spec(json!({"eps": "8/255"})), &four),
+        None
+    );
+    assert_eq!(
+        defense::radius_note(&spec(json!({"preset": "r_dlsp"})), &both),
+        None
+    );
+    assert_eq!(
+        defense::radius_note(&spec(json!({"method": "random"})), &both),
+        None
+    );
+}
+
+#[test]
 fn defense_params_are_completed_by_their_preset_and_keyed() {
     let p = ok(json!({"defense": {}}));
     assert_eq!(
