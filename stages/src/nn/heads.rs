@@ -14,7 +14,9 @@
 //! [`Encoder::forward_t`] returns `(h, z)`: the SSL losses use `z`, linear evaluation uses
 //! the 4096-d `h`, so the network under attack at evaluation includes `pre_feature` (METHODS.md Q19).
 //! The names are the `nn.Sequential` indices of the reference (index 2 is the parameter-free
-//! ReLU), so a checkpoint loads into R-CF's module with `load_state_dict`.
+//! ReLU), so a checkpoint loads into R-CF's `encoder` module with `load_state_dict` once the
+//! backbone's prefix is renamed: R-CF names it `backbone.`, pipe `encoder.`
+//! (`{k.replace("encoder.", "backbone.", 1): v ...}`); `pre_feature.` and `projection.` match.
 //!
 //! # ACL / AIR / RCS (R-AIR `proj_head`)
 //!

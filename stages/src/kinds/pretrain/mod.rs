@@ -56,7 +56,8 @@
 //! | defaults that differ | | `epochs` 1000, `batch_size` 512, `lr` 5.0, `weight_decay` 1e-6, `lars_eta` 1e-3, `alpha` `eps`/4, `temperature` 0.5 (no base-temperature scale), `n_views` 2 |
 //!
 //! `rcs` is ACL (or DynACL with `dyn_aug`) trained on coresets (R-RCS `DynACL_RCS.py`): the
-//! whole set for the first `rcs_warmup − 1` epochs, then at 1-based epochs `e ≥ rcs_warmup`
+//! whole set for 1-based epochs `e ≤ rcs_warmup` that select nothing (epochs 1 … 100 with the
+//! defaults), then at 1-based epochs `e ≥ rcs_warmup`
 //! with `(e − 1) mod rcs_every = 0` a new coreset of `rcs_fraction` of the training split is
 //! selected ([`rcs`]: the greedy, head-gradient-based selection of R-RCS) and trained on until
 //! the next; an epoch after `rcs_warmup` that comes before the first selection (`rcs_warmup`
