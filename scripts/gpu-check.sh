@@ -87,11 +87,15 @@ quick)
         --reps 3 --json
     run bench-nn-tf32 env PIPE_CUDA_MATH=tf32 timeout "$limit" "$pipe" bench nn --device cuda:0 \
         --widths 64 --batch 1600 --reps 3 --json
+    # the same with candle's own batch norm and conv backward: what the fused CUDA batch norm
+    # (stages/cuda/batch_norm.cu) gains per layer
+    run bench-nn-candle env PIPE_KERNELS=candle timeout "$limit" "$pipe" bench nn \
+        --device cuda:0 --widths 64 --batch 1600 --reps 3 --json
     run bench-all timeout "$limit" "$pipe" bench pretrain --device cuda:0 --widths 64 \
         --batch 100 --views 16 --m 3 --steps 3 --json
     run bench-defense timeout "$limit" "$pipe" bench defense --device cuda:0 --batch 512 --json
-    # the same with candle's own conv backward (its naive CUDA `conv_transpose2d`), to measure
-    # what conv2d_composed gains
+    # the same with candle's own conv backward (its naive CUDA `conv_transpose2d`) and batch
+    # norm, to measure what conv2d_composed and the fused batch norm gain together
     run bench-cf-amc-ssl-candle-conv env PIPE_KERNELS=candle timeout "$limit" "$pipe" bench \
         pretrain --device cuda:0 --widths 64 --batch 100 --views 16 --m 3 --methods emp_ssl \
         --attacks free --steps 3 --json
