@@ -49,6 +49,17 @@ PIPE_DEVICE void part_range(u32 n, u32* start, u32* end) {
     *end = *start + chunk < n ? *start + chunk : n;
 }
 
+// Channel ch's two sums over its `parts` partial sums, added in order.
+PIPE_DEVICE void sum_parts(const double* part, u32 ch, u32 parts, double* s1, double* s2) {
+    double a = 0.0, b = 0.0;
+    for (u32 s = 0; s < parts; ++s) {
+        a += part[(ch * parts + s) * 2];
+        b += part[(ch * parts + s) * 2 + 1];
+    }
+    *s1 = a;
+    *s2 = b;
+}
+
 // grid (c, parts), block BN_THREADS: part[(ch * parts + s) * 2 + {0, 1}] =
 // (Σ (x - k), Σ (x - k)²) over part s of channel ch, shifted by k = x[0, ch, 0] (the channel's
 // first value: the variance then loses nothing to cancellation).
@@ -83,11 +94,8 @@ extern "C" __global__ void bn_moments_finalize(const double* part, const float* 
     if (ch >= c) {
         return;
     }
-    double s1 = 0.0, s2 = 0.0;
-    for (u32 s = 0; s < parts; ++s) {
-        s1 += part[(ch * parts + s) * 2];
-        s2 += part[(ch * parts + s) * 2 + 1];
-    }
+    double s1, s2;
+    sum_parts(part, ch, parts, &s1, &s2);
     const double m1 = s1 / m, m2 = s2 / m;
     const double var = m2 - m1 * m1;
     out[ch] = (double)x[ch * l] + m1;
@@ -140,11 +148,8 @@ extern "C" __global__ void bn_sum_partials(const double* part, u32 c, u32 parts,
     if (ch >= c) {
         return;
     }
-    double s1 = 0.0, s2 = 0.0;
-    for (u32 s = 0; s < parts; ++s) {
-        s1 += part[(ch * parts + s) * 2];
-        s2 += part[(ch * parts + s) * 2 + 1];
-    }
+    double s1, s2;
+    sum_parts(part, ch, parts, &s1, &s2);
     out[ch] = s1;
     out[c + ch] = s2;
 }

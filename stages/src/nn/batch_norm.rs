@@ -596,16 +596,13 @@ impl CustomOp2 for ReluGrad {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let g = match (s1, s2) {
-            (CpuStorage::F32(o), CpuStorage::F32(d)) => {
-                CpuStorage::F32(Self::forward(slice_of(o, l1)?, slice_of(d, l2)?))
-            }
-            (CpuStorage::F64(o), CpuStorage::F64(d)) => {
-                CpuStorage::F64(Self::forward(slice_of(o, l1)?, slice_of(d, l2)?))
-            }
-            _ => candle::bail!("{}: unsupported dtypes", self.name()),
-        };
-        Ok((g, l1.shape().clone()))
+        elementwise2(
+            self.name(),
+            (s1, l1),
+            (s2, l2),
+            Self::forward,
+            Self::forward,
+        )
     }
 
     #[cfg(feature = "cuda")]
@@ -618,6 +615,26 @@ impl CustomOp2 for ReluGrad {
     ) -> Result<(candle::CudaStorage, Shape)> {
         Ok((kernels::relu_grad(s1, l1, s2, l2)?, l1.shape().clone()))
     }
+}
+
+/// An elementwise CPU forward of two contiguous f32 or f64 storages of one shape.
+fn elementwise2(
+    name: &str,
+    (s1, l1): (&CpuStorage, &Layout),
+    (s2, l2): (&CpuStorage, &Layout),
+    f32_op: fn(&[f32], &[f32]) -> Vec<f32>,
+    f64_op: fn(&[f64], &[f64]) -> Vec<f64>,
+) -> Result<(CpuStorage, Shape)> {
+    let out = match (s1, s2) {
+        (CpuStorage::F32(a), CpuStorage::F32(b)) => {
+            CpuStorage::F32(f32_op(slice_of(a, l1)?, slice_of(b, l2)?))
+        }
+        (CpuStorage::F64(a), CpuStorage::F64(b)) => {
+            CpuStorage::F64(f64_op(slice_of(a, l1)?, slice_of(b, l2)?))
+        }
+        _ => candle::bail!("{name}: unsupported dtypes"),
+    };
+    Ok((out, l1.shape().clone()))
 }
 
 /// Elements per parallel task (at least) of the elementwise passes.
@@ -635,16 +652,13 @@ impl CustomOp2 for AddRelu {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let y = match (s1, s2) {
-            (CpuStorage::F32(a), CpuStorage::F32(b)) => {
-                CpuStorage::F32(Self::forward(slice_of(a, l1)?, slice_of(b, l2)?))
-            }
-            (CpuStorage::F64(a), CpuStorage::F64(b)) => {
-                CpuStorage::F64(Self::forward(slice_of(a, l1)?, slice_of(b, l2)?))
-            }
-            _ => candle::bail!("{}: unsupported dtypes", self.name()),
-        };
-        Ok((y, l1.shape().clone()))
+        elementwise2(
+            self.name(),
+            (s1, l1),
+            (s2, l2),
+            Self::forward,
+            Self::forward,
+        )
     }
 
     #[cfg(feature = "cuda")]

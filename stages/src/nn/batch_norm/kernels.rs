@@ -78,6 +78,15 @@ fn view<'a, T: CudaDType>(s: &'a CudaStorage, layout: &Layout) -> Result<CudaVie
     Ok(s.as_cuda_slice::<T>()?.slice(start..end))
 }
 
+/// The f32 data of (x, out, dout).
+fn views3<'a>(
+    (x, lx): (&'a CudaStorage, &Layout),
+    (out, lo): (&'a CudaStorage, &Layout),
+    (dout, ld): (&'a CudaStorage, &Layout),
+) -> Result<(CudaView<'a, f32>, CudaView<'a, f32>, CudaView<'a, f32>)> {
+    Ok((view(x, lx)?, view(out, lo)?, view(dout, ld)?))
+}
+
 /// Runs `f` on the CUDA data of a small tensor the op holds (coefficients, the mean).
 fn with_tensor<T: CudaDType, R>(
     t: &Tensor,
@@ -169,11 +178,7 @@ pub(super) fn grad_sums(
     relu: bool,
 ) -> Result<CudaStorage> {
     let dev = x.device();
-    let (xs, os, gs) = (
-        view::<f32>(x, lx)?,
-        view::<f32>(out, lo)?,
-        view::<f32>(dout, ld)?,
-    );
+    let (xs, os, gs) = views3((x, lx), (out, lo), (dout, ld))?;
     let (b, c, l, _) = sizes(d);
     let (cfg, parts) = per_channel(d);
     let part = output::<f64>(dev, d.c * parts as usize * 2)?;
@@ -207,11 +212,7 @@ pub(super) fn dx(
     (relu, train): (bool, bool),
 ) -> Result<CudaStorage> {
     let dev = x.device();
-    let (xs, os, gs) = (
-        view::<f32>(x, lx)?,
-        view::<f32>(out, lo)?,
-        view::<f32>(dout, ld)?,
-    );
+    let (xs, os, gs) = views3((x, lx), (out, lo), (dout, ld))?;
     let (_, c, l, n) = sizes(d);
     let dx = output::<f32>(dev, n as usize)?;
     with_tensor::<f32, _>(coef, |coef| {
