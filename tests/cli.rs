@@ -405,6 +405,48 @@ fn tiny_pretrain(name: &str, nodes: &[(&str, &str)]) -> String {
     yaml
 }
 
+/// `pipe gc` keys the pipeline in its own environment, where `device: auto` (or
+/// `PIPE_CUDA_MATH`, `PIPE_KERNELS`, a `${VAR}` root) may give other keys than the run had: a
+/// Slurm login node without the run's `PIPE_AUTO_DEVICE=cuda`, the CPU build on a GPU store.
+/// Here the run was on the CPU and gc believes `auto` is CUDA: it keeps the run's entries (the
+/// file's last run record) and says why; after an edit and a rerun the old entry goes.
+#[test]
+fn gc_keeps_what_the_last_run_made_whatever_the_environment_keys() {
+    let dir = Dir::new("gc-env");
+    let p = dir.pipeline("p.yaml", &tiny_pretrain("p", &[("pre", "")]));
+    let run = dir.json(&["run", &p], 0);
+    assert_eq!(run["ran"], 2, "{run:#}");
+    let before = dir.entry_keys();
+    let cuda = [("PIPE_AUTO_DEVICE", Some("cuda"))];
+    let plan = dir.pipe_env(&["plan", &p, "--json"], &cuda).code(0).json();
+    assert_eq!(
+        statuses(&plan)["pre"],
+        "to-run",
+        "the premise: another key here"
+    );
+    let dry = dir.pipe_env(&["gc", &p, "--dry-run"], &cuda).code(0);
+    assert!(
+        dry.stdout.contains("would remove 0 entries"),
+        "{}",
+        dry.stdout
+    );
+    assert!(
+        dry.stdout.contains("kept 1 entries that the last run of"),
+        "{}",
+        dry.stdout
+    );
+    let gc = dir.pipe_env(&["gc", &p], &cuda).code(0);
+    assert!(gc.stdout.contains("removed 0 entries"), "{}", gc.stdout);
+    assert_eq!(dir.entry_keys(), before);
+    // an edit and a run: the file's nodes now have their new keys, and gc removes the old one
+    let p = dir.pipeline("p.yaml", &tiny_pretrain("p", &[("pre", ", seed: 7")]));
+    assert_eq!(dir.json(&["run", &p], 0)["ran"], 1);
+    let gc = dir.pipe(&["gc", &p]).code(0);
+    assert!(gc.stdout.contains("removed 1 entries"), "{}", gc.stdout);
+    assert!(!gc.stdout.contains("the last run of"), "{}", gc.stdout);
+    assert_eq!(dir.entry_keys().len(), 2);
+}
+
 /// `PIPE_AUTO_DEVICE` fixes what `device: auto` means: it changes the key of a training node
 /// (the backend is keyed) and not of the data; `cuda` on a machine that cannot compute on CUDA
 /// fails the node instead of computing CPU numbers under a CUDA key; a bad value is refused.

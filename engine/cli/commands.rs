@@ -380,6 +380,7 @@ pub fn dispatch(cli: Cli) -> Result<u8> {
             let store = open_store(&store_path)?;
             let reg = registry();
             let mut keep = BTreeSet::new();
+            let mut from_record = Vec::new();
             for f in &files {
                 let mut stats = StatCache::open(store.root().join("statcache.json"));
                 let p = match pipe_engine::spec::load_with(
@@ -396,6 +397,33 @@ pub fn dispatch(cli: Cli) -> Result<u8> {
                 };
                 let g = pipe_engine::graph::build(p, &reg);
                 keep.extend(g.nodes.iter().map(|n| *n.key.key()));
+                // A key also depends on the environment (what `device: auto` resolves to,
+                // PIPE_CUDA_MATH, PIPE_KERNELS, `${VAR}` in paths): the node ids of the file
+                // keep the keys its last run gave them, so a gc from another shell or machine
+                // (a Slurm login node, the CPU build on a GPU store) removes nothing it made.
+                let record = pipe_engine::record::RunRecord::load(&store, f);
+                for n in &g.nodes {
+                    for id in n.ids() {
+                        if let Some(r) = record.nodes.get(id)
+                            && r.key.key() != n.key.key()
+                            && keep.insert(*r.key.key())
+                        {
+                            from_record.push((f.display().to_string(), *r.key.key()));
+                        }
+                    }
+                }
+            }
+            from_record.retain(|(_, k)| store.contains(k));
+            if !from_record.is_empty() {
+                let mut files: Vec<&str> = from_record.iter().map(|(f, _)| f.as_str()).collect();
+                files.dedup();
+                println!(
+                    "kept {} entries that the last run of {} made under other keys than it expands \
+                     to here (another device, PIPE_CUDA_MATH, PIPE_KERNELS or `${{VAR}}` value, or an \
+                     edit since): a run in this environment, then gc, removes what it no longer uses",
+                    from_record.len(),
+                    files.join(", ")
+                );
             }
             let report = store.gc_unfinished(&keep, dry_run, unfinished)?;
             let mb = report.freed_bytes as f64 / 1e6;
