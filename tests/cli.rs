@@ -405,6 +405,39 @@ fn tiny_pretrain(name: &str, nodes: &[(&str, &str)]) -> String {
     yaml
 }
 
+/// `PIPE_KERNELS=candle` (candle's conv and batch norm, to compare with) is keyed: a comparison
+/// run gets training nodes of its own instead of the default kernels' cached ones, while the
+/// data node (no kernels) and the keys under unset / `fast` stay; a misspelt value, which
+/// would compute and key as `fast`, is refused.
+#[test]
+fn pipe_kernels_candle_is_keyed_and_a_bad_value_refused() {
+    let dir = Dir::new("kernels");
+    let p = dir.pipeline("p.yaml", &tiny_pretrain("p", &[("pre", "")]));
+    let keys = |v: Option<&str>| {
+        let plan = dir
+            .pipe_env(&["plan", &p, "--json"], &[("PIPE_KERNELS", v)])
+            .code(0)
+            .json();
+        (key_of(&plan, "data"), key_of(&plan, "pre"))
+    };
+    let unset = keys(None);
+    assert_eq!(keys(Some("fast")), unset);
+    let candle = keys(Some("candle"));
+    assert_eq!(
+        candle.0, unset.0,
+        "the data node computes nothing with kernels"
+    );
+    assert_ne!(candle.1, unset.1, "a candle-kernel run is another node");
+    let bad = dir
+        .pipe_env(&["plan", &p], &[("PIPE_KERNELS", Some("candel"))])
+        .code(2);
+    assert!(
+        bad.stderr.contains("PIPE_KERNELS") && bad.stderr.contains("candel"),
+        "{}",
+        bad.stderr
+    );
+}
+
 /// `pipe gc` keys the pipeline in its own environment, where `device: auto` (or
 /// `PIPE_CUDA_MATH`, `PIPE_KERNELS`, a `${VAR}` root) may give other keys than the run had: a
 /// Slurm login node without the run's `PIPE_AUTO_DEVICE=cuda`, the CPU build on a GPU store.

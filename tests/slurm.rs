@@ -200,7 +200,8 @@ fn every_node_runs_as_one_slurm_job_with_the_keys_of_a_local_run() {
         assert!(
             wrap.contains(&format!(" exec {key}"))
                 && wrap.contains("PIPE_AUTO_DEVICE=cpu")
-                && wrap.contains("PIPE_CUDA_MATH=fp32"),
+                && wrap.contains("PIPE_CUDA_MATH=fp32")
+                && wrap.contains("PIPE_KERNELS=fast"),
             "{wrap}"
         );
         assert!(

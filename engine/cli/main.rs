@@ -317,6 +317,11 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     }
+    // PIPE_KERNELS is keyed (`candle`): a misspelt value would compute and key as `fast`
+    if let Err(e) = pipe_stages::nn::conv::KernelImpl::check_env() {
+        eprintln!("error: {e}");
+        return ExitCode::from(2);
+    }
     // `pipe plan FILE | head` ends quietly; a run keeps ignoring SIGPIPE so that a closed pipe
     // on its stdout does not kill it mid-node (its own signal handling stops it cleanly).
     if !matches!(cli.command, Command::Run { .. }) {

@@ -58,10 +58,16 @@ pub fn executor(
                 pipe_stages::device::AUTO_DEVICE_ENV.to_string(),
                 auto.to_string(),
             ),
-            // the jobs compute in the math the nodes were keyed with
+            // the jobs compute in the math and with the kernels the nodes were keyed with
             (
                 pipe_stages::device::CUDA_MATH_ENV.to_string(),
                 pipe_stages::device::CudaMath::current().name().to_string(),
+            ),
+            (
+                pipe_stages::nn::conv::KERNELS_ENV.to_string(),
+                pipe_stages::nn::conv::KernelImpl::from_env()
+                    .name()
+                    .to_string(),
             ),
         ],
         sbatch_args,

@@ -18,6 +18,8 @@ use pipe_engine::ParamError;
 use serde::{Deserialize, Deserializer};
 use serde_json::Value;
 
+use crate::nn::conv::KernelImpl;
+
 /// Parses `x`, `a/b` (numbers) into a finite `f64`.
 ///
 /// # Errors
@@ -181,23 +183,31 @@ pub fn write_json(path: &std::path::Path, v: &Value) -> Result<(), pipe_engine::
 
 /// A kind's keyed params: the serialized params with `device` replaced by its backend (the
 /// backend changes the numbers, the ordinal does not), `cuda_math: tf32` on a CUDA node of a
-/// process that computes in TF32 ([`crate::device::CudaMath`]), and without
+/// process that computes in TF32 ([`crate::device::CudaMath`]), `kernels: candle` in a process
+/// that runs candle's kernels (`PIPE_KERNELS`, [`KernelImpl`]), and without
 /// `checkpoint_minutes` (how often a training kind writes its state changes no result).
 pub fn key_with_backend<P: serde::Serialize>(p: &P, device: crate::device::DeviceSpec) -> Value {
-    key_with_backend_math(p, device, crate::device::CudaMath::current())
+    key_with_backend_math(
+        p,
+        device,
+        crate::device::CudaMath::current(),
+        KernelImpl::from_env(),
+    )
 }
 
-/// [`key_with_backend`] under a given CUDA math setting.
+/// [`key_with_backend`] under a given CUDA math setting and kernel choice.
 pub fn key_with_backend_math<P: serde::Serialize>(
     p: &P,
     device: crate::device::DeviceSpec,
     math: crate::device::CudaMath,
+    kernels: KernelImpl,
 ) -> Value {
     let mut v = serde_json::to_value(p).unwrap_or(Value::Null);
     if let Value::Object(m) = &mut v {
         let backend = device.backend();
         m.insert("device".into(), Value::from(backend));
-        if let Some((k, val)) = math.key_entry(backend) {
+        let entries = [math.key_entry(backend), kernels.key_entry()];
+        for (k, val) in entries.into_iter().flatten() {
             m.insert(k.into(), Value::from(val));
         }
         m.remove("checkpoint_minutes");
@@ -278,7 +288,7 @@ mod tests {
     fn tf32_is_keyed_on_cuda_nodes_and_nothing_else_moves() {
         use crate::device::{CudaMath, DeviceSpec};
         let p = serde_json::json!({"epochs": 1, "device": "cuda:1", "checkpoint_minutes": 5});
-        let key = |d, m| key_with_backend_math(&p, d, m);
+        let key = |d, m| key_with_backend_math(&p, d, m, KernelImpl::Fast);
         let fp32 = key(DeviceSpec::Cuda(1), CudaMath::Fp32);
         assert_eq!(fp32, serde_json::json!({"epochs": 1, "device": "cuda"}));
         assert_eq!(
@@ -288,6 +298,27 @@ mod tests {
         assert_eq!(
             key(DeviceSpec::Cpu, CudaMath::Tf32),
             key(DeviceSpec::Cpu, CudaMath::Fp32)
+        );
+    }
+
+    #[test]
+    fn candle_kernels_are_keyed_on_every_backend_and_the_default_is_not() {
+        use crate::device::{CudaMath, DeviceSpec};
+        let p = serde_json::json!({"epochs": 1, "device": "auto"});
+        for d in [DeviceSpec::Cpu, DeviceSpec::Cuda(0)] {
+            let fast = key_with_backend_math(&p, d, CudaMath::Fp32, KernelImpl::Fast);
+            assert!(fast.get("kernels").is_none(), "{fast}");
+            let candle = key_with_backend_math(&p, d, CudaMath::Fp32, KernelImpl::Candle);
+            assert_eq!(candle["kernels"], "candle");
+            let mut back = candle.clone();
+            back.as_object_mut().expect("object").remove("kernels");
+            assert_eq!(back, fast, "nothing else moves");
+        }
+        let both =
+            key_with_backend_math(&p, DeviceSpec::Cuda(0), CudaMath::Tf32, KernelImpl::Candle);
+        assert_eq!(
+            (both["cuda_math"].as_str(), both["kernels"].as_str()),
+            (Some("tf32"), Some("candle"))
         );
     }
 

@@ -107,15 +107,52 @@ pub enum KernelImpl {
     Candle,
 }
 
+/// The environment variable that picks the kernels: `fast` (the default) or `candle`.
+pub const KERNELS_ENV: &str = "PIPE_KERNELS";
+
 impl KernelImpl {
-    /// The process-wide default: [`KernelImpl::Candle`] when the environment variable
-    /// `PIPE_KERNELS` is `candle`, [`KernelImpl::Fast`] otherwise (read once).
+    /// The process-wide default: what `PIPE_KERNELS` says (`fast` or `candle`; unset or empty:
+    /// `fast`), read once; anything else is treated as `fast` here and refused at start by
+    /// [`KernelImpl::check_env`].
     pub fn from_env() -> Self {
         static IMPL: OnceLock<KernelImpl> = OnceLock::new();
-        *IMPL.get_or_init(|| match std::env::var("PIPE_KERNELS").as_deref() {
-            Ok("candle") => KernelImpl::Candle,
-            _ => KernelImpl::Fast,
-        })
+        *IMPL.get_or_init(|| KernelImpl::parse_env().unwrap_or_default())
+    }
+
+    /// What `PIPE_KERNELS` says, or why it is not a kernel choice.
+    fn parse_env() -> std::result::Result<Self, String> {
+        match std::env::var(KERNELS_ENV).as_deref() {
+            Err(_) | Ok("" | "fast") => Ok(KernelImpl::Fast),
+            Ok("candle") => Ok(KernelImpl::Candle),
+            Ok(v) => Err(format!(
+                "{KERNELS_ENV}: expected `fast` or `candle`, got `{v}`"
+            )),
+        }
+    }
+
+    /// `Err` naming the problem when `PIPE_KERNELS` is set to something else than `fast` or
+    /// `candle` (the `pipe` binary refuses to start then).
+    ///
+    /// # Errors
+    /// An unknown value.
+    pub fn check_env() -> std::result::Result<(), String> {
+        KernelImpl::parse_env().map(|_| ())
+    }
+
+    /// `fast` or `candle`.
+    pub fn name(self) -> &'static str {
+        match self {
+            KernelImpl::Fast => "fast",
+            KernelImpl::Candle => "candle",
+        }
+    }
+
+    /// The key entry of a node that computes with these kernels: `kernels: candle` for candle's,
+    /// none for the default (so keys made before the entry existed stay). The two differ in
+    /// rounding (and, on CUDA, in how batch statistics are summed), so a comparison run with
+    /// `PIPE_KERNELS=candle` gets its own nodes instead of the default kernels' cached ones.
+    pub fn key_entry(self) -> Option<(&'static str, &'static str)> {
+        (self == KernelImpl::Candle).then_some(("kernels", "candle"))
     }
 }
 
