@@ -317,6 +317,43 @@ fn sigterm_stops_within_seconds_with_143_removing_staging_and_releasing_locks() 
     );
 }
 
+/// `nohup pipe run ... &`: a SIGHUP that was ignored when pipe started (the terminal hanging
+/// up on a run started under nohup) stays ignored, and the run completes; SIGTERM still stops
+/// it as usual (the run above).
+#[test]
+fn sighup_ignored_at_start_stays_ignored_and_the_run_completes() {
+    use std::process::Stdio;
+    let dir = Dir::new("nohup");
+    let p = dir.pipeline("crashy.yaml", &slow_pipeline("2"));
+    dir.write("slow.flag", "");
+    // `trap "" HUP` then `exec`: pipe starts with SIGHUP ignored, as under nohup
+    let pipe = dir.command(&[]).get_program().to_owned();
+    let mut child = std::process::Command::new("sh")
+        .arg("-c")
+        .arg("trap '' HUP; exec \"$0\" \"$@\"")
+        .arg(pipe)
+        .args(["--store", dir.store.to_str().expect("utf-8 store path")])
+        .args(["run", p.as_str(), "--json"])
+        .current_dir(&dir.root)
+        .env_remove("PIPE_STORE")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start pipe under sh");
+    wait_started(&dir, &mut child);
+    let pid = i32::try_from(child.id()).expect("pid fits i32");
+    assert!(signal(pid, libc::SIGHUP), "send SIGHUP");
+    let status = wait_exit(&mut child, Duration::from_secs(30));
+    let out = drain(child, &["run"]);
+    assert_eq!(status.code(), Some(0), "{}", out.stderr);
+    assert!(!out.stderr.contains("terminating"), "{}", out.stderr);
+    assert_eq!(
+        statuses(&out.json()),
+        crate::util::expect(&[("up", "ran"), ("slow", "ran")])
+    );
+}
+
 #[test]
 fn sigterm_while_waiting_for_a_lock_stops_the_waiter_only() {
     let dir = Dir::new("sigterm-wait");

@@ -9,6 +9,10 @@
 //! key locks are released by the kernel, and staging folders are left to the next run of their
 //! key (or `pipe gc`).
 //!
+//! A signal that was ignored when `pipe` started stays ignored, as POSIX shells leave it:
+//! `nohup pipe run ... &` keeps running when the terminal hangs up (SIGHUP), and a script's
+//! `pipe run ... &` is not stopped by a Ctrl-C meant for the script (SIGINT).
+//!
 //! The handler does only what is async-signal-safe: atomic stores, `write(2)` and `_exit(2)`.
 
 use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
@@ -18,9 +22,23 @@ static CANCEL: AtomicBool = AtomicBool::new(false);
 /// The first signal received (0: none).
 static SIGNAL: AtomicI32 = AtomicI32::new(0);
 
-/// Installs the handler for SIGINT, SIGTERM and SIGHUP; returns the cancel flag it sets.
+/// Whether `sig` is ignored (`SIG_IGN`) in this process.
+fn ignored(sig: libc::c_int) -> bool {
+    // SAFETY: queries the current action into a zero-initialised struct (no new action).
+    #[allow(unsafe_code)]
+    unsafe {
+        let mut old: libc::sigaction = std::mem::zeroed();
+        libc::sigaction(sig, std::ptr::null(), &mut old) == 0 && old.sa_sigaction == libc::SIG_IGN
+    }
+}
+
+/// Installs the handler for SIGINT, SIGTERM and SIGHUP, except for those ignored at start;
+/// returns the cancel flag it sets.
 pub fn install() -> &'static AtomicBool {
     for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
+        if ignored(sig) {
+            continue;
+        }
         let handler: extern "C" fn(libc::c_int) = on_signal;
         // SAFETY: `sigaction` is given a zero-initialised (valid) struct whose handler is a
         // plain `extern "C"` function that only makes async-signal-safe calls; the old action
