@@ -385,6 +385,39 @@ fn a_rerun_after_the_submitting_run_was_killed_waits_for_the_job_in_flight() {
     assert_eq!(entry_file(&c.dir, &p, "slow", "v"), "7\n");
 }
 
+/// Two runs of one key: the second waits for the first one's job. Ctrl-C in the second stops
+/// its waiting and leaves the job alone: the first run, which nobody interrupted, completes.
+#[test]
+fn ctrl_c_in_a_run_waiting_for_another_runs_job_leaves_that_job_running() {
+    let c = Cluster::new("slurm-adopted-ctrl-c");
+    let p = c
+        .dir
+        .pipeline("adopt.yaml", &SLOW.replace("sleep 3", "sleep 5"));
+    let args = ["run", &p, "--executor", "slurm", "--slurm-poll", "0.05"];
+    let first = c.spawn_until_started(&args);
+    let mut second = c
+        .command(&args)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("start the second run");
+    // time for the second run to plan and find the job queued
+    std::thread::sleep(Duration::from_millis(1500));
+    let pid = i32::try_from(second.id()).expect("pid");
+    crate::util::signal(pid, libc::SIGINT);
+    let status = wait_exit(&mut second, Duration::from_secs(20));
+    let out = drain(second, &args);
+    assert_eq!(status.code(), Some(130), "{}", out.stderr);
+    let out = Output::from_process(&args, first.wait_with_output().expect("wait"));
+    out.code(0);
+    assert!(
+        !c.bin.join("scancel.log").exists(),
+        "the first run's job was cancelled"
+    );
+    assert_eq!(c.submissions().len(), 1);
+    assert_eq!(entry_file(&c.dir, &p, "slow", "v"), "7\n");
+}
+
 #[test]
 fn two_runs_at_once_submit_each_key_once() {
     let c = Cluster::new("slurm-twice");

@@ -492,17 +492,17 @@ pub(crate) fn run_node(
     let file = job_file(store, key);
     let output = job_output(store, key);
     let [_, _, scancel] = &opts.programs;
-    let id = match ensure_job(opts, queue, store, node, &[], cancel)? {
+    let (id, ours) = match ensure_job(opts, queue, store, node, &[], cancel)? {
         Queued::Cached => return Ok(Outcome::Cached),
         Queued::Adopted(id) => {
             report(StageEvent::Log(format!(
                 "Slurm job {id}, submitted by another run for this key, is still queued: waiting for it"
             )));
-            id
+            (id, false)
         }
         Queued::Submitted(id) => {
             report(StageEvent::Log(format!("Slurm job {id} submitted")));
-            id
+            (id, true)
         }
     };
     queue.watch(&id);
@@ -511,6 +511,13 @@ pub(crate) fn run_node(
     let ended = loop {
         if cancel.load(Ordering::Relaxed) {
             queue.forget(&id);
+            // only what this run submitted: another run's job (a run waiting on it, a watcher
+            // of a detached DAG) is that run's to cancel, and goes on to commit its node
+            if !ours {
+                return Err(format!(
+                    "interrupted (Slurm job {id}, submitted by another run, left running)"
+                ));
+            }
             let _ = call(scancel, std::slice::from_ref(&id));
             return Err(format!("interrupted (Slurm job {id} cancelled)"));
         }
