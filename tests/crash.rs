@@ -317,6 +317,46 @@ fn sigterm_stops_within_seconds_with_143_removing_staging_and_releasing_locks() 
     );
 }
 
+/// What a shell command leaves running in its group when it exits (`cmd &`) is killed then: a
+/// leftover that would write into the committed entry a second later never does, and one that
+/// holds stderr open does not keep the node, and the run, from finishing.
+#[test]
+fn leftovers_of_a_finished_command_are_killed_before_its_entry_is_committed() {
+    let dir = Dir::new("leftovers");
+    let p = dir.pipeline(
+        "left.yaml",
+        r#"
+name: left
+stages:
+  a:
+    kind: shell
+    params:
+      cmd: |
+        echo good > "$PIPE_OUT/v"
+        (sleep 1; echo late >> "$PIPE_OUT/v"; echo late > late.marker) </dev/null >/dev/null 2>&1 &
+        sleep 60 &
+        echo done
+"#,
+    );
+    let args = ["run", p.as_str(), "--json"];
+    let mut child = dir.spawn(&args);
+    let status = wait_exit(&mut child, Duration::from_secs(20));
+    let out = drain(child, &args);
+    assert_eq!(status.code(), Some(0), "{}", out.stderr);
+    assert_eq!(node(&out.json(), "a")["status"], "ran");
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(
+        !dir.path("late.marker").exists(),
+        "a leftover of the command ran on after its node was committed"
+    );
+    let verify = dir.pipe(&["verify"]).code(0);
+    assert!(
+        verify.stdout.contains("1 entries checked, 0 problem"),
+        "{}",
+        verify.stdout
+    );
+}
+
 /// `nohup pipe run ... &`: a SIGHUP that was ignored when pipe started (the terminal hanging
 /// up on a run started under nohup) stays ignored, and the run completes; SIGTERM still stops
 /// it as usual (the run above).

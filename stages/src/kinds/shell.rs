@@ -10,7 +10,9 @@
 //! - `PIPE_NODE` (its id) and `PIPE_KEY` (its key).
 //!
 //! stdout and stderr go to the node's `log.txt`; a non-zero exit fails the node with the tail of
-//! stderr in the error. On cancel the command's whole process group gets SIGTERM, then SIGKILL.
+//! stderr in the error. When the command exits, whatever it left running in its process group
+//! (`cmd &`) is killed, so nothing writes into the entry after it is committed and no leftover
+//! holds the node open. On cancel the command's whole process group gets SIGTERM, then SIGKILL.
 //! If `pipe` itself dies without a chance to cancel (`kill -9`, the OOM killer), a watchdog
 //! process SIGKILLs the group: nothing a killed run started keeps a GPU or writes on.
 //!
@@ -166,8 +168,13 @@ impl TypedStage for Shell {
 
         let mut cancelled_at: Option<Instant> = None;
         let status = loop {
-            if let Some(s) = child.try_wait()? {
-                break s;
+            if exited_unreaped(pid) {
+                // What the command left running in its group (`cmd &`, a daemon's worker) is
+                // killed now, while the unreaped leader keeps the group id from reuse: nothing
+                // may write into the entry once it is committed, nor hold its stderr open and
+                // the node with it.
+                signal_group(pid, Signal::Kill);
+                break child.wait()?;
             }
             if ctx.is_cancelled() {
                 match cancelled_at {
@@ -289,6 +296,20 @@ impl Drop for Watchdog {
 enum Signal {
     Term,
     Kill,
+}
+
+/// Whether the command (`pid`, our child) has exited, without reaping it: its pid, which is
+/// its group's id, stays taken until [`std::process::Child::wait`].
+fn exited_unreaped(pid: u32) -> bool {
+    let pid: libc::id_t = pid;
+    // SAFETY: waitid(2) with WNOWAIT | WNOHANG only inspects our own child's state into a
+    // zero-initialised siginfo_t we own; `si_pid` reads the field waitid filled (0: no change).
+    #[allow(unsafe_code)]
+    unsafe {
+        let mut info: libc::siginfo_t = std::mem::zeroed();
+        let flags = libc::WEXITED | libc::WNOHANG | libc::WNOWAIT;
+        libc::waitid(libc::P_PID, pid, &mut info, flags) == 0 && info.si_pid() != 0
+    }
 }
 
 /// Sends a signal to the command's process group (it was started as a group leader), so
