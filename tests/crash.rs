@@ -357,6 +357,33 @@ stages:
     );
 }
 
+/// `pipe run ... 2>&1 | head`: the reader of pipe's output goes away early. The run ignores
+/// SIGPIPE, and its progress lines and summary go nowhere instead of panicking on the write:
+/// every node runs and the run ends 0.
+#[test]
+fn a_run_whose_output_reader_has_gone_completes() {
+    use std::process::Stdio;
+    let dir = Dir::new("epipe");
+    let p = dir.pipeline("crashy.yaml", &slow_pipeline("1"));
+    dir.write("slow.flag", "");
+    let mut child = dir
+        .command(&["run", p.as_str(), "--no-progress", "--json"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start pipe");
+    // the reader leaves before pipe writes anything
+    drop(child.stdout.take());
+    drop(child.stderr.take());
+    let status = wait_exit(&mut child, Duration::from_secs(30));
+    assert_eq!(status.code(), Some(0), "{status}");
+    let show = dir.json(&["show", p.as_str()], 0);
+    assert_eq!(
+        statuses(&show),
+        crate::util::expect(&[("up", "cached"), ("slow", "cached")])
+    );
+}
+
 /// `nohup pipe run ... &`: a SIGHUP that was ignored when pipe started (the terminal hanging
 /// up on a run started under nohup) stays ignored, and the run completes; SIGTERM still stops
 /// it as usual (the run above).

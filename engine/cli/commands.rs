@@ -1,7 +1,7 @@
 //! The subcommands.
 
 use std::collections::BTreeSet;
-use std::io::IsTerminal;
+use std::io::{IsTerminal, Write};
 use std::path::Path;
 use std::sync::atomic::Ordering;
 
@@ -133,9 +133,10 @@ pub fn dispatch(cli: Cli) -> Result<u8> {
                     "ran": ran, "cached": cached, "failed": failed, "skipped": skipped,
                     "interrupted": summary.interrupted,
                 });
-                println!("{}", serde_json::to_string_pretty(&doc)?);
+                // the run is done: a reader that has gone loses the document, not the run
+                let _ = writeln!(std::io::stdout(), "{}", serde_json::to_string_pretty(&doc)?);
             }
-            eprintln!(
+            say!(
                 "pipe: {ran} ran, {cached} cached, {failed} failed, {skipped} skipped{}",
                 if summary.interrupted {
                     " (interrupted)"
@@ -145,7 +146,7 @@ pub fn dispatch(cli: Cli) -> Result<u8> {
             );
             for (n, r) in plan.graph.nodes.iter().zip(&summary.results) {
                 if let Outcome::Failed(m) = &r.outcome {
-                    eprintln!(
+                    say!(
                         "failed: {}: {m}\n  (full log: pipe log {} {})",
                         n.id,
                         pipeline.file.display(),

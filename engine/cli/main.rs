@@ -5,6 +5,15 @@
 //! (usage, spec or store error, including damaged entries under `pipe run --no-recompute`), or
 //! 128 + the signal that interrupted a run: 130 (SIGINT), 143 (SIGTERM), 129 (SIGHUP).
 
+/// `eprintln!` that ignores a closed stderr: `pipe run ... 2>&1 | head` keeps running when the
+/// reader has gone (a run ignores SIGPIPE) instead of panicking on the write.
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr(), $($arg)*);
+    }};
+}
+
 mod bench;
 mod commands;
 mod devices;

@@ -144,10 +144,10 @@ impl Observer for Lines {
         let nodes = &plan.graph.nodes;
         match event {
             Event::Start { to_run, cached } => {
-                eprintln!("pipe: {to_run} node(s) to run, {cached} cached")
+                say!("pipe: {to_run} node(s) to run, {cached} cached")
             }
-            Event::Started(i) => eprintln!("  start   {}", nodes[*i].id),
-            Event::Waiting(i, pid) => eprintln!(
+            Event::Started(i) => say!("  start   {}", nodes[*i].id),
+            Event::Waiting(i, pid) => say!(
                 "  waiting {} for its lock{}",
                 nodes[*i].id,
                 pid.map(|p| format!(" (held by pid {p})"))
@@ -164,7 +164,7 @@ impl Observer for Lines {
                 let due = self.last.get(i).is_none_or(|t| t.elapsed() >= Self::EVERY);
                 if due || done >= total {
                     self.last.insert(*i, Instant::now());
-                    eprintln!("  ...     {}: {done}/{total} {message}", nodes[*i].id);
+                    say!("  ...     {}: {done}/{total} {message}", nodes[*i].id);
                 }
             }
             Event::Stage(..) => {}
@@ -172,10 +172,10 @@ impl Observer for Lines {
                 self.last.remove(i);
                 let id = &nodes[*i].id;
                 match &r.outcome {
-                    Outcome::Ran => eprintln!("  done    {id} ({:.1}s)", r.seconds),
-                    Outcome::Cached => eprintln!("  cached  {id} (computed by another run)"),
-                    Outcome::Failed(m) => eprintln!("  FAILED  {id}: {m}"),
-                    Outcome::Skipped => eprintln!("  skipped {id}"),
+                    Outcome::Ran => say!("  done    {id} ({:.1}s)", r.seconds),
+                    Outcome::Cached => say!("  cached  {id} (computed by another run)"),
+                    Outcome::Failed(m) => say!("  FAILED  {id}: {m}"),
+                    Outcome::Skipped => say!("  skipped {id}"),
                     Outcome::NotNeeded => {}
                 }
             }
