@@ -384,6 +384,28 @@ fn a_run_whose_output_reader_has_gone_completes() {
     );
 }
 
+/// `pipe gc` during a run waits for the store lock, and says so at the default log level (it
+/// may wait for days), then does its work.
+#[test]
+fn gc_during_a_run_says_it_waits_for_the_store_lock() {
+    let dir = Dir::new("gc-wait");
+    let p = dir.pipeline("crashy.yaml", &slow_pipeline("2"));
+    dir.write("slow.flag", "");
+    let args = ["run", p.as_str()];
+    let mut run = dir.spawn(&args);
+    wait_started(&dir, &mut run);
+    let gc = dir.pipe(&["gc", p.as_str()]).code(0);
+    assert!(
+        gc.stderr.contains("waiting for the exclusive store lock")
+            && gc.stderr.contains("`pipe run`"),
+        "{}",
+        gc.stderr
+    );
+    let status = wait_exit(&mut run, Duration::from_secs(30));
+    drain(run, &args);
+    assert_eq!(status.code(), Some(0));
+}
+
 /// `nohup pipe run ... &`: a SIGHUP that was ignored when pipe started (the terminal hanging
 /// up on a run started under nohup) stays ignored, and the run completes; SIGTERM still stops
 /// it as usual (the run above).

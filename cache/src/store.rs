@@ -555,9 +555,17 @@ impl Store {
         match tried {
             Ok(()) => {}
             Err(TryLockError::WouldBlock) => {
-                let mode = if exclusive { "exclusive" } else { "shared" };
-                tracing::info!(
-                    "waiting for {mode} store lock on {} (held by another pipe process)",
+                // said at the default level: `pipe gc` may wait for a days-long run
+                let (mode, holder) = if exclusive {
+                    (
+                        "exclusive",
+                        "a `pipe run` or `pipe exec` is using the store",
+                    )
+                } else {
+                    ("shared", "a `pipe gc` is cleaning the store")
+                };
+                tracing::warn!(
+                    "waiting for the {mode} store lock on {}: {holder}; this goes on when it ends",
                     path.display()
                 );
                 let locked = if exclusive {
