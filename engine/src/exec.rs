@@ -566,6 +566,9 @@ fn run_node(
         if !cancelled() {
             let mut text = std::fs::read_to_string(&log_path).unwrap_or_default();
             text.push_str(&format!("\nerror: {msg}\n"));
+            // the staging folder's files go first (the key lock stays held): on a full disk
+            // they are what filled it, and the failed log must still find room
+            let _ = std::fs::remove_dir_all(pending.dir());
             let _ = store.save_failed_log(node.key.key(), &text);
         }
         tracing::info!(node = %node.id, "failed: {msg}");
