@@ -77,7 +77,35 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
 pub(crate) fn remove_tree(path: &Path) -> Result<()> {
     match fs::remove_dir_all(path) {
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        // a folder without write permission (a stage's `chmod 555`, a `cp -r` of a read-only
+        // tree) cannot be emptied: every folder of ours in the tree gets u+w, then once more
+        Err(e) if e.kind() == io::ErrorKind::PermissionDenied => {
+            make_dirs_writable(path);
+            match fs::remove_dir_all(path) {
+                Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+                r => r.at(path),
+            }
+        }
         r => r.at(path),
+    }
+}
+
+/// Adds u+rwx to every folder below `path` (symlinks not followed), best effort.
+fn make_dirs_writable(path: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    let Ok(meta) = fs::symlink_metadata(path) else {
+        return;
+    };
+    if !meta.is_dir() {
+        return;
+    }
+    let mut perm = meta.permissions();
+    perm.set_mode(perm.mode() | 0o700);
+    let _ = fs::set_permissions(path, perm);
+    if let Ok(rd) = fs::read_dir(path) {
+        for entry in rd.flatten() {
+            make_dirs_writable(&entry.path());
+        }
     }
 }
 
@@ -93,6 +121,25 @@ pub(crate) fn remove_file(path: &Path) -> Result<()> {
 mod tests {
     use super::*;
     use crate::test_util::TestDir;
+
+    /// A read-only folder inside a tree (a stage's `chmod 555`) does not stop its removal (as
+    /// a non-root user; root ignores the permission bits anyway).
+    #[test]
+    fn remove_tree_removes_read_only_folders() -> Result<()> {
+        use std::os::unix::fs::PermissionsExt;
+        let t = TestDir::new("readonly");
+        let top = t.path().join("entry");
+        let inner = top.join("d/e");
+        fs::create_dir_all(&inner).at(&inner)?;
+        fs::write(inner.join("f"), b"x").at(&inner)?;
+        for d in [&inner, &top.join("d")] {
+            fs::set_permissions(d, fs::Permissions::from_mode(0o555)).at(d)?;
+        }
+        remove_tree(&top)?;
+        assert!(!top.exists());
+        remove_tree(&top)?;
+        Ok(())
+    }
 
     #[test]
     fn write_atomic_creates_and_replaces() -> Result<()> {
