@@ -51,6 +51,7 @@ echo "$!"
 const SQUEUE: &str = r#"#!/bin/sh
 # stand-in squeue -h -u UID -o '%i %T': every submitted job whose process lives (not a zombie)
 echo "$*" >> "$FAKE_SLURM/squeue.log"
+[ -f "$FAKE_SLURM/squeue.fail" ] && { echo "squeue: error: Socket timed out" >&2; exit 1; }
 [ -f "$FAKE_SLURM/jobs.log" ] || exit 0
 while read -r id; do
   state=$(cut -d' ' -f3 "/proc/$id/stat" 2>/dev/null)
@@ -383,6 +384,41 @@ fn a_rerun_after_the_submitting_run_was_killed_waits_for_the_job_in_flight() {
     assert_eq!(c.submissions().len(), 1, "the key was submitted twice");
     assert_eq!(c.dir.count("runs.log", "run"), 1);
     assert_eq!(entry_file(&c.dir, &p, "slow", "v"), "7\n");
+}
+
+/// A rerun after the submitter was killed, while `squeue` fails (a busy controller): the
+/// job the killed run submitted may still be computing the key, so the rerun fails the node
+/// saying why instead of submitting it a second time; once `squeue` answers, the job's result
+/// is there.
+#[test]
+fn a_failing_squeue_never_makes_a_rerun_submit_a_key_again() {
+    let c = Cluster::new("slurm-squeue-down");
+    let p = c.dir.pipeline("adopt.yaml", SLOW);
+    let args = ["run", &p, "--executor", "slurm", "--slurm-poll", "0.05"];
+    let mut first = c.spawn_until_started(&args);
+    first.kill().expect("SIGKILL the submitting run");
+    let _ = wait_exit(&mut first, Duration::from_secs(10));
+    drain(first, &args);
+    std::fs::write(c.bin.join("squeue.fail"), "").expect("break squeue");
+    let out = c.run(&p, &["--json"], 1);
+    let error = node(&out.json(), "slow")["error"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    assert!(
+        error.contains("cannot tell whether Slurm job") && error.contains("Socket timed out"),
+        "{error}"
+    );
+    assert_eq!(c.submissions().len(), 1, "the key was submitted twice");
+    std::fs::remove_file(c.bin.join("squeue.fail")).expect("mend squeue");
+    let doc = c.run(&p, &["--json"], 0).json();
+    let status = node(&doc, "slow")["status"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    assert!(status == "ran" || status == "cached", "{doc:#}");
+    assert_eq!(c.submissions().len(), 1, "the key was submitted twice");
+    assert_eq!(c.dir.count("runs.log", "run"), 1);
 }
 
 /// Two runs of one key: the second waits for the first one's job. Ctrl-C in the second stops

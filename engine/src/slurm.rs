@@ -237,26 +237,41 @@ impl Queue {
 
     /// Whether `squeue` lists job `id` now (polling if the last poll is older than
     /// `opts.poll`; no when it cannot be asked).
-    /// [`Queue::is_listed`] from a fresh `squeue`.
-    fn is_listed_now(&self, id: &str, opts: &SlurmOptions) -> bool {
-        self.lock().last = None;
-        self.is_listed(id, opts)
-    }
-
-    fn is_listed(&self, id: &str, opts: &SlurmOptions) -> bool {
-        let mut q = self.lock();
-        if q.last.is_none_or(|t| t.elapsed() >= opts.poll) {
+    /// Whether job `id` is still queued or running, from a fresh `squeue`. A failing `squeue`
+    /// (a busy controller) is asked again, [`SQUEUE_TRIES`] times in all; when it keeps
+    /// failing, an error: "not listed" would submit the key a second time beside a job that
+    /// may still be computing it.
+    fn is_listed_now(
+        &self,
+        id: &str,
+        opts: &SlurmOptions,
+        cancel: &AtomicBool,
+    ) -> Result<bool, String> {
+        let mut error = String::new();
+        for attempt in 0..SQUEUE_TRIES {
+            if attempt > 0 {
+                sleep_unless(cancel, opts.poll.max(Duration::from_millis(500)));
+            }
             match poll(&opts.programs[1]) {
                 Ok(states) => {
+                    let mut q = self.lock();
                     q.states = states;
                     q.last = Some(Instant::now());
+                    return Ok(q
+                        .states
+                        .get(id)
+                        .is_some_and(|s| !ENDED.contains(&s.as_str())));
                 }
-                Err(_) => return false,
+                Err(e) => {
+                    tracing::warn!("{e}");
+                    error = e;
+                }
             }
         }
-        q.states
-            .get(id)
-            .is_some_and(|s| !ENDED.contains(&s.as_str()))
+        Err(format!(
+            "cannot tell whether Slurm job {id}, submitted earlier for this key, is still \
+             queued ({error}), so it is not submitted again; run again when squeue answers"
+        ))
     }
 
     fn forget(&self, id: &str) {
@@ -309,6 +324,9 @@ impl Queue {
         })
     }
 }
+
+/// How many times an adoption check asks a failing `squeue` before it gives up.
+const SQUEUE_TRIES: usize = 5;
 
 /// States of a job that will not run again.
 const ENDED: [&str; 10] = [
@@ -392,8 +410,11 @@ fn ensure_job(
     let earlier = std::fs::read(&file)
         .ok()
         .and_then(|b| serde_json::from_slice::<Value>(&b).ok())
-        .and_then(|j| j["job_id"].as_str().map(str::to_string))
-        .filter(|id| queue.is_listed_now(id, opts));
+        .and_then(|j| j["job_id"].as_str().map(str::to_string));
+    let earlier = match earlier {
+        Some(id) => queue.is_listed_now(&id, opts, cancel)?.then_some(id),
+        None => None,
+    };
     if let Some(id) = earlier {
         tracing::info!(node = %node.id, job = %id, "adopted");
         return Ok(Queued::Adopted(id));
