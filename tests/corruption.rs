@@ -363,3 +363,45 @@ fn a_missing_manifest_is_moved_aside_and_recomputed() {
     assert!(output(&dir, &p, &[], "up", "data.bin") == payload());
     assert_store_sound(&dir, "after the recompute");
 }
+
+/// A `shell` command that writes into its input's entry folder (`$PIPE_IN_x`) fails its node,
+/// and the changed input is set aside, so neither the command's output nor any later reader
+/// rests on bytes that no manifest describes; the next run recomputes the input, and a
+/// consumer that only reads it is cached from then on.
+#[test]
+fn a_command_that_changes_its_input_fails_and_the_input_is_recomputed() {
+    let dir = Dir::new("writes-input");
+    let p = dir.pipeline(
+        "w.yaml",
+        r#"
+name: w
+stages:
+  up:
+    kind: shell
+    params: {cmd: 'echo 1 > "$PIPE_OUT/v"'}
+  reader:
+    kind: shell
+    inputs: {x: up}
+    params: {cmd: 'cat "$PIPE_IN_x/v" > "$PIPE_OUT/v"'}
+  writer:
+    kind: shell
+    inputs: {x: up}
+    params: {cmd: 'cat "$PIPE_IN_x/v" > "$PIPE_OUT/v"; echo 99 > "$PIPE_IN_x/v"'}
+"#,
+    );
+    let doc = dir.json(&["run", &p, "-j", "1", "--keep-going"], 1);
+    assert_eq!(node(&doc, "writer")["status"], "failed", "{doc:#}");
+    let error = node(&doc, "writer")["error"].as_str().unwrap_or_default();
+    assert!(
+        error.contains("changed its input `x`") && error.contains("set aside"),
+        "{error}"
+    );
+    // nothing committed rests on the changed bytes, and the store is sound
+    dir.pipe(&["verify"]).code(0);
+    // the next run recomputes `up`; `reader` keeps its key and so its entry (made from the
+    // original bytes, which `up` gives again)
+    let doc = dir.json(&["run", &p, "-j", "1", "--keep-going"], 1);
+    assert_eq!(node(&doc, "up")["status"], "ran", "{doc:#}");
+    assert_eq!(node(&doc, "reader")["status"], "cached", "{doc:#}");
+    assert_eq!(node(&doc, "writer")["status"], "failed", "{doc:#}");
+}

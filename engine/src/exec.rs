@@ -511,6 +511,10 @@ fn run_node(
             })?;
         }
     }
+    let input_keys_read: Vec<(String, pipe_cache::Key)> = inputs
+        .iter()
+        .flat_map(|(slot, arts)| arts.iter().map(move |a| (slot.clone(), a.key)))
+        .collect();
     let log_path = pending.dir().join(LOG_FILE);
     let log = File::create(&log_path).map_err(|e| format!("{}: {e}", log_path.display()))?;
     let scratch = store
@@ -534,6 +538,14 @@ fn run_node(
     };
     let result = catch_unwind(AssertUnwindSafe(|| kind.run(&node.params, &mut ctx)));
     drop(ctx);
+    // a user's command gets its inputs' folders: it must not have changed them (its output
+    // would rest on bytes no manifest describes, and so would every later reader's)
+    let result = match result {
+        Ok(Ok(())) if kind.runs_user_code() => {
+            Ok(inputs_unchanged(store, intact, &input_keys_read, cancel))
+        }
+        other => other,
+    };
     let failure = match result {
         Ok(Ok(())) => {
             let missing: Vec<&str> = node
@@ -594,4 +606,31 @@ fn run_node(
     intact.insert(entry.key);
     tracing::info!(node = %node.id, seconds = t0.elapsed().as_secs_f64(), "done");
     Ok(Outcome::Ran)
+}
+
+/// `Ok` when every input entry of a finished user command still matches its manifest; else
+/// the error naming the input, with the entry set aside (`corrupt/`) so the next run
+/// recomputes it.
+fn inputs_unchanged(
+    store: &Store,
+    intact: &Intact,
+    inputs: &[(String, pipe_cache::Key)],
+    cancel: &AtomicBool,
+) -> Result<(), crate::BoxError> {
+    for (slot, key) in inputs {
+        intact.forget(key);
+        if let Err(problems) = intact.ensure(store, key) {
+            let cancelled = || cancel.load(Ordering::Relaxed);
+            let aside = match store.quarantine(key, &cancelled) {
+                Ok(Some(p)) => format!("; it is set aside in {}", p.display()),
+                _ => String::new(),
+            };
+            return Err(format!(
+                "the command changed its input `{slot}` ({problems}): a stage's inputs are \
+                 read-only (write into $PIPE_OUT){aside}, and the next run recomputes it"
+            )
+            .into());
+        }
+    }
+    Ok(())
 }

@@ -198,6 +198,14 @@ impl Intact {
             .insert(key);
     }
 
+    /// Forgets that `key` was found intact: the next [`Intact::ensure`] re-hashes it.
+    pub(crate) fn forget(&self, key: &Key) {
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .remove(key);
+    }
+
     fn contains(&self, key: &Key) -> bool {
         self.0
             .lock()

@@ -122,6 +122,11 @@ pub trait StageKind: Send + Sync + 'static {
     fn explain_failure(&self, _params: &Value, _message: &str) -> Option<String> {
         None
     }
+    /// Whether the stage runs code that could write into its input entries (see
+    /// [`TypedStage::runs_user_code`]).
+    fn runs_user_code(&self) -> bool {
+        false
+    }
 }
 
 /// What a stage author implements: typed params with serde defaults and
@@ -178,6 +183,13 @@ pub trait TypedStage: Send + Sync + 'static {
     /// when the message is the GPU running out of memory. Default: none.
     fn explain_failure(_params: &Value, _message: &str) -> Option<String> {
         None
+    }
+    /// Whether the stage runs a user's code (a `shell` command), which is handed its input
+    /// entry folders and might write into them: the engine then re-hashes those inputs after a
+    /// successful run, and a changed input fails the node and is set aside. Default: no (the
+    /// built-in kinds only read their inputs).
+    fn runs_user_code() -> bool {
+        false
     }
 }
 
@@ -278,6 +290,9 @@ impl<T: TypedStage> StageKind for Typed<T> {
     }
     fn explain_failure(&self, params: &Value, message: &str) -> Option<String> {
         T::explain_failure(params, message)
+    }
+    fn runs_user_code(&self) -> bool {
+        T::runs_user_code()
     }
 }
 

@@ -57,6 +57,11 @@ impl TypedStage for Shell {
     const VERSION: u32 = 1;
     type Params = ShellParams;
 
+    /// The command gets its inputs' entry folders: the engine checks it left them unchanged.
+    fn runs_user_code() -> bool {
+        true
+    }
+
     fn inputs() -> Slots {
         Slots::Any
     }
