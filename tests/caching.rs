@@ -385,3 +385,35 @@ fn hello_pipeline_sums_powers_and_caches() {
         assert_eq!(n["metrics"]["sum"], sum, "{n:#}");
     }
 }
+
+/// `n: 10.0` and `n: 10` are one key, so the command sees one input for both: the params as
+/// keyed (`PIPE_PARAM_n=10`, `"n": 10` in `$PIPE_PARAMS`), whichever spelling ran first.
+#[test]
+fn a_shell_command_sees_its_params_as_they_are_keyed() {
+    let dir = Dir::new("keyed-params");
+    let p = dir.pipeline(
+        "k.yaml",
+        r#"
+name: k
+stages:
+  s:
+    kind: shell
+    params:
+      n: 10.0
+      cmd: echo "n=$PIPE_PARAM_n" > "$PIPE_OUT/out.txt"; grep '"n"' "$PIPE_PARAMS" >> "$PIPE_OUT/out.txt"
+"#,
+    );
+    let doc = dir.json(&["run", &p], 0);
+    let key = key_of(&doc, "s");
+    assert_eq!(
+        key,
+        key_of(&dir.json(&["plan", &p, "--set", "s.n=10"], 0), "s")
+    );
+    let out = entry_file(&dir, &p, "s", "out.txt");
+    assert_eq!(out.lines().next(), Some("n=10"), "{out}");
+    assert!(
+        out.contains("\"n\": 10\n") || out.contains("\"n\": 10,"),
+        "{out}"
+    );
+    assert!(!out.contains("10.0"), "{out}");
+}

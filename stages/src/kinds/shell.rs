@@ -105,6 +105,11 @@ impl TypedStage for Shell {
     }
 
     fn run(p: &ShellParams, ctx: &mut StageCtx<'_>) -> Result<(), BoxError> {
+        // the command sees its params as they are keyed (`10.0` and `10` are one key, so it
+        // sees `10` for both: one key, one input)
+        let keyed = pipe_engine::value::canonical(&serde_json::to_value(p)?);
+        let p: ShellParams = serde_json::from_value(keyed)?;
+        let p = &p;
         let params_path = ctx.scratch_dir().join("params.json");
         std::fs::write(&params_path, serde_json::to_vec_pretty(p)?)
             .map_err(|e| format!("{}: {e}", params_path.display()))?;
