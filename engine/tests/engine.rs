@@ -905,13 +905,15 @@ fn sweep_override_adds_or_replaces_an_axis() {
     let g = build_with(yaml, &o);
     assert_eq!(ids(&g), ["a", "b[x=0.25]", "b[x=0.75]", "b[x=1.25]"]);
 
-    // --sweep wins over --set of the same param
+    // --set and --sweep of the same param: which one was meant cannot be guessed, so neither
+    // is silently dropped
     let mut o = Overrides::default();
     o.add_set("a.n=5").expect("set");
     o.add_sweep("a.n=8,9").expect("sweep");
-    let g = build_with(yaml, &o);
-    assert_eq!(g.select("a").len(), 2);
-    assert_eq!(node(&g, "a[n=9]").params["n"], 9);
+    let errs = parse_with(yaml, &o).expect_err("both on a.n").0;
+    assert_eq!(errs.len(), 1, "{errs:#?}");
+    assert_eq!(errs[0].path, "--sweep a.n");
+    assert!(errs[0].message.contains("--set a.n"), "{errs:#?}");
 }
 
 #[test]

@@ -699,8 +699,15 @@ fn parse_inner(
     for (stage, param, values) in &overrides.sweep {
         match parsed.iter_mut().find(|p| &p.id == stage) {
             Some(p) => {
-                if let Some(f) = forced.get_mut(stage) {
-                    f.remove(param);
+                // both flags on one param: which one was meant cannot be guessed
+                if forced.get(stage).is_some_and(|f| f.contains_key(param)) {
+                    ctx.err(
+                        format!("--sweep {stage}.{param}"),
+                        format!(
+                            "`--set {stage}.{param}` fixes the same param: give one of the two"
+                        ),
+                    );
+                    continue;
                 }
                 match p.sweep.iter_mut().find(|(q, _)| q == param) {
                     Some((_, vals)) => *vals = values.clone(),
