@@ -145,9 +145,10 @@ pub fn exec(store_path: &Path, key: &str) -> Result<u8> {
         node.key.short(),
         pipe_engine::exec::host()
     );
-    // a job queued with `--detach` starts as soon as its inputs' jobs exit; on a shared file
-    // system their entries can take a moment to show on this machine
-    if job["after"].as_array().is_some_and(|a| !a.is_empty()) {
+    // a job queued with `--detach` starts as soon as its inputs' jobs exit, and any job may
+    // land on a node whose NFS client still caches an input's entry as missing (an earlier
+    // job there looked it up): on a shared file system entries can take a moment to show here
+    {
         let t = Instant::now();
         let mut told = false;
         while let Some(up) = node
