@@ -102,6 +102,19 @@ impl Cluster {
         self.pipe(&args).code(code)
     }
 
+    /// A cluster running [`SLOW`]'s job whose submitting run was killed (`kill -9`): the job
+    /// goes on, orphaned. Returns the cluster and the pipeline file.
+    fn with_orphan_job(name: &str) -> (Cluster, String) {
+        let c = Cluster::new(name);
+        let p = c.dir.pipeline("adopt.yaml", SLOW);
+        let args = ["run", &p, "--executor", "slurm", "--slurm-poll", "0.05"];
+        let mut first = c.spawn_until_started(&args);
+        first.kill().expect("SIGKILL the submitting run");
+        let _ = wait_exit(&mut first, Duration::from_secs(10));
+        drain(first, &args);
+        (c, p)
+    }
+
     /// Starts `pipe ARGS` in the background and waits until its job's command has written the
     /// `started` marker.
     fn spawn_until_started(&self, args: &[&str]) -> std::process::Child {
@@ -364,13 +377,7 @@ stages:
 
 #[test]
 fn a_rerun_after_the_submitting_run_was_killed_waits_for_the_job_in_flight() {
-    let c = Cluster::new("slurm-adopt");
-    let p = c.dir.pipeline("adopt.yaml", SLOW);
-    let args = ["run", &p, "--executor", "slurm", "--slurm-poll", "0.05"];
-    let mut first = c.spawn_until_started(&args);
-    first.kill().expect("SIGKILL the submitting run");
-    let _ = wait_exit(&mut first, Duration::from_secs(10));
-    drain(first, &args);
+    let (c, p) = Cluster::with_orphan_job("slurm-adopt");
 
     // the job goes on without it; the next run finds it queued and waits for it
     let doc = c.run(&p, &["--json"], 0).json();
@@ -392,13 +399,7 @@ fn a_rerun_after_the_submitting_run_was_killed_waits_for_the_job_in_flight() {
 /// is there.
 #[test]
 fn a_failing_squeue_never_makes_a_rerun_submit_a_key_again() {
-    let c = Cluster::new("slurm-squeue-down");
-    let p = c.dir.pipeline("adopt.yaml", SLOW);
-    let args = ["run", &p, "--executor", "slurm", "--slurm-poll", "0.05"];
-    let mut first = c.spawn_until_started(&args);
-    first.kill().expect("SIGKILL the submitting run");
-    let _ = wait_exit(&mut first, Duration::from_secs(10));
-    drain(first, &args);
+    let (c, p) = Cluster::with_orphan_job("slurm-squeue-down");
     std::fs::write(c.bin.join("squeue.fail"), "").expect("break squeue");
     let out = c.run(&p, &["--json"], 1);
     let error = node(&out.json(), "slow")["error"]

@@ -178,7 +178,9 @@ impl TypedStage for Shell {
 
         let mut cancelled_at: Option<Instant> = None;
         let status = loop {
-            if exited_unreaped(pid) {
+            // (an error, e.g. a SIGCHLD ignored since pipe's start reaping children itself:
+            // `wait` reports what it can, and the loop never spins on it)
+            if exited_unreaped(pid).unwrap_or(true) {
                 // What the command left running in its group (`cmd &`, a daemon's worker) is
                 // killed now, while the unreaped leader keeps the group id from reuse: nothing
                 // may write into the entry once it is committed, nor hold its stderr open and
@@ -310,7 +312,7 @@ enum Signal {
 
 /// Whether the command (`pid`, our child) has exited, without reaping it: its pid, which is
 /// its group's id, stays taken until [`std::process::Child::wait`].
-fn exited_unreaped(pid: u32) -> bool {
+fn exited_unreaped(pid: u32) -> std::io::Result<bool> {
     let pid: libc::id_t = pid;
     // SAFETY: waitid(2) with WNOWAIT | WNOHANG only inspects our own child's state into a
     // zero-initialised siginfo_t we own; `si_pid` reads the field waitid filled (0: no change).
@@ -318,7 +320,10 @@ fn exited_unreaped(pid: u32) -> bool {
     unsafe {
         let mut info: libc::siginfo_t = std::mem::zeroed();
         let flags = libc::WEXITED | libc::WNOHANG | libc::WNOWAIT;
-        libc::waitid(libc::P_PID, pid, &mut info, flags) == 0 && info.si_pid() != 0
+        if libc::waitid(libc::P_PID, pid, &mut info, flags) != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(info.si_pid() != 0)
     }
 }
 

@@ -11,8 +11,9 @@
 //! op, and the kernels against the same maths in an emulation (`cuda_kernels_emulated`).
 //!
 //! Traffic per layer: forward two reads and a write (moments, then apply); backward three
-//! reads (the gradient sums) and three reads and a write (dx), against about ten passes
-//! forward and thirty backward for candle-nn's `BatchNorm` + `relu`.
+//! reads (the gradient sums) and three reads and a write (dx), against about sixteen passes
+//! forward (its transposed copies included) and some thirty backward for candle-nn's
+//! `BatchNorm` + `relu`.
 
 use candle::{CpuStorage, CustomOp1, CustomOp3, DType, Layout, Result, Shape, Tensor, Var};
 use candle_nn::BatchNorm;
