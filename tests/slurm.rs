@@ -115,6 +115,20 @@ impl Cluster {
         (c, p)
     }
 
+    /// After [`Cluster::with_orphan_job`]: a run of `p` gets the orphaned job's result, `ran`
+    /// (the job ended while the run waited for it) or `cached` (on a machine so slow that it
+    /// ended before the run planned), never from a second job.
+    fn rerun_gets_the_orphans_result(&self, p: &str) {
+        let doc = self.run(p, &["--json"], 0).json();
+        let status = node(&doc, "slow")["status"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
+        assert!(status == "ran" || status == "cached", "{doc:#}");
+        assert_eq!(self.submissions().len(), 1, "the key was submitted twice");
+        assert_eq!(self.dir.count("runs.log", "run"), 1);
+    }
+
     /// Starts `pipe ARGS` in the background and waits until its job's command has written the
     /// `started` marker.
     fn spawn_until_started(&self, args: &[&str]) -> std::process::Child {
@@ -380,16 +394,7 @@ fn a_rerun_after_the_submitting_run_was_killed_waits_for_the_job_in_flight() {
     let (c, p) = Cluster::with_orphan_job("slurm-adopt");
 
     // the job goes on without it; the next run finds it queued and waits for it
-    let doc = c.run(&p, &["--json"], 0).json();
-    // `ran` (the job ended while this run waited for it), or `cached` on a machine so slow
-    // that it ended before this run planned; never a second job
-    let status = node(&doc, "slow")["status"]
-        .as_str()
-        .unwrap_or_default()
-        .to_string();
-    assert!(status == "ran" || status == "cached", "{doc:#}");
-    assert_eq!(c.submissions().len(), 1, "the key was submitted twice");
-    assert_eq!(c.dir.count("runs.log", "run"), 1);
+    c.rerun_gets_the_orphans_result(&p);
     assert_eq!(entry_file(&c.dir, &p, "slow", "v"), "7\n");
 }
 
@@ -412,14 +417,7 @@ fn a_failing_squeue_never_makes_a_rerun_submit_a_key_again() {
     );
     assert_eq!(c.submissions().len(), 1, "the key was submitted twice");
     std::fs::remove_file(c.bin.join("squeue.fail")).expect("mend squeue");
-    let doc = c.run(&p, &["--json"], 0).json();
-    let status = node(&doc, "slow")["status"]
-        .as_str()
-        .unwrap_or_default()
-        .to_string();
-    assert!(status == "ran" || status == "cached", "{doc:#}");
-    assert_eq!(c.submissions().len(), 1, "the key was submitted twice");
-    assert_eq!(c.dir.count("runs.log", "run"), 1);
+    c.rerun_gets_the_orphans_result(&p);
 }
 
 /// Two runs of one key: the second waits for the first one's job. Ctrl-C in the second stops
